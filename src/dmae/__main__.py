@@ -1,0 +1,5 @@
+import sys
+
+from dmae.cli import main
+
+sys.exit(main())

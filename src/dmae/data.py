@@ -1,0 +1,289 @@
+"""Data sets and transforms. Every image leaves here as a float tensor in [0, 1] (never normalized).
+
+Supported: ``fashion-mnist`` (always available: torchvision's layout, or the Debian package
+``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``), ``cifar10`` (torchvision's
+``cifar-10-batches-py``), ``imagenet`` and ``folder`` (ImageFolder ``ROOT/{train,val}/<class>/*``).
+Grey images stay one channel: small presets take them as they are; a 3-channel model repeats the
+channel in its first layer, after the noise, so radii stay in the data's own pixel space.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+from dmae.models.dmae import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a data set."""
+
+    name: str
+    num_classes: int | None  # None: known only once the folder is read
+    channels: int
+    size: int | None  # native side in pixels; None: images are cropped to the model's size
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: tuple[str, str]  # (train split, evaluation split)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), ("train", "test")),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), ("train", "test")),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
+    "folder": DatasetInfo("folder", None, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
+}
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DataError(RuntimeError):
+    """A data set could not be found or read; the message says what was looked for where."""
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}") from None
+
+
+def default_data_root() -> Path:
+    """Where downloads go and roots are looked for by default: ``$DMAE_DATA`` or ``~/.cache/dmae/data``."""
+    return Path(os.environ.get("DMAE_DATA", Path.home() / ".cache" / "dmae" / "data"))
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (``.gz`` or raw): unsigned-byte tensors of MNIST-style data sets."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file (bad magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DataError(f"{path}: header says {dims} ({expected} bytes), file holds {len(data) - offset}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def find_fashion_mnist(root: str | os.PathLike | None) -> Path:
+    """Locate the directory holding the four Fashion-MNIST idx files (``.gz`` or not)."""
+    candidates: list[Path] = []
+    bases = [Path(root)] if root else [default_data_root(), *map(Path, FASHION_MNIST_DIRS)]
+    for base in bases:
+        candidates += [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
+    for d in candidates:
+        if all(_idx_file(d, name) is not None for pair in FASHION_MNIST_FILES.values() for name in pair):
+            return d
+    looked = "\n  ".join(str(c) for c in candidates)
+    raise DataError(
+        "fashion-mnist: no directory holds train/t10k idx files (e.g. train-images-idx3-ubyte[.gz]); looked in:\n  "
+        f"{looked}\nInstall it offline with `apt-get install dataset-fashion-mnist`, pass --data-root, "
+        "or add --download when online."
+    )
+
+
+def _idx_file(d: Path, name: str) -> Path | None:
+    for suffix in ("", ".gz"):
+        if (d / (name + suffix)).is_file():
+            return d / (name + suffix)
+    return None
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST held in memory as uint8; items are ``([1, 28, 28] float in [0, 1], label)``."""
+
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    def __init__(self, root: str | os.PathLike | None, split: str, transform: Callable | None = None, download: bool = False) -> None:
+        if split not in FASHION_MNIST_FILES:
+            raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
+        try:
+            d = find_fashion_mnist(root)
+        except DataError:
+            if not download:
+                raise
+            from torchvision.datasets import FashionMNIST as TVFashionMNIST
+
+            base = Path(root) if root else default_data_root()
+            TVFashionMNIST(str(base), train=True, download=True)
+            TVFashionMNIST(str(base), train=False, download=True)
+            d = find_fashion_mnist(base)
+        img_name, lbl_name = FASHION_MNIST_FILES[split]
+        images, labels = read_idx(_idx_file(d, img_name)), read_idx(_idx_file(d, lbl_name))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"fashion-mnist in {d}: images {images.shape} and labels {labels.shape} do not match")
+        self.root = d
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, 28, 28] uint8
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        x = self.images[idx].float().div_(255.0)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[idx])
+
+
+# ----------------------------------------------------------------------------- transforms
+def build_transform(info: DatasetInfo, train: bool, img_size: int, recipe: str = "pretrain") -> Callable:
+    """Transforms that end in [0, 1] float tensors.
+
+    Native-size data sets (Fashion-MNIST, CIFAR-10) are only flipped when training (the paper's CIFAR-10
+    recipe); the model resizes them after the noise. ImageFolder data is cropped to ``img_size`` here:
+    RandomResizedCrop(scale 0.2-1, bicubic) + flip for pretraining, Resize(256/224 * size) + CenterCrop to
+    evaluate.
+    """
+    to_tensor = [] if info.name == "fashion-mnist" else [T.ToTensor()]
+    if info.size is not None:
+        return T.Compose(to_tensor + ([T.RandomHorizontalFlip()] if train else []))
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        scale = (0.2, 1.0) if recipe == "pretrain" else (0.08, 1.0)
+        return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic), T.RandomHorizontalFlip(), T.ToTensor()])
+    return T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic), T.CenterCrop(img_size), T.ToTensor()])
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Build a data set by name; ``split`` is ``'train'`` or the evaluation split (``'test'``/``'val'``)."""
+    info = dataset_info(name)
+    if split not in info.splits:
+        raise ValueError(f"{name}: split must be one of {info.splits}, got {split!r}")
+    if name == "fashion-mnist":
+        return FashionMNIST(root, split, transform=transform, download=download)
+    if name == "cifar10":
+        from torchvision.datasets import CIFAR10
+
+        base = Path(root) if root else default_data_root()
+        if not download and not (base / "cifar-10-batches-py").is_dir():
+            raise DataError(f"cifar10: no {base / 'cifar-10-batches-py'} (torchvision layout); pass --data-root or --download")
+        try:
+            return CIFAR10(str(base), train=(split == "train"), transform=transform, download=download)
+        except RuntimeError as e:
+            raise DataError(f"cifar10 in {base}: {e}") from e
+    # imagenet / folder: ImageFolder
+    from torchvision.datasets import ImageFolder
+
+    if root is None:
+        raise DataError(f"{name}: pass --data-root, a directory with {'/'.join(info.splits)}/<class>/<image> inside")
+    d = Path(root) / split
+    if not d.is_dir():
+        raise DataError(f"{name}: no directory {d} (expected ImageFolder layout {root}/{{{','.join(info.splits)}}}/<class>/<image>)")
+    try:
+        ds = ImageFolder(str(d), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{name}: {d} is not an ImageFolder ({e})") from e
+    if name == "imagenet" and len(ds.classes) != 1000:
+        raise DataError(f"imagenet: {d} has {len(ds.classes)} class folders, expected 1000 (use 'folder' for other sets)")
+    return ds
+
+
+def num_classes_of(ds: Dataset) -> int:
+    """Class count of a built data set."""
+    if isinstance(ds, FashionMNIST):
+        return len(FashionMNIST.classes)
+    classes = getattr(ds, "classes", None)
+    if classes is None:
+        raise ValueError(f"cannot tell the class count of {type(ds).__name__}")
+    return len(classes)
+
+
+# ----------------------------------------------------------------------------- determinism
+def sample_seed(seed: int, epoch: int, idx: int) -> int:
+    """A seed for one sample's augmentation, a pure function of (run seed, epoch, index)."""
+    return (seed * 1_000_003 + epoch * 10_000_019 + idx * 2_654_435_761) % (2**63 - 1)
+
+
+class SeededDataset(Dataset):
+    """Wraps a data set so that item ``(epoch, idx)`` is augmented with RNGs seeded from (seed, epoch, idx).
+
+    This makes a run's data independent of worker count and of where it was resumed.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, idx = key
+        s = sample_seed(self.seed, epoch, idx)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            try:
+                return self.base[idx]
+            finally:
+                random.setstate(py_state)
+
+
+class ShardedEpochSampler(Sampler):
+    """Shuffles once per epoch from ``seed + epoch``, drops the tail, and gives each rank a disjoint share.
+
+    Yields ``(epoch, idx)`` keys for :class:`SeededDataset`. ``set_epoch(epoch, start_batch)`` skips the
+    first ``start_batch`` batches of this rank, which is how a resumed run picks up mid-epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, multiple_of: int = 1) -> None:
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        per_rank_batches = n // (batch_size * world_size)
+        self.batches_per_epoch = (per_rank_batches // multiple_of) * multiple_of
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"{n} images are too few for batch size {batch_size} x {world_size} process(es) x {multiple_of} "
+                "accumulation steps; lower --batch-size or --accum-iter"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        total = self.batches_per_epoch * self.batch_size * self.world_size
+        mine = order[:total][self.rank:: self.world_size]
+        for idx in mine[self.start_batch * self.batch_size:].tolist():
+            yield self.epoch, idx
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size

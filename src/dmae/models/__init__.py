@@ -1,0 +1,17 @@
+"""Models: the DMAE autoencoder, its input layer and named presets."""
+
+from dmae.models.dmae import IMAGENET_MEAN, IMAGENET_STD, DenoisingMaskedAutoencoder, DMAEConfig
+from dmae.models.preprocess import InputAdapter
+from dmae.models.registry import create_model, get_preset, list_models, model_config
+
+__all__ = [
+    "DMAEConfig",
+    "DenoisingMaskedAutoencoder",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "InputAdapter",
+    "create_model",
+    "get_preset",
+    "list_models",
+    "model_config",
+]

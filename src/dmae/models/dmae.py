@@ -1,0 +1,215 @@
+"""The Denoising Masked Autoencoder: ``Mask(x + eta) -> Encoder -> h -> Decoder -> x_hat``.
+
+The module's own attributes (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``, ``norm``,
+``decoder_*``, ``mask_token``) are named so that its state dict has exactly the keys of the official DMAE
+and MAE checkpoints, which are timm's ViT layout. The blocks are timm's, so attention is fused
+(``scaled_dot_product_attention``) wherever PyTorch provides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from dmae.corrupt import Masking, patchify, unpatchify
+from dmae.models.pos_embed import sincos_2d
+from dmae.models.preprocess import InputAdapter
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DMAEConfig:
+    """Architecture of a DMAE. Everything needed to rebuild the model from a state dict."""
+
+    img_size: int = 224  # side of the (square) model input; other inputs are resized to it, after the noise
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
+    std: tuple[float, ...] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                     "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model config: img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("model config: embedding dims must be divisible by their head counts, got "
+                             f"{self.embed_dim}/{self.num_heads} and {self.decoder_embed_dim}/{self.decoder_num_heads}")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise ValueError("model config: embedding dims must be divisible by 4 (2-D sin-cos positions)")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.img_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DMAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown}")
+        return cls(**d)
+
+
+class DenoisingMaskedAutoencoder(nn.Module):
+    """ViT encoder over visible noisy patches + light decoder predicting every patch of the clean image."""
+
+    def __init__(self, config: DMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.preprocess = InputAdapter(c.img_size, c.in_chans, c.mean, c.std)
+
+        # --- encoder (timm ViT layout) ---
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, c.embed_dim), requires_grad=False)  # fixed sin-cos
+        self.blocks = nn.ModuleList(
+            [Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(c.depth)]
+        )
+        self.norm = norm_layer(c.embed_dim)
+
+        # --- decoder ---
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, c.decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+             for _ in range(c.decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(c.decoder_embed_dim)
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans, bias=True)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Fixed sin-cos positions; xavier-uniform Linear (and patch-embed as a flattened Linear); tokens N(0, .02)."""
+        grid = self.config.grid
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid))
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], grid))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_module)
+
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[N, C, S, S]`` (model resolution) -> ``[N, L, p*p*C]``."""
+        return patchify(imgs, self.config.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, L, p*p*C]`` -> ``[N, C, S, S]``."""
+        return unpatchify(x, self.config.patch_size, self.config.in_chans, self.config.grid)
+
+    def target(self, clean: torch.Tensor) -> torch.Tensor:
+        """The reconstruction target: the clean [0, 1] image, resized, normalized and patchified ``[N, L, p*p*C]``."""
+        return self.patchify(self.preprocess(clean))
+
+    def to_pixels(self, pred: torch.Tensor) -> torch.Tensor:
+        """Predicted (normalized) patches ``[N, L, p*p*C]`` -> images in [0, 1] space at model resolution."""
+        return self.preprocess.denormalize(self.unpatchify(pred))
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoder(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """Encode the visible patches of already-corrupted [0, 1] images ``x: [N, C, H, W]``.
+
+        Returns the latent ``[N, 1 + L_keep, D]`` (cls token first).
+        """
+        x = self.patch_embed(self.preprocess(x))  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]
+        n, L, d = x.shape
+        if masking.ids_keep.shape[0] != n or masking.mask.shape[1] != L:
+            raise ValueError(f"masking is for {tuple(masking.mask.shape)} patches, images give [{n}, {L}]")
+        x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [N, L_keep, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent ``[N, 1 + L_keep, D]`` -> predicted normalized patches ``[N, L, p*p*C]`` for every patch."""
+        x = self.decoder_embed(latent)  # [N, 1 + L_keep, Dd]
+        n, L = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(n, L + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd], shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def forward(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """Predict every patch of the clean image from the visible patches of the corrupted ``x``.
+
+        Args:
+            x: corrupted images in [0, 1] pixel space (noise already added), ``[N, C, H, W]``.
+            masking: which patches the encoder sees (see :func:`dmae.corrupt.random_masking`).
+        Returns:
+            ``[N, L, p*p*C]`` predictions in normalized pixel space.
+        """
+        return self.forward_decoder(self.forward_encoder(x, masking), masking.ids_restore)
+
+    # ------------------------------------------------------------------ parts
+    def encoder_keys(self) -> list[str]:
+        """State-dict keys of the encoder (what MAE's public encoder-only checkpoints hold)."""
+        return [k for k in self.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
+
+    def num_params(self, part: str = "all") -> int:
+        """Parameter count of ``'encoder'``, ``'decoder'`` or ``'all'`` (fixed positions included)."""
+        enc = set(self.encoder_keys())
+        total = 0
+        for name, p in self.named_parameters():
+            is_enc = name in enc
+            if part == "all" or (part == "encoder" and is_enc) or (part == "decoder" and not is_enc):
+                total += p.numel()
+        return total

@@ -1,0 +1,60 @@
+"""The first layer of every dmae model: [0, 1] images in, normalized model inputs out.
+
+Keeping channel expansion, resizing and mean/std normalization inside the model means that noise is
+always added in native-resolution [0, 1] pixel space, so ``sigma`` and every certified radius mean the
+same thing in pretraining, fine-tuning and certification (CIFAR-10 is noised at 32 px, then upsampled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InputAdapter(nn.Module):
+    """Grey-to-RGB expansion (if needed), bicubic resize to ``img_size`` (if needed), then normalize.
+
+    ``mean``/``std`` are non-persistent buffers: they follow ``.to(device)`` but are not state-dict keys,
+    so official checkpoints (which do not store them) load with exactly their own keys.
+    """
+
+    def __init__(self, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"mean/std need {in_chans} values (one per channel), got {list(mean)} / {list(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.img_size = int(img_size)
+        self.in_chans = int(in_chans)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand channels and resize ``[N, C, H, W]`` in [0, 1] pixel space (no normalization)."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+        c = x.shape[1]
+        if c != self.in_chans:
+            if c == 1 and self.in_chans == 3:
+                x = x.expand(-1, 3, -1, -1)
+            else:
+                raise ValueError(f"model takes {self.in_chans}-channel images, got {c} channels")
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            down = x.shape[-1] > self.img_size
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False, antialias=down)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.resize(x))
+
+    def extra_repr(self) -> str:
+        return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

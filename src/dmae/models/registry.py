@@ -1,0 +1,74 @@
+"""Named model presets: each is a set of :class:`DMAEConfig` values that override the defaults.
+
+The official names are the ones the paper's code and checkpoints use. The small presets are for CPUs and
+28-32 px images; their input size and channel count default to the data set's (``native_input``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    kwargs: dict[str, Any]
+    description: str
+    native_input: bool = False  # True: img_size / in_chans follow the data set unless given
+    tags: tuple[str, ...] = field(default=())
+
+
+_PRESETS: dict[str, Preset] = {}
+# Small presets default to Fashion-MNIST's single channel and statistics; the CLI replaces these with the
+# data set's own when the input follows the data (native_input).
+_GREY: dict[str, Any] = {"mean": (0.2860,), "std": (0.3530,)}
+
+
+def register(name: str, description: str, native_input: bool = False, **kwargs: Any) -> None:
+    if name in _PRESETS:
+        raise ValueError(f"model preset {name!r} registered twice")
+    _PRESETS[name] = Preset(name, kwargs, description, native_input)
+
+
+register("dmae_vit_base_patch16_dec512d8b", "ViT-B/16 encoder (~86M), 512-d 8-block decoder; paper's main model",
+         img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+register("dmae_vit_large_patch16_dec512d8b", "ViT-L/16 encoder (~304M, 24 blocks), 512-d 8-block decoder",
+         img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+register("dmae_vit_tiny_patch4_dec128d2b", "ViT-Ti width (192-d, 12 blocks) on 4x4 patches of 28-32 px images",
+         native_input=True, img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=12, num_heads=3,
+         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, **_GREY)
+register("dmae_vit_micro_patch4_dec64d2b", "128-d, 6 blocks on 4x4 patches, 64-d 2-block decoder: the CPU demo model",
+         native_input=True, img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
+         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, **_GREY)
+register("dmae_vit_pico_patch4_dec32d1b", "32-d, 2 blocks: for tests and smoke runs",
+         native_input=True, img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **_GREY)
+
+
+def list_models() -> list[str]:
+    """Names of every registered preset."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def model_config(name: str, **overrides: Any) -> DMAEConfig:
+    """The :class:`DMAEConfig` of preset ``name`` with ``overrides`` (``None`` values are ignored)."""
+    preset = get_preset(name)
+    kwargs = {**preset.kwargs, **{k: v for k, v in overrides.items() if v is not None}}
+    return DMAEConfig(**kwargs)
+
+
+def create_model(name: str, **overrides: Any) -> DenoisingMaskedAutoencoder:
+    """Build a freshly initialised DMAE from a preset name, e.g. ``create_model('dmae_vit_base_patch16_dec512d8b')``."""
+    return DenoisingMaskedAutoencoder(model_config(name, **overrides))

@@ -1,0 +1,491 @@
+"""DMAE pretraining: ``data -> corrupt (noise, mask) -> model -> loss``, with the paper's recipe.
+
+AdamW (0.9, 0.95), no weight decay on biases, norms, tokens and positions; lr = blr * effective_batch / 256;
+per-iteration linear warmup then half-cycle cosine; gradient accumulation; bf16 autocast on GPUs, fp32 on
+CPUs; DDP under torchrun. Every random draw comes from a generator seeded by (seed, step, rank) or
+(seed, epoch, image), so a run resumed from its atomic checkpoint continues with exactly the losses it
+would have had uninterrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dmae import checkpoint as ckpt
+from dmae.config import option, save_config, to_dict
+from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
+from dmae.data import DatasetInfo, SeededDataset, ShardedEpochSampler, build_dataset, build_transform, dataset_info
+from dmae.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, resolve_device
+from dmae.losses import reconstruction_loss
+from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
+from dmae.models.registry import get_preset, model_config
+
+# Parameters that get no weight decay besides 1-D ones (biases, norms); positions are fixed anyway.
+NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# Options that may change when a run is resumed; any other difference would change the trajectory.
+RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
+                               "stop_after", "device", "data_root", "download", "compile", "eval_images"})
+
+
+@dataclass
+class PretrainConfig:
+    """Every option of ``dmae pretrain``."""
+
+    model: str = option("dmae_vit_micro_patch4_dec64d2b", "model preset (list them with `dmae models`)")
+    img_size: Optional[int] = option(None, "model input side; default: the preset's (small presets: the data's native size)")
+    data: Literal["fashion-mnist", "cifar10", "imagenet", "folder"] = option("fashion-mnist", "data set")
+    data_root: Optional[str] = option(None, "data set directory (default: found automatically, see README)")
+    download: bool = option(False, "download the data set when it is missing (needs internet)")
+    train_subset: Optional[int] = option(None, "use only the first N training images")
+    sigma: float = option(0.25, "std of the Gaussian noise in [0, 1] pixel units; 0 with --loss masked is plain MAE")
+    mask_ratio: float = option(0.75, "fraction of patches removed, in [0, 1)")
+    loss: Literal["all", "masked"] = option("all", "patches the loss scores: all (DMAE) or masked only (MAE)")
+    norm_pix_loss: bool = option(True, "normalize each target patch by its own mean and variance")
+    epochs: int = option(10, "training epochs")
+    warmup_epochs: float = option(1.0, "linear warmup length in epochs (set per iteration)")
+    batch_size: int = option(64, "images per process per micro-step")
+    accum_iter: int = option(1, "micro-steps accumulated per optimizer step")
+    blr: float = option(1.5e-4, "base learning rate: lr = blr * effective_batch / 256")
+    lr: Optional[float] = option(None, "absolute learning rate (overrides --blr)")
+    min_lr: float = option(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on biases, norms, tokens, positions)")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    clip_grad: Optional[float] = option(None, "clip the gradient norm to this value")
+    init: Optional[str] = option(None, "start from these weights (a dmae checkpoint/export, or an official DMAE/MAE one)")
+    seed: int = option(0, "seed of every random draw (data order, augmentation, noise, masks)")
+    num_workers: int = option(0, "data-loading worker processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
+    compile: bool = option(False, "torch.compile the model (GPUs)")
+    output_dir: str = option("runs/pretrain", "run folder: config, checkpoint, logs, exported weights")
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
+    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
+    log_every: int = option(20, "optimizer steps between log lines")
+    eval_images: int = option(256, "held-out images scored for reconstruction after every epoch")
+    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Fail early with the offending value."""
+        get_preset(self.model)
+        dataset_info(self.data)
+        check_sigma(self.sigma)
+        check_mask_ratio(self.mask_ratio)
+        for name in ("epochs", "batch_size", "accum_iter", "log_every", "eval_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "save_every", "num_workers", "weight_decay", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ValueError(f"learning rate must be > 0, got blr={self.blr}, lr={self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"--betas must be in [0, 1), got {self.betas}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"--train-subset must be >= 1, got {self.train_subset}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
+
+
+@dataclass
+class PretrainResult:
+    """What a call of :func:`pretrain` did."""
+
+    output_dir: Path
+    step: int  # optimizer steps done in total
+    total_steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, this rank's loss) of this call
+    eval_start: dict[str, float] | None = None
+    eval_end: dict[str, float] | None = None
+    model: DenoisingMaskedAutoencoder | None = None  # the trained model (this rank's copy)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def resolve_model_config(cfg: PretrainConfig, info: DatasetInfo) -> DMAEConfig:
+    """The preset's architecture, fitted to the data: small presets take the data's size, channels and
+    statistics; larger ones take the data's statistics when the channel counts agree."""
+    preset = get_preset(cfg.model)
+    over: dict[str, Any] = {}
+    if preset.native_input:
+        over["in_chans"] = info.channels
+        if info.size is not None:
+            over["img_size"] = info.size
+    if over.get("in_chans", preset.kwargs.get("in_chans", 3)) == info.channels:
+        over["mean"], over["std"] = info.mean, info.std
+    if cfg.img_size is not None:
+        over["img_size"] = cfg.img_size
+    return model_config(cfg.model, **over)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: none on biases, norms, tokens and positions (timm's groups)."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> Any:
+    """Per-iteration schedule: linear warmup from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr``
+    at ``total_steps``. Call ``step_update(step)`` before each optimizer step."""
+    import logging
+
+    from timm.scheduler import CosineLRScheduler
+
+    # timm warns that a one-step cosine has no effect; with all-warmup runs that is expected
+    logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
+                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def noise_seed(seed: int, micro_step: int, rank: int) -> int:
+    """Seed of the noise and mask of one micro-batch on one rank."""
+    return (seed * 1_000_003 + micro_step * 65_537 + rank * 8_191 + 17) % (2**63 - 1)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: DenoisingMaskedAutoencoder,
+    images: torch.Tensor,
+    sigma: float,
+    mask_ratio: float,
+    norm_pix_loss: bool,
+    loss_on: str,
+    seed: int,
+    precision: str = "fp32",
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Score reconstructions of fixed held-out images under fixed noise and masks.
+
+    Returns ``loss`` (the training objective), ``noisy_mse`` (MSE of the noisy input to the clean image, in
+    [0, 1] pixel space, about sigma^2) and, for models without ``norm_pix_loss``, ``mse``: the pixel-space MSE
+    of the reconstruction to the clean image over all patches.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tot = {"loss": 0.0, "mse": 0.0, "noisy_mse": 0.0}
+    n_seen = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i: i + batch_size].to(device)
+        x_noisy = add_gaussian_noise(x, sigma, gen)
+        masking = random_masking(x.shape[0], model.num_patches, mask_ratio, gen, device)
+        with _autocast(device, precision):
+            pred = model(x_noisy, masking)
+        pred = pred.float()
+        loss = reconstruction_loss(pred, model.target(x), masking.mask, norm_pix_loss, loss_on)
+        clean = model.preprocess.resize(x)
+        tot["loss"] += loss.item() * x.shape[0]
+        tot["noisy_mse"] += (x_noisy - x).pow(2).mean().item() * x.shape[0]
+        if not norm_pix_loss:
+            tot["mse"] += (model.to_pixels(pred) - clean).pow(2).mean().item() * x.shape[0]
+        n_seen += x.shape[0]
+    model.train(was_training)
+    out = {k: v / n_seen for k, v in tot.items()}
+    if norm_pix_loss:
+        del out["mse"]
+    return out
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class RunLog:
+    """JSON-lines log (every rank-0 record) plus TensorBoard scalars, both in the run folder."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = out / "log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            # drop rows written after the checkpoint we resume from, so no step is logged twice
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
+        except ImportError:  # tensorboard is a dependency; a broken install still trains
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("type", "step") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Run (or resume) DMAE pretraining as ``cfg`` says; returns what was done. Works under torchrun."""
+    cfg.validate()
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device)
+    try:
+        return _pretrain(cfg, device, dist)
+    finally:
+        cleanup(dist)
+
+
+def _check_resumable(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
+    now = to_dict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_OPTIONS and saved.get(k) != now[k]}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(f"cannot resume {path}: options differ from the saved run ({detail})")
+
+
+def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> PretrainResult:
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+
+    info = dataset_info(cfg.data)
+    mcfg = resolve_model_config(cfg, info)
+    train_ds: Dataset = build_dataset(cfg.data, "train", cfg.data_root, build_transform(info, True, mcfg.img_size), cfg.download)
+    if cfg.train_subset is not None:
+        train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
+    sampler = ShardedEpochSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, multiple_of=cfg.accum_iter)  # type: ignore[arg-type]
+    loader = DataLoader(SeededDataset(train_ds, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    steps_per_epoch = sampler.batches_per_epoch // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
+    model = DenoisingMaskedAutoencoder(mcfg)
+    init_report = None
+    if cfg.init and not cfg.resume:
+        sd, _ = ckpt.read_weights(cfg.init)
+        init_report = ckpt.load_state_dict(model, sd, cfg.init, allow_missing=ckpt.DECODER_PREFIXES,
+                                           allow_unexpected=ckpt.CLASSIFIER_PREFIXES)
+    model.to(device)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, cfg.betas)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.min_lr)
+
+    step = 0
+    if cfg.resume:
+        state = ckpt.safe_load(ckpt_path)
+        _check_resumable(state.get("config", {}), cfg, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
+    barrier(dist)
+
+    raw_model = model
+    train_model: torch.nn.Module = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = RunLog(out, dist.is_main, step)
+    result = PretrainResult(out, step, total_steps)
+    eval_images = None
+    if dist.is_main:
+        eval_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, build_transform(info, False, mcfg.img_size), cfg.download)
+        k = min(cfg.eval_images, len(eval_ds))  # type: ignore[arg-type]
+        eval_images = torch.stack([eval_ds[i][0] for i in range(k)])
+
+    def run_eval() -> dict[str, float]:
+        assert eval_images is not None
+        return evaluate_reconstruction(raw_model, eval_images, cfg.sigma, cfg.mask_ratio, cfg.norm_pix_loss, cfg.loss,
+                                       seed=cfg.seed + 12345, precision=cfg.precision if device.type == "cuda" else "fp32")
+
+    def save() -> None:
+        if dist.is_main:
+            ckpt.atomic_save({"format": ckpt.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "step": step, "epoch": step // steps_per_epoch, "config": to_dict(cfg),
+                              "model_config": mcfg.to_dict()}, ckpt_path)
+        barrier(dist)
+
+    if dist.is_main:
+        msg = (f"pretraining {cfg.model} ({raw_model.num_params('encoder') / 1e6:.2f}M encoder params, input "
+               f"{mcfg.in_chans}x{mcfg.img_size}x{mcfg.img_size}) on {cfg.data} ({len(train_ds)} images), "  # type: ignore[arg-type]
+               f"{dist.world_size} process(es) on {device}; sigma={cfg.sigma} loss={cfg.loss} mask={cfg.mask_ratio}; "
+               f"{total_steps} steps of {eff_batch} images, lr {lr:.3g}")
+        print(msg, flush=True)
+        if init_report is not None:
+            print(f"initialised from {cfg.init}: {init_report.summary()}", flush=True)
+        if step == 0:
+            result.eval_start = run_eval()
+            log.write({"type": "eval", "step": 0, "epoch": 0.0, **result.eval_start})
+            print("eval before training: " + _fmt(result.eval_start), flush=True)
+
+    bar = None
+    if dist.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
+
+    if cfg.stop_after is not None and step >= cfg.stop_after:
+        if dist.is_main:
+            print(f"already at step {step} >= --stop-after {cfg.stop_after}; nothing to do", flush=True)
+        if bar is not None:
+            bar.close()
+        log.close()
+        result.model = raw_model
+        return result
+    raw_model.train()
+    gen = torch.Generator(device=device)
+    num_patches = raw_model.num_patches
+    window: list[torch.Tensor] = []
+    t_window = time.perf_counter()
+    stop_agreed = False
+    with _StopFlag() as stop:
+        while step < total_steps:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, step_in_epoch * cfg.accum_iter)
+            batches = iter(loader)
+            for _ in range(step_in_epoch, steps_per_epoch):
+                scheduler.step_update(step)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.accum_iter):
+                    x, _ = next(batches)
+                    x = x.to(device, non_blocking=True)
+                    gen.manual_seed(noise_seed(cfg.seed, step * cfg.accum_iter + micro, dist.rank))
+                    x_noisy = add_gaussian_noise(x, cfg.sigma, gen)
+                    masking = random_masking(x.shape[0], num_patches, cfg.mask_ratio, gen, device)
+                    # sync gradients only on the last micro-step
+                    sync = contextlib.nullcontext() if (not dist.enabled or micro == cfg.accum_iter - 1) else train_model.no_sync()
+                    with sync:
+                        with _autocast(device, cfg.precision):
+                            pred = train_model(x_noisy, masking)
+                        loss = reconstruction_loss(pred, raw_model.target(x), masking.mask, cfg.norm_pix_loss, cfg.loss)
+                        (loss / cfg.accum_iter).backward()
+                    loss_sum += loss.detach()
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                step += 1
+                window.append(loss_sum / cfg.accum_iter)
+                if bar is not None:
+                    bar.update(1)
+
+                end_of_epoch = step % steps_per_epoch == 0
+                at_stop_after = cfg.stop_after is not None and step >= cfg.stop_after
+                if not dist.enabled:
+                    stop_agreed = stop.set
+                if step % cfg.log_every == 0 or end_of_epoch or step == total_steps or at_stop_after or stop_agreed:
+                    local = torch.stack(window)
+                    mean_loss = all_reduce_mean(local.mean(), dist).item()
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower the learning rate or use --clip-grad")
+                    result.losses += [(step - len(window) + i + 1, v) for i, v in enumerate(local.tolist())]
+                    elapsed = time.perf_counter() - t_window
+                    ips = len(window) * eff_batch / max(elapsed, 1e-9)
+                    cur_lr = optimizer.param_groups[0]["lr"]
+                    log.write({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": mean_loss,
+                               "lr": cur_lr, "img_per_s": ips})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+                    window, t_window = [], time.perf_counter()
+                    if dist.enabled:  # ranks agree on stopping only here, so all of them stop at the same step
+                        stop_agreed = all_reduce_mean(torch.tensor(float(stop.set), device=device), dist).item() > 0
+                if end_of_epoch:
+                    if dist.is_main:
+                        ev = run_eval()
+                        log.write({"type": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
+                        result.eval_end = ev
+                        msg = f"epoch {step // steps_per_epoch}/{cfg.epochs}: eval " + _fmt(ev)
+                        (bar.write if bar is not None else print)(msg)
+                    save()
+                elif cfg.save_every and step % cfg.save_every == 0:
+                    save()
+                interrupted = stop_agreed
+                if interrupted or at_stop_after:
+                    if not end_of_epoch:
+                        save()
+                    if dist.is_main:
+                        why = "interrupted" if interrupted else f"--stop-after {cfg.stop_after}"
+                        print(f"\nstopped at step {step}/{total_steps} ({why}); checkpoint saved, continue with --resume", flush=True)
+                    if bar is not None:
+                        bar.close()
+                    log.close()
+                    result.step, result.model = step, raw_model
+                    return result
+    if bar is not None:
+        bar.close()
+    if dist.is_main:
+        ckpt.save_export(raw_model, out / "model.safetensors", {"sigma": str(cfg.sigma), "loss": cfg.loss})
+        print(f"done: {out / 'checkpoint.pt'} (resumable) and {out / 'model.safetensors'} (weights + config)", flush=True)
+    log.close()
+    result.step, result.model = step, raw_model
+    return result
+
+
+def _fmt(ev: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.5f}" for k, v in ev.items())
+
+
+__all__ = ["PretrainConfig", "PretrainResult", "build_optimizer", "build_scheduler", "evaluate_reconstruction", "pretrain",
+           "resolve_model_config"]
