@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmae.models.classifier import ClassifierConfig, ViTClassifier
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, list_models, model_config
 
@@ -84,11 +85,12 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
 @dataclass
 class LoadReport:
     """What a load did: keys the model has but the file lacked, keys the file has but the model lacks,
-    and fixed keys kept from the model because their shapes differ."""
+    fixed keys kept from the model because their shapes differ, and file keys ignored on purpose."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # keys of the file left out on purpose (decoder, old head)
 
     def summary(self) -> str:
         def short(keys: list[str]) -> str:
@@ -101,6 +103,8 @@ class LoadReport:
             parts.append(f"{len(self.unexpected)} unexpected [{short(self.unexpected)}]")
         if self.kept:
             parts.append(f"kept model's own {self.kept}")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} ignored [{short(self.ignored)}]")
         return "; ".join(parts) or "all keys matched"
 
 
@@ -172,12 +176,16 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike =
     )
 
 
-def save_export(model: DenoisingMaskedAutoencoder, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
-    """Export weights as safetensors, the model configuration in the file's metadata (atomic)."""
+def save_export(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
+    """Export weights as safetensors, the model configuration in the file's metadata (atomic).
+
+    Autoencoders store ``model_config``, classifiers ``classifier_config``.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict()), **(extra or {})}
+    key = "classifier_config" if isinstance(model, ViTClassifier) else "model_config"
+    meta = {"format": FORMAT, key: json.dumps(model.config.to_dict()), **(extra or {})}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp), metadata=meta)
@@ -185,7 +193,7 @@ def save_export(model: DenoisingMaskedAutoencoder, path: str | os.PathLike, extr
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Weights and (if the file has one) the model configuration from any supported file.
+    """Weights and (if the file has one) its configuration, as ``{'model_config' | 'classifier_config': dict}``.
 
     Supported: our safetensors exports, our training checkpoints, official DMAE/MAE pickles.
     """
@@ -201,10 +209,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-        cfg = json.loads(meta["model_config"]) if "model_config" in meta else None
-        return sd, cfg
+        key = next((k for k in ("classifier_config", "model_config") if k in meta), None)
+        return sd, ({key: json.loads(meta[key])} if key else None)
     obj = safe_load(path)
-    cfg = obj.get("model_config") if isinstance(obj, Mapping) else None
+    cfg = None
+    if isinstance(obj, Mapping):
+        key = next((k for k in ("classifier_config", "model_config") if k in obj), None)
+        cfg = {key: obj[key]} if key else None
     return extract_state_dict(obj, path), cfg
 
 
@@ -217,10 +228,77 @@ def load_dmae(path: str | os.PathLike, model: str | None = None, **overrides: An
     sd, cfg = read_weights(path)
     if model is not None:
         mcfg = model_config(model, **overrides)
+    elif cfg is not None and "model_config" in cfg:
+        mcfg = DMAEConfig.from_dict({**cfg["model_config"], **{k: v for k, v in overrides.items() if v is not None}})
     elif cfg is not None:
-        mcfg = DMAEConfig.from_dict({**cfg, **{k: v for k, v in overrides.items() if v is not None}})
+        raise CheckpointError(f"{path} holds a classifier, not an autoencoder")
     else:
         mcfg = infer_model_config(sd, path)
     net = DenoisingMaskedAutoencoder(mcfg)
     report = load_state_dict(net, sd, path, allow_missing=DECODER_PREFIXES, allow_unexpected=CLASSIFIER_PREFIXES)
+    return net, report
+
+
+# -------------------------------------------------------------------------------- classifiers
+def _head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
+    """(class count, pool) of a classifier state dict, or None for an encoder / autoencoder."""
+    if "head.1.weight" in sd:
+        return sd["head.1.weight"].shape[0], "token"  # linear probe: BatchNorm + Linear on the cls token
+    if "head.weight" in sd:
+        return sd["head.weight"].shape[0], ("avg" if "fc_norm.weight" in sd else "token")
+    return None
+
+
+def load_classifier(
+    path: str | os.PathLike | None,
+    num_classes: int,
+    pool: str = "avg",
+    drop_path: float = 0.0,
+    model: str | None = None,
+    img_size: int | None = None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> tuple[ViTClassifier, LoadReport]:
+    """Build a base classifier, from a checkpoint or (``path=None``) randomly initialised from preset ``model``.
+
+    A classifier file (ours, an official fine-tuned one with ``fc_norm``/``head``, or an official linear probe
+    with ``head.0``/``head.1``) with the same pooling and class count loads whole. Anything else contributes
+    its encoder: the decoder, ``mask_token``, and a head of another pooling are dropped, and the new head
+    (``fc_norm`` + ``head`` for average pooling) starts fresh. ``stats`` (mean, std) replaces the ImageNet
+    statistics for files that carry no configuration, when the channel counts agree.
+    """
+    if path is None:
+        if model is None:
+            raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
+        mcfg = model_config(model, img_size=img_size)
+        if stats is not None and len(stats[0]) == mcfg.in_chans:
+            mcfg = model_config(model, img_size=img_size, mean=stats[0], std=stats[1])
+        return ViTClassifier(ClassifierConfig(mcfg, num_classes, pool, drop_path)), LoadReport()
+
+    sd, cfg = read_weights(path)
+    head = _head_classes(sd)
+    if cfg is not None and "classifier_config" in cfg:
+        mcfg = ClassifierConfig.from_dict(cfg["classifier_config"]).encoder
+    elif cfg is not None:
+        mcfg = DMAEConfig.from_dict(cfg["model_config"])
+    else:
+        mcfg = model_config(model) if model is not None else infer_model_config(sd, path)
+        if stats is not None and len(stats[0]) == mcfg.in_chans:
+            mcfg = DMAEConfig.from_dict({**mcfg.to_dict(), "mean": stats[0], "std": stats[1]})
+    if model is not None and cfg is not None:
+        want = model_config(model)
+        if (want.embed_dim, want.depth, want.patch_size) != (mcfg.embed_dim, mcfg.depth, mcfg.patch_size):
+            raise CheckpointError(f"{path} holds a {mcfg.embed_dim}-d {mcfg.depth}-block encoder, not --model {model}")
+    if img_size is not None and img_size != mcfg.img_size:
+        mcfg = DMAEConfig.from_dict({**mcfg.to_dict(), "img_size": img_size})
+    net = ViTClassifier(ClassifierConfig(mcfg, num_classes, pool, drop_path))
+
+    if head is not None and head[1] == pool:
+        if head[0] != num_classes:
+            raise CheckpointError(f"{path} classifies {head[0]} classes, the data set has {num_classes}")
+        return net, load_state_dict(net, sd, path)
+    # encoder only: keep what a fresh head does not replace
+    drop = DECODER_PREFIXES + ("head", "fc_norm.") + (("norm.",) if pool == "avg" else ())
+    enc = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    report = load_state_dict(net, enc, path, allow_missing=("head", "fc_norm.", "norm."))
+    report.ignored = sorted(set(sd) - set(enc))
     return net, report

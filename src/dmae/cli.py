@@ -15,28 +15,35 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _resolve_pretrain(ns: argparse.Namespace) -> "Any":
-    from dmae.pretrain import PretrainConfig
-
+def _resolve(command: str, cls: type, ns: argparse.Namespace) -> Any:
+    """Defaults <- --config preset <- (with --resume) the run's saved config <- flags given."""
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
     preset: dict[str, Any] = {}
     if ns.config:
-        preset.update(C.load_values(C.preset_path("pretrain", ns.config), PretrainConfig))
+        preset.update(C.load_values(C.preset_path(command, ns.config), cls))
     if given.get("resume"):
-        out = Path(given.get("output_dir", preset.get("output_dir", PretrainConfig.output_dir)))
+        out = Path(given.get("output_dir", preset.get("output_dir", cls.output_dir)))
         saved = out / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: no run in {out} (missing {saved})")
         # a stop point belongs to the invocation that set it, not to the run
-        preset.update({k: v for k, v in C.load_values(saved, PretrainConfig).items() if k != "stop_after"})
-    return C.build_config(PretrainConfig, preset, given)
+        preset.update({k: v for k, v in C.load_values(saved, cls).items() if k != "stop_after"})
+    return C.build_config(cls, preset, given)
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
-    from dmae.pretrain import pretrain
+    from dmae.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(_resolve_pretrain(ns))
+    result = pretrain(_resolve("pretrain", PretrainConfig, ns))
     return 0 if result.step > 0 or result.finished else 1
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from dmae.finetune import FinetuneConfig, LinprobeConfig, finetune
+
+    cls = LinprobeConfig if ns.command == "linprobe" else FinetuneConfig
+    finetune(_resolve(ns.command, cls, ns))
+    return 0
 
 
 def cmd_visualize(ns: argparse.Namespace) -> int:
@@ -63,9 +70,10 @@ def cmd_models(ns: argparse.Namespace) -> int:
     for name in list_models():
         p = get_preset(name)
         print(f"  {name:38s} {p.description}")
-    print("pretraining configs (dmae pretrain --config NAME):")
-    for name in C.list_presets("pretrain"):
-        print(f"  {name}")
+    for command in ("pretrain", "finetune", "linprobe"):
+        print(f"{command} configs (dmae {command} --config NAME):")
+        for name in C.list_presets(command):
+            print(f"  {name}")
     return 0
 
 
@@ -82,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a shipped preset name (see `dmae models`) or a YAML file")
     C.add_dataclass_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    from dmae.finetune import FinetuneConfig, LinprobeConfig
+
+    f = sub.add_parser("finetune", help="fine-tune an encoder into a robust base classifier (CR or RS)", formatter_class=_Formatter,
+                       description="Fine-tune a pretrained encoder (or a random one, --model) into the base classifier of a "
+                                   "Gaussian-smoothed model: consistency regularization (--method cr) or noisy cross-entropy "
+                                   "(--method rs), at one sigma or a per-sample range.")
+    f.add_argument("--config", default=None, help="a shipped preset name (see `dmae models`) or a YAML file")
+    C.add_dataclass_arguments(f, FinetuneConfig)
+    f.set_defaults(func=cmd_finetune)
+
+    lp = sub.add_parser("linprobe", help="linear probe under noise: frozen encoder, BatchNorm + Linear head, LARS",
+                        formatter_class=_Formatter)
+    lp.add_argument("--config", default=None, help="a shipped preset name (see `dmae models`) or a YAML file")
+    C.add_dataclass_arguments(lp, LinprobeConfig)
+    lp.set_defaults(func=cmd_finetune)
 
     v = sub.add_parser("visualize", help="write the original | noisy | masked | reconstruction figure", formatter_class=_Formatter)
     v.add_argument("--checkpoint", required=True, help="a run folder, checkpoint.pt, model.safetensors or official .pth")

@@ -117,3 +117,19 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     x = x.reshape(n, gh, gw, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, channels, gh * p, gw * p)
+
+
+def check_sigma_range(low: float, high: float) -> tuple[float, float]:
+    """Validate a per-sample noise range ``U[low, high]``."""
+    if not (0.0 <= low <= high) or high <= 0.0:
+        raise ValueError(f"sigma range must satisfy 0 <= low <= high, high > 0, got [{low}, {high}]")
+    return float(low), float(high)
+
+
+def sample_sigma(n: int, sigma: float | tuple[float, float], generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> float | torch.Tensor:
+    """A fixed noise level, or one level per sample drawn from ``U[low, high]`` (one model for many sigmas)."""
+    if isinstance(sigma, tuple):
+        low, high = check_sigma_range(*sigma)
+        return low + (high - low) * torch.rand(n, generator=generator, device=device)
+    return check_sigma(sigma)

@@ -1,15 +1,19 @@
-"""The DMAE pretraining loss, in one place so its choices are visible and switchable.
+"""The losses of dmae, in one place so their choices are visible and switchable.
 
-DMAE reconstructs the *clean* image and scores **all** patches (it must also denoise the visible ones);
+Pretraining: DMAE reconstructs the *clean* image and scores **all** patches (it must also denoise the visible ones);
 MAE scores only the removed patches. Both optionally normalize each target patch by its own mean and
 variance (``norm_pix_loss``), as the paper's runs do.
+
+Fine-tuning: consistency regularization over ``m`` noise copies (the paper's main method) or plain
+cross-entropy on noisy inputs (RS).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 LossOn = Literal["all", "masked"]
 LOSS_ON: tuple[str, ...] = ("all", "masked")
@@ -53,3 +57,61 @@ def reconstruction_loss(
         mask = mask.to(per_patch.dtype)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
     raise ValueError(f"loss must be one of {LOSS_ON}, got {on!r}")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+class ClassificationLoss(NamedTuple):
+    """The total loss and its parts (each a scalar), for logging."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy against class indices ``[B]`` (with optional label smoothing) or soft targets ``[B, K]``
+    (mixup/cutmix targets already carry their smoothing)."""
+    if target.ndim == logits.ndim:
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+def rs_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> ClassificationLoss:
+    """Gaussian-augmentation training: cross-entropy on noisy inputs, ``logits: [B, K]`` or ``[m, B, K]``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    m = flat.shape[0] // target.shape[0]
+    ce = cross_entropy(flat, target.repeat(m, *([1] * (target.ndim - 1))), label_smoothing)
+    zero = torch.zeros((), device=logits.device)
+    return ClassificationLoss(ce, ce.detach(), zero, zero)
+
+
+def consistency_loss(logits: torch.Tensor, target: torch.Tensor, lbd: float = 2.0, mu: float = 0.5,
+                     label_smoothing: float = 0.0) -> ClassificationLoss:
+    """Consistency regularization over ``m`` noise copies of each image.
+
+    ``L = mean_i CE(F_i, y) + lbd * mean_i KL(F_bar || F_i) + mu * H(F_bar)``, with ``F_i`` the softmax
+    of copy ``i`` and ``F_bar`` their mean; averaged over the batch.
+
+    Args:
+        logits: ``[m, B, K]``, copy-major (copy ``i`` of image ``b`` at ``[i, b]``).
+        target: class indices ``[B]`` or soft targets ``[B, K]``.
+        lbd: weight of the KL consistency term (paper: 2.0).
+        mu: weight of the entropy of the mean prediction (paper: 0.5 for sigma 0.25 / 0.5, 0.1 for 1.0).
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"consistency_loss wants logits [m, B, K], got {tuple(logits.shape)}")
+    m = logits.shape[0]
+    log_p = F.log_softmax(logits.float(), dim=-1)  # [m, B, K]
+    ce = torch.stack([cross_entropy(logits[i], target, label_smoothing) for i in range(m)]).mean()
+    p_bar = log_p.exp().mean(0)  # [B, K]
+    log_p_bar = p_bar.clamp_min(1e-20).log()
+    kl = (p_bar.unsqueeze(0) * (log_p_bar.unsqueeze(0) - log_p)).sum(-1).mean()  # mean over copies and batch
+    entropy = -(p_bar * log_p_bar).sum(-1).mean()
+    total = ce + lbd * kl + mu * entropy
+    return ClassificationLoss(total, ce.detach(), kl.detach(), entropy.detach())
+
+
+def default_mu(sigma: float) -> float:
+    """The paper's entropy weight: 0.5 for sigma up to 0.5, 0.1 for sigma = 1.0 (and above)."""
+    return 0.1 if sigma >= 1.0 else 0.5

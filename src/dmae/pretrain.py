@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import signal
-import threading
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,7 +24,8 @@ from dmae import checkpoint as ckpt
 from dmae.config import option, save_config, to_dict
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DatasetInfo, SeededDataset, ShardedEpochSampler, build_dataset, build_transform, dataset_info
-from dmae.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, resolve_device
+from dmae.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
+from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, run_loop
 from dmae.losses import reconstruction_loss
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config
@@ -162,11 +160,6 @@ def noise_seed(seed: int, micro_step: int, rank: int) -> int:
     return (seed * 1_000_003 + micro_step * 65_537 + rank * 8_191 + 17) % (2**63 - 1)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate_reconstruction(
     model: DenoisingMaskedAutoencoder,
@@ -195,7 +188,7 @@ def evaluate_reconstruction(
         x = images[i: i + batch_size].to(device)
         x_noisy = add_gaussian_noise(x, sigma, gen)
         masking = random_masking(x.shape[0], model.num_patches, mask_ratio, gen, device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             pred = model(x_noisy, masking)
         pred = pred.float()
         loss = reconstruction_loss(pred, model.target(x), masking.mask, norm_pix_loss, loss_on)
@@ -212,67 +205,6 @@ def evaluate_reconstruction(
     return out
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits. A second
-    Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.set and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class RunLog:
-    """JSON-lines log (every rank-0 record) plus TensorBoard scalars, both in the run folder."""
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = out / "log.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step and self.path.exists():
-            # drop rows written after the checkpoint we resume from, so no step is logged twice
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
-        except ImportError:  # tensorboard is a dependency; a broken install still trains
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("type", "step") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) DMAE pretraining as ``cfg`` says; returns what was done. Works under torchrun."""
     cfg.validate()
@@ -284,22 +216,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         cleanup(dist)
 
 
-def _check_resumable(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
-    now = to_dict(cfg)
-    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_OPTIONS and saved.get(k) != now[k]}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-        raise ValueError(f"cannot resume {path}: options differ from the saved run ({detail})")
-
-
 def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> PretrainResult:
     out = Path(cfg.output_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-
+    ckpt_path = check_run_folder(out, cfg.resume)
     info = dataset_info(cfg.data)
     mcfg = resolve_model_config(cfg, info)
     train_ds: Dataset = build_dataset(cfg.data, "train", cfg.data_root, build_transform(info, True, mcfg.img_size), cfg.download)
@@ -328,7 +247,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
     step = 0
     if cfg.resume:
         state = ckpt.safe_load(ckpt_path)
-        _check_resumable(state.get("config", {}), cfg, ckpt_path)
+        check_resumable(state.get("config", {}), to_dict(cfg), RESUMABLE_OPTIONS, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -339,9 +258,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
     barrier(dist)
 
     raw_model = model
-    train_model: torch.nn.Module = model
-    if cfg.compile:
-        train_model = torch.compile(model)
+    train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -360,19 +277,25 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
         return evaluate_reconstruction(raw_model, eval_images, cfg.sigma, cfg.mask_ratio, cfg.norm_pix_loss, cfg.loss,
                                        seed=cfg.seed + 12345, precision=cfg.precision if device.type == "cuda" else "fp32")
 
-    def save() -> None:
+    def on_epoch_end(at: int) -> None:
+        if dist.is_main:
+            ev = run_eval()
+            log.write({"type": "eval", "step": at, "epoch": at / steps_per_epoch, **ev})
+            result.eval_end = ev
+            print(f"epoch {at // steps_per_epoch}/{cfg.epochs}: eval " + _fmt(ev), flush=True)
+
+    def save(at: int) -> None:
         if dist.is_main:
             ckpt.atomic_save({"format": ckpt.FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "step": step, "epoch": step // steps_per_epoch, "config": to_dict(cfg),
+                              "step": at, "epoch": at // steps_per_epoch, "config": to_dict(cfg),
                               "model_config": mcfg.to_dict()}, ckpt_path)
         barrier(dist)
 
     if dist.is_main:
-        msg = (f"pretraining {cfg.model} ({raw_model.num_params('encoder') / 1e6:.2f}M encoder params, input "
-               f"{mcfg.in_chans}x{mcfg.img_size}x{mcfg.img_size}) on {cfg.data} ({len(train_ds)} images), "  # type: ignore[arg-type]
-               f"{dist.world_size} process(es) on {device}; sigma={cfg.sigma} loss={cfg.loss} mask={cfg.mask_ratio}; "
-               f"{total_steps} steps of {eff_batch} images, lr {lr:.3g}")
-        print(msg, flush=True)
+        print(f"pretraining {cfg.model} ({raw_model.num_params('encoder') / 1e6:.2f}M encoder params, input "
+              f"{mcfg.in_chans}x{mcfg.img_size}x{mcfg.img_size}) on {cfg.data} ({len(train_ds)} images), "  # type: ignore[arg-type]
+              f"{dist.world_size} process(es) on {device}; sigma={cfg.sigma} loss={cfg.loss} mask={cfg.mask_ratio}; "
+              f"{total_steps} steps of {eff_batch} images, lr {lr:.3g}", flush=True)
         if init_report is not None:
             print(f"initialised from {cfg.init}: {init_report.summary()}", flush=True)
         if step == 0:
@@ -380,106 +303,42 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
             log.write({"type": "eval", "step": 0, "epoch": 0.0, **result.eval_start})
             print("eval before training: " + _fmt(result.eval_start), flush=True)
 
-    bar = None
-    if dist.is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
-
-    if cfg.stop_after is not None and step >= cfg.stop_after:
-        if dist.is_main:
-            print(f"already at step {step} >= --stop-after {cfg.stop_after}; nothing to do", flush=True)
-        if bar is not None:
-            bar.close()
-        log.close()
-        result.model = raw_model
-        return result
-    raw_model.train()
     gen = torch.Generator(device=device)
     num_patches = raw_model.num_patches
-    window: list[torch.Tensor] = []
-    t_window = time.perf_counter()
-    stop_agreed = False
-    with _StopFlag() as stop:
-        while step < total_steps:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, step_in_epoch * cfg.accum_iter)
-            batches = iter(loader)
-            for _ in range(step_in_epoch, steps_per_epoch):
-                scheduler.step_update(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.accum_iter):
-                    x, _ = next(batches)
-                    x = x.to(device, non_blocking=True)
-                    gen.manual_seed(noise_seed(cfg.seed, step * cfg.accum_iter + micro, dist.rank))
-                    x_noisy = add_gaussian_noise(x, cfg.sigma, gen)
-                    masking = random_masking(x.shape[0], num_patches, cfg.mask_ratio, gen, device)
-                    # sync gradients only on the last micro-step
-                    sync = contextlib.nullcontext() if (not dist.enabled or micro == cfg.accum_iter - 1) else train_model.no_sync()
-                    with sync:
-                        with _autocast(device, cfg.precision):
-                            pred = train_model(x_noisy, masking)
-                        loss = reconstruction_loss(pred, raw_model.target(x), masking.mask, cfg.norm_pix_loss, cfg.loss)
-                        (loss / cfg.accum_iter).backward()
-                    loss_sum += loss.detach()
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                step += 1
-                window.append(loss_sum / cfg.accum_iter)
-                if bar is not None:
-                    bar.update(1)
 
-                end_of_epoch = step % steps_per_epoch == 0
-                at_stop_after = cfg.stop_after is not None and step >= cfg.stop_after
-                if not dist.enabled:
-                    stop_agreed = stop.set
-                if step % cfg.log_every == 0 or end_of_epoch or step == total_steps or at_stop_after or stop_agreed:
-                    local = torch.stack(window)
-                    mean_loss = all_reduce_mean(local.mean(), dist).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower the learning rate or use --clip-grad")
-                    result.losses += [(step - len(window) + i + 1, v) for i, v in enumerate(local.tolist())]
-                    elapsed = time.perf_counter() - t_window
-                    ips = len(window) * eff_batch / max(elapsed, 1e-9)
-                    cur_lr = optimizer.param_groups[0]["lr"]
-                    log.write({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": mean_loss,
-                               "lr": cur_lr, "img_per_s": ips})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-                    window, t_window = [], time.perf_counter()
-                    if dist.enabled:  # ranks agree on stopping only here, so all of them stop at the same step
-                        stop_agreed = all_reduce_mean(torch.tensor(float(stop.set), device=device), dist).item() > 0
-                if end_of_epoch:
-                    if dist.is_main:
-                        ev = run_eval()
-                        log.write({"type": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
-                        result.eval_end = ev
-                        msg = f"epoch {step // steps_per_epoch}/{cfg.epochs}: eval " + _fmt(ev)
-                        (bar.write if bar is not None else print)(msg)
-                    save()
-                elif cfg.save_every and step % cfg.save_every == 0:
-                    save()
-                interrupted = stop_agreed
-                if interrupted or at_stop_after:
-                    if not end_of_epoch:
-                        save()
-                    if dist.is_main:
-                        why = "interrupted" if interrupted else f"--stop-after {cfg.stop_after}"
-                        print(f"\nstopped at step {step}/{total_steps} ({why}); checkpoint saved, continue with --resume", flush=True)
-                    if bar is not None:
-                        bar.close()
-                    log.close()
-                    result.step, result.model = step, raw_model
-                    return result
-    if bar is not None:
-        bar.close()
-    if dist.is_main:
+    def train_step(batches: Iterator, at: int) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.accum_iter):
+            x, _ = next(batches)
+            x = x.to(device, non_blocking=True)
+            gen.manual_seed(noise_seed(cfg.seed, at * cfg.accum_iter + micro, dist.rank))
+            x_noisy = add_gaussian_noise(x, cfg.sigma, gen)
+            masking = random_masking(x.shape[0], num_patches, cfg.mask_ratio, gen, device)
+            # sync gradients only on the last micro-step
+            last = micro == cfg.accum_iter - 1
+            with contextlib.nullcontext() if (not dist.enabled or last) else train_model.no_sync():
+                with autocast(device, cfg.precision):
+                    pred = train_model(x_noisy, masking)
+                loss = reconstruction_loss(pred, raw_model.target(x), masking.mask, cfg.norm_pix_loss, cfg.loss)
+                (loss / cfg.accum_iter).backward()
+            loss_sum += loss.detach()
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        return loss_sum / cfg.accum_iter
+
+    raw_model.train()
+    loop = run_loop(step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_iter=cfg.accum_iter,
+                    sampler=sampler, loader=loader, scheduler=scheduler, train_step=train_step,
+                    on_epoch_end=on_epoch_end, save=save, log=log, dist=dist, device=device,
+                    images_per_step=eff_batch, log_every=cfg.log_every, save_every=cfg.save_every,
+                    stop_after=cfg.stop_after, progress=cfg.progress, desc="pretrain")
+    result.step, result.losses, result.model = loop.step, loop.losses, raw_model
+    if not loop.stopped and dist.is_main:
         ckpt.save_export(raw_model, out / "model.safetensors", {"sigma": str(cfg.sigma), "loss": cfg.loss})
         print(f"done: {out / 'checkpoint.pt'} (resumable) and {out / 'model.safetensors'} (weights + config)", flush=True)
     log.close()
-    result.step, result.model = step, raw_model
     return result
 
 

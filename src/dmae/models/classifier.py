@@ -1,0 +1,94 @@
+"""The base classifier of a smoothed model: ``f(x) = Head(Encoder(x))`` taking [0, 1] images.
+
+It is timm's ``VisionTransformer`` (so the state-dict keys are the official fine-tuned ones: ``fc_norm.*``,
+``head.*``; linear probes: ``head.0`` BatchNorm and ``head.1`` Linear) with our :class:`InputAdapter` as its
+first layer. Two feature modes, as in the paper:
+
+- ``pool="avg"`` (fine-tuning): global average over patch tokens -> ``fc_norm`` -> Linear head (std 2e-5).
+- ``pool="token"`` (linear probing): the cls token after ``norm`` -> BatchNorm1d(affine=False, eps 1e-6)
+  -> Linear head (std 0.01).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dmae.models.dmae import DMAEConfig
+from dmae.models.pos_embed import sincos_2d
+from dmae.models.preprocess import InputAdapter
+
+
+@dataclass
+class ClassifierConfig:
+    """Everything needed to rebuild a classifier from its state dict."""
+
+    encoder: DMAEConfig
+    num_classes: int
+    pool: Literal["avg", "token"] = "avg"
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = DMAEConfig.from_dict(self.encoder)
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"classifier: num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if self.pool not in ("avg", "token"):
+            raise ValueError(f"classifier: pool must be 'avg' or 'token', got {self.pool!r}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"classifier: drop_path must be in [0, 1), got {self.drop_path!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["encoder"] = self.encoder.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"classifier config: unknown keys {unknown}")
+        return cls(**d)
+
+
+class ViTClassifier(VisionTransformer):
+    """A timm ViT whose first layer maps [0, 1] images to normalized model inputs (resize included)."""
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        e = config.encoder
+        super().__init__(
+            img_size=e.img_size, patch_size=e.patch_size, in_chans=e.in_chans, num_classes=config.num_classes,
+            global_pool=config.pool, embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
+            mlp_ratio=e.mlp_ratio, qkv_bias=True, drop_path_rate=config.drop_path,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.config = config
+        self.preprocess = InputAdapter(e.img_size, e.in_chans, e.mean, e.std)
+        # fixed sin-cos positions until a checkpoint provides its own (it then fine-tunes them, as the paper does)
+        self.pos_embed.data.copy_(sincos_2d(e.embed_dim, e.grid))
+        if config.pool == "token":
+            linear = nn.Linear(e.embed_dim, config.num_classes)
+            nn.init.trunc_normal_(linear.weight, std=0.01)
+            nn.init.zeros_(linear.bias)
+            self.head = nn.Sequential(nn.BatchNorm1d(e.embed_dim, affine=False, eps=1e-6), linear)
+        else:
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        """[0, 1] images ``[N, C, H, W]`` (any size; resized after noise) -> tokens ``[N, 1 + L, D]``."""
+        return super().forward_features(self.preprocess(x), *args, **kwargs)
+
+    @property
+    def head_linear(self) -> nn.Linear:
+        return self.head[1] if isinstance(self.head, nn.Sequential) else self.head  # type: ignore[return-value]
+
+    def encoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters of the pretrained encoder (everything but the pooling norm and the head)."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith(("head", "fc_norm"))]
