@@ -252,7 +252,7 @@ def _head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
 def load_classifier(
     path: str | os.PathLike | None,
     num_classes: int,
-    pool: str = "avg",
+    pool: str | None = "avg",
     drop_path: float = 0.0,
     model: str | None = None,
     img_size: int | None = None,
@@ -263,10 +263,12 @@ def load_classifier(
     A classifier file (ours, an official fine-tuned one with ``fc_norm``/``head``, or an official linear probe
     with ``head.0``/``head.1``) with the same pooling and class count loads whole. Anything else contributes
     its encoder: the decoder, ``mask_token``, and a head of another pooling are dropped, and the new head
-    (``fc_norm`` + ``head`` for average pooling) starts fresh. ``stats`` (mean, std) replaces the ImageNet
+    (``fc_norm`` + ``head`` for average pooling) starts fresh. ``pool=None`` takes the file's own pooling
+    (for evaluating a trained classifier). ``stats`` (mean, std) replaces the ImageNet
     statistics for files that carry no configuration, when the channel counts agree.
     """
     if path is None:
+        pool = pool or "avg"
         if model is None:
             raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
         mcfg = model_config(model, img_size=img_size)
@@ -276,6 +278,11 @@ def load_classifier(
 
     sd, cfg = read_weights(path)
     head = _head_classes(sd)
+    if pool is None:  # whatever the file is: its own pooling, else average pooling
+        if cfg is not None and "classifier_config" in cfg:
+            pool = cfg["classifier_config"].get("pool", "avg")
+        else:
+            pool = head[1] if head is not None else "avg"
     if cfg is not None and "classifier_config" in cfg:
         mcfg = ClassifierConfig.from_dict(cfg["classifier_config"]).encoder
     elif cfg is not None:

@@ -46,6 +46,27 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certify(ns: argparse.Namespace) -> int:
+    from dmae.certify import CertifyConfig, run_certification
+    from dmae.report import report
+
+    runs = run_certification(_resolve(ns.command, CertifyConfig, ns), mode=ns.command)
+    if ns.command == "certify" and runs and runs[0].rows_total:
+        print()
+        report([r.path for r in runs])
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from dmae.report import report
+
+    report(ns.files, tuple(ns.radii) if ns.radii else None, ns.markdown, ns.csv, ns.plot)
+    for label, path in (("markdown", ns.markdown), ("csv", ns.csv), ("plot", ns.plot)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
 def cmd_visualize(ns: argparse.Namespace) -> int:
     from dmae.visualize import visualize_checkpoint
 
@@ -107,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_dataclass_arguments(lp, LinprobeConfig)
     lp.set_defaults(func=cmd_finetune)
 
+    from dmae.certify import CertifyConfig
+
+    for command, text in (("certify", "CERTIFY each image: class and certified l2 radius, one TSV row per image"),
+                          ("predict", "PREDICT each image: the smoothed class or abstain, one TSV row per image")):
+        c = sub.add_parser(command, help=text, formatter_class=_Formatter,
+                           description=text + ". Re-running the same command resumes; torchrun shards the images.")
+        c.add_argument("--config", default=None, help="a YAML file of options")
+        C.add_dataclass_arguments(c, CertifyConfig)
+        c.set_defaults(func=cmd_certify)
+
+    r = sub.add_parser("report", help="certified-accuracy tables and curves from certification TSVs", formatter_class=_Formatter)
+    r.add_argument("files", nargs="+", help="TSVs with columns idx label predict radius correct time (one per sigma)")
+    r.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="radii of the table (default: the data set's: ImageNet 0-3, CIFAR-10 / Fashion-MNIST 0-1)")
+    r.add_argument("--markdown", default=None, help="also write the table as Markdown here")
+    r.add_argument("--csv", default=None, help="also write the table as CSV here")
+    r.add_argument("--plot", default=None, help="write certified accuracy vs radius as a PNG here")
+    r.set_defaults(func=cmd_report)
+
     v = sub.add_parser("visualize", help="write the original | noisy | masked | reconstruction figure", formatter_class=_Formatter)
     v.add_argument("--checkpoint", required=True, help="a run folder, checkpoint.pt, model.safetensors or official .pth")
     v.add_argument("--out", default=None, help="PNG to write (default: reconstructions.png beside the checkpoint)")
@@ -144,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError, FloatingPointError) as e:
+        # (ReportError is a ValueError)
         print(f"dmae {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -65,7 +65,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             raise TypeError(f"unsupported option type {tp} for {cls.__name__}.{f.name}")
         if optional and tp in (int, float, str):
             kw["metavar"] = tp.__name__.upper()
-        parser.add_argument(_flag(f.name), **kw)
+        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), **kw)
 
 
 def _none_or(tp: type) -> Any:

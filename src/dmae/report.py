@@ -1,0 +1,199 @@
+"""``dmae report``: certified-accuracy tables and curves from per-image certification logs.
+
+Reads TSVs with the columns ``idx label predict radius correct time`` (ours or any tool's in that
+format). Certified accuracy at r = fraction of images with ``correct == 1`` and ``radius >= r``; the
+average certified radius (ACR) = mean(correct * radius); the abstention rate = fraction with
+``predict == -1``. Several files (one per sigma) give one row each plus the best-sigma-per-radius row
+(the paper's Tables 1-2 layout).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RADII = {
+    "imagenet": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0),
+    "cifar10": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "fashion-mnist": (0.0, 0.25, 0.5, 0.75, 1.0),
+}
+DEFAULT_RADII = RADII["cifar10"]
+
+
+class ReportError(ValueError):
+    """A log could not be read; the message names the file and what is wrong."""
+
+
+@dataclass
+class CertLog:
+    """One certification log as arrays (one entry per image)."""
+
+    name: str
+    sigma: float | None
+    dataset: str | None
+    label: np.ndarray
+    predict: np.ndarray
+    radius: np.ndarray
+    correct: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.correct)
+
+    def certified_accuracy(self, r: float) -> float:
+        return float(np.mean((self.correct == 1) & (self.radius >= r))) if len(self) else float("nan")
+
+    @property
+    def acr(self) -> float:
+        return float(np.mean(self.correct * self.radius)) if len(self) else float("nan")
+
+    @property
+    def abstain_rate(self) -> float:
+        return float(np.mean(self.predict == -1)) if len(self) else float("nan")
+
+
+_SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_=-]?(\d+(?:\.\d+)?)")
+
+
+def read_log(path: str | Path) -> CertLog:
+    """Parse a certification TSV (header required; columns found by name)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {e}") from e
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ReportError(f"{path} is empty")
+    header = lines[0].split()
+    need = ("label", "predict", "radius", "correct")
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise ReportError(f"{path}: header {header} lacks columns {missing} (expected idx label predict radius correct time)")
+    col = {c: header.index(c) for c in need}
+    rows = []
+    for n, ln in enumerate(lines[1:], start=2):
+        f = ln.split()
+        if len(f) < len(header):
+            if n == len(lines):  # a torn last line of a run still being written
+                break
+            raise ReportError(f"{path}:{n}: {len(f)} fields, expected {len(header)}")
+        try:
+            rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col["radius"]]), int(f[col["correct"]])))
+        except ValueError as e:
+            raise ReportError(f"{path}:{n}: {e}") from e
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    meta_file = path.with_suffix(".json")
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    sigma = meta.get("sigma")
+    if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
+        sigma = float(m.group(1))
+    return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
+                   arr[:, 3].astype(int))
+
+
+@dataclass
+class Table:
+    """Rows of a certified-accuracy table: name, sigma, images, accuracy per radius, ACR, abstention."""
+
+    radii: tuple[float, ...]
+    rows: list[dict]
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["ACR", "abstain"]
+        body = []
+        for r in self.rows:
+            sig = "best" if r["name"] == "best" else ("-" if r["sigma"] is None else f"{r['sigma']:g}")
+            body.append([r["name"], sig, str(r["images"])] + [f"{100 * a:.1f}" for a in r["acc"]]
+                        + [f"{r['acr']:.3f}", "-" if r["abstain"] is None else f"{100 * r['abstain']:.1f}%"])
+        return head, body
+
+    def text(self) -> str:
+        head, body = self._cells()
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+    def markdown(self) -> str:
+        head, body = self._cells()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain"])
+        for r in self.rows:
+            w.writerow([r["name"], r["sigma"], r["images"]] + [f"{a:.6f}" for a in r["acc"]]
+                       + [f"{r['acr']:.6f}", "" if r["abstain"] is None else f"{r['abstain']:.6f}"])
+        return buf.getvalue()
+
+
+def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Table:
+    """Certified accuracy at ``radii`` (default: the data set's standard radii), ACR and abstention per log,
+    plus the best-per-radius row when there are several logs."""
+    if not logs:
+        raise ReportError("no logs to report")
+    if radii is None:
+        datasets = {lg.dataset for lg in logs if lg.dataset}
+        radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
+    rows = [{"name": lg.name, "sigma": lg.sigma, "images": len(lg), "acc": [lg.certified_accuracy(r) for r in radii],
+             "acr": lg.acr, "abstain": lg.abstain_rate} for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
+    if len(logs) > 1:
+        rows.append({"name": "best", "sigma": None, "images": max(len(lg) for lg in logs),
+                     "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
+                     "acr": max(r["acr"] for r in rows), "abstain": None})
+    return Table(tuple(radii), rows)
+
+
+def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
+    """Certified accuracy vs radius for every log (and their upper envelope) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r_max = max(float(lg.radius.max()) if len(lg) else 0.0 for lg in logs)
+    grid = np.linspace(0.0, max(r_max, 1e-3) * 1.05, 400)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = []
+    for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0)):
+        acc = np.array([lg.certified_accuracy(r) for r in grid])
+        curves.append(acc)
+        label = f"sigma = {lg.sigma:g}" if lg.sigma is not None else lg.name
+        ax.plot(grid, 100 * acc, label=label)
+    if len(logs) > 1:
+        ax.plot(grid, 100 * np.max(curves, axis=0), "k--", linewidth=1, label="best sigma")
+    ax.set_xlabel("l2 radius (pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
+           csv_path: str | Path | None = None, plot: str | Path | None = None) -> Table:
+    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs."""
+    logs = [read_log(f) for f in files]
+    table = summarize(logs, radii)
+    print(table.text())
+    if markdown:
+        Path(markdown).write_text(table.markdown())
+    if csv_path:
+        Path(csv_path).write_text(table.csv())
+    if plot:
+        plot_curves(logs, plot)
+    return table

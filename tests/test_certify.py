@@ -1,0 +1,133 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmae.certify import CERTIFY_HEADER, CertifyConfig, read_rows, run_certification
+from dmae.checkpoint import CheckpointError, load_classifier, save_export
+from dmae.cli import main
+
+from conftest import PICO
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A small classifier saved as a fine-tuning run folder would hold it (head scaled so classes differ)."""
+    run = tmp_path_factory.mktemp("clf")
+    torch.manual_seed(0)
+    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+    save_export(model, run / "model_best.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "fashion-mnist"}))
+    return run
+
+
+def _cfg(run, out, **over):
+    kw = dict(checkpoint=str(run), n0=20, n=300, alpha=0.001, skip=500, batch=128, seed=0, output_dir=str(out),
+              device="cpu", progress=False)
+    kw.update(over)
+    return CertifyConfig(**kw)
+
+
+def _rows_without_time(path: Path) -> list[list[str]]:
+    lines = path.read_text().splitlines()
+    return [ln.split("\t")[:-1] for ln in lines]
+
+
+def test_certify_writes_the_common_format(classifier_run, tmp_path):
+    [res] = run_certification(_cfg(classifier_run, tmp_path))
+    lines = res.path.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert res.rows_total == 20 and len(lines) == 21  # 10,000 test images, every 500th
+    idx = [int(ln.split("\t")[0]) for ln in lines[1:]]
+    assert idx == list(range(0, 10_000, 500))
+    for ln in lines[1:]:
+        i, label, pred, radius, correct, t = ln.split("\t")
+        assert int(correct) == int(int(pred) == int(label))
+        assert (int(pred) == -1) == (float(radius) == 0.0) or float(radius) > 0
+    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+
+
+def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
+    ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000, skip=1000))[0].path
+    for b in (7, 64, 333):
+        other = run_certification(_cfg(classifier_run, tmp_path / f"b{b}", batch=b, skip=1000))[0].path
+        assert _rows_without_time(other) == _rows_without_time(ref)
+
+
+def test_predict_rows(classifier_run, tmp_path):
+    [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
+    lines = res.path.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 6
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, tmp_path):
+    full = run_certification(_cfg(classifier_run, tmp_path / "full", n=1000, skip=625))[0].path
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dmae", "certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "1000",
+           "--skip", "625", "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    target = out / "certify_sigma0.25.tsv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not target.exists() or len(target.read_text().splitlines()) < 4):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_rows(target, CERTIFY_HEADER)
+    assert 3 <= len(partial) < 16, "the run was not interrupted part-way"
+    with open(target, "a") as f:
+        f.write("9999\t3\t3\t0.12")  # a torn last line, as a crash mid-write leaves
+    res = run_certification(_cfg(classifier_run, out, n=1000, skip=625))[0]
+    assert res.rows_added == 16 - len(partial) and res.rows_total == 16
+    assert _rows_without_time(res.path) == _rows_without_time(full)
+
+
+def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
+    run_certification(_cfg(classifier_run, tmp_path, max=3))
+    res = run_certification(_cfg(classifier_run, tmp_path, max=8))[0]
+    assert res.rows_added == 5 and res.rows_total == 8
+    with pytest.raises(ValueError, match=r"written with other settings \(n: 300 -> 400\)"):
+        run_certification(_cfg(classifier_run, tmp_path, n=400))
+
+
+def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
+    single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dmae",
+           "certify", "--checkpoint", str(classifier_run), "--n0", "20", "--num-samples", "300", "--skip", "500", "--batch", "128",
+           "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    merged = out / "certify_sigma0.25.tsv"
+    assert _rows_without_time(merged) == _rows_without_time(single)
+    assert not list(out.glob("*.rank*"))
+
+
+def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
+    base = ["certify", "--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    for args, msg in ((["--sigma", "0"], "sigma must be > 0, got 0.0"), (["--alpha", "1.5"], "alpha must be in (0, 1), got 1.5"),
+                      (["--n0", "0"], "--n0 must be >= 1, got 0"), (["--n", "0"], "--n must be >= 1, got 0"),
+                      (["--batch", "0"], "--batch must be >= 1, got 0")):
+        assert main(base + args) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["certify", "--checkpoint", str(tmp_path / "none.safetensors"), "--sigma", "0.25"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a 10-class classifier cannot certify a 3-class data set
+    from PIL import Image
+    import numpy as np
+
+    for c in ("a", "b", "c"):
+        d = tmp_path / "folder" / "val" / c
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(d / "0.png")
+    with pytest.raises(CheckpointError, match="classifies 10 classes, the data set has 3"):
+        run_certification(_cfg(classifier_run, tmp_path / "o", data="folder", data_root=str(tmp_path / "folder")))
