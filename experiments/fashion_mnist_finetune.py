@@ -61,7 +61,9 @@ def main() -> None:
             finetune(FinetuneConfig(init=init, model=None if init else MODEL, method="cr", blr=1e-3, layer_decay=0.75,
                                     output_dir=str(run), resume=(run / "checkpoint.pt").exists(), **ft_budget))
         runs[name] = run
-    lp_budget = {**ft_budget, "epochs": 2, "batch_size": 256}
+    # LARS scales each step by ||w|| / ||grad||, so its lr does not follow the batch size: use the paper's absolute
+    # lr (blr 0.1 x 16384 / 256 = 6.4); blr x 256 / 256 = 0.1 here would barely move the head in 2 epochs
+    lp_budget = {**ft_budget, "epochs": 2, "batch_size": 256, "lr": 6.4}
     for name, init in (("linprobe_dmae", pre["dmae"]), ("linprobe_mae", pre["mae"]), ("linprobe_random", None)):
         run = out / name
         if not _done(run, "model_last.safetensors"):
