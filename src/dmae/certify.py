@@ -27,7 +27,8 @@ import torch
 from dmae import checkpoint as ckpt
 from dmae.config import option, to_dict
 from dmae.data import build_dataset, build_transform, dataset_info, num_classes_of
-from dmae.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
+from dmae.distributed import DistInfo, barrier
+from dmae.engine import launch
 from dmae.models.classifier import ViTClassifier
 from dmae.smoothing import Smooth, check_alpha
 
@@ -153,12 +154,7 @@ def resolve_checkpoint(path: str) -> tuple[Path, dict]:
 def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify") -> list[CertifyRun]:
     """Certify (or predict) the selected images at every sigma; returns the files written. Works under torchrun."""
     cfg.validate(mode)
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device)
-    try:
-        return _run(cfg, mode, device, dist)
-    finally:
-        cleanup(dist)
+    return launch(lambda device, dist: _run(cfg, mode, device, dist), cfg.device)
 
 
 def _run(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo) -> list[CertifyRun]:

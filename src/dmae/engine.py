@@ -22,11 +22,46 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from dmae.distributed import DistInfo, all_reduce_mean
+from dmae.data import SeededDataset, ShardedEpochSampler
+from dmae.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, resolve_device
+
+R = TypeVar("R")
+
+
+def launch(job: Callable[[torch.device, DistInfo], R], device: str) -> R:
+    """Resolve the device, join torchrun's process group when launched by it, run ``job``, leave the group."""
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(dev)
+    try:
+        return job(dev, dist)
+    finally:
+        cleanup(dist)
+
+
+def epoch_loader(ds: Dataset, batch_size: int, accum_iter: int, num_workers: int, seed: int, dist: DistInfo,
+                 device: torch.device) -> tuple[ShardedEpochSampler, DataLoader, int]:
+    """This rank's shard of every epoch, in a seeded order with seeded augmentation; also the optimizer
+    steps per epoch (whole accumulation cycles only)."""
+    sampler = ShardedEpochSampler(len(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter)  # type: ignore[arg-type]
+    loader = DataLoader(SeededDataset(ds, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    return sampler, loader, sampler.batches_per_epoch // accum_iter
+
+
+def wrap_for_training(model: nn.Module, compile: bool, dist: DistInfo, device: torch.device) -> nn.Module:
+    """The module the training step calls: optionally compiled, wrapped in DDP when distributed."""
+    wrapped: nn.Module = torch.compile(model) if compile else model  # type: ignore[assignment]
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dmae import checkpoint as ckpt
 from dmae.config import option, save_config, to_dict
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, sample_sigma
-from dmae.data import (SeededDataset, ShardedEpochSampler, build_dataset, build_transform, dataset_info,
-                       num_classes_of)
-from dmae.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
-from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, run_loop
+from dmae.data import build_dataset, build_transform, dataset_info, num_classes_of
+from dmae.distributed import DistInfo, barrier
+from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
 from dmae.losses import ClassificationLoss, consistency_loss, default_mu, rs_loss
 from dmae.models.classifier import ViTClassifier
 from dmae.models.registry import get_preset
@@ -294,12 +292,7 @@ def _finetune_transform(info: Any, train: bool, img_size: int, randaug: str | No
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Run (or resume) fine-tuning or linear probing as ``cfg`` says. Works under torchrun."""
     cfg.validate()
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device)
-    try:
-        return _finetune(cfg, device, dist)
-    finally:
-        cleanup(dist)
+    return launch(lambda device, dist: _finetune(cfg, device, dist), cfg.device)
 
 
 def _finetune(cfg: FinetuneConfig, device: torch.device, dist: DistInfo) -> FinetuneResult:
@@ -324,10 +317,8 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, dist: DistInfo) -> Fine
     val_ds = Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf), val_idx) if val_idx else None
     test_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf)
 
-    sampler = ShardedEpochSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, multiple_of=cfg.accum_iter)
-    loader = DataLoader(SeededDataset(train_ds, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True)
-    steps_per_epoch = sampler.batches_per_epoch // cfg.accum_iter
+    sampler, loader, steps_per_epoch = epoch_loader(train_ds, cfg.batch_size, cfg.accum_iter, cfg.num_workers, cfg.seed,
+                                                    dist, device)
     total_steps = cfg.epochs * steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
@@ -353,11 +344,7 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, dist: DistInfo) -> Fine
     barrier(dist)
 
     raw_model = model
-    train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_for_training(model, cfg.compile, dist, device)
 
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:

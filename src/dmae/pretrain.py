@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from dmae import checkpoint as ckpt
 from dmae.config import option, save_config, to_dict
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
-from dmae.data import DatasetInfo, SeededDataset, ShardedEpochSampler, build_dataset, build_transform, dataset_info
-from dmae.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
-from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, run_loop
+from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info
+from dmae.distributed import DistInfo, barrier
+from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
 from dmae.losses import reconstruction_loss
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config
@@ -208,12 +207,7 @@ def evaluate_reconstruction(
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) DMAE pretraining as ``cfg`` says; returns what was done. Works under torchrun."""
     cfg.validate()
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device)
-    try:
-        return _pretrain(cfg, device, dist)
-    finally:
-        cleanup(dist)
+    return launch(lambda device, dist: _pretrain(cfg, device, dist), cfg.device)
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> PretrainResult:
@@ -224,10 +218,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
     train_ds: Dataset = build_dataset(cfg.data, "train", cfg.data_root, build_transform(info, True, mcfg.img_size), cfg.download)
     if cfg.train_subset is not None:
         train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
-    sampler = ShardedEpochSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, multiple_of=cfg.accum_iter)  # type: ignore[arg-type]
-    loader = DataLoader(SeededDataset(train_ds, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True)
-    steps_per_epoch = sampler.batches_per_epoch // cfg.accum_iter
+    sampler, loader, steps_per_epoch = epoch_loader(train_ds, cfg.batch_size, cfg.accum_iter, cfg.num_workers, cfg.seed,
+                                                    dist, device)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
@@ -258,11 +250,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, dist: DistInfo) -> Pret
     barrier(dist)
 
     raw_model = model
-    train_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_for_training(model, cfg.compile, dist, device)
 
     log = RunLog(out, dist.is_main, step)
     result = PretrainResult(out, step, total_steps)
