@@ -22,16 +22,51 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dmae.config import option
 from dmae.data import SeededDataset, ShardedEpochSampler
 from dmae.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, resolve_device
 
 R = TypeVar("R")
+
+# Options that may change when a run is resumed; any other difference would change the trajectory.
+RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
+                               "stop_after", "device", "data_root", "download", "compile", "eval_images"})
+
+
+@dataclass
+class RunOptions:
+    """The options every training job shares: seeding, hardware, the run folder, checkpoints and logging.
+
+    Job configs subclass it (their own options come after these in ``--help``) and redefine ``output_dir``.
+    """
+
+    seed: int = option(0, "seed of every random draw (data order, augmentation, noise, masks)")
+    num_workers: int = option(0, "data-loading worker processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
+    compile: bool = option(False, "torch.compile the model (GPUs)")
+    output_dir: str = option("runs/run", "run folder: config, checkpoint, logs, exported weights")
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
+    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
+    log_every: int = option(20, "optimizer steps between log lines")
+    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)")
+    progress: bool = option(True, "show a progress bar")
+
+    def validate_run(self) -> None:
+        """Fail early on a bad run option, naming the value."""
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        for name in ("save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
 
 
 def launch(job: Callable[[torch.device, DistInfo], R], device: str) -> R:

@@ -32,19 +32,17 @@ from dmae.config import option, save_config, to_dict
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, sample_sigma
 from dmae.data import build_dataset, build_transform, dataset_info, num_classes_of
 from dmae.distributed import DistInfo, barrier
-from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
+from dmae.engine import RESUMABLE_OPTIONS, RunLog, RunOptions, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
 from dmae.losses import ClassificationLoss, consistency_loss, default_mu, rs_loss
 from dmae.models.classifier import ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.pretrain import build_scheduler, noise_seed
 
-RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
-                               "stop_after", "device", "data_root", "download", "compile", "eval_images"})
 VAL_SPLIT_SEED = 20230201  # the held-out part of the training set is the same for every run
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunOptions):
     """Every option of ``dmae finetune`` (``dmae linprobe`` shares them with other defaults)."""
 
     init: Optional[str] = option(None, "pretrained weights: a dmae run/export, or an official DMAE/MAE/fine-tuned checkpoint")
@@ -79,17 +77,7 @@ class FinetuneConfig:
     clip_grad: Optional[float] = option(None, "clip the gradient norm to this value")
     eval_sigmas: Optional[tuple[float, ...]] = option(None, "noise levels of the per-epoch accuracy (default: the training sigma)")
     eval_images: Optional[int] = option(None, "score at most N validation and N test images per epoch (default: all)")
-    seed: int = option(0, "seed of every random draw")
-    num_workers: int = option(0, "data-loading worker processes")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
-    compile: bool = option(False, "torch.compile the model (GPUs)")
     output_dir: str = option("runs/finetune", "run folder")
-    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
-    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
-    log_every: int = option(20, "optimizer steps between log lines")
-    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)")
-    progress: bool = option(True, "show a progress bar")
 
     @property
     def noise(self) -> float | tuple[float, float]:
@@ -125,10 +113,11 @@ class FinetuneConfig:
             raise ValueError(f"--sigma must be > 0 to train a smoothed classifier, got {self.sigma}")
         for s in self.eval_sigmas or ():
             check_sigma(s)
-        for name in ("epochs", "batch_size", "accum_iter", "log_every", "num_noise"):
+        self.validate_run()
+        for name in ("epochs", "batch_size", "accum_iter", "num_noise"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "save_every", "num_workers", "weight_decay", "min_lr", "cr_lambda", "val_size",
+        for name in ("warmup_epochs", "weight_decay", "min_lr", "cr_lambda", "val_size",
                      "mixup", "cutmix", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -148,8 +137,6 @@ class FinetuneConfig:
             raise ValueError(f"learning rate must be > 0, got blr={self.blr}, lr={self.lr}")
         if self.eval_images is not None and self.eval_images < 1:
             raise ValueError(f"--eval-images must be >= 1, got {self.eval_images}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
 
 
 @dataclass

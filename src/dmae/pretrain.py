@@ -24,20 +24,17 @@ from dmae.config import option, save_config, to_dict
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info
 from dmae.distributed import DistInfo, barrier
-from dmae.engine import RunLog, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
+from dmae.engine import RESUMABLE_OPTIONS, RunLog, RunOptions, autocast, check_resumable, check_run_folder, epoch_loader, launch, run_loop, wrap_for_training
 from dmae.losses import reconstruction_loss
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config
 
 # Parameters that get no weight decay besides 1-D ones (biases, norms); positions are fixed anyway.
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
-# Options that may change when a run is resumed; any other difference would change the trajectory.
-RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
-                               "stop_after", "device", "data_root", "download", "compile", "eval_images"})
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunOptions):
     """Every option of ``dmae pretrain``."""
 
     model: str = option("dmae_vit_micro_patch4_dec64d2b", "model preset (list them with `dmae models`)")
@@ -61,18 +58,8 @@ class PretrainConfig:
     betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
     clip_grad: Optional[float] = option(None, "clip the gradient norm to this value")
     init: Optional[str] = option(None, "start from these weights (a dmae checkpoint/export, or an official DMAE/MAE one)")
-    seed: int = option(0, "seed of every random draw (data order, augmentation, noise, masks)")
-    num_workers: int = option(0, "data-loading worker processes")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
-    compile: bool = option(False, "torch.compile the model (GPUs)")
     output_dir: str = option("runs/pretrain", "run folder: config, checkpoint, logs, exported weights")
-    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
-    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
-    log_every: int = option(20, "optimizer steps between log lines")
     eval_images: int = option(256, "held-out images scored for reconstruction after every epoch")
-    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)")
-    progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
         """Fail early with the offending value."""
@@ -80,10 +67,11 @@ class PretrainConfig:
         dataset_info(self.data)
         check_sigma(self.sigma)
         check_mask_ratio(self.mask_ratio)
-        for name in ("epochs", "batch_size", "accum_iter", "log_every", "eval_images"):
+        self.validate_run()
+        for name in ("epochs", "batch_size", "accum_iter", "eval_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "save_every", "num_workers", "weight_decay", "min_lr"):
+        for name in ("warmup_epochs", "weight_decay", "min_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
@@ -94,8 +82,6 @@ class PretrainConfig:
             raise ValueError(f"--betas must be in [0, 1), got {self.betas}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"--train-subset must be >= 1, got {self.train_subset}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
 
 
 @dataclass
