@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from dmae.certify import CERTIFY_HEADER, CertifyConfig, read_rows, run_certification
+from dmae.certify import CertifyConfig, run_certification
+from dmae.certlog import CERTIFY_HEADER, read_rows
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
 from dmae.cli import main
 
@@ -53,7 +54,8 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     for ln in lines[1:]:
         i, label, pred, radius, correct, t = ln.split("\t")
         assert int(correct) == int(int(pred) == int(label))
-        assert (int(pred) == -1) == (float(radius) == 0.0) or float(radius) > 0
+        # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
+        assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), ln
     assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
 
 
@@ -131,3 +133,42 @@ def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
         Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(d / "0.png")
     with pytest.raises(CheckpointError, match="classifies 10 classes, the data set has 3"):
         run_certification(_cfg(classifier_run, tmp_path / "o", data="folder", data_root=str(tmp_path / "folder")))
+
+
+# ----------------------------------------------------------------------------- never certify what was not computed
+def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, capsys):
+    bad = tmp_path / "nan_run"
+    model, _ = load_classifier(classifier_run / "model_best.safetensors", 10)
+    with torch.no_grad():
+        model.head.weight[3, 0] = float("nan")
+    bad.mkdir()
+    save_export(model, bad / "model_best.safetensors")
+    argv = ["certify", "--checkpoint", str(bad), "--sigma", "0.25", "--n0", "10", "--n", "100", "--max", "2",
+            "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "head.weight" in err
+    assert not (tmp_path / "out" / "certify_sigma0.25.tsv").exists()
+
+
+def test_resume_refuses_replaced_weights_and_other_data(classifier_run, tmp_path):
+    """Rows of two models (or two data sets) must never share a file: the weights' content is compared, not the path."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((classifier_run / "config.yaml").read_text())
+    (run / "model_best.safetensors").write_bytes((classifier_run / "model_best.safetensors").read_bytes())
+    run_certification(_cfg(run, tmp_path / "out", max=3))
+    other, _ = load_classifier(run / "model_best.safetensors", 10)
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    save_export(other, run / "model_best.safetensors")  # same path, other weights
+    with pytest.raises(ValueError, match="written with other settings \\(weights_sha256: "):
+        run_certification(_cfg(run, tmp_path / "out", max=8))
+    assert len(read_rows(tmp_path / "out" / "certify_sigma0.25.tsv", CERTIFY_HEADER)) == 3  # nothing appended
+
+
+def test_budget_warnings_when_n_cannot_reach_alpha(classifier_run, tmp_path):
+    with pytest.warns(UserWarning, match="n=9 cannot certify any radius at alpha=0.001"):
+        run_certification(_cfg(classifier_run, tmp_path / "c", n=9, max=1))
+    with pytest.warns(UserWarning, match="n=10 can never return a class at alpha=0.001"):
+        run_certification(_cfg(classifier_run, tmp_path / "p", n=10, max=1), mode="predict")

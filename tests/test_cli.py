@@ -65,3 +65,72 @@ def test_missing_checkpoint_and_resume(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["pretrain", "--output-dir", str(tmp_path / "empty"), "--resume"]) == 2
     assert "no run in" in capsys.readouterr().err
+
+
+def _subcommands():
+    import argparse
+
+    from dmae.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_of_every_command_passes_through_torchrun():
+    """torchrun's parser takes an unambiguous prefix of its own options (--n, --max, --num ...) for its own:
+    every option must have a spelling that reaches dmae, and that spelling must set the option."""
+    from torch.distributed.run import get_args_parser
+
+    launcher = get_args_parser()
+    parser, commands = _subcommands()
+    unusable = []
+    for name, sub in commands.items():
+        for action in sub._actions:
+            flags = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            if not flags:
+                continue
+            value = [] if action.nargs == 0 else ["1"] * (action.nargs if isinstance(action.nargs, int) else 1)
+            usable = []
+            for flag in flags:
+                argv = ["--nproc-per-node", "2", "-m", "dmae", name, flag, *value]
+                try:
+                    ns = launcher.parse_args(argv)
+                except SystemExit:
+                    continue
+                if ns.training_script_args == [name, flag, *value]:
+                    usable.append(flag)
+            if not usable:
+                unusable.append(f"{name} {'/'.join(flags)}")
+    assert not unusable, f"options torchrun swallows: {unusable}"
+    # the aliases set the same option
+    ns = parser.parse_args(["certify", "--max-images", "3", "--num-samples", "50"])
+    assert ns.max == 3 and ns.n == 50
+    assert parser.parse_args(["visualize", "--num-images", "2"]).num == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["certify", "--checkpoint", "x", "--sigma", "inf"], "--sigma must be a finite number, got inf"),
+    (["certify", "--checkpoint", "x", "--sigma", "nan"], "sigma must be > 0, got nan"),
+    (["certify", "--checkpoint", "x", "--alpha", "nan"], "alpha must be in (0, 1), got nan"),
+    (["predict", "--checkpoint", "x", "--n", "-5"], "--n must be >= 1, got -5"),
+    (["report", "r.tsv", "--radii", "-1"], "--radii must be >= 0, got -1.0"),
+    (["report", "r.tsv", "--radii", "nan"], "--radii must be >= 0, got nan"),
+    (["visualize", "--checkpoint", "x", "--num", "0"], "--num must be >= 1, got 0"),
+    (["visualize", "--checkpoint", "x", "--sigma", "inf"], "sigma must be a number >= 0"),
+    (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["pretrain", "--blr", "inf"], "--blr must be a finite number, got inf"),
+    (["pretrain", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["pretrain", "--sigma", "inf"], "sigma must be a number >= 0"),
+    (["pretrain", "--betas", "0.9", "1.5"], "--betas must be in [0, 1), got 1.5"),
+    (["pretrain", "--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+    (["finetune", "--model", PICO, "--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
+    (["finetune", "--model", PICO, "--drop-path", "nan"], "--drop-path must be a finite number, got nan"),
+    (["finetune", "--model", PICO, "--sigma-range", "0", "inf"], "--sigma-range must be a finite number, got inf"),
+    (["finetune", "--model", PICO, "--sigma-range", "0.5", "0.2"], "sigma range must satisfy"),
+    (["finetune", "--model", PICO, "--eval-sigmas", "0.25", "-1"], "sigma must be a number >= 0"),
+    (["linprobe", "--model", PICO, "--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+])
+def test_every_numeric_option_is_checked_for_finiteness_and_range(tmp_path, capsys, argv, message):
+    assert main([*argv, *(["--output-dir", str(tmp_path / "o")] if argv[0] in ("pretrain", "finetune", "linprobe", "certify", "predict", "demo") else [])]) == 2
+    assert message in capsys.readouterr().err

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from dmae.corrupt import add_gaussian_noise, no_masking, patchify, random_masking, unpatchify
+import numpy as np
+from timm.data import Mixup
+
+from dmae.corrupt import add_gaussian_noise, corrupt_batch, noisy_copies, patchify, random_masking, sample_sigma, unpatchify
 
 
 @pytest.mark.parametrize("L,ratio", [(49, 0.75), (196, 0.75), (64, 0.5), (16, 0.0), (10, 0.8)])
@@ -41,11 +44,6 @@ def test_masking_is_per_sample_and_deterministic():
     assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_keep, b.ids_keep)
     assert not torch.equal(a.mask, c.mask)
     assert len({tuple(r.tolist()) for r in a.mask}) > 1  # samples get different masks
-
-
-def test_no_masking_is_identity():
-    m = no_masking(2, 9)
-    assert m.mask.sum() == 0 and torch.equal(m.ids_keep[0], torch.arange(9)) and torch.equal(m.ids_restore[1], torch.arange(9))
 
 
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
@@ -99,3 +97,39 @@ def test_patchify_layout_and_roundtrip():
     assert torch.equal(unpatchify(patchify(x, 4), 4, 3), x)
     with pytest.raises(ValueError, match="not divisible"):
         patchify(torch.zeros(1, 1, 30, 30), 4)
+
+
+def test_noise_is_added_after_mixing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    b = corrupt_batch(x.clone(), y, 0.5, 2, g, mix, seed=3)
+    assert b.target.shape == (64, 10) and torch.allclose(b.target.sum(1), torch.ones(64))
+    np.random.seed(3)  # the same mixing, redone: corrupt_batch seeds numpy, which timm's Mixup draws from
+    mixed, _ = mix(x.clone(), y)
+    assert not torch.equal(mixed, x)  # the batch was mixed
+    eta = b.noisy - mixed.repeat(2, 1, 1, 1)
+    assert abs(eta.std().item() - 0.5) < 0.005  # exactly sigma around the mixed images
+    # the official order (noise, then mixing) shrinks the noise to sigma * sqrt(l^2 + (1 - l)^2): same lambda
+    mix_only = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, num_classes=10)
+    noise = 0.5 * torch.randn(x.shape, generator=g)
+    np.random.seed(3)
+    official, _ = mix_only(x + noise, y)
+    np.random.seed(3)
+    clean_mixed, _ = mix_only(x.clone(), y)
+    assert (official - clean_mixed).std().item() < 0.45
+
+
+def test_sigma_range_sampling():
+    g = torch.Generator().manual_seed(0)
+    s = sample_sigma(20000, (0.1, 0.6), g)
+    assert s.min() >= 0.1 and s.max() <= 0.6 and s.min() < 0.101 and s.max() > 0.599
+    assert abs(s.mean().item() - 0.35) < 0.005
+    x = torch.zeros(8, 1, 64, 64)
+    noisy = noisy_copies(x, (0.0, 0.75), 2, g).view(2, 8, -1)
+    per_image = noisy.std(-1)  # [copies, images]
+    assert (per_image < 0.8).all()
+    assert torch.allclose(per_image[0], per_image[1], rtol=0.1, atol=0.01)  # copies of an image share its sigma
+    with pytest.raises(ValueError, match=r"sigma range must satisfy .*\[0.5, 0.2\]"):
+        sample_sigma(4, (0.5, 0.2))

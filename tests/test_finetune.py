@@ -3,16 +3,14 @@ import argparse
 import pytest
 import timm
 import torch
-from timm.data import Mixup
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dmae.checkpoint import CheckpointError, load_classifier, safe_load
 from dmae.cli import main
-from dmae.corrupt import sample_sigma
-from dmae.finetune import (FinetuneConfig, LinprobeConfig, build_finetune_optimizer, corrupt_batch, finetune,
-                           noisy_copies)
-from dmae.pretrain import PretrainConfig, build_scheduler, pretrain
+from dmae.engine import build_scheduler
+from dmae.finetune import FinetuneConfig, LinprobeConfig, build_finetune_optimizer, finetune
+from dmae.pretrain import PretrainConfig, pretrain
 
 from conftest import PICO
 
@@ -51,35 +49,6 @@ def test_layer_decay_scales_follow_the_rule():
     sched.step_update(2)
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
-
-
-def test_noise_is_added_after_mixing():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 1, 28, 28)
-    y = torch.randint(0, 10, (64,))
-    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
-    b = corrupt_batch(x.clone(), y, 0.5, 2, g, mix, seed=3)
-    assert b.target.shape == (64, 10) and torch.allclose(b.target.sum(1), torch.ones(64))
-    assert not torch.equal(b.mixed, x)  # the batch was mixed
-    eta = b.noisy - b.mixed.repeat(2, 1, 1, 1)
-    assert abs(eta.std().item() - 0.5) < 0.005  # exactly sigma around the mixed images
-    # the official order (noise, then mixing) would shrink it: mixup of two noisy images
-    lam = 0.5
-    assert (0.5 * (lam**2 + (1 - lam) ** 2) ** 0.5) < 0.36
-
-
-def test_sigma_range_sampling():
-    g = torch.Generator().manual_seed(0)
-    s = sample_sigma(20000, (0.1, 0.6), g)
-    assert s.min() >= 0.1 and s.max() <= 0.6 and s.min() < 0.101 and s.max() > 0.599
-    assert abs(s.mean().item() - 0.35) < 0.005
-    x = torch.zeros(8, 1, 64, 64)
-    noisy = noisy_copies(x, (0.0, 0.75), 2, g).view(2, 8, -1)
-    per_image = noisy.std(-1)  # [copies, images]
-    assert (per_image < 0.8).all()
-    assert torch.allclose(per_image[0], per_image[1], rtol=0.1, atol=0.01)  # copies of an image share its sigma
-    with pytest.raises(ValueError, match=r"sigma range must satisfy .*\[0.5, 0.2\]"):
-        sample_sigma(4, (0.5, 0.2))
 
 
 # ----------------------------------------------------------------------------- official checkpoints
@@ -174,3 +143,48 @@ def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
     assert "fine-tuning (cr, m=2)" in out and "linear probe of" in out and "test_acc@0.25" in out
     assert main(["finetune", *small, "--sigma", "-1", "--output-dir", str(tmp_path / "x")]) == 2
     assert "sigma must be a number >= 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- loading and data (field faults)
+def test_init_takes_a_run_folder_like_certify_and_visualize(tmp_path, pretrained, capsys):
+    """`dmae finetune --config fashion_mnist_cr --init RUN_FOLDER`, as the README shows it."""
+    small = ["--train-subset", "64", "--val-size", "100", "--batch-size", "32", "--epochs", "1", "--eval-images", "16",
+             "--warmup-epochs", "0.5", "--no-progress", "--device", "cpu"]
+    assert main(["finetune", "--config", "fashion_mnist_cr", "--init", str(pretrained), *small,
+                 "--output-dir", str(tmp_path / "f")]) == 0
+    assert f"weights from {pretrained}" in capsys.readouterr().out
+    assert main(["finetune", "--init", str(tmp_path / "empty"), *small, "--output-dir", str(tmp_path / "g")]) == 2
+    assert "--init" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["finetune", "--init", str(tmp_path / "empty"), *small, "--output-dir", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "holds none of model.safetensors, model_best.safetensors, model_last.safetensors, checkpoint.pt" in err
+
+
+def test_small_presets_follow_an_rgb_folder(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 4)):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n // 2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    res = _ft(tmp_path, model=PICO, data="folder", data_root=str(tmp_path / "data"), img_size=28, val_size=8,
+              train_subset=None, batch_size=16, epochs=1, eval_images=4)
+    assert res.finished and res.model.config.encoder.in_chans == 3
+
+
+def test_another_input_size_resamples_learned_positions(tmp_path, pretrained):
+    ft = _ft(tmp_path, "ft28", init=str(pretrained / "model.safetensors"), epochs=1)
+    learned = ft.model.pos_embed.detach().clone()  # fine-tuned: no longer sin-cos
+    model, report = load_classifier(tmp_path / "ft28", 10, img_size=32)
+    assert report.positions == ["pos_embed: learned 7x7 positions resampled to 8x8 (bicubic)"]
+    from timm.layers import resample_abs_pos_embed
+
+    assert torch.allclose(model.pos_embed, resample_abs_pos_embed(learned, [8, 8], [7, 7], num_prefix_tokens=1))
+    # a pretrained encoder's fixed sin-cos positions are recomputed exactly for the new grid
+    model, report = load_classifier(pretrained / "model.safetensors", 10, img_size=32)
+    assert report.positions == ["pos_embed: sin-cos for the 8x8 grid (the file's are the 7x7 sin-cos)"]

@@ -137,7 +137,7 @@ def test_official_dmae_checkpoint_loads_exactly(tmp_path, base_model):
     sd = {k: v.clone() + 0.01 for k, v in base_model.state_dict().items()}
     assert sorted(sd) == sorted(official_keys(12, 8))
     net, report = load_dmae(_official_file(tmp_path, sd))
-    assert report.missing == [] and report.unexpected == [] and report.kept == []
+    assert report.missing == [] and report.unexpected == [] and report.positions == []
     assert net.config.embed_dim == 768 and net.config.depth == 12  # preset inferred from shapes
     assert torch.equal(net.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
 

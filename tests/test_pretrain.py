@@ -7,7 +7,8 @@ import torch
 
 from dmae.checkpoint import load_dmae, safe_load
 from dmae.models import create_model
-from dmae.pretrain import PretrainConfig, build_optimizer, build_scheduler, pretrain
+from dmae.engine import build_scheduler
+from dmae.pretrain import PretrainConfig, build_optimizer, pretrain
 
 from conftest import PICO
 
@@ -112,3 +113,34 @@ def test_weight_decay_groups():
 def test_bad_configs_fail_clearly(tiny_pretrain_kwargs, over, message):
     with pytest.raises(ValueError, match=message):
         _run(tiny_pretrain_kwargs, **over)
+
+
+def test_a_diverged_run_stops_without_saving(tiny_pretrain_kwargs, tmp_path):
+    with pytest.raises(FloatingPointError, match="the run diverged, nothing was saved"):
+        _run(tiny_pretrain_kwargs, lr=1e30, warmup_epochs=0.0, log_every=1, save_every=1)
+    ckpt_file = Path(tiny_pretrain_kwargs["output_dir"]) / "checkpoint.pt"
+    if ckpt_file.exists():  # any checkpoint written before the divergence holds finite weights only
+        assert all(torch.isfinite(v).all() for v in safe_load(ckpt_file)["model"].values())
+    assert not (Path(tiny_pretrain_kwargs["output_dir"]) / "model.safetensors").exists()
+
+
+def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
+    import shutil
+
+    root = tmp_path / "fm"
+    shutil.copytree("/usr/share/datasets/fashion-mnist", root)
+    _run(tiny_pretrain_kwargs, data_root=str(root), stop_after=2)
+    import gzip
+
+    import numpy as np
+
+    from dmae.data import read_idx
+
+    images = read_idx(root / "train-images-idx3-ubyte.gz").copy()
+    images[0] = 255 - images[0]  # the same path, other data
+    header = (root / "train-images-idx3-ubyte.gz")
+    raw = gzip.open(header).read()[:16]
+    with gzip.open(header, "wb") as f:
+        f.write(raw + np.ascontiguousarray(images).tobytes())
+    with pytest.raises(ValueError, match="the data or the --init weights differ from the saved run \\(data_fingerprint"):
+        _run(tiny_pretrain_kwargs, data_root=str(root), resume=True)

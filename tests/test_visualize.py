@@ -28,3 +28,17 @@ def test_three_channel_model_on_grey_images():
     model = create_model("dmae_vit_pico_patch4_dec32d1b", in_chans=3, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     rec = reconstruct(model, torch.rand(2, 1, 28, 28), sigma=0.25, mask_ratio=0.5, norm_pix_loss=True)
     assert rec.reconstruction.shape == (2, 3, 32, 32)
+
+
+def test_encoder_only_checkpoint_is_refused_naming_the_decoder_keys(tmp_path, capsys):
+    """MAE's public encoder-only files have no decoder: a figure from a random decoder would be noise."""
+    from dmae.cli import main
+
+    model = create_model(PICO)
+    encoder_only = {k: v for k, v in model.state_dict().items() if k in model.encoder_keys()}
+    path = tmp_path / "mae_encoder.pth"
+    torch.save({"model": encoder_only}, path)
+    assert main(["visualize", "--checkpoint", str(path), "--device", "cpu", "--out", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no decoder" in err and "decoder_embed.weight" in err and "mask_token" in err
+    assert not (tmp_path / "f.png").exists()

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,16 +23,69 @@ from torch import nn
 
 from dmae.models.classifier import ClassifierConfig, ViTClassifier
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
-from dmae.models.registry import get_preset, list_models, model_config
+from dmae.data import DatasetInfo
+from dmae.models.registry import get_preset, list_models, model_config, model_config_for_data
 
 FORMAT = "dmae-checkpoint-v1"
-# Positional embeddings are fixed sin-cos functions of the grid; a checkpoint made at another input size
-# keeps the model's own instead of failing.
-FIXED_KEYS = ("pos_embed", "decoder_pos_embed")
+# Position embeddings ([1, 1 + L, D], cls first) follow the patch grid: a checkpoint made at another input size
+# is fitted to the model's grid (see fit_positions) instead of failing.
+POSITION_KEYS = ("pos_embed", "decoder_pos_embed")
+
+
+# What a run folder is taken to mean, in order: a pretraining export, the selected / last fine-tuned
+# classifier, the resumable training checkpoint.
+RUN_FILES = ("model.safetensors", "model_best.safetensors", "model_last.safetensors", "checkpoint.pt")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names file and keys."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The weights file a ``--checkpoint`` / ``--init`` names: the file itself, or in a run folder the first
+    of :data:`RUN_FILES` it holds. Every command that takes a checkpoint resolves it here.
+
+    Raises:
+        CheckpointError: nothing there, naming what was looked for where.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for name in RUN_FILES:
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"run folder {p} holds none of {', '.join(RUN_FILES)}")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist (give a weights file or a run folder holding one of "
+                              f"{', '.join(RUN_FILES)})")
+    return p
+
+
+def run_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The options of the run a checkpoint belongs to (``config.yaml`` beside it, or in the folder); {} if none."""
+    import yaml
+
+    p = Path(checkpoint)
+    cfg_file = (p if p.is_dir() else p.parent) / "config.yaml"
+    return (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the weights a checkpoint holds (names, dtypes, shapes and values, in key order): what a resumed
+    run or log compares, so replaced weights are noticed. Content, not file bytes: re-exporting the same weights
+    (safetensors does not keep its metadata's order) gives the same digest.
+
+    Raises:
+        CheckpointError: see :func:`read_weights`.
+    """
+    import hashlib
+
+    sd, _ = read_weights(path)
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -53,7 +107,8 @@ def safe_load(path: str | os.PathLike) -> Any:
     """Read a PyTorch pickle without executing code from it (``weights_only=True``).
 
     Raises:
-        CheckpointError: missing, truncated, corrupt, or needing types outside the allow-list.
+        CheckpointError: missing, not a PyTorch file, truncated, or holding Python objects outside the
+            allow-list. The message says what the file is not; it never suggests turning the safe loader off.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,8 +117,23 @@ def safe_load(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first[:300]}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
+
+
+def _why_unreadable(path: Path, error: BaseException) -> str:
+    """What a file that torch.load refused is not, in our words: PyTorch's own message for a refused global
+    advises loading with weights_only=False, which would run code from the file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    text = str(error)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Weights only load failed" in text:
+            what = f" ({found.group(1)})" if found else ""
+            return (f"it holds Python objects{what} that a weights-only load does not allow; dmae reads only tensors "
+                    "and plain containers and never runs code from a file (re-save the state dict alone)")
+        return f"a truncated or corrupt PyTorch file ({type(error).__name__})"
+    return "not a PyTorch checkpoint (neither a zip archive nor a pickle), nor a .safetensors file"
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -85,11 +155,11 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
 @dataclass
 class LoadReport:
     """What a load did: keys the model has but the file lacked, keys the file has but the model lacks,
-    fixed keys kept from the model because their shapes differ, and file keys ignored on purpose."""
+    position embeddings fitted to another grid (how), and file keys ignored on purpose."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)  # e.g. "pos_embed: learned 7x7 resampled to 8x8"
     ignored: list[str] = field(default_factory=list)  # keys of the file left out on purpose (decoder, old head)
 
     def summary(self) -> str:
@@ -101,11 +171,37 @@ class LoadReport:
             parts.append(f"{len(self.missing)} missing [{short(self.missing)}]")
         if self.unexpected:
             parts.append(f"{len(self.unexpected)} unexpected [{short(self.unexpected)}]")
-        if self.kept:
-            parts.append(f"kept model's own {self.kept}")
+        if self.positions:
+            parts.append("; ".join(self.positions))
         if self.ignored:
             parts.append(f"{len(self.ignored)} ignored [{short(self.ignored)}]")
         return "; ".join(parts) or "all keys matched"
+
+
+def _grid_side(pos: torch.Tensor) -> int:
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    if side * side != pos.shape[1] - 1:
+        raise CheckpointError(f"position embedding of {pos.shape[1]} tokens is not a cls token plus a square grid")
+    return side
+
+
+def fit_positions(saved: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Position embeddings ``[1, 1 + s*s, D]`` from a file made for another grid, fitted to the model's ``own``.
+
+    Fixed 2-D sin-cos positions (DMAE / MAE pretraining) are a function of the grid: the model's own, computed
+    for its grid, are exact. Learned ones (fine-tuned classifiers) are resampled bicubically with timm's
+    ``resample_abs_pos_embed``, the cls position kept (as timm and MAE's ``interpolate_pos_embed`` do).
+    Returns the embedding and a note saying which was done.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    from dmae.models.pos_embed import sincos_2d
+
+    old, new = _grid_side(saved), _grid_side(own)
+    if torch.allclose(saved.float(), sincos_2d(saved.shape[-1], (old, old)), atol=1e-5):
+        return own, f"sin-cos for the {new}x{new} grid (the file's are the {old}x{old} sin-cos)"
+    fitted = resample_abs_pos_embed(saved.float(), [new, new], [old, old], num_prefix_tokens=1)
+    return fitted.to(saved.dtype), f"learned {old}x{old} positions resampled to {new}x{new} (bicubic)"
 
 
 def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<checkpoint>",
@@ -123,8 +219,9 @@ def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str 
         if k not in own:
             report.unexpected.append(k)
         elif own[k].shape != v.shape:
-            if k in FIXED_KEYS:
-                report.kept.append(k)
+            if k in POSITION_KEYS and v.ndim == 3 and v.shape[-1] == own[k].shape[-1]:
+                to_load[k], note = fit_positions(v, own[k])
+                report.positions.append(f"{k}: {note}")
             else:
                 raise CheckpointError(
                     f"{path}: {k} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model "
@@ -140,6 +237,10 @@ def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str 
             f"{path} does not fit the model: {len(bad_missing)} missing keys {bad_missing[:8]}, "
             f"{len(bad_unexpected)} unexpected keys {bad_unexpected[:8]}"
         )
+    bad = [k for k, v in to_load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values {bad[:8]} (a diverged run?); "
+                              "nothing computed from them could be trusted")
     model.load_state_dict(to_load, strict=False)
     return report
 
@@ -197,9 +298,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
     Supported: our safetensors exports, our training checkpoints, official DMAE/MAE pickles.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -249,40 +348,10 @@ def _head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
     return None
 
 
-def load_classifier(
-    path: str | os.PathLike | None,
-    num_classes: int,
-    pool: str | None = "avg",
-    drop_path: float = 0.0,
-    model: str | None = None,
-    img_size: int | None = None,
-    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-) -> tuple[ViTClassifier, LoadReport]:
-    """Build a base classifier, from a checkpoint or (``path=None``) randomly initialised from preset ``model``.
-
-    A classifier file (ours, an official fine-tuned one with ``fc_norm``/``head``, or an official linear probe
-    with ``head.0``/``head.1``) with the same pooling and class count loads whole. Anything else contributes
-    its encoder: the decoder, ``mask_token``, and a head of another pooling are dropped, and the new head
-    (``fc_norm`` + ``head`` for average pooling) starts fresh. ``pool=None`` takes the file's own pooling
-    (for evaluating a trained classifier). ``stats`` (mean, std) replaces the ImageNet
-    statistics for files that carry no configuration, when the channel counts agree.
-    """
-    if path is None:
-        pool = pool or "avg"
-        if model is None:
-            raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
-        mcfg = model_config(model, img_size=img_size)
-        if stats is not None and len(stats[0]) == mcfg.in_chans:
-            mcfg = model_config(model, img_size=img_size, mean=stats[0], std=stats[1])
-        return ViTClassifier(ClassifierConfig(mcfg, num_classes, pool, drop_path)), LoadReport()
-
-    sd, cfg = read_weights(path)
-    head = _head_classes(sd)
-    if pool is None:  # whatever the file is: its own pooling, else average pooling
-        if cfg is not None and "classifier_config" in cfg:
-            pool = cfg["classifier_config"].get("pool", "avg")
-        else:
-            pool = head[1] if head is not None else "avg"
+def _classifier_encoder(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], cfg: dict[str, Any] | None,
+                        model: str | None, stats: tuple[tuple[float, ...], tuple[float, ...]] | None) -> DMAEConfig:
+    """The encoder architecture of a file: its own configuration, else ``model`` or the preset its shapes match
+    (with ``stats`` as mean / std when the channel counts agree: official files store none)."""
     if cfg is not None and "classifier_config" in cfg:
         mcfg = ClassifierConfig.from_dict(cfg["classifier_config"]).encoder
     elif cfg is not None:
@@ -295,10 +364,58 @@ def load_classifier(
         want = model_config(model)
         if (want.embed_dim, want.depth, want.patch_size) != (mcfg.embed_dim, mcfg.depth, mcfg.patch_size):
             raise CheckpointError(f"{path} holds a {mcfg.embed_dim}-d {mcfg.depth}-block encoder, not --model {model}")
+    return mcfg
+
+
+def load_classifier(
+    path: str | os.PathLike | None,
+    num_classes: int,
+    pool: str | None = "avg",
+    drop_path: float = 0.0,
+    model: str | None = None,
+    img_size: int | None = None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    data: DatasetInfo | None = None,
+) -> tuple[ViTClassifier, LoadReport]:
+    """Build a base classifier, from a checkpoint (a file or run folder) or (``path=None``) randomly initialised
+    from preset ``model``.
+
+    A classifier file (ours, an official fine-tuned one with ``fc_norm``/``head``, or an official linear probe
+    with ``head.0``/``head.1``) with the same pooling and class count loads whole. Anything else contributes
+    its encoder: the decoder, ``mask_token``, and a head of another pooling are dropped, and the new head
+    (``fc_norm`` + ``head`` for average pooling) starts fresh. ``pool=None`` takes the file's own pooling
+    (for evaluating a trained classifier). ``data`` fits a preset to the data set (channels, size, statistics;
+    see :func:`model_config_for_data`) and gives files that carry no configuration its statistics; ``stats``
+    (mean, std) does the latter alone. An ``img_size`` other than the file's resamples learned positions.
+
+    Raises:
+        ValueError: neither ``path`` nor ``model``.  CheckpointError: unreadable file, an architecture other
+        than ``model``, another class count, keys or shapes that do not fit, or non-finite weights.
+    """
+    if data is not None:
+        stats = (data.mean, data.std)
+    if path is None:
+        if model is None:
+            raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
+        if data is not None:
+            mcfg = model_config_for_data(model, data, img_size)
+        else:
+            mcfg = model_config(model, img_size=img_size)
+            if stats is not None and len(stats[0]) == mcfg.in_chans:
+                mcfg = model_config(model, img_size=img_size, mean=stats[0], std=stats[1])
+        return ViTClassifier(ClassifierConfig(mcfg, num_classes, pool or "avg", drop_path)), LoadReport()
+
+    sd, cfg = read_weights(path)
+    head = _head_classes(sd)
+    if pool is None:  # whatever the file is: its own pooling, else average pooling
+        if cfg is not None and "classifier_config" in cfg:
+            pool = cfg["classifier_config"].get("pool", "avg")
+        else:
+            pool = head[1] if head is not None else "avg"
+    mcfg = _classifier_encoder(path, sd, cfg, model, stats)
     if img_size is not None and img_size != mcfg.img_size:
         mcfg = DMAEConfig.from_dict({**mcfg.to_dict(), "img_size": img_size})
     net = ViTClassifier(ClassifierConfig(mcfg, num_classes, pool, drop_path))
-
     if head is not None and head[1] == pool:
         if head[0] != num_classes:
             raise CheckpointError(f"{path} classifies {head[0]} classes, the data set has {num_classes}")

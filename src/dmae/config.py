@@ -1,16 +1,23 @@
-"""Typed configuration: dataclasses whose fields carry a type, a default and a help line.
+"""Typed configuration: dataclasses whose fields carry a type, a default, a help line and their bounds.
 
 A run's configuration is resolved in three layers: the dataclass defaults, then a preset file
 (``--config NAME`` for a file shipped in ``dmae/configs/<command>/``, or a path to a YAML file), then the
 flags given on the command line. The resolved configuration is saved beside the run's outputs.
+
+Everything about one option is declared once, next to the field: ``option(default, help, low=..., high=...,
+choices=..., check=...)``. :meth:`Options.validate` checks every field against that declaration (numbers
+must be finite, within their bounds, of the declared type) before the cross-field checks of each config,
+and ``add_dataclass_arguments`` builds the command-line flags from the same declaration.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -18,13 +25,51 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 C = TypeVar("C")
+_INHERIT = "inherit"
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help line (shown by ``--help``)."""
+def option(default: Any, help: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, choices: Sequence[Any] | None = None, check: Callable[[Any], Any] | None = None,
+           aliases: tuple[str, ...] = (), positional: bool = False) -> Any:
+    """A dataclass field with its help line (shown by ``--help``) and what values it accepts.
+
+    Args:
+        default: the default value (lists/dicts are copied per instance).
+        help: one line for ``--help``.
+        low / high: bounds of a number (of each element of a tuple); ``low_open`` / ``high_open`` exclude them.
+        choices: the allowed values (a registry's names, for instance).
+        check: a domain validator called with the value; it raises ``ValueError`` naming the value.
+        aliases: further flags for the option (``--num-samples`` for ``--n``).
+        positional: a positional command-line argument instead of a flag.
+    """
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": tuple(choices) if choices is not None else None, "check": check, "aliases": aliases,
+            "positional": positional}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def default(value: Any, help: str | None = None) -> Any:
+    """Redefine only the default of an option declared by a base config (help and bounds are inherited)."""
+    meta: dict[str, Any] = {_INHERIT: True}
+    if help is not None:
+        meta["help"] = help
+    return dataclasses.field(default=value, metadata=meta)
+
+
+def field_meta(cls: type, name: str) -> dict[str, Any]:
+    """The declaration of option ``name`` of config class ``cls``, merged down its base classes."""
+    meta: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is None or name not in klass.__dict__.get("__annotations__", {}):
+            continue
+        own = dict(f.metadata)
+        if not own.pop(_INHERIT, False):
+            meta = {}
+        meta.update(own)
+    return meta
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -36,20 +81,106 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of a field name: ``mask_ratio`` -> ``--mask-ratio``."""
     return "--" + name.replace("_", "-")
 
 
+# ----------------------------------------------------------------------------- validation
+def _bounds_text(meta: dict[str, Any]) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{'>' if meta['low_open'] else '>='} {low:g}"
+    return f"{'<' if meta['high_open'] else '<='} {high:g}"
+
+
+def _check_number(name: str, value: Any, tp: type, meta: dict[str, Any]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
+        raise ValueError(f"{flag(name)} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+    too_high = high is not None and (value >= high if meta["high_open"] else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{flag(name)} must be {_bounds_text(meta)}, got {value!r}")
+
+
+def check_field(cls: type, name: str, value: Any) -> None:
+    """Check one value against its field's declaration.
+
+    Order: presence, tuple arity, the domain's own ``check`` (its message names the domain, e.g. "unknown data
+    set"), then choices, type, finiteness and bounds of every element.
+
+    Raises:
+        ValueError: naming the flag and the value: ``None`` for a non-Optional field, a tuple of the wrong
+            length or empty, a value outside its choices, of the wrong type, not finite or out of bounds;
+            or whatever the field's ``check`` raises (``ValueError`` by convention).
+        KeyError: ``name`` is not a field of ``cls``.
+    """
+    meta = field_meta(cls, name)
+    tp, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
+    if value is None:
+        if not optional:
+            raise ValueError(f"{flag(name)} needs a value")
+        return
+    items, item_tp = [value], tp
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        items, item_tp = list(value), args[0]
+        if not (len(args) == 2 and args[1] is Ellipsis) and len(items) != len(args):
+            raise ValueError(f"{flag(name)} takes {len(args)} values, got {list(value)}")
+        if not items:
+            raise ValueError(f"{flag(name)} needs at least one value")
+    if meta.get("check") is not None:
+        meta["check"](value)
+    choices = meta.get("choices") or (typing.get_args(item_tp) if typing.get_origin(item_tp) is Literal else None)
+    for v in items:
+        if choices is not None and v not in choices:
+            raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
+        if item_tp in (int, float):
+            _check_number(name, v, item_tp, meta)
+
+
+class Options:
+    """Base of every config dataclass: :meth:`validate` checks each field, then :meth:`check_combination`."""
+
+    def validate(self) -> None:
+        """Fail early, naming the offending option and value.
+
+        Raises:
+            ValueError: a value outside its declared type, bounds or choices, or a bad combination.
+        """
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check_field(type(self), f.name, getattr(self, f.name))
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """Checks that involve several options (each config overrides this; the base checks nothing).
+
+        Raises:
+            ValueError: (in overrides) a combination of options that cannot run, naming the options.
+        """
+
+
+# ----------------------------------------------------------------------------- command line
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of ``cls``; flags default to 'not given' so presets are not overridden."""
+    """Add one flag per field of ``cls``; flags default to 'not given' so presets are not overridden.
+
+    Fields declared ``positional`` become positional arguments; ``bool`` fields get ``--x/--no-x``.
+
+    Raises:
+        TypeError: a field whose type (``Optional`` removed) is not bool, int, float, str, a ``Literal``
+            or a tuple.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
+        meta = field_meta(cls, f.name)
         tp, optional = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        dflt = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{meta.get('help', '')} (default: {dflt})"}
         origin = typing.get_origin(tp)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -61,11 +192,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw.update(type=args[0], nargs="+" if (len(args) == 2 and args[1] is Ellipsis) else len(args))
         elif tp in (int, float, str):
             kw["type"] = _none_or(tp) if optional else tp
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
         else:
             raise TypeError(f"unsupported option type {tp} for {cls.__name__}.{f.name}")
-        if optional and tp in (int, float, str):
+        if optional and tp in (int, float, str) and not meta.get("choices"):
             kw["metavar"] = tp.__name__.upper()
-        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), **kw)
+        if meta.get("positional"):
+            kw.pop("default")
+            parser.add_argument(f.name, **kw)
+        else:
+            parser.add_argument(flag(f.name), *meta.get("aliases", ()), dest=f.name, **kw)
 
 
 def _none_or(tp: type) -> Any:
@@ -77,7 +214,12 @@ def _none_or(tp: type) -> Any:
 
 
 def preset_path(command: str, name_or_path: str) -> Path:
-    """Resolve ``--config``: a shipped preset name (``configs/<command>/<name>.yaml``) or a file path."""
+    """Resolve ``--config``: a shipped preset name (``configs/<command>/<name>.yaml``) or a file path.
+
+    Raises:
+        FileNotFoundError: a path (a ``.yaml``/``.yml``/``.json`` name, or an existing path) that is not a file.
+        ValueError: an unknown preset name, listing the shipped ones.
+    """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json") or p.exists():
         if not p.is_file():
@@ -98,7 +240,11 @@ def list_presets(command: str) -> list[str]:
 
 
 def load_values(path: Path, cls: type) -> dict[str, Any]:
-    """Read a YAML/JSON preset and check its keys against ``cls``'s fields."""
+    """Read a YAML/JSON preset and check its keys against ``cls``'s fields.
+
+    Raises:
+        ValueError: invalid YAML, not a mapping, or unknown option names.
+    """
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -113,7 +259,13 @@ def load_values(path: Path, cls: type) -> dict[str, Any]:
 
 
 def build_config(cls: type[C], preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Instantiate ``cls`` from defaults <- preset values <- overrides, coercing lists to tuples."""
+    """Instantiate ``cls`` from defaults <- preset values <- overrides, coercing lists to tuples.
+
+    Values are not validated here (see :meth:`Options.validate`).
+
+    Raises:
+        KeyError: a key that is not a field of ``cls`` (:func:`load_values` rejects those in files first).
+    """
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for source in (preset or {}, overrides or {}):

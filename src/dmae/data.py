@@ -5,6 +5,9 @@ Supported: ``fashion-mnist`` (always available: torchvision's layout, or the Deb
 ``cifar-10-batches-py``), ``imagenet`` and ``folder`` (ImageFolder ``ROOT/{train,val}/<class>/*``).
 Grey images stay one channel: small presets take them as they are; a 3-channel model repeats the
 channel in its first layer, after the noise, so radii stay in the data's own pixel space.
+
+Data sets: Fashion-MNIST (Xiao et al., 2017), CIFAR-10 (Krizhevsky, 2009), ImageNet ILSVRC-2012
+(Russakovsky et al., 2015).
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
-from dmae.models.dmae import IMAGENET_MEAN, IMAGENET_STD
+from dmae.runtime import derive_seed
+
+# ImageNet's channel statistics: the normalization of official checkpoints, which do not store theirs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAM_AUGMENT = 0x41554720  # leading key of the per-(epoch, image) augmentation streams
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a data set."""
+    """What a model needs to know about a data set (``mean``/``std``: per-channel, [0, 1] pixel units)."""
 
     name: str
     num_classes: int | None  # None: known only once the folder is read
@@ -38,12 +46,15 @@ class DatasetInfo:
     splits: tuple[str, str]  # (train split, evaluation split)
 
 
+# Fashion-MNIST: Xiao et al., 2017; CIFAR-10: Krizhevsky, 2009; ImageNet: Russakovsky et al., 2015.
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), ("train", "test")),
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), ("train", "test")),
     "imagenet": DatasetInfo("imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
     "folder": DatasetInfo("folder", None, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
 }
+
+DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)  # the choices of every --data option
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
@@ -57,6 +68,11 @@ class DataError(RuntimeError):
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of data set ``name``.
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
     try:
         return DATASETS[name]
     except KeyError:
@@ -70,7 +86,14 @@ def default_data_root() -> Path:
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def read_idx(path: Path) -> np.ndarray:
-    """Read an idx file (``.gz`` or raw): unsigned-byte tensors of MNIST-style data sets."""
+    """Read an idx file (``.gz`` or raw): unsigned-byte tensors of MNIST-style data sets.
+
+    Returns:
+        A ``uint8`` array of the shape the header gives (``[N, 28, 28]`` images, ``[N]`` labels).
+    Raises:
+        DataError: the file cannot be read, is not an unsigned-byte idx file (bad magic), or its size
+            disagrees with its header.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -89,7 +112,14 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None) -> Path:
-    """Locate the directory holding the four Fashion-MNIST idx files (``.gz`` or not)."""
+    """Locate the directory holding the four Fashion-MNIST idx files (``.gz`` or not).
+
+    Looks in ``root`` if given, else in :func:`default_data_root` and :data:`FASHION_MNIST_DIRS`; in each,
+    the directory itself, ``FashionMNIST/raw`` (torchvision's layout) and ``fashion-mnist``.
+
+    Raises:
+        DataError: no candidate holds all four files; the message lists where it looked.
+    """
     candidates: list[Path] = []
     bases = [Path(root)] if root else [default_data_root(), *map(Path, FASHION_MNIST_DIRS)]
     for base in bases:
@@ -113,7 +143,16 @@ def _idx_file(d: Path, name: str) -> Path | None:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST held in memory as uint8; items are ``([1, 28, 28] float in [0, 1], label)``."""
+    """Fashion-MNIST (Xiao et al., 2017) held in memory as uint8; items are ``([1, 28, 28] float in [0, 1], label)``.
+
+    ``transform`` is applied to the float tensor. With ``download``, torchvision fetches both splits into
+    ``root`` (or :func:`default_data_root`) when no copy is found.
+
+    Raises:
+        ValueError: ``split`` is not ``'train'`` or ``'test'``.
+        DataError: no copy is found (and ``download`` is off), a file cannot be read (:func:`read_idx`),
+            or images and labels disagree.
+    """
 
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -152,12 +191,12 @@ class FashionMNIST(Dataset):
 
 # ----------------------------------------------------------------------------- transforms
 def build_transform(info: DatasetInfo, train: bool, img_size: int, recipe: str = "pretrain") -> Callable:
-    """Transforms that end in [0, 1] float tensors.
+    """Transforms that end in [0, 1] float tensors ``[C, H, W]``.
 
     Native-size data sets (Fashion-MNIST, CIFAR-10) are only flipped when training (the paper's CIFAR-10
     recipe); the model resizes them after the noise. ImageFolder data is cropped to ``img_size`` here:
-    RandomResizedCrop(scale 0.2-1, bicubic) + flip for pretraining, Resize(256/224 * size) + CenterCrop to
-    evaluate.
+    RandomResizedCrop(scale 0.2-1 for ``recipe='pretrain'``, as MAE's pretraining; 0.08-1 otherwise;
+    bicubic) + flip to train, Resize(256/224 * size) + CenterCrop to evaluate.
     """
     to_tensor = [] if info.name == "fashion-mnist" else [T.ToTensor()]
     if info.size is not None:
@@ -176,7 +215,17 @@ def build_dataset(
     transform: Callable | None = None,
     download: bool = False,
 ) -> Dataset:
-    """Build a data set by name; ``split`` is ``'train'`` or the evaluation split (``'test'``/``'val'``)."""
+    """Build a data set by name; ``split`` is ``'train'`` or the evaluation split (``'test'``/``'val'``).
+
+    Items are ``(image, label)``; with a :func:`build_transform` transform the image is a ``[C, H, W]``
+    float tensor in [0, 1]. ``imagenet`` and ``folder`` need ``root`` holding ``<split>/<class>/<image>``.
+
+    Raises:
+        ValueError: an unknown name (:func:`dataset_info`) or a split the data set does not have.
+        DataError: the data cannot be found or read (no ``cifar-10-batches-py`` without ``download``, no
+            ``root`` or ``root/<split>`` for ImageFolder sets, not an ImageFolder, an ``imagenet`` folder
+            without exactly 1000 classes), or as :class:`FashionMNIST` raises.
+    """
     info = dataset_info(name)
     if split not in info.splits:
         raise ValueError(f"{name}: split must be one of {info.splits}, got {split!r}")
@@ -210,7 +259,11 @@ def build_dataset(
 
 
 def num_classes_of(ds: Dataset) -> int:
-    """Class count of a built data set."""
+    """Class count of a built data set (its ``classes`` attribute).
+
+    Raises:
+        ValueError: the data set has no ``classes`` attribute.
+    """
     if isinstance(ds, FashionMNIST):
         return len(FashionMNIST.classes)
     classes = getattr(ds, "classes", None)
@@ -222,13 +275,32 @@ def num_classes_of(ds: Dataset) -> int:
 # ----------------------------------------------------------------------------- determinism
 def sample_seed(seed: int, epoch: int, idx: int) -> int:
     """A seed for one sample's augmentation, a pure function of (run seed, epoch, index)."""
-    return (seed * 1_000_003 + epoch * 10_000_019 + idx * 2_654_435_761) % (2**63 - 1)
+    return derive_seed(seed, STREAM_AUGMENT, epoch, idx)
+
+
+def fingerprint(ds: Dataset, images: int = 16) -> str:
+    """What a resumed run compares to tell one data set (or transform) from another: its size, its transform,
+    and a SHA-256 of its first ``images`` items as the transform yields them (random augmentation seeded, as in
+    :class:`SeededDataset`), labels included."""
+    import hashlib
+
+    h = hashlib.sha256()
+    seeded = SeededDataset(ds, 0)
+    for i in range(min(images, len(ds))):  # type: ignore[arg-type]
+        x, y = seeded[(0, i)]
+        h.update(np.asarray(x).tobytes())
+        h.update(str(int(y)).encode())
+    base = ds
+    while hasattr(base, "dataset"):  # Subset wrappers: the transform is the underlying set's
+        base = base.dataset  # type: ignore[attr-defined]
+    return f"{len(ds)} images; transform {getattr(base, 'transform', None)!r}; sha256 {h.hexdigest()[:16]}"  # type: ignore[arg-type]
 
 
 class SeededDataset(Dataset):
     """Wraps a data set so that item ``(epoch, idx)`` is augmented with RNGs seeded from (seed, epoch, idx).
 
-    This makes a run's data independent of worker count and of where it was resumed.
+    This makes a run's data independent of worker count and of where it was resumed. Python's ``random``
+    state and torch's CPU RNG are restored after each item, so the caller's streams are untouched.
     """
 
     def __init__(self, base: Dataset, seed: int) -> None:
@@ -255,7 +327,11 @@ class ShardedEpochSampler(Sampler):
     """Shuffles once per epoch from ``seed + epoch``, drops the tail, and gives each rank a disjoint share.
 
     Yields ``(epoch, idx)`` keys for :class:`SeededDataset`. ``set_epoch(epoch, start_batch)`` skips the
-    first ``start_batch`` batches of this rank, which is how a resumed run picks up mid-epoch.
+    first ``start_batch`` batches of this rank, which is how a resumed run picks up mid-epoch. Each
+    rank's batch count per epoch is rounded down to a multiple of ``multiple_of`` (gradient accumulation).
+
+    Raises:
+        ValueError: (from the constructor) ``n`` images give no full batch per rank after that rounding.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -272,6 +348,7 @@ class ShardedEpochSampler(Sampler):
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch to iterate (its shuffle) and skip this rank's first ``start_batch`` batches."""
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

@@ -3,27 +3,53 @@
 Pretrain a small DMAE at sigma = 0.25, write the reconstruction figure, fine-tune its encoder with
 consistency regularization at sigma = 0.25, certify a slice of the test set with randomized smoothing, and
 print the certified-accuracy report. Re-running the demo in the same folder resumes (or reuses) its runs
-instead of starting over.
+instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:class:`StageInterrupted`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from dmae import config as C
-
-
-def _evals(log: Path) -> list[dict]:
-    if not log.is_file():
-        return []
-    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
-    return [r for r in rows if r.get("type") == "eval"]
-
+from dmae.engine import TrainResult
 
 # the certification slice: every 200th test image (50 images), n = 1,000 samples (radius ceiling 0.62 at sigma 0.25)
 DEMO_CERTIFY = {"n0": 100, "n": 1000, "alpha": 0.001, "skip": 200, "batch": 1100}
+
+
+@dataclass
+class DemoConfig(C.Options):
+    """Every option of ``dmae demo``."""
+
+    output_dir: str = C.option("dmae-demo", "where the demo writes its runs and figures")
+    epochs: Optional[int] = C.option(None, "pretraining epochs (default: the demo preset's)", low=1)
+    device: str = C.option("auto", "auto, cpu, cuda")
+    progress: bool = C.option(True, "show progress bars")
+
+
+class StageInterrupted(RuntimeError):
+    """A stage of the demo stopped before its end (SIGINT / SIGTERM); its run folder is resumable."""
+
+
+def _evals(log: Path) -> list[dict]:
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
+    return [r for r in rows if r.get("type") == "eval"]
+
+
+def _require_finished(result: TrainResult, stage: str) -> None:
+    if not result.finished:
+        raise StageInterrupted(f"{stage} stopped at step {result.step}/{result.total_steps} (checkpoint saved in "
+                               f"{result.output_dir}); run the same `dmae demo` command again to resume")
+
+
+def _stage_config(cls: type, command: str, preset: str, run: Path, given: dict[str, Any]) -> Any:
+    """A stage's config: the shipped preset, the demo's settings, resuming when the run folder holds a run."""
+    values = C.load_values(C.preset_path(command, preset), cls)
+    return C.build_config(cls, values, {"output_dir": str(run), "resume": (run / "checkpoint.pt").exists(), **given})
 
 
 def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progress: bool = True,
@@ -33,70 +59,73 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
 
     ``overrides`` / ``finetune_overrides`` / ``certify_overrides`` replace options of the demo's pretraining /
     fine-tuning / certification settings (tests use them to shrink the run).
+
+    Raises:
+        StageInterrupted: a training stage was stopped by a signal; re-running resumes it.
     """
-    from dmae.finetune import FinetuneConfig, finetune, noisy_accuracy
+    from dmae.finetune import FinetuneConfig, finetune
     from dmae.pretrain import PretrainConfig, pretrain
     from dmae.visualize import visualize_checkpoint
 
     t0 = time.perf_counter()
-    run = out / "pretrain"
-    preset = C.load_values(C.preset_path("pretrain", "demo"), PretrainConfig)
-    given = {"output_dir": str(run), "device": device, "progress": progress, "resume": (run / "checkpoint.pt").exists()}
-    if epochs is not None:
-        given["epochs"] = epochs
-    given.update(overrides or {})
-    cfg = C.build_config(PretrainConfig, preset, given)
+    common = {"device": device, "progress": progress}
+    cfg = _stage_config(PretrainConfig, "pretrain", "demo", out / "pretrain",
+                        {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})})
     print(f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
-          f"{cfg.epochs} epoch(s) -> {run}", flush=True)
-    pretrain(cfg)
-    fig = visualize_checkpoint(run, out=out / "reconstructions.png", num=8, seed=1)
+          f"{cfg.epochs} epoch(s) -> {cfg.output_dir}", flush=True)
+    _require_finished(pretrain(cfg), "pretraining")
+    fig = visualize_checkpoint(cfg.output_dir, out=str(out / "reconstructions.png"), num=8, seed=1)
     print(f"[dmae demo] 2/4 wrote the reconstruction figure {fig}", flush=True)
 
-    ft_run = out / "finetune"
-    ft_preset = C.load_values(C.preset_path("finetune", "demo"), FinetuneConfig)
-    ft_given = {"init": str(run / "model.safetensors"), "output_dir": str(ft_run), "device": device,
-                "progress": progress, "resume": (ft_run / "checkpoint.pt").exists(), **(finetune_overrides or {})}
-    ft_cfg = C.build_config(FinetuneConfig, ft_preset, ft_given)
-    print(f"[dmae demo] 3/4 fine-tuning the encoder with consistency regularization at sigma={ft_cfg.sigma} -> {ft_run}",
-          flush=True)
+    ft_cfg = _stage_config(FinetuneConfig, "finetune", "demo", out / "finetune",
+                           {"init": str(Path(cfg.output_dir) / "model.safetensors"), **common, **(finetune_overrides or {})})
+    print(f"[dmae demo] 3/4 fine-tuning the encoder with consistency regularization at sigma={ft_cfg.sigma} -> "
+          f"{ft_cfg.output_dir}", flush=True)
     ft = finetune(ft_cfg)
+    _require_finished(ft, "fine-tuning")
+    cert = _certify(out, ft_cfg, common, certify_overrides)
+    numbers = _print_summary(out, cfg, ft_cfg, cert)
+    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}")
+    return {**numbers, "finetune_steps": ft.step}
 
+
+def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: dict | None) -> Any:
     from dmae.certify import CertifyConfig, run_certification
-    from dmae.report import plot_curves, read_log, summarize
 
-    cert_cfg = CertifyConfig(checkpoint=str(ft_run), data="fashion-mnist", sigma=(ft_cfg.sigma,), device=device,
-                             output_dir=str(out / "certify"), progress=progress, **{**DEMO_CERTIFY, **(certify_overrides or {})})
+    cert_cfg = CertifyConfig(checkpoint=ft_cfg.output_dir, data="fashion-mnist", sigma=(ft_cfg.sigma,),
+                             output_dir=str(out / "certify"), **common, **{**DEMO_CERTIFY, **(certify_overrides or {})})
     print(f"[dmae demo] 4/4 certifying every {cert_cfg.skip}th test image with randomized smoothing "
           f"(n0={cert_cfg.n0}, n={cert_cfg.n}, alpha={cert_cfg.alpha}) -> {cert_cfg.output_dir}", flush=True)
-    cert = run_certification(cert_cfg)[0]
+    return run_certification(cert_cfg)[0]
 
-    evals = _evals(run / "log.jsonl")
+
+def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, float]:
+    """Print the demo's headline numbers (reconstruction, base classifier, certified accuracy) and return them."""
+    from dmae.checkpoint import load_classifier
+    from dmae.data import build_dataset, build_transform, dataset_info
+    from dmae.finetune import noisy_accuracy
+    from dmae.report import plot_curves, read_log, summarize
+
+    evals = _evals(Path(cfg.output_dir) / "log.jsonl")
     first, last = evals[0], evals[-1]
     print(f"\n[dmae demo] reconstruction of {cfg.eval_images} held-out test images (noise sigma={cfg.sigma}, "
           f"{int(cfg.mask_ratio * 100)}% of patches masked):")
     print(f"  pixel MSE to the clean image: {first['mse']:.4f} before pretraining -> {last['mse']:.4f} after "
           f"(the noisy input itself: {last['noisy_mse']:.4f})")
     print(f"  training objective:           {first['loss']:.4f} -> {last['loss']:.4f}")
-    from dmae.checkpoint import load_classifier
-    from dmae.data import build_dataset, build_transform, dataset_info
-
-    info = dataset_info("fashion-mnist")
-    test = build_dataset("fashion-mnist", "test", ft_cfg.data_root, build_transform(info, False, 28))
-    best_path = ft_run / ("model_best.safetensors" if (ft_run / "model_best.safetensors").exists() else "model_last.safetensors")
-    model, _ = load_classifier(best_path, 10)
+    test = build_dataset("fashion-mnist", "test", ft_cfg.data_root, build_transform(dataset_info("fashion-mnist"), False, 28))
+    model, _ = load_classifier(ft_cfg.output_dir, 10)
     acc_noisy = noisy_accuracy(model, test, ft_cfg.sigma, seed=0, limit=ft_cfg.eval_images, precision="fp32")
     acc_clean = noisy_accuracy(model, test, 0.0, seed=0, limit=ft_cfg.eval_images, precision="fp32")
     n = len(test) if ft_cfg.eval_images is None else min(ft_cfg.eval_images, len(test))
     print(f"[dmae demo] base classifier (selected on held-out training images) on {n} test images:")
     print(f"  accuracy under noise sigma={ft_cfg.sigma}: {100 * acc_noisy:.2f}%   clean: {100 * acc_clean:.2f}%")
     log = read_log(cert.path)
-    table = summarize([log])
     print(f"[dmae demo] certified accuracy of the smoothed classifier on {len(log)} test images ({cert.path}):")
-    print(table.text())
-    plot = plot_curves([log], out / "certified_accuracy.png", f"Fashion-MNIST, sigma={ft_cfg.sigma}, n={cert_cfg.n}")
+    print(summarize([log]).text())
+    n_cert = json.loads(cert.path.with_suffix(".json").read_text())["n"]
+    plot = plot_curves([log], out / "certified_accuracy.png", f"Fashion-MNIST, sigma={ft_cfg.sigma}, n={n_cert}")
     print(f"[dmae demo] wrote {plot}")
-    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}")
     return {"mse_before": first["mse"], "mse_after": last["mse"], "noisy_mse": last["noisy_mse"],
-            "noisy_acc": acc_noisy, "clean_acc": acc_clean, "finetune_steps": ft.step,
-            "certified_acc_0": log.certified_accuracy(0.0), "certified_acc_0.25": log.certified_accuracy(0.25),
-            "acr": log.acr, "certified_images": len(log)}
+            "noisy_acc": acc_noisy, "clean_acc": acc_clean, "certified_acc_0": log.certified_accuracy(0.0),
+            "certified_acc_0.25": log.certified_accuracy(0.25), "acr": log.acr, "certified_images": len(log)}

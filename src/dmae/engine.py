@@ -1,13 +1,18 @@
-"""The training loop every dmae job shares: steps across epochs, logging, checkpoints, stopping, resuming.
+"""The one training-job skeleton every dmae job plugs into: pretraining, fine-tuning and linear probing.
 
-A job (pretraining, fine-tuning, linear probing) supplies one ``train_step`` (its micro-steps, backward
-and optimizer step) and an end-of-epoch evaluation; this module does the rest the same way for all:
+A job (:class:`TrainingJob`) supplies only what differs: its model and training set, its optimizer, the
+loss of one micro-batch (``forward_loss``), its evaluation, and what it exports. :func:`train` does the
+rest the same way for all, following MAE's ``engine_pretrain`` / ``engine_finetune`` loop:
 
-- the learning rate is set per optimizer step (``scheduler.step_update(step)``) before the step;
+- lr = blr * effective_batch / 256 (Goyal et al. 2017's linear scaling, as MAE), set per optimizer step
+  (``scheduler.step_update(step)``) before the step: linear warmup, then half-cycle cosine;
+- gradient accumulation, synchronising DDP gradients only on the last micro-step;
+- every micro-step's randomness (noise, masks, drop path, mixup) is seeded by (seed, micro-step, rank),
+  and the data order and augmentation by (seed, epoch, image): a resumed run is bit-identical;
 - losses stay on the device and are synchronised once per log line, not once per step;
 - a JSON-lines log and TensorBoard scalars in the run folder (rank 0), no step logged twice on resume;
-- SIGINT/SIGTERM or ``stop_after`` checkpoint at the next step boundary and return; ranks agree first;
-- the sampler restarts mid-epoch from the step stored in the checkpoint, so resumption is exact.
+- SIGINT/SIGTERM or ``stop_after`` checkpoint (atomically) at the next step boundary and return; ranks
+  agree first; a non-finite loss or weight stops the run before anything is saved.
 """
 
 from __future__ import annotations
@@ -19,70 +24,108 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dmae.config import option
-from dmae.data import SeededDataset, ShardedEpochSampler
-from dmae.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, resolve_device
-
-R = TypeVar("R")
+from dmae import checkpoint as ckpt
+from dmae.config import Options, default, option, save_config, to_dict
+from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, fingerprint
+from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
+from dmae.runtime import autocast, derive_seed
 
 # Options that may change when a run is resumed; any other difference would change the trajectory.
 RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
                                "stop_after", "device", "data_root", "download", "compile", "eval_images"})
+STREAM_STEP = 0x5354455020  # leading key of the per-micro-step streams (noise, masks, drop path, mixup)
+
+__all__ = ["RESUMABLE_OPTIONS", "RunLog", "RunOptions", "StopFlag", "TrainOptions", "TrainResult", "TrainingJob",
+           "build_scheduler", "check_resumable", "check_run_folder", "epoch_loader", "step_seed", "train",
+           "wrap_for_training", "default"]
 
 
 @dataclass
-class RunOptions:
+class RunOptions(Options):
     """The options every training job shares: seeding, hardware, the run folder, checkpoints and logging.
 
     Job configs subclass it (their own options come after these in ``--help``) and redefine ``output_dir``.
     """
 
     seed: int = option(0, "seed of every random draw (data order, augmentation, noise, masks)")
-    num_workers: int = option(0, "data-loading worker processes")
+    num_workers: int = option(0, "data-loading worker processes", low=0)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
     compile: bool = option(False, "torch.compile the model (GPUs)")
     output_dir: str = option("runs/run", "run folder: config, checkpoint, logs, exported weights")
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
-    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
-    log_every: int = option(20, "optimizer steps between log lines")
-    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)")
+    save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)", low=0)
+    log_every: int = option(20, "optimizer steps between log lines", low=1)
+    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)",
+                                       low=1)
     progress: bool = option(True, "show a progress bar")
 
-    def validate_run(self) -> None:
-        """Fail early on a bad run option, naming the value."""
-        if self.log_every < 1:
-            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
-        for name in ("save_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"--stop-after must be >= 1, got {self.stop_after}")
+
+@dataclass
+class TrainOptions(RunOptions):
+    """The data, schedule and optimizer options of every training job; jobs redefine the defaults."""
+
+    data: str = option("fashion-mnist", "data set", choices=DATASET_NAMES, check=dataset_info)
+    data_root: Optional[str] = option(None, "data set directory (default: found automatically, see README)")
+    download: bool = option(False, "download the data set when it is missing (needs internet)")
+    train_subset: Optional[int] = option(None, "use only the first N training images", low=1)
+    epochs: int = option(10, "training epochs", low=1)
+    warmup_epochs: float = option(1.0, "linear warmup length in epochs (set per iteration)", low=0)
+    batch_size: int = option(64, "images per process per micro-step", low=1)
+    accum_iter: int = option(1, "micro-steps accumulated per optimizer step", low=1)
+    blr: float = option(1.5e-4, "base learning rate: lr = blr * effective_batch / 256", low=0, low_open=True)
+    lr: Optional[float] = option(None, "absolute learning rate (overrides --blr)", low=0, low_open=True)
+    min_lr: float = option(0.0, "learning rate at the end of the cosine", low=0)
+    weight_decay: float = option(0.05, "weight decay (none on biases, norms, tokens, positions)", low=0)
+    clip_grad: Optional[float] = option(None, "clip the gradient norm to this value", low=0, low_open=True)
+    init: Optional[str] = option(None, "start from these weights: a run folder or weights file of dmae, or an official one")
+
+    def check_combination(self) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+
+    def learning_rate(self, effective_batch: int) -> float:
+        """``--lr`` if given, else ``blr * effective_batch / 256`` (MAE's linear scaling rule)."""
+        return self.lr if self.lr is not None else self.blr * effective_batch / 256
 
 
-def launch(job: Callable[[torch.device, DistInfo], R], device: str) -> R:
-    """Resolve the device, join torchrun's process group when launched by it, run ``job``, leave the group."""
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(dev)
-    try:
-        return job(dev, dist)
-    finally:
-        cleanup(dist)
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """Seed of the randomness (noise, masks, drop path, mixup) of one micro-batch on one rank."""
+    return derive_seed(seed, STREAM_STEP, micro_step, rank)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> Any:
+    """Per-iteration schedule: linear warmup from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr``
+    at ``total_steps`` (MAE's ``adjust_learning_rate``, as timm's ``CosineLRScheduler``). Call
+    ``step_update(step)`` before each optimizer step; each group's ``lr_scale`` (layer decay) is applied."""
+    import logging
+
+    from timm.scheduler import CosineLRScheduler
+
+    # timm warns that a one-step cosine has no effect; with all-warmup runs that is expected
+    logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
+                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
 def epoch_loader(ds: Dataset, batch_size: int, accum_iter: int, num_workers: int, seed: int, dist: DistInfo,
                  device: torch.device) -> tuple[ShardedEpochSampler, DataLoader, int]:
     """This rank's shard of every epoch, in a seeded order with seeded augmentation; also the optimizer
-    steps per epoch (whole accumulation cycles only)."""
+    steps per epoch (whole accumulation cycles only).
+
+    Raises:
+        ValueError: too few images for one optimizer step.
+    """
     sampler = ShardedEpochSampler(len(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter)  # type: ignore[arg-type]
     loader = DataLoader(SeededDataset(ds, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -97,12 +140,6 @@ def wrap_for_training(model: nn.Module, compile: bool, dist: DistInfo, device: t
 
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision='bf16'``, or ``'auto'`` on a GPU; nothing otherwise (fp32 on CPUs)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 class StopFlag:
@@ -152,6 +189,7 @@ class RunLog:
             self.tb = None
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (``type`` and ``step`` keys, numbers besides) to the log and TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -161,20 +199,17 @@ class RunLog:
                 if k not in ("type", "step") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
 
-    def rows(self, kind: str) -> list[dict[str, Any]]:
-        """The records of one type written so far (rank 0)."""
-        if not self.path.exists():
-            return []
-        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-        return [r for r in rows if r.get("type") == kind]
-
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
 
 
 def check_run_folder(out: Path, resume: bool) -> Path:
-    """The checkpoint path of a run folder; refuses to overwrite a run, or to resume a missing one."""
+    """The checkpoint path of a run folder.
+
+    Raises:
+        FileExistsError: the folder holds a run and ``resume`` is off.  FileNotFoundError: nothing to resume.
+    """
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
@@ -183,110 +218,341 @@ def check_run_folder(out: Path, resume: bool) -> Path:
     return ckpt_path
 
 
-def check_resumable(saved: dict[str, Any], now: dict[str, Any], resumable: frozenset[str], path: Path) -> None:
-    """Refuse a resume whose options (other than ``resumable`` ones) differ from the saved run's."""
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], resumable: frozenset[str], path: Path,
+                    what: str = "options") -> None:
+    """Refuse a resume whose options (other than ``resumable`` ones) differ from the saved run's.
+
+    Raises:
+        ValueError: naming every option that differs, with both values.
+    """
     diff = {k: (saved.get(k), now[k]) for k in now if k not in resumable and saved.get(k) != now[k]}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume {path}: options differ from the saved run ({detail})")
+        raise ValueError(f"cannot resume {path}: {what} differ from the saved run ({detail})")
+
+
+def check_finite_parameters(model: nn.Module, step: int) -> None:
+    """Refuse to save a diverged model.
+
+    Raises:
+        FloatingPointError: naming the first parameter with a NaN or infinite value.
+    """
+    params = [(n, p) for n, p in model.named_parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()  # one host read
+    bad = [n for (n, _), ok in zip(params, finite) if not ok]
+    if bad:
+        raise FloatingPointError(f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "
+                                 "nothing was saved: lower the learning rate or clip gradients, then --resume")
+
+
+# ----------------------------------------------------------------------------- what a job supplies
+class Built(NamedTuple):
+    """What :meth:`TrainingJob.build` returns: the model (on the CPU) and the training set."""
+
+    model: nn.Module
+    train_set: Dataset
 
 
 @dataclass
-class LoopResult:
-    step: int
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, this rank's loss)
-    stopped: bool = False
+class Plan:
+    """The numbers of a run: steps, warmup, the effective batch and the learning rate."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    effective_batch: int
+    lr: float
 
 
-def run_loop(
-    *,
-    step: int,
-    total_steps: int,
-    steps_per_epoch: int,
-    accum_iter: int,
-    sampler: Any,
-    loader: Any,
-    scheduler: Any,
-    train_step: Callable[[Iterator, int], torch.Tensor],
-    on_epoch_end: Callable[[int], None],
-    save: Callable[[int], None],
-    log: RunLog,
-    dist: DistInfo,
-    device: torch.device,
-    images_per_step: int,
-    log_every: int,
-    save_every: int = 0,
-    stop_after: int | None = None,
-    progress: bool = True,
-    desc: str = "train",
-) -> LoopResult:
-    """Run optimizer steps ``step .. total_steps``; ``train_step(batches, step)`` returns the step's loss.
+class TrainingJob(ABC):
+    """What differs between training jobs. The engine sets ``device``, ``dist``, ``model``, ``plan``,
+    ``output_dir`` before calling the hooks; hooks named ``on_main_*`` / ``evaluate`` run on rank 0 only."""
 
-    ``on_epoch_end(step)`` evaluates and logs (it runs on every rank; gate rank-0 work inside it), and
-    ``save(step)`` writes the checkpoint (likewise). Returns the step reached and this call's losses.
+    name = "train"  # progress-bar label
+    eval_before_training = False  # also evaluate at step 0
+    best: dict[str, float] | None = None  # the evaluation of the selected checkpoint, for jobs that select one
+
+    def __init__(self, cfg: TrainOptions) -> None:
+        self.cfg = cfg
+        self.device = torch.device("cpu")
+        self.dist = DistInfo()
+        self.model: nn.Module = nn.Identity()
+        self.plan: Plan | None = None
+        self.output_dir = Path(cfg.output_dir)
+
+    @abstractmethod
+    def build(self) -> Built:
+        """The model (initial weights drawn after the global RNG is seeded with ``cfg.seed``) and training set."""
+
+    @abstractmethod
+    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of ``model`` (already on the device)."""
+
+    @abstractmethod
+    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                     seed: int) -> torch.Tensor:
+        """The scalar loss of one micro-batch; ``gen`` (on the device) and ``seed`` are this micro-step's."""
+
+    @abstractmethod
+    def architecture(self) -> tuple[str, dict[str, Any]]:
+        """``(key, config)``: the architecture, saved as ``<key>.json`` and in the checkpoint under ``key``."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the forward pass (``--precision``)."""
+        return autocast(self.device, self.cfg.precision)
+
+    def announce(self) -> str:
+        """The line printed before training (rank 0)."""
+        return f"{self.name}: {self.plan}"
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Metrics at the end of an epoch (rank 0); none by default."""
+        return {}
+
+    def on_main_evaluated(self, step: int, metrics: dict[str, float]) -> str:
+        """After an evaluation (rank 0): select / export; returns a note for the printed line."""
+        return ""
+
+    def state(self) -> dict[str, Any]:
+        """Job state saved in the checkpoint besides model, optimizer and step."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` from a checkpoint being resumed."""
+
+    def on_main_finished(self) -> None:
+        """Export the trained weights (rank 0, only when the run reached its last step)."""
+
+
+@dataclass
+class TrainResult:
+    """What a call of :func:`train` did."""
+
+    output_dir: Path
+    step: int  # optimizer steps done in total
+    total_steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, this rank's loss) of this call
+    evals: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, metrics...} of this call (rank 0)
+    best: dict[str, float] | None = None  # the evaluation of the selected checkpoint (fine-tuning)
+    model: nn.Module | None = None  # the trained model (this rank's copy)
+    stopped: bool = False  # stopped early (signal or stop_after); resume to finish
+    interrupted: bool = False  # stopped by SIGINT / SIGTERM
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def eval_start(self) -> dict[str, float] | None:
+        """The evaluation before training, when this call started the run."""
+        return self.evals[0] if self.evals and self.evals[0]["step"] == 0 else None
+
+    @property
+    def eval_end(self) -> dict[str, float] | None:
+        """The last end-of-epoch evaluation of this call."""
+        return self.evals[-1] if self.evals and self.evals[-1]["step"] > 0 else None
+
+
+def train(job: TrainingJob) -> TrainResult:
+    """Run (or resume) ``job`` as its config says; works under torchrun.
+
+    Raises:
+        ValueError: a bad option or a resume with other options.  FileExistsError / FileNotFoundError: the run
+        folder already holds a run / holds none to resume.  FloatingPointError: the run diverged.
     """
-    result = LoopResult(step)
-    if stop_after is not None and step >= stop_after:
-        if dist.is_main:
-            print(f"already at step {step} >= --stop-after {stop_after}; nothing to do", flush=True)
-        result.stopped = step < total_steps
-        return result
-    bar = None
-    if dist.is_main and progress:
-        from tqdm.auto import tqdm
+    job.cfg.validate()
+    return launch(lambda device, dist: _Trainer(job, device, dist).run(), job.cfg.device)
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=desc)
-    window: list[torch.Tensor] = []
-    t_window = time.perf_counter()
-    stop_agreed = False
-    try:
-        with StopFlag() as stop:
-            while step < total_steps:
-                epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                sampler.set_epoch(epoch, step_in_epoch * accum_iter)
-                batches = iter(loader)
-                for _ in range(step_in_epoch, steps_per_epoch):
-                    scheduler.step_update(step)
-                    window.append(train_step(batches, step))
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    end_of_epoch = step % steps_per_epoch == 0
-                    at_stop_after = stop_after is not None and step >= stop_after
-                    if not dist.enabled:
-                        stop_agreed = stop.set
-                    if step % log_every == 0 or end_of_epoch or step == total_steps or at_stop_after or stop_agreed:
-                        local = torch.stack(window)
-                        mean_loss = all_reduce_mean(local.mean(), dist).item()
-                        if not math.isfinite(mean_loss):
-                            raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower the learning rate or clip gradients")
-                        result.losses += [(step - len(window) + i + 1, v) for i, v in enumerate(local.tolist())]
-                        ips = len(window) * images_per_step / max(time.perf_counter() - t_window, 1e-9)
-                        lr = scheduler.optimizer.param_groups[-1]["lr"]
-                        log.write({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": mean_loss,
-                                   "lr": lr, "img_per_s": ips})
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                        window, t_window = [], time.perf_counter()
-                        if dist.enabled:  # ranks agree on stopping only here, so all of them stop at the same step
-                            stop_agreed = all_reduce_mean(torch.tensor(float(stop.set), device=device), dist).item() > 0
-                    if end_of_epoch:
-                        if bar is not None:
-                            bar.clear()
-                        on_epoch_end(step)
-                        save(step)
-                    elif save_every and step % save_every == 0:
-                        save(step)
-                    if stop_agreed or at_stop_after:
-                        if not end_of_epoch:
-                            save(step)
-                        if dist.is_main:
-                            why = "interrupted" if stop_agreed else f"--stop-after {stop_after}"
-                            print(f"\nstopped at step {step}/{total_steps} ({why}); checkpoint saved, continue with --resume", flush=True)
-                        result.step, result.stopped = step, True
-                        return result
-    finally:
-        if bar is not None:
-            bar.close()
-    result.step = step
-    return result
+
+# ----------------------------------------------------------------------------- the skeleton
+class _Trainer:
+    """Set-up, resume, the step loop, logging, checkpoints: the same for every job."""
+
+    def __init__(self, job: TrainingJob, device: torch.device, dist: DistInfo) -> None:
+        cfg = job.cfg
+        self.job, self.cfg, self.device, self.dist = job, cfg, device, dist
+        job.device, job.dist = device, dist
+        self.ckpt_path = check_run_folder(job.output_dir, cfg.resume)
+        torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
+        self.model, train_set = job.build()
+        job.model = self.model
+        self.sampler, self.loader, spe = epoch_loader(train_set, cfg.batch_size, cfg.accum_iter, cfg.num_workers,
+                                                      cfg.seed, dist, device)
+        eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+        total = cfg.epochs * spe
+        job.plan = self.plan = Plan(spe, total, round(cfg.warmup_epochs * spe), eff_batch, cfg.learning_rate(eff_batch))
+        self.model.to(device)
+        self.optimizer = job.build_optimizer(self.model, self.plan.lr)
+        self.scheduler = build_scheduler(self.optimizer, total, self.plan.warmup_steps, cfg.min_lr)
+        # what the run's trajectory depends on beyond its options: a resume is checked against it
+        init_file = ckpt.resolve_checkpoint(cfg.init) if cfg.init and Path(cfg.init).exists() else None
+        self.provenance = {"data_fingerprint": fingerprint(train_set),
+                           "init_sha256": ckpt.weights_digest(init_file) if init_file else None}
+        self.step = self._resume() if cfg.resume else 0
+        self.result = TrainResult(job.output_dir, self.step, total)
+        self.gen = torch.Generator(device=device)
+        self.window: list[torch.Tensor] = []
+        self.stop_agreed = False
+
+    def _resume(self) -> int:
+        state = ckpt.safe_load(self.ckpt_path)
+        check_resumable(state.get("config", {}), to_dict(self.cfg), RESUMABLE_OPTIONS, self.ckpt_path)
+        saved = state.get("provenance", {})
+        if self.provenance["init_sha256"] is None:  # --init gone since: the checkpoint holds what it gave
+            self.provenance["init_sha256"] = saved.get("init_sha256")
+        check_resumable(saved, self.provenance, frozenset(), self.ckpt_path, "the data or the --init weights")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.job.load_state(state)
+        return int(state["step"])
+
+    def _write_run_files(self) -> None:
+        out = self.job.output_dir
+        if self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, out / "config.yaml")
+            key, arch = self.job.architecture()
+            (out / f"{key}.json").write_text(json.dumps(arch, indent=2))
+        barrier(self.dist)
+
+    def run(self) -> TrainResult:
+        self._write_run_files()
+        self.train_model = wrap_for_training(self.model, self.cfg.compile, self.dist, self.device)
+        self.log = RunLog(self.job.output_dir, self.dist.is_main, self.step)
+        if self.dist.is_main:
+            print(self.job.announce(), flush=True)
+            if self.step == 0 and self.job.eval_before_training:
+                self._evaluate(0, "eval before training")
+        self.model.train()
+        try:
+            self._loop()
+        finally:
+            self.log.close()
+        self.result.step, self.result.model, self.result.best = self.step, self.model, self.job.best
+        if not self.result.stopped and self.dist.is_main:
+            self.job.on_main_finished()
+        return self.result
+
+    def _loop(self) -> None:
+        cfg, total = self.cfg, self.plan.total_steps
+        if cfg.stop_after is not None and self.step >= cfg.stop_after:
+            if self.dist.is_main:
+                print(f"already at step {self.step} >= --stop-after {cfg.stop_after}; nothing to do", flush=True)
+            self.result.stopped = self.step < total
+            return
+        self.bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc=self.job.name)
+        self.t_window = time.perf_counter()
+        try:
+            with StopFlag() as stop:
+                while self.step < total and not self._epoch(stop):
+                    pass
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _epoch(self, stop: StopFlag) -> bool:
+        """Steps to the end of the current epoch; True when the run stopped early."""
+        spe = self.plan.steps_per_epoch
+        epoch, start = divmod(self.step, spe)
+        self.sampler.set_epoch(epoch, start * self.cfg.accum_iter)
+        batches = iter(self.loader)
+        for _ in range(start, spe):
+            self.scheduler.step_update(self.step)
+            self.window.append(self._train_step(batches))
+            self.step += 1
+            if self.bar is not None:
+                self.bar.update(1)
+            if self._after_step(stop):
+                return True
+        return False
+
+    def _train_step(self, batches: Iterator) -> torch.Tensor:
+        cfg, job = self.cfg, self.job
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.accum_iter):
+            x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            seed = step_seed(cfg.seed, self.step * cfg.accum_iter + micro, self.dist.rank)
+            self.gen.manual_seed(seed)
+            torch.manual_seed(seed)  # drop path draws from the global generator: make it a function of the step too
+            last = micro == cfg.accum_iter - 1  # sync gradients only on the last micro-step
+            with contextlib.nullcontext() if (not self.dist.enabled or last) else self.train_model.no_sync():
+                loss = job.forward_loss(self.train_model, x, y, self.gen, seed)
+                (loss / cfg.accum_iter).backward()
+            loss_sum += loss.detach()
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.clip_grad)
+        self.optimizer.step()
+        return loss_sum / cfg.accum_iter
+
+    def _after_step(self, stop: StopFlag) -> bool:
+        """Log, evaluate, checkpoint and stop as due after a step; True when the run stops here."""
+        cfg, step = self.cfg, self.step
+        end_of_epoch = step % self.plan.steps_per_epoch == 0
+        at_stop_after = cfg.stop_after is not None and step >= cfg.stop_after
+        if not self.dist.enabled:
+            self.stop_agreed = stop.set
+        if step % cfg.log_every == 0 or end_of_epoch or step == self.plan.total_steps or at_stop_after or self.stop_agreed:
+            self._log_window()
+            if self.dist.enabled:  # ranks agree on stopping only here, so all of them stop at the same step
+                flag = torch.tensor(float(stop.set), device=self.device)
+                self.stop_agreed = all_reduce_mean(flag, self.dist).item() > 0
+        if end_of_epoch:
+            if self.bar is not None:
+                self.bar.clear()
+            if self.dist.is_main:
+                self._evaluate(step, f"epoch {step // self.plan.steps_per_epoch}/{cfg.epochs}")
+            self._save()
+        elif cfg.save_every and step % cfg.save_every == 0:
+            self._save()
+        if not (self.stop_agreed or at_stop_after):
+            return False
+        if not end_of_epoch:
+            self._save()
+        if self.dist.is_main:
+            why = "interrupted" if self.stop_agreed else f"--stop-after {cfg.stop_after}"
+            print(f"\nstopped at step {step}/{self.plan.total_steps} ({why}); checkpoint saved, continue with --resume",
+                  flush=True)
+        self.result.stopped, self.result.interrupted = True, self.stop_agreed
+        return True
+
+    def _log_window(self) -> None:
+        local = torch.stack(self.window)
+        mean_loss = all_reduce_mean(local.mean(), self.dist).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {self.step}; the run diverged, nothing was saved: "
+                                     "lower the learning rate or clip gradients, then --resume")
+        first = self.step - len(self.window) + 1
+        self.result.losses += [(first + i, v) for i, v in enumerate(local.tolist())]
+        ips = len(self.window) * self.plan.effective_batch / max(time.perf_counter() - self.t_window, 1e-9)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.log.write({"type": "train", "step": self.step, "epoch": self.step / self.plan.steps_per_epoch,
+                        "loss": mean_loss, "lr": lr, "img_per_s": ips})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        self.window, self.t_window = [], time.perf_counter()
+
+    def _evaluate(self, step: int, label: str) -> None:
+        metrics = self.job.evaluate(step)
+        if not metrics:
+            return
+        row = {"step": step, "epoch": step / self.plan.steps_per_epoch, **metrics}
+        self.log.write({"type": "eval", **row})
+        self.result.evals.append(row)
+        note = self.job.on_main_evaluated(step, row)
+        print(f"{label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()) + note, flush=True)
+
+    def _save(self) -> None:
+        check_finite_parameters(self.model, self.step)  # on every rank, so all of them stop together
+        if self.dist.is_main:
+            key, arch = self.job.architecture()
+            ckpt.atomic_save({"format": ckpt.FORMAT, "model": self.model.state_dict(),
+                              "optimizer": self.optimizer.state_dict(), "step": self.step,
+                              "epoch": self.step // self.plan.steps_per_epoch, "config": to_dict(self.cfg),
+                              "provenance": self.provenance, key: arch, **self.job.state()}, self.ckpt_path)
+        barrier(self.dist)

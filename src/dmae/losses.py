@@ -1,11 +1,13 @@
 """The losses of dmae, in one place so their choices are visible and switchable.
 
-Pretraining: DMAE reconstructs the *clean* image and scores **all** patches (it must also denoise the visible ones);
-MAE scores only the removed patches. Both optionally normalize each target patch by its own mean and
-variance (``norm_pix_loss``), as the paper's runs do.
+Pretraining: DMAE (Wu et al., ICLR 2023, Sec. 3) reconstructs the *clean* image and scores **all** patches
+(it must also denoise the visible ones); MAE (He et al., CVPR 2022, reference ``forward_loss``) scores only
+the removed patches. Both optionally normalize each target patch by its own mean and variance
+(``norm_pix_loss``), as the paper's runs do.
 
-Fine-tuning: consistency regularization over ``m`` noise copies (the paper's main method) or plain
-cross-entropy on noisy inputs (RS).
+Fine-tuning: consistency regularization over ``m`` noise copies (Jeong & Shin, NeurIPS 2020; the DMAE
+paper's main method) or plain cross-entropy on noisy inputs (RS: Gaussian data augmentation, Cohen et al.,
+ICML 2019).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ LOSS_ON: tuple[str, ...] = ("all", "masked")
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Normalize each patch ``[..., p*p*C]`` by its own mean and (unbiased) variance."""
+    """Normalize each patch ``[..., p*p*C]`` by its own mean and (unbiased) variance.
+
+    MAE's ``norm_pix_loss`` target (He et al., CVPR 2022): ``(t - mean) / sqrt(var + eps)``. Same shape.
+    """
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return (target - mean) / (var + eps) ** 0.5
@@ -33,7 +38,10 @@ def reconstruction_loss(
     norm_pix_loss: bool = True,
     on: LossOn = "all",
 ) -> torch.Tensor:
-    """Mean squared error between predicted and target patches.
+    """Mean squared error between predicted and target patches, computed in float32.
+
+    ``on="all"`` is DMAE's loss (Wu et al., ICLR 2023, Sec. 3); ``on="masked"`` is MAE's ``forward_loss``
+    (He et al., CVPR 2022).
 
     Args:
         pred: ``[N, L, p*p*C]`` decoder output.
@@ -42,7 +50,10 @@ def reconstruction_loss(
         norm_pix_loss: normalize each target patch by its own statistics first.
         on: ``"all"`` (DMAE: every patch) or ``"masked"`` (MAE: removed patches only).
     Returns:
-        A scalar: per-patch MSE averaged over the scored patches.
+        A scalar: per-patch MSE averaged over the scored patches (0 when ``"masked"`` finds none).
+    Raises:
+        ValueError: ``pred`` and ``target`` shapes differ, ``mask`` is not ``[N, L]``, or ``on`` is not
+            one of :data:`LOSS_ON`.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
@@ -61,7 +72,7 @@ def reconstruction_loss(
 
 # ----------------------------------------------------------------------------- fine-tuning
 class ClassificationLoss(NamedTuple):
-    """The total loss and its parts (each a scalar), for logging."""
+    """The total loss and its parts (each a scalar), for logging; only ``total`` carries gradients."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -70,15 +81,24 @@ class ClassificationLoss(NamedTuple):
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy against class indices ``[B]`` (with optional label smoothing) or soft targets ``[B, K]``
-    (mixup/cutmix targets already carry their smoothing)."""
+    """Mean cross-entropy of ``logits [B, K]`` (in float32) against class indices ``[B]`` (with optional
+    label smoothing) or soft targets ``[B, K]`` (mixup/cutmix targets already carry their smoothing, so
+    ``label_smoothing`` is not applied to them). Returns a scalar."""
     if target.ndim == logits.ndim:
         return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 def rs_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> ClassificationLoss:
-    """Gaussian-augmentation training: cross-entropy on noisy inputs, ``logits: [B, K]`` or ``[m, B, K]``."""
+    """Gaussian-augmentation training (Cohen et al., ICML 2019): cross-entropy on noisy inputs.
+
+    Args:
+        logits: ``[B, K]`` or copy-major ``[m, B, K]`` (``m * B`` rows once flattened).
+        target: class indices ``[B]`` or soft targets ``[B, K]``, repeated for every copy.
+        label_smoothing: for class-index targets only.
+    Returns:
+        A :class:`ClassificationLoss` with ``total = ce`` and zero ``kl`` / ``entropy``.
+    """
     flat = logits.reshape(-1, logits.shape[-1])
     m = flat.shape[0] // target.shape[0]
     ce = cross_entropy(flat, target.repeat(m, *([1] * (target.ndim - 1))), label_smoothing)
@@ -88,16 +108,21 @@ def rs_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float =
 
 def consistency_loss(logits: torch.Tensor, target: torch.Tensor, lbd: float = 2.0, mu: float = 0.5,
                      label_smoothing: float = 0.0) -> ClassificationLoss:
-    """Consistency regularization over ``m`` noise copies of each image.
+    """Consistency regularization over ``m`` noise copies of each image (Jeong & Shin, NeurIPS 2020).
 
     ``L = mean_i CE(F_i, y) + lbd * mean_i KL(F_bar || F_i) + mu * H(F_bar)``, with ``F_i`` the softmax
-    of copy ``i`` and ``F_bar`` their mean; averaged over the batch.
+    of copy ``i`` and ``F_bar`` their mean; averaged over the batch. Computed in float32.
 
     Args:
         logits: ``[m, B, K]``, copy-major (copy ``i`` of image ``b`` at ``[i, b]``).
         target: class indices ``[B]`` or soft targets ``[B, K]``.
         lbd: weight of the KL consistency term (paper: 2.0).
         mu: weight of the entropy of the mean prediction (paper: 0.5 for sigma 0.25 / 0.5, 0.1 for 1.0).
+        label_smoothing: for class-index targets only (see :func:`cross_entropy`).
+    Returns:
+        A :class:`ClassificationLoss`: ``total`` and its detached ``ce``, ``kl`` and ``entropy`` parts.
+    Raises:
+        ValueError: ``logits`` is not 3-D ``[m, B, K]``.
     """
     if logits.ndim != 3:
         raise ValueError(f"consistency_loss wants logits [m, B, K], got {tuple(logits.shape)}")
@@ -113,5 +138,5 @@ def consistency_loss(logits: torch.Tensor, target: torch.Tensor, lbd: float = 2.
 
 
 def default_mu(sigma: float) -> float:
-    """The paper's entropy weight: 0.5 for sigma up to 0.5, 0.1 for sigma = 1.0 (and above)."""
+    """The paper's entropy weight for a sigma in [0, 1] pixel units: 0.1 for sigma >= 1.0, else 0.5."""
     return 0.1 if sigma >= 1.0 else 0.5

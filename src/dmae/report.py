@@ -1,10 +1,11 @@
 """``dmae report``: certified-accuracy tables and curves from per-image certification logs.
 
-Reads TSVs with the columns ``idx label predict radius correct time`` (ours or any tool's in that
-format). Certified accuracy at r = fraction of images with ``correct == 1`` and ``radius >= r``; the
-average certified radius (ACR) = mean(correct * radius); the abstention rate = fraction with
-``predict == -1``. Several files (one per sigma) give one row each plus the best-sigma-per-radius row
-(the paper's Tables 1-2 layout).
+Reads TSVs with the columns ``idx label predict radius correct time`` (the log format of Cohen et al.'s
+``certify.py``, ICML 2019; ours or any tool's in that format). Certified accuracy at r (Cohen et al.) =
+fraction of images with ``correct == 1`` and ``radius >= r``; the average certified radius (ACR, Zhai et
+al., MACER, ICLR 2020) = mean(correct * radius); the abstention rate = fraction with ``predict == -1``.
+Radii are l2 distances in [0, 1] pixel units. Several files (one per sigma) give one row each plus the
+best-sigma-per-radius row (the paper's Tables 1-2 layout).
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+
+from dmae.certlog import LogError, read_log_rows
+from dmae.config import Options, option
+from dmae.figures import pyplot, write_png
 
 RADII = {
     "imagenet": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0),
@@ -26,13 +32,35 @@ RADII = {
 DEFAULT_RADII = RADII["cifar10"]
 
 
-class ReportError(ValueError):
-    """A log could not be read; the message names the file and what is wrong."""
+ReportError = LogError  # what reading a log raises: the file, the line and what is wrong
+
+
+def _check_radii(radii: tuple[float, ...]) -> None:
+    for r in radii:
+        if not r >= 0:
+            raise ValueError(f"--radii must be >= 0, got {r}")
+
+
+@dataclass
+class ReportConfig(Options):
+    """Every option of ``dmae report``."""
+
+    files: tuple[str, ...] = option((), "TSVs with columns idx label predict radius correct time (one per sigma)",
+                                    positional=True)
+    radii: Optional[tuple[float, ...]] = option(None, "radii of the table (default: the data set's: ImageNet 0-3, "
+                                                "CIFAR-10 / Fashion-MNIST 0-1)", check=_check_radii)
+    markdown: Optional[str] = option(None, "also write the table as Markdown here")
+    csv: Optional[str] = option(None, "also write the table as CSV here")
+    plot: Optional[str] = option(None, "write certified accuracy vs radius as a PNG here")
 
 
 @dataclass
 class CertLog:
-    """One certification log as arrays (one entry per image)."""
+    """One certification log as arrays ``[n]`` (one entry per image); ``radius`` in [0, 1] pixel units.
+
+    ``sigma`` and ``dataset`` come from the log's sidecar ``.json`` (or ``sigma`` from the file name), else
+    ``None``.
+    """
 
     name: str
     sigma: float | None
@@ -46,14 +74,17 @@ class CertLog:
         return len(self.correct)
 
     def certified_accuracy(self, r: float) -> float:
+        """Fraction of images correct with ``radius >= r`` (Cohen et al., ICML 2019); NaN for an empty log."""
         return float(np.mean((self.correct == 1) & (self.radius >= r))) if len(self) else float("nan")
 
     @property
     def acr(self) -> float:
+        """Average certified radius, ``mean(correct * radius)`` (Zhai et al., ICLR 2020); NaN when empty."""
         return float(np.mean(self.correct * self.radius)) if len(self) else float("nan")
 
     @property
     def abstain_rate(self) -> float:
+        """Fraction of images with ``predict == -1`` (abstained); NaN for an empty log."""
         return float(np.mean(self.predict == -1)) if len(self) else float("nan")
 
 
@@ -61,33 +92,29 @@ _SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_=-]?(\d+(?:\.\d+)?)")
 
 
 def read_log(path: str | Path) -> CertLog:
-    """Parse a certification TSV (header required; columns found by name)."""
+    """Parse a certification TSV (ours or any tool's: header required, columns found by name).
+
+    ``sigma`` and ``dataset`` are read from ``<path stem>.json`` beside the log when it exists (keys
+    ``sigma`` and ``data``); without a ``sigma`` there, it is parsed from the file name (``sigma0.25``,
+    ``noise_0.5``, ...).
+
+    Raises:
+        LogError: unreadable, no header, missing columns, a malformed row (file and line named), or a
+            non-finite value.
+        json.JSONDecodeError: the sidecar ``.json`` is not valid JSON.
+    """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReportError(f"cannot read {path}: {e}") from e
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise ReportError(f"{path} is empty")
-    header = lines[0].split()
-    need = ("label", "predict", "radius", "correct")
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise ReportError(f"{path}: header {header} lacks columns {missing} (expected idx label predict radius correct time)")
-    col = {c: header.index(c) for c in need}
+    log = read_log_rows(path, need=("label", "predict", "radius", "correct"))
+    col = {c: log.header.index(c) for c in ("label", "predict", "radius", "correct")}
     rows = []
-    for n, ln in enumerate(lines[1:], start=2):
-        f = ln.split()
-        if len(f) < len(header):
-            if n == len(lines):  # a torn last line of a run still being written
-                break
-            raise ReportError(f"{path}:{n}: {len(f)} fields, expected {len(header)}")
+    for n, f in enumerate(log.rows, start=2):
         try:
             rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col["radius"]]), int(f[col["correct"]])))
         except ValueError as e:
-            raise ReportError(f"{path}:{n}: {e}") from e
+            raise LogError(f"{path}:{n}: {e}") from e
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    if not np.isfinite(arr).all():
+        raise LogError(f"{path}: a radius is NaN or infinite; certified radii are finite numbers")
     meta_file = path.with_suffix(".json")
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     sigma = meta.get("sigma")
@@ -114,17 +141,20 @@ class Table:
         return head, body
 
     def text(self) -> str:
+        """The table as aligned plain text (accuracies and abstention in %)."""
         head, body = self._cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
     def markdown(self) -> str:
+        """The table as a Markdown table (accuracies and abstention in %)."""
         head, body = self._cells()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
 
     def csv(self) -> str:
+        """The table as CSV with unrounded fractions (not %), for further processing."""
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain"])
@@ -136,7 +166,14 @@ class Table:
 
 def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Table:
     """Certified accuracy at ``radii`` (default: the data set's standard radii), ACR and abstention per log,
-    plus the best-per-radius row when there are several logs."""
+    plus the best-per-radius row when there are several logs.
+
+    Rows are sorted by sigma (logs without one last). The default radii are :data:`RADII` of the logs'
+    data set when they all name the same one, else :data:`DEFAULT_RADII`. Radii in [0, 1] pixel units.
+
+    Raises:
+        ReportError: ``logs`` is empty.
+    """
     if not logs:
         raise ReportError("no logs to report")
     if radii is None:
@@ -152,12 +189,12 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
 
 
 def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
-    """Certified accuracy vs radius for every log (and their upper envelope) as a PNG."""
-    import matplotlib
+    """Certified accuracy vs radius for every log (and their upper envelope) as a PNG; returns its path.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Raises:
+        ValueError: ``logs`` is empty (from ``max``).
+    """
+    plt = pyplot()
     r_max = max(float(lg.radius.max()) if len(lg) else 0.0 for lg in logs)
     grid = np.linspace(0.0, max(r_max, 1e-3) * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -176,17 +213,17 @@ def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
     ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=120)
 
 
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
            csv_path: str | Path | None = None, plot: str | Path | None = None) -> Table:
-    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs."""
+    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs.
+
+    Raises:
+        LogError: a file cannot be read as a log (:func:`read_log`); ``ReportError`` (the same class)
+            when ``files`` is empty.
+    """
     logs = [read_log(f) for f in files]
     table = summarize(logs, radii)
     print(table.text())

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 
+from dmae.checkpoint import DECODER_PREFIXES, CheckpointError, load_dmae, resolve_checkpoint, run_config
+from dmae.config import Options, option
+from dmae.figures import pyplot, write_png
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
+from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info
 from dmae.models.dmae import DenoisingMaskedAutoencoder
+from dmae.models.registry import get_preset
+from dmae.runtime import resolve_device
 
 
 class Reconstruction(NamedTuple):
@@ -51,11 +58,7 @@ def reconstruct(model: DenoisingMaskedAutoencoder, images: torch.Tensor, sigma: 
 
 def save_figure(rec: Reconstruction, path: str | Path, title: str = "") -> Path:
     """Write the four views as a PNG grid, one row per image (values clipped to [0, 1] for display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = ("original", "noisy", "masked noisy", "reconstruction")
     n = rec.original.shape[0]
     fig, axes = plt.subplots(n, 4, figsize=(4 * 1.6, n * 1.6 + (0.4 if title else 0)), squeeze=False)
@@ -73,59 +76,69 @@ def save_figure(rec: Reconstruction, path: str | Path, title: str = "") -> Path:
                 ax.set_title(cols[j], fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=100)
 
 
 
-def _run_folder(checkpoint: Path) -> Path:
-    return checkpoint if checkpoint.is_dir() else checkpoint.parent
+@dataclass
+class VisualizeConfig(Options):
+    """Every option of ``dmae visualize``; unset ones come from the run's ``config.yaml`` when there is one."""
+
+    checkpoint: Optional[str] = option(None, "a run folder, checkpoint.pt, model.safetensors or official .pth")
+    out: Optional[str] = option(None, "PNG to write (default: reconstructions.png beside the checkpoint)")
+    model: Optional[str] = option(None, "model preset, for official checkpoints whose shapes match several", check=get_preset)
+    data: Optional[str] = option(None, "data set (default: the run's, else fashion-mnist)", choices=DATASET_NAMES)
+    data_root: Optional[str] = option(None, "data set directory")
+    split: Optional[str] = option(None, "split to draw images from (default: the evaluation split)")
+    num: int = option(8, "number of images (rows); alias --num-images (under torchrun)", low=1, aliases=("--num-images",))
+    sigma: Optional[float] = option(None, "noise level (default: the run's, else 0.25)", check=check_sigma)
+    mask_ratio: float = option(0.75, "fraction of patches removed", check=check_mask_ratio)
+    seed: int = option(0, "seed of the noise and mask")
+    norm_pix_loss: Optional[bool] = option(None, "whether the model predicts per-patch normalized pixels (default: the run's, else true)")
+    device: str = option("auto", "auto, cpu, cuda")
+
+    def check_combination(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("--checkpoint is required")
 
 
-def visualize_checkpoint(checkpoint: str | Path, out: str | Path | None = None, model: str | None = None,
-                         data: str | None = None, data_root: str | None = None, split: str | None = None,
-                         num: int = 8, sigma: float | None = None, mask_ratio: float = 0.75, seed: int = 0,
-                         norm_pix_loss: bool | None = None, device: str = "auto") -> Path:
+def visualize(cfg: VisualizeConfig) -> Path:
     """Load a checkpoint (a run folder, ``checkpoint.pt``, ``model.safetensors`` or an official file) and write
-    the reconstruction figure for the first ``num`` images of a split. Unset options come from the run's
-    ``config.yaml`` when there is one."""
-    import yaml
+    the reconstruction figure for the first ``num`` images of a split; returns the PNG's path.
 
-    from dmae.checkpoint import load_dmae
-    from dmae.data import build_dataset, build_transform, dataset_info
-    from dmae.distributed import resolve_device
+    Raises:
+        ValueError: a bad option.  DataError: unreadable data.  CheckpointError: an unreadable checkpoint, or
+        one without a decoder (MAE's public encoder-only files), whose reconstructions would be a random
+        decoder's.
+    """
+    cfg.validate()
+    checkpoint = resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
+    run_cfg = run_config(checkpoint)
+    data = cfg.data or run_cfg.get("data", "fashion-mnist")
+    data_root = cfg.data_root or run_cfg.get("data_root")
+    sigma = cfg.sigma if cfg.sigma is not None else float(run_cfg.get("sigma", 0.25))
+    norm_pix_loss = cfg.norm_pix_loss if cfg.norm_pix_loss is not None else bool(run_cfg.get("norm_pix_loss", True))
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        found = [checkpoint / n for n in ("model.safetensors", "checkpoint.pt") if (checkpoint / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{checkpoint} holds neither model.safetensors nor checkpoint.pt")
-        checkpoint = found[0]
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
-    run_cfg: dict = {}
-    cfg_file = _run_folder(checkpoint) / "config.yaml"
-    if cfg_file.is_file():
-        run_cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    data = data or run_cfg.get("data", "fashion-mnist")
-    data_root = data_root or run_cfg.get("data_root")
-    sigma = sigma if sigma is not None else float(run_cfg.get("sigma", 0.25))
-    norm_pix_loss = norm_pix_loss if norm_pix_loss is not None else bool(run_cfg.get("norm_pix_loss", True))
-
-    net, _ = load_dmae(checkpoint, model)
-    net.to(resolve_device(device))
+    net, report = load_dmae(checkpoint, cfg.model)
+    no_decoder = [k for k in report.missing if k.startswith(DECODER_PREFIXES)]
+    if no_decoder:  # an encoder-only file (MAE's public layout): a random decoder would draw noise
+        raise CheckpointError(f"{checkpoint} holds no decoder ({len(no_decoder)} missing keys: {', '.join(no_decoder[:4])}"
+                              f"{' ...' if len(no_decoder) > 4 else ''}); reconstructions need a full pretraining "
+                              "checkpoint (encoder and decoder), not an encoder-only file")
+    net.to(resolve_device(cfg.device))
     info = dataset_info(data)
-    split = split or info.splits[1]
+    split = cfg.split or info.splits[1]
     ds = build_dataset(data, split, data_root, build_transform(info, False, net.config.img_size))
-    images = torch.stack([ds[i][0] for i in range(min(num, len(ds)))])  # type: ignore[arg-type]
-    rec = reconstruct(net, images, sigma, mask_ratio, seed, norm_pix_loss)
-    out = Path(out) if out else _run_folder(checkpoint) / "reconstructions.png"
+    images = torch.stack([ds[i][0] for i in range(min(cfg.num, len(ds)))])  # type: ignore[arg-type]
+    rec = reconstruct(net, images, sigma, cfg.mask_ratio, cfg.seed, norm_pix_loss)
+    out = Path(cfg.out) if cfg.out else checkpoint.parent / "reconstructions.png"
     note = " (patch mean/var from the clean image)" if norm_pix_loss else ""
-    return save_figure(rec, out, f"{data} {split}, sigma={sigma}, mask ratio={mask_ratio}{note}")
+    return save_figure(rec, out, f"{data} {split}, sigma={sigma}, mask ratio={cfg.mask_ratio}{note}")
 
 
-__all__ = ["Reconstruction", "reconstruct", "save_figure", "visualize_checkpoint"]
+def visualize_checkpoint(checkpoint: str | Path, **options: Any) -> Path:
+    """:func:`visualize` with its options as keywords (``out``, ``num``, ``seed``, ...)."""
+    return visualize(VisualizeConfig(checkpoint=str(checkpoint), **options))
+
+
+__all__ = ["Reconstruction", "VisualizeConfig", "reconstruct", "save_figure", "visualize", "visualize_checkpoint"]

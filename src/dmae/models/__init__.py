@@ -1,6 +1,7 @@
 """Models: the DMAE autoencoder, its input layer and named presets."""
 
-from dmae.models.dmae import IMAGENET_MEAN, IMAGENET_STD, DenoisingMaskedAutoencoder, DMAEConfig
+from dmae.data import IMAGENET_MEAN, IMAGENET_STD
+from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.preprocess import InputAdapter
 from dmae.models.registry import create_model, get_preset, list_models, model_config
 

@@ -11,7 +11,7 @@ first layer. Two feature modes, as in the paper:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dmae.models.dmae import DMAEConfig
+from dmae.models.dmae import DMAEConfig, config_from_dict
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
@@ -50,11 +50,8 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"classifier config: unknown keys {unknown}")
-        return cls(**d)
+        """Rebuild from :meth:`to_dict`'s output; raises ``ValueError`` naming unknown keys."""
+        return config_from_dict(cls, d, "classifier config")
 
 
 class ViTClassifier(VisionTransformer):
@@ -84,11 +81,3 @@ class ViTClassifier(VisionTransformer):
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         """[0, 1] images ``[N, C, H, W]`` (any size; resized after noise) -> tokens ``[N, 1 + L, D]``."""
         return super().forward_features(self.preprocess(x), *args, **kwargs)
-
-    @property
-    def head_linear(self) -> nn.Linear:
-        return self.head[1] if isinstance(self.head, nn.Sequential) else self.head  # type: ignore[return-value]
-
-    def encoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Named parameters of the pretrained encoder (everything but the pooling norm and the head)."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith(("head", "fc_norm"))]

@@ -1,5 +1,8 @@
 """The Denoising Masked Autoencoder: ``Mask(x + eta) -> Encoder -> h -> Decoder -> x_hat``.
 
+DMAE (Wu et al., ICLR 2023, Sec. 3) on MAE's asymmetric encoder-decoder (He et al., CVPR 2022; reference
+``models_mae.py``), with a ViT encoder (Dosovitskiy et al., ICLR 2021) built from timm's blocks.
+
 The module's own attributes (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks``, ``norm``,
 ``decoder_*``, ``mask_token``) are named so that its state dict has exactly the keys of the official DMAE
 and MAE checkpoints, which are timm's ViT layout. The blocks are timm's, so attention is fused
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from timm.layers import PatchEmbed
@@ -18,16 +21,40 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from dmae.corrupt import Masking, patchify, unpatchify
+from dmae.data import IMAGENET_MEAN, IMAGENET_STD
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+C = TypeVar("C")
+
+
+def config_from_dict(cls: type[C], d: dict[str, Any], what: str) -> C:
+    """An architecture dataclass from a dict read back from a file, refusing keys it does not know.
+
+    Raises:
+        ValueError: naming the unknown keys. Whatever ``cls(**d)`` raises propagates (for
+            :class:`DMAEConfig`, ``ValueError`` for invalid values).
+    """
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}")
+    return cls(**d)
 
 
 @dataclass
 class DMAEConfig:
-    """Architecture of a DMAE. Everything needed to rebuild the model from a state dict."""
+    """Architecture of a DMAE. Everything needed to rebuild the model from a state dict.
+
+    The defaults are MAE's ``mae_vit_base_patch16_dec512d8b`` (ViT-B/16 encoder, 512-d 8-block decoder);
+    ``mean``/``std`` are the per-channel input normalization, in [0, 1] pixel units.
+
+    Raises:
+        ValueError: (on construction) a size, depth or head count that is not a positive integer,
+            ``img_size`` not divisible by ``patch_size``, an embedding dim not divisible by its head count
+            or by 4 (2-D sin-cos positions).
+    """
 
     img_size: int = 224  # side of the (square) model input; other inputs are resized to it, after the noise
     patch_size: int = 16
@@ -60,30 +87,43 @@ class DMAEConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The patch grid ``(rows, columns)``: ``(img_size // patch_size,) * 2``."""
         side = self.img_size // self.patch_size
         return side, side
 
     @property
     def num_patches(self) -> int:
+        """Patches per image, ``L = gh * gw``."""
         gh, gw = self.grid
         return gh * gw
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict of every field (``mean``/``std`` as lists), read back by :meth:`from_dict`."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DMAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"model config: unknown keys {unknown}")
-        return cls(**d)
+        """Rebuild from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: unknown keys (named), or values the constructor rejects.
+        """
+        return config_from_dict(cls, d, "model config")
 
 
 class DenoisingMaskedAutoencoder(nn.Module):
-    """ViT encoder over visible noisy patches + light decoder predicting every patch of the clean image."""
+    """ViT encoder over visible noisy patches + light decoder predicting every patch of the clean image.
+
+    DMAE's model (Wu et al., ICLR 2023, Sec. 3): MAE's architecture (He et al., CVPR 2022) trained to
+    reconstruct the clean image from a noised, masked one. Inputs are [0, 1] images; the
+    :class:`~dmae.models.preprocess.InputAdapter` (``preprocess``) resizes and normalizes them inside.
+
+    Raises:
+        ValueError: (on construction) ``config.mean``/``config.std`` do not have ``in_chans`` values, or a
+            std is not positive (from ``InputAdapter``).
+    """
 
     def __init__(self, config: DMAEConfig) -> None:
         super().__init__()
@@ -116,7 +156,10 @@ class DenoisingMaskedAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
-        """Fixed sin-cos positions; xavier-uniform Linear (and patch-embed as a flattened Linear); tokens N(0, .02)."""
+        """Fixed sin-cos positions; xavier-uniform Linear (and patch-embed as a flattened Linear); tokens N(0, .02).
+
+        MAE's ``initialize_weights`` (He et al., CVPR 2022); LayerNorms start at weight 1, bias 0.
+        """
         grid = self.config.grid
         self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid))
         self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], grid))
@@ -139,29 +182,57 @@ class DenoisingMaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def num_patches(self) -> int:
+        """Patches per image ``L`` (see :attr:`DMAEConfig.num_patches`)."""
         return self.config.num_patches
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """``[N, C, S, S]`` (model resolution) -> ``[N, L, p*p*C]``."""
+        """``[N, C, S, S]`` (model resolution) -> ``[N, L, p*p*C]``.
+
+        Raises:
+            ValueError: the image sides are not divisible by the patch size (:func:`dmae.corrupt.patchify`).
+        """
         return patchify(imgs, self.config.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, L, p*p*C]`` -> ``[N, C, S, S]``."""
+        """``[N, L, p*p*C]`` -> ``[N, C, S, S]``.
+
+        Raises:
+            ValueError: the last dim is not ``p*p*C`` (:func:`dmae.corrupt.unpatchify`).
+            RuntimeError: ``L`` is not the model's patch count (from ``torch.reshape``).
+        """
         return unpatchify(x, self.config.patch_size, self.config.in_chans, self.config.grid)
 
     def target(self, clean: torch.Tensor) -> torch.Tensor:
-        """The reconstruction target: the clean [0, 1] image, resized, normalized and patchified ``[N, L, p*p*C]``."""
+        """The reconstruction target: the clean [0, 1] image, resized, normalized and patchified ``[N, L, p*p*C]``.
+
+        DMAE's target is the clean image (Wu et al., ICLR 2023, Sec. 3), not the noisy input.
+
+        Raises:
+            ValueError: ``clean`` is not ``[N, C, H, W]`` or has a channel count the model cannot take.
+        """
         return self.patchify(self.preprocess(clean))
 
     def to_pixels(self, pred: torch.Tensor) -> torch.Tensor:
-        """Predicted (normalized) patches ``[N, L, p*p*C]`` -> images in [0, 1] space at model resolution."""
+        """Predicted (normalized) patches ``[N, L, p*p*C]`` -> images ``[N, C, S, S]`` in [0, 1] pixel space
+        at model resolution (denormalized, not clipped).
+
+        Raises:
+            ValueError, RuntimeError: ``pred`` does not have the model's patch shape (see :meth:`unpatchify`).
+        """
         return self.preprocess.denormalize(self.unpatchify(pred))
 
     # ------------------------------------------------------------------ forward
     def forward_encoder(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Encode the visible patches of already-corrupted [0, 1] images ``x: [N, C, H, W]``.
 
-        Returns the latent ``[N, 1 + L_keep, D]`` (cls token first).
+        MAE's ``forward_encoder`` (He et al., CVPR 2022): positions are added before the visible patches
+        are gathered, then the cls token (with its position) is prepended.
+
+        Returns:
+            The latent ``[N, 1 + L_keep, D]`` (cls token first).
+        Raises:
+            ValueError: ``x`` is not ``[N, C, H, W]`` or has a channel count the model cannot take, or
+                ``masking`` was drawn for another batch size or patch count.
         """
         x = self.patch_embed(self.preprocess(x))  # [N, L, D]
         x = x + self.pos_embed[:, 1:, :]
@@ -176,7 +247,11 @@ class DenoisingMaskedAutoencoder(nn.Module):
         return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Latent ``[N, 1 + L_keep, D]`` -> predicted normalized patches ``[N, L, p*p*C]`` for every patch."""
+        """Latent ``[N, 1 + L_keep, D]`` -> predicted normalized patches ``[N, L, p*p*C]`` for every patch.
+
+        MAE's ``forward_decoder`` (He et al., CVPR 2022): mask tokens fill the removed positions,
+        ``ids_restore [N, L]`` unshuffles them, and the cls token's prediction is dropped.
+        """
         x = self.decoder_embed(latent)  # [N, 1 + L_keep, Dd]
         n, L = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(n, L + 1 - x.shape[1], -1)
@@ -196,6 +271,8 @@ class DenoisingMaskedAutoencoder(nn.Module):
             masking: which patches the encoder sees (see :func:`dmae.corrupt.random_masking`).
         Returns:
             ``[N, L, p*p*C]`` predictions in normalized pixel space.
+        Raises:
+            ValueError: as :meth:`forward_encoder`.
         """
         return self.forward_decoder(self.forward_encoder(x, masking), masking.ids_restore)
 
@@ -205,7 +282,10 @@ class DenoisingMaskedAutoencoder(nn.Module):
         return [k for k in self.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
 
     def num_params(self, part: str = "all") -> int:
-        """Parameter count of ``'encoder'``, ``'decoder'`` or ``'all'`` (fixed positions included)."""
+        """Parameter count of ``'encoder'``, ``'decoder'`` or ``'all'`` (fixed positions included).
+
+        Any other ``part`` counts nothing and returns 0.
+        """
         enc = set(self.encoder_keys())
         total = 0
         for name, p in self.named_parameters():

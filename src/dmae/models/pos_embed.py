@@ -1,4 +1,5 @@
-"""Fixed 2-D sine-cosine positional embeddings in the MAE layout.
+"""Fixed 2-D sine-cosine positional embeddings in the MAE layout (He et al., CVPR 2022; reference
+``util/pos_embed.py``).
 
 For a grid of ``gh x gw`` patches (row-major) and width ``D``: the first ``D/2`` channels encode the
 column index, the last ``D/2`` the row index; each half is ``[sin(pos * w_k), cos(pos * w_k)]`` with
@@ -12,7 +13,13 @@ import torch
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """``pos: [M]`` -> ``[M, dim]`` = ``[sin(pos * omega), cos(pos * omega)]`` (float64)."""
+    """``pos: [M]`` -> ``[M, dim]`` = ``[sin(pos * omega), cos(pos * omega)]`` (float64).
+
+    ``omega_k = 10000^(-k / (dim/2))`` for ``k < dim/2``, as MAE's ``get_1d_sincos_pos_embed_from_grid``.
+
+    Raises:
+        ValueError: ``dim`` is odd.
+    """
     if dim % 2:
         raise ValueError(f"embedding dim must be even, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
@@ -22,7 +29,14 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
-    """Return ``[1, (1 if cls_token) + gh*gw, dim]`` float32 positional embeddings."""
+    """Return ``[1, (1 if cls_token) + gh*gw, dim]`` float32 positional embeddings.
+
+    MAE's ``get_2d_sincos_pos_embed``: ``grid = (gh, gw)``, patches row-major; the first ``dim/2`` channels
+    encode the column, the last ``dim/2`` the row; the cls row, if any, is zeros.
+
+    Raises:
+        ValueError: ``dim`` is not divisible by 4.
+    """
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
     gh, gw = grid

@@ -19,6 +19,10 @@ class InputAdapter(nn.Module):
 
     ``mean``/``std`` are non-persistent buffers: they follow ``.to(device)`` but are not state-dict keys,
     so official checkpoints (which do not store them) load with exactly their own keys.
+
+    Raises:
+        ValueError: (on construction) ``mean``/``std`` do not have ``in_chans`` values, or a std is not
+            positive.
     """
 
     def __init__(self, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -33,7 +37,15 @@ class InputAdapter(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
-        """Expand channels and resize ``[N, C, H, W]`` in [0, 1] pixel space (no normalization)."""
+        """Expand channels and resize ``[N, C, H, W]`` in [0, 1] pixel space (no normalization).
+
+        A 1-channel input to a 3-channel model is repeated; a size other than ``img_size`` is resized
+        bicubically (antialiased when shrinking) to ``[N, in_chans, img_size, img_size]``.
+
+        Raises:
+            ValueError: ``x`` is not 4-D, or its channel count is neither ``in_chans`` nor 1 for a
+                3-channel model.
+        """
         if x.ndim != 4:
             raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
         c = x.shape[1]
@@ -48,13 +60,21 @@ class InputAdapter(nn.Module):
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` per channel, in ``x``'s dtype; ``x: [N, in_chans, H, W]`` in [0, 1]."""
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: back to [0, 1] pixel units (not clipped)."""
         return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images ``[N, C, H, W]`` -> normalized ``[N, in_chans, img_size, img_size]``.
+
+        Raises:
+            ValueError: as :meth:`resize`.
+        """
         return self.normalize(self.resize(x))
 
     def extra_repr(self) -> str:
+        """Size, channels and normalization, shown in the module's ``repr``."""
         return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

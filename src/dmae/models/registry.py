@@ -1,33 +1,42 @@
 """Named model presets: each is a set of :class:`DMAEConfig` values that override the defaults.
 
-The official names are the ones the paper's code and checkpoints use. The small presets are for CPUs and
-28-32 px images; their input size and channel count default to the data set's (``native_input``).
+The official names are the ones the paper's code and checkpoints use (Wu et al., ICLR 2023, after MAE's
+``mae_vit_*_dec512d8b``, He et al., CVPR 2022; ViT sizes from Dosovitskiy et al., ICLR 2021). The small
+presets are for CPUs and 28-32 px images; their input size and channel count default to the data set's
+(``native_input``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from dmae.data import DATASETS, DatasetInfo
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A named architecture: :class:`DMAEConfig` values over the defaults, and a one-line description."""
+
     name: str
     kwargs: dict[str, Any]
     description: str
     native_input: bool = False  # True: img_size / in_chans follow the data set unless given
-    tags: tuple[str, ...] = field(default=())
 
 
 _PRESETS: dict[str, Preset] = {}
 # Small presets default to Fashion-MNIST's single channel and statistics; the CLI replaces these with the
 # data set's own when the input follows the data (native_input).
-_GREY: dict[str, Any] = {"mean": (0.2860,), "std": (0.3530,)}
+_GREY: dict[str, Any] = {"mean": DATASETS["fashion-mnist"].mean, "std": DATASETS["fashion-mnist"].std}
 
 
 def register(name: str, description: str, native_input: bool = False, **kwargs: Any) -> None:
+    """Add a preset; ``kwargs`` are :class:`DMAEConfig` values (checked when :func:`model_config` uses them).
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
     if name in _PRESETS:
         raise ValueError(f"model preset {name!r} registered twice")
     _PRESETS[name] = Preset(name, kwargs, description, native_input)
@@ -56,6 +65,11 @@ def list_models() -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        ValueError: an unknown name, listing the registered ones.
+    """
     try:
         return _PRESETS[name]
     except KeyError:
@@ -63,12 +77,44 @@ def get_preset(name: str) -> Preset:
 
 
 def model_config(name: str, **overrides: Any) -> DMAEConfig:
-    """The :class:`DMAEConfig` of preset ``name`` with ``overrides`` (``None`` values are ignored)."""
+    """The :class:`DMAEConfig` of preset ``name`` with ``overrides`` (``None`` values are ignored).
+
+    Raises:
+        ValueError: an unknown name (:func:`get_preset`), or values :class:`DMAEConfig` rejects.
+        TypeError: an override that is not a :class:`DMAEConfig` field.
+    """
     preset = get_preset(name)
     kwargs = {**preset.kwargs, **{k: v for k, v in overrides.items() if v is not None}}
     return DMAEConfig(**kwargs)
 
 
+def model_config_for_data(name: str, info: DatasetInfo, img_size: int | None = None) -> DMAEConfig:
+    """Preset ``name`` fitted to a data set, the same way in every command: small (``native_input``) presets take
+    the data's channels, native size and statistics; others take the data's statistics when the channel counts
+    agree (a grey set on an RGB model keeps the model's: the input layer repeats the channel). ``img_size``
+    overrides the input side.
+
+    Raises:
+        ValueError: an unknown preset, or a configuration :class:`DMAEConfig` rejects.
+    """
+    preset = get_preset(name)
+    over: dict[str, Any] = {}
+    if preset.native_input:
+        over["in_chans"] = info.channels
+        if info.size is not None:
+            over["img_size"] = info.size
+    if over.get("in_chans", preset.kwargs.get("in_chans", 3)) == info.channels:
+        over["mean"], over["std"] = info.mean, info.std
+    if img_size is not None:
+        over["img_size"] = img_size
+    return model_config(name, **over)
+
+
 def create_model(name: str, **overrides: Any) -> DenoisingMaskedAutoencoder:
-    """Build a freshly initialised DMAE from a preset name, e.g. ``create_model('dmae_vit_base_patch16_dec512d8b')``."""
+    """Build a freshly initialised DMAE from a preset name, e.g. ``create_model('dmae_vit_base_patch16_dec512d8b')``.
+
+    Raises:
+        ValueError, TypeError: as :func:`model_config`; ``ValueError`` also for ``mean``/``std`` that do not
+            match ``in_chans`` (from the model's ``InputAdapter``).
+    """
     return DenoisingMaskedAutoencoder(model_config(name, **overrides))

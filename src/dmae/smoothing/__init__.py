@@ -1,8 +1,10 @@
-"""Randomized smoothing: the smoothed classifier, its certificates and their statistics."""
+"""Randomized smoothing (Cohen et al., ICML 2019): the smoothed classifier, its certificates and their statistics."""
 
-from dmae.smoothing.bounds import (certified_radius, check_alpha, lower_confidence_bound, predict_pvalue,
+from dmae.smoothing.bounds import (certified_radius, check_alpha, check_certify_budget, check_predict_budget,
+                                   lower_confidence_bound, min_certify_samples, min_predict_samples, predict_pvalue,
                                    radius_ceiling)
-from dmae.smoothing.core import CHUNK, Certificate, Prediction, Smooth, chunk_seed
+from dmae.smoothing.core import CHUNK, Certificate, Prediction, SampleCounts, Smooth, chunk_seed
 
-__all__ = ["CHUNK", "Certificate", "Prediction", "Smooth", "certified_radius", "check_alpha", "chunk_seed",
-           "lower_confidence_bound", "predict_pvalue", "radius_ceiling"]
+__all__ = ["CHUNK", "Certificate", "Prediction", "SampleCounts", "Smooth", "certified_radius", "check_alpha",
+           "check_certify_budget", "check_predict_budget", "chunk_seed", "lower_confidence_bound",
+           "min_certify_samples", "min_predict_samples", "predict_pvalue", "radius_ceiling"]

@@ -1,13 +1,23 @@
-"""The statistics of randomized smoothing: confidence bounds, the abstention test, and the radius."""
+"""The statistics of randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): the one-sided
+Clopper-Pearson lower bound on p_A (Clopper & Pearson, Biometrika 1934), the radius sigma * Phi^-1(p_A_lower)
+(their Theorem 1), and PREDICT's two-sided binomial test (scipy's ``binomtest``, which replaces the removed
+``binom_test`` the reference code calls)."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 from scipy.stats import beta, binomtest, norm
 
 
 def check_alpha(alpha: float) -> float:
-    """A failure probability must lie strictly between 0 and 1."""
-    if not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
+    """A failure probability must lie strictly between 0 and 1.
+
+    Raises:
+        ValueError: naming the value.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     return float(alpha)
 
@@ -16,6 +26,9 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on p from ``n_a`` successes in ``n`` trials.
 
     Equals the ``alpha`` quantile of Beta(n_a, n - n_a + 1); 0 when ``n_a = 0``.
+
+    Raises:
+        ValueError: alpha outside (0, 1), or not 0 <= n_a <= n with n >= 1.
     """
     check_alpha(alpha)
     if n < 1 or not (0 <= n_a <= n):
@@ -40,3 +53,33 @@ def predict_pvalue(c1: int, c2: int) -> float:
     if c1 + c2 == 0:
         return 1.0
     return float(binomtest(c1, c1 + c2, 0.5).pvalue)
+
+
+def min_certify_samples(alpha: float) -> int:
+    """The smallest n with which CERTIFY can return a class with a positive radius: alpha^(1/n) > 1/2."""
+    return math.floor(math.log(check_alpha(alpha)) / math.log(0.5)) + 1
+
+
+def min_predict_samples(alpha: float) -> int:
+    """The smallest n with which PREDICT can return a class: the p-value of n votes to 0, 2 * 0.5^n, <= alpha."""
+    return max(1, math.ceil(math.log2(2.0 / check_alpha(alpha))))
+
+
+def check_certify_budget(n: int, alpha: float) -> bool:
+    """Warn (and return False) when ``n`` samples can certify no positive radius at ``alpha``, whatever the model."""
+    if n >= min_certify_samples(alpha):
+        return True
+    warnings.warn(f"n={n} cannot certify any radius at alpha={alpha:g}: even with every sample for one class the "
+                  f"lower bound alpha^(1/n) = {alpha ** (1 / n):.3g} <= 1/2, so every image abstains; "
+                  f"use n >= {min_certify_samples(alpha)}", stacklevel=3)
+    return False
+
+
+def check_predict_budget(n: int, alpha: float) -> bool:
+    """Warn (and return False) when PREDICT with ``n`` samples can never return a class at ``alpha``."""
+    if n >= min_predict_samples(alpha):
+        return True
+    warnings.warn(f"n={n} can never return a class at alpha={alpha:g}: the smallest p-value n votes can give is "
+                  f"2 * 0.5^n = {2 * 0.5 ** n:.3g} > alpha, so every image abstains; use n >= {min_predict_samples(alpha)}",
+                  stacklevel=3)
+    return False
