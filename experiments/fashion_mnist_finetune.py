@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
+from dmae.engine import TrainResult
 from dmae.finetune import FinetuneConfig, LinprobeConfig, finetune, noisy_accuracy
 from dmae.pretrain import PretrainConfig, pretrain
 
@@ -29,6 +30,13 @@ MODEL = "dmae_vit_micro_patch4_dec64d2b"
 
 def _done(run: Path, name: str) -> bool:
     return (run / name).is_file()
+
+
+def _finished(result: TrainResult) -> None:
+    """A stage stopped early (Ctrl-C, SIGTERM) stops the experiment: later stages would use a half-trained model."""
+    if not result.finished:
+        raise SystemExit(f"stopped at step {result.step}/{result.total_steps} in {result.output_dir}; "
+                         "run the same command again to resume")
 
 
 def main() -> None:
@@ -46,10 +54,10 @@ def main() -> None:
     for name, over in (("dmae", dict(sigma=args.sigma, loss="all")), ("mae", dict(sigma=0.0, loss="masked"))):
         run = out / f"pretrain_{name}"
         if not _done(run, "model.safetensors"):
-            pretrain(PretrainConfig(model=MODEL, epochs=2, warmup_epochs=0.2, batch_size=128, lr=1e-3,
+            _finished(pretrain(PretrainConfig(model=MODEL, epochs=2, warmup_epochs=0.2, batch_size=128, lr=1e-3,
                                     norm_pix_loss=True, train_subset=int(60000 * s), eval_images=256,
                                     log_every=50, output_dir=str(run), resume=(run / "checkpoint.pt").exists(),
-                                    **over, **common))
+                                    **over, **common)))
         pre[name] = str(run / "model.safetensors")
 
     ft_budget = dict(epochs=1, warmup_epochs=0.1, batch_size=64, train_subset=int(20000 * s), eval_images=2000,
@@ -58,8 +66,9 @@ def main() -> None:
     for name, init in (("cr_from_dmae", pre["dmae"]), ("cr_from_random", None)):
         run = out / name
         if not _done(run, "model_last.safetensors"):
-            finetune(FinetuneConfig(init=init, model=None if init else MODEL, method="cr", blr=1e-3, layer_decay=0.75,
-                                    output_dir=str(run), resume=(run / "checkpoint.pt").exists(), **ft_budget))
+            _finished(finetune(FinetuneConfig(init=init, model=None if init else MODEL, method="cr", blr=1e-3,
+                                              layer_decay=0.75, output_dir=str(run),
+                                              resume=(run / "checkpoint.pt").exists(), **ft_budget)))
         runs[name] = run
     # LARS scales each step by ||w|| / ||grad||, so its lr does not follow the batch size: use the paper's absolute
     # lr (blr 0.1 x 16384 / 256 = 6.4); blr x 256 / 256 = 0.1 here would barely move the head in 2 epochs
@@ -67,8 +76,8 @@ def main() -> None:
     for name, init in (("linprobe_dmae", pre["dmae"]), ("linprobe_mae", pre["mae"]), ("linprobe_random", None)):
         run = out / name
         if not _done(run, "model_last.safetensors"):
-            finetune(LinprobeConfig(init=init, model=None if init else MODEL, output_dir=str(run),
-                                    resume=(run / "checkpoint.pt").exists(), **lp_budget))
+            _finished(finetune(LinprobeConfig(init=init, model=None if init else MODEL, output_dir=str(run),
+                                              resume=(run / "checkpoint.pt").exists(), **lp_budget)))
         runs[name] = run
 
     info = dataset_info("fashion-mnist")

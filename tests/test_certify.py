@@ -51,12 +51,18 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     assert res.rows_total == 20 and len(lines) == 21  # 10,000 test images, every 500th
     idx = [int(ln.split("\t")[0]) for ln in lines[1:]]
     assert idx == list(range(0, 10_000, 500))
-    for ln in lines[1:]:
-        i, label, pred, radius, correct, t = ln.split("\t")
+    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+    # n = 9 cannot clear 1/2 at alpha = 0.001: every image abstains, so both kinds of row are checked below
+    with pytest.warns(UserWarning, match="cannot certify any radius"):
+        [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
+    rows = [ln.split("\t") for p in (res.path, abstained.path) for ln in p.read_text().splitlines()[1:]]
+    kinds = set()
+    for i, label, pred, radius, correct, t in rows:
         assert int(correct) == int(int(pred) == int(label))
         # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
-        assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), ln
-    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+        assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), (pred, radius)
+        kinds.add(int(pred) == -1)
+    assert kinds == {True, False}
 
 
 def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):

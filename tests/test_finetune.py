@@ -188,3 +188,23 @@ def test_another_input_size_resamples_learned_positions(tmp_path, pretrained):
     # a pretrained encoder's fixed sin-cos positions are recomputed exactly for the new grid
     model, report = load_classifier(pretrained / "model.safetensors", 10, img_size=32)
     assert report.positions == ["pos_embed: sin-cos for the 8x8 grid (the file's are the 7x7 sin-cos)"]
+
+
+def test_non_finite_logits_are_never_a_class_in_the_accuracy():
+    """argmax of NaN logits is 0: on images of class 0 a NaN model would score 100% if they counted."""
+    from torch.utils.data import TensorDataset
+
+    from dmae.finetune import noisy_accuracy
+
+    class NaNModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 10)
+            out[::2] = float("nan")  # half the images
+            return out
+
+    data = TensorDataset(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    assert noisy_accuracy(NaNModel(), data, 0.25, seed=0, precision="fp32") == 0.5

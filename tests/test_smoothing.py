@@ -1,13 +1,14 @@
 """Statistical correctness of CERTIFY / PREDICT on base classifiers whose smoothed behaviour is known exactly."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from dmae.smoothing import Smooth, chunk_seed, lower_confidence_bound, radius_ceiling
+from dmae.smoothing import CHUNK, Smooth, chunk_seed, lower_confidence_bound, radius_ceiling
 
 
 class Linear2(nn.Module):
@@ -142,3 +143,151 @@ def test_arguments_and_range_warning():
     with pytest.warns(UserWarning, match="outside \\[0, 1\\]"):
         smooth.certify((x - 0.5) / 0.2, 10, 20, 0.001, 10)
     assert math.isfinite(smooth.certify(x, 10, 20, 0.001, 10)[1])
+
+
+class TinyMLP(nn.Module):
+    """A random 4-class two-layer net on [1, 6, 6] images, in float64 so that no batch size changes an argmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.hidden = nn.Linear(36, 8).double()
+        self.out = nn.Linear(8, 4).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x.double().flatten(1))))
+
+
+class NanAbove(nn.Module):
+    """Votes for class 2 by a wide margin, but returns NaN logits when the noisy first pixel exceeds 0.9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.tensor([0.0, 0.0, 5.0, 0.0]).repeat(x.shape[0], 1)
+        out[x.flatten(1)[:, 0] > 0.9] = float("nan")
+        return out
+
+
+def _reference_counts(model, x, indices, num, sigma, seed, phase, k):
+    """Cohen et al.'s core.py ``_sample_noise``, one image and one chunk at a time, with dmae's chunk seeds."""
+    counts, non_finite = [], []
+    for row, idx in enumerate(indices):
+        votes, bad = Counter(), 0
+        for c, start in enumerate(range(0, num, CHUNK)):
+            size = min(CHUNK, num - start)
+            gen = torch.Generator().manual_seed(chunk_seed(seed, idx, phase, c))
+            eta = torch.randn((size, *x.shape[1:]), generator=gen)
+            noisy = x[row] + eta * sigma
+            with torch.no_grad():
+                logits = model(noisy)
+            for row_logits in logits:
+                if torch.isfinite(row_logits).all():
+                    votes[int(row_logits.argmax())] += 1
+                else:
+                    bad += 1
+        counts.append([votes[j] for j in range(k)])
+        non_finite.append(bad)
+    return counts, non_finite
+
+
+def test_sample_counts_match_a_plain_reference_loop():
+    """The packed, batched counting (chunks of several images in one forward pass, bincount on the device)
+    counts exactly what a one-image-one-chunk-at-a-time loop counts, whatever the batch size; samples with
+    NaN logits are counted apart, and an image with any abstains."""
+    model, sigma, seed, num = TinyMLP(), 0.5, 4242, 250  # 250: the last chunk is shorter
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    indices = [3, 17, 4, 1000]
+    smooth = Smooth(model, 4, sigma, seed=seed)
+    for phase in (0, 1, 2):
+        ref, ref_bad = _reference_counts(model, x, indices, num, sigma, seed, phase, 4)
+        assert ref_bad == [0, 0, 0, 0]
+        assert sum(v > 0 for v in ref[0]) >= 3  # the noise moves samples across classes: the counts carry information
+        for batch_size in (1, 7, 100, 333, 10_000) if phase == 1 else (64,):
+            got = smooth.sample_counts(x, indices, num, batch_size, phase)
+            assert got.counts.tolist() == ref, (phase, batch_size)
+            assert got.non_finite.tolist() == [0, 0, 0, 0]
+    # another phase draws other noise (the reference is not blind to the phase)
+    other_phases = [_reference_counts(model, x, indices, num, sigma, seed, p, 4)[0] for p in (0, 1)]
+    assert other_phases[0] != other_phases[1]
+
+    # non-finite logits are no vote for any class (argmax would call them class 0), and their image abstains
+    model, sigma, seed = NanAbove(), 0.2, 7
+    x = torch.zeros(3, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0  # most noisy copies give NaN logits (argmax would call them class 0)
+    x[1, 0, 0, 0] = 0.0  # practically never NaN: class 2
+    x[2, 0, 0, 0] = 0.85  # NaN for about 40%: class 2 still has most votes
+    indices = [5, 6, 9]
+    smooth = Smooth(model, 4, sigma, seed=seed)
+    for batch_size in (7, 1000):
+        got = smooth.sample_counts(x, indices, 1000, batch_size, 1)
+        ref, ref_bad = _reference_counts(model, x, indices, 1000, sigma, seed, 1, 4)
+        assert got.counts.tolist() == ref and got.non_finite.tolist() == ref_bad
+    assert ref_bad[0] > 500 and ref_bad[1] == 0 and 200 < ref_bad[2] < 600
+    assert (got.counts.sum(dim=1) + got.non_finite).tolist() == [1000, 1000, 1000]  # a NaN sample is in no count
+    assert got.counts[0, 0] == 0  # ... in particular not in class 0's
+    certs = smooth.certify_batch(x, indices, n0=100, n=1000, alpha=0.001, batch_size=333)
+    assert certs[0].prediction == Smooth.ABSTAIN and certs[0].radius == 0.0 and certs[0].non_finite > 500
+    assert certs[2].prediction == Smooth.ABSTAIN and certs[2].non_finite > 0
+    assert certs[1].prediction == 2 and certs[1].radius > 0 and certs[1].non_finite == 0
+    # the reported count is every non-finite sample of both phases (selection and estimation)
+    sel = _reference_counts(model, x, indices, 100, sigma, seed, 0, 4)[1]
+    assert [c.non_finite for c in certs] == [a + b for a, b in zip(sel, ref_bad)]
+    preds = smooth.predict_batch(x, indices, n=1000, alpha=0.001, batch_size=333)
+    assert [p.prediction for p in preds] == [Smooth.ABSTAIN, 2, Smooth.ABSTAIN]
+
+
+# ----------------------------------------------------------------------------- never certify what was not computed
+class AlwaysNaN(nn.Module):
+    """The reference code certifies this as class 0 at the largest radius n allows: argmax of NaN is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 3), float("nan"))
+
+
+def test_nan_logits_abstain_in_certify_and_predict():
+    smooth = Smooth(AlwaysNaN(), 3, 0.25, seed=0)
+    x = torch.rand(2, 1, 4, 4)
+    for c in smooth.certify_batch(x, [0, 1], n0=20, n=200, alpha=0.001, batch_size=64):
+        assert c.prediction == Smooth.ABSTAIN and c.radius == 0.0 and c.non_finite == 220
+    for p in smooth.predict_batch(x, [0, 1], n=200, alpha=0.001, batch_size=64):
+        assert p.prediction == Smooth.ABSTAIN and p.non_finite == 200
+
+
+def test_non_finite_pixels_are_an_error_naming_the_image():
+    smooth = Smooth(Constant(3, 1), 3, 0.25, seed=0)
+    x = torch.rand(3, 1, 4, 4)
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"image\(s\) \[14, 15\] have NaN or infinite pixels"):
+        smooth.certify_batch(x, [13, 14, 15], n0=10, n=100, alpha=0.001, batch_size=64)
+
+
+def test_no_silent_device_fallback():
+    class NoParams(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 3)
+
+    with pytest.raises(ValueError, match="no parameters or buffers to tell its device; pass device="):
+        Smooth(NoParams(), 3, 0.25)
+    smooth = Smooth(NoParams(), 3, 0.25, seed=0, device="cpu")
+    assert smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.001, 50, idx=0)[0] == 0
+
+
+def test_budget_warnings_say_when_n_can_never_answer():
+    smooth = Smooth(Constant(3, 1), 3, 0.25, seed=0)
+    with pytest.warns(UserWarning, match=r"n=10 can never return a class at alpha=0.001.*use n >= 11"):
+        assert smooth.predict(torch.rand(1, 4, 4), 10, 0.001, 50, idx=0) == Smooth.ABSTAIN
+    assert smooth.predict(torch.rand(1, 4, 4), 11, 0.001, 50, idx=0) == 1  # and one more sample suffices
+    with pytest.warns(UserWarning, match=r"n=9 cannot certify any radius at alpha=0.001.*use n >= 10"):
+        assert smooth.certify(torch.rand(1, 4, 4), 10, 9, 0.001, 50, idx=0) == (Smooth.ABSTAIN, 0.0)
+    assert smooth.certify(torch.rand(1, 4, 4), 10, 10, 0.001, 50, idx=0)[0] == 1

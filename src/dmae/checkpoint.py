@@ -96,11 +96,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed: the previous file is untouched
 
 
 def safe_load(path: str | os.PathLike) -> Any:
@@ -116,7 +119,9 @@ def safe_load(path: str | os.PathLike) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    # text or garbage makes the weights-only unpickler fail in many ways (IndexError / KeyError among them)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
 
 
@@ -289,8 +294,11 @@ def save_export(model: nn.Module, path: str | os.PathLike, extra: dict[str, str]
     meta = {"format": FORMAT, key: json.dumps(model.config.to_dict()), **(extra or {})}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(sd, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -166,6 +166,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def _step_of(line: str) -> float:
+    """The step of a log line; a blank or torn line (a crash mid-write) counts as after any checkpoint."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return math.inf
+
+
 class RunLog:
     """JSON-lines log (every rank-0 record) plus TensorBoard scalars, both in the run folder."""
 
@@ -177,7 +185,7 @@ class RunLog:
             return
         if resume_step and self.path.exists():
             # drop rows written after the checkpoint we resume from, so no step is logged twice
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, self.path)
@@ -548,6 +556,10 @@ class _Trainer:
         print(f"{label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()) + note, flush=True)
 
     def _save(self) -> None:
+        if self.window:  # losses since the last log line: a diverged step is never saved
+            bad = (~torch.isfinite(torch.stack(self.window))).any().float()
+            if all_reduce_mean(bad, self.dist).item() > 0:  # every rank takes the same branch
+                self._log_window()  # raises FloatingPointError naming the step
         check_finite_parameters(self.model, self.step)  # on every rank, so all of them stop together
         if self.dist.is_main:
             key, arch = self.job.architecture()

@@ -161,7 +161,8 @@ def freeze_encoder(model: ViTClassifier) -> None:
 @torch.no_grad()
 def noisy_accuracy(model: nn.Module, data: Dataset, sigma: float, seed: int, batch_size: int = 256,
                    limit: int | None = None, precision: str = "auto") -> float:
-    """Top-1 accuracy of ``model`` on ``x + eta`` (one draw per image, sigma 0 = clean), reproducible from ``seed``.
+    """Top-1 accuracy of ``model`` on ``x + eta`` (one draw per image, sigma 0 = clean), reproducible from ``seed``;
+    an image whose logits are not finite counts as misclassified.
 
     ``data`` yields ``([C, H, W] in [0, 1], label)``; at most ``limit`` images are scored. Returns a fraction.
     """
@@ -176,7 +177,9 @@ def noisy_accuracy(model: nn.Module, data: Dataset, sigma: float, seed: int, bat
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             logits = model(add_gaussian_noise(x, sigma, gen))
-        correct += int((logits.argmax(-1) == y).sum())
+        # NaN / infinite logits are no prediction (argmax would call them class 0): they count as wrong
+        pred = torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(-1), -1)
+        correct += int((pred == y).sum())
     model.train(was_training)
     return correct / max(n, 1)
 

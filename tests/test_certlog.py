@@ -1,0 +1,83 @@
+"""The per-image certification log: its row format, torn and malformed lines, resuming and rewriting."""
+
+import pytest
+
+from dmae.certlog import CERTIFY_HEADER, PREDICT_HEADER, LogError, format_row, read_log_rows, read_rows, write_rows
+
+HEAD = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+
+
+def _log(tmp_path, text, name="log.tsv"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def test_format_row():
+    # Cohen et al.'s columns: radius with 6 decimals, correct = predict == label, time in seconds
+    assert format_row(CERTIFY_HEADER, 12, 3, 3, 0.1234567, 1.23456) == "12\t3\t3\t0.123457\t1\t1.2346\n"
+    assert format_row(CERTIFY_HEADER, 0, 3, -1, 0.0, 0.5) == "0\t3\t-1\t0.000000\t0\t0.5000\n"  # abstain
+    assert format_row(PREDICT_HEADER, 7, 2, 5, 0.9, 0.25) == "7\t2\t5\t0\t0.2500\n"  # no radius column
+    assert format_row(PREDICT_HEADER, 7, 2, 2, 0.9, 0.25) == "7\t2\t2\t1\t0.2500\n"
+    # a row reads back under its header
+    fields = format_row(CERTIFY_HEADER, 4, 1, 1, 0.5, 2.0).split()
+    assert dict(zip(CERTIFY_HEADER, fields)) == {"idx": "4", "label": "1", "predict": "1", "radius": "0.500000",
+                                                 "correct": "1", "time": "2.0000"}
+
+
+def test_torn_last_line(tmp_path):
+    rows = format_row(CERTIFY_HEADER, 0, 1, 1, 0.5, 1.0) + format_row(CERTIFY_HEADER, 1, 2, 2, 0.25, 1.0)
+    torn = _log(tmp_path, HEAD + rows + "2\t3\t3\t0.1", "torn.tsv")  # a crash mid-write
+    for strict in (True, False):
+        assert [r[0] for r in read_log_rows(torn, strict_tail=strict).rows] == ["0", "1"]
+    whole = _log(tmp_path, HEAD + rows + "2\t3\t3\t0.100000\t1\t1.0000", "whole.tsv")  # complete, no final newline
+    assert [r[0] for r in read_log_rows(whole, strict_tail=False).rows] == ["0", "1", "2"]  # another tool's file
+    assert [r[0] for r in read_log_rows(whole, strict_tail=True).rows] == ["0", "1"]  # ours always ends rows
+    log = read_log_rows(_log(tmp_path, HEAD + rows, "ok.tsv"), strict_tail=True)
+    assert log.header == CERTIFY_HEADER and log.rows[1] == ["1", "2", "2", "0.250000", "1", "1.0000"]
+
+
+def test_short_middle_line_is_an_error(tmp_path):
+    f = _log(tmp_path, HEAD + "0\t1\t1\t0.5\t1\t1.0\n\n1\t2\t2\n2\t1\t1\t0.5\t1\t1.0\n")
+    with pytest.raises(LogError, match=f"{f}:4: 3 fields, expected 6"):  # blank line 3 is skipped
+        read_log_rows(f)
+
+
+def test_columns_are_found_by_name(tmp_path):
+    f = _log(tmp_path, "idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0.1\n")
+    with pytest.raises(LogError, match=r"lacks columns \['radius'\]"):
+        read_log_rows(f, need=CERTIFY_HEADER)
+    other = _log(tmp_path, "idx label predict radius correct time extra\n0 1 1 0.5 1 0.1 x\n", "other.tsv")
+    log = read_log_rows(other, need=CERTIFY_HEADER)
+    assert log.rows == [["0", "1", "1", "0.5", "1", "0.1", "x"]]
+    with pytest.raises(LogError, match="is empty"):
+        read_log_rows(_log(tmp_path, "", "empty.tsv"))
+    with pytest.raises(LogError, match="cannot read"):
+        read_log_rows(tmp_path / "missing.tsv")
+
+
+def test_read_rows_for_resuming(tmp_path):
+    assert read_rows(tmp_path / "none.tsv", CERTIFY_HEADER) == {}
+    r0, r5 = format_row(CERTIFY_HEADER, 0, 1, 1, 0.5, 1.0), format_row(CERTIFY_HEADER, 5, 2, -1, 0.0, 1.0)
+    f = _log(tmp_path, HEAD + r5 + r0 + format_row(CERTIFY_HEADER, 5, 2, 2, 0.9, 1.0) + "7\t1\t1")
+    assert read_rows(f, CERTIFY_HEADER) == {5: r5, 0: r0}  # the torn row is dropped, the first of a repeat kept
+    # in our own file a last line without its newline is torn even with every field (the time may be cut short)
+    g = _log(tmp_path, HEAD + r0 + "5\t2\t2\t0.900000\t1\t1.2", "cut.tsv")
+    assert read_rows(g, CERTIFY_HEADER) == {0: r0}
+    with pytest.raises(LogError, match="not a idx label predict correct time log"):
+        read_rows(f, PREDICT_HEADER)
+    wide = _log(tmp_path, HEAD + "0\t1\t1\t0.5\t1\t1.0\textra\n", "wide.tsv")
+    with pytest.raises(LogError, match="malformed row"):
+        read_rows(wide, CERTIFY_HEADER)
+
+
+def test_write_rows_sorts_and_round_trips(tmp_path):
+    rows = {i: format_row(PREDICT_HEADER, i, i % 3, (i * 7) % 3, 0.0, 0.1 * i) for i in (9, 2, 40, 0, 13)}
+    path = tmp_path / "predict.tsv"
+    path.write_text("old contents\n")
+    write_rows(path, PREDICT_HEADER, rows)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "\t".join(PREDICT_HEADER)
+    assert [int(ln.split("\t")[0]) for ln in lines[1:]] == [0, 2, 9, 13, 40]
+    assert read_rows(path, PREDICT_HEADER) == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["predict.tsv"]  # no temp file left
