@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -29,14 +29,19 @@ import torch
 from torch import nn
 
 from dmae import checkpoint as ckpt
-from dmae.certlog import CERTIFY_HEADER, PREDICT_HEADER, format_row, read_rows, write_rows
+from dmae.certlog import CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_HEADER, format_row, read_rows, write_rows
 from dmae.config import Options, option, to_dict
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
 from dmae.distributed import DistInfo, barrier, launch
 from dmae.smoothing import Smooth, check_alpha
+from dmae.smoothing.confseq import ALIASES, SEQUENCES, threshold
+from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
+
+SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
 # settings that change the rows; a resumed file must have been written with the same ones
-ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint")
+ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
+                "n_max", "radii", "epsilon", "sequence")
 
 
 def _check_sigmas(sigmas: tuple[float, ...]) -> None:
@@ -70,6 +75,15 @@ class CertifyConfig(Options):
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
     compile: bool = option(False, "torch.compile the classifier (GPUs; compiles once per batch shape)")
     progress: bool = option(True, "show a progress bar")
+    sequential: Optional[Literal["targets", "continuous"]] = option(
+        None, "sequential CERTIFY (docs/sequential.md): stop sampling an image once every target radius is "
+              "certified or refuted (targets), or once its radius is known within --epsilon (continuous)")
+    radii: Optional[tuple[float, ...]] = option(None, "target radii of --sequential targets (default: the data set's "
+                                                "standard radii)", check=lambda rs: [threshold(r, 1.0) for r in rs])
+    n_max: Optional[int] = option(None, "--sequential: the most estimation samples per image (default: --n)", low=1)
+    epsilon: float = option(0.01, "--sequential continuous: stop when the radius is known within this (l2, [0, 1] "
+                            "pixel units)", low=0, low_open=True)
+    sequence: str = option("default", "--sequential: the anytime-valid confidence sequence", choices=SEQUENCE_NAMES)
 
     def check_combination(self) -> None:
         if not self.checkpoint:
@@ -133,7 +147,9 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     model.to(device).eval()
     ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, model.config.encoder.img_size))
     planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
-    header = CERTIFY_HEADER if mode == "certify" else PREDICT_HEADER
+    if mode == "certify" and cfg.sequential:
+        mode = "sequential"
+    header = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
     task = CertifyTask(cfg, mode, header, path, ckpt.weights_digest(path), model, num_classes, ds, split, planned,
                        fingerprint(ds), Path(cfg.output_dir), device, dist)
     task.out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +162,24 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
     return {"mode": task.mode, "checkpoint": str(task.checkpoint), "weights_sha256": task.weights_sha256,
             "data": cfg.data, "split": task.split, "data_fingerprint": task.data_fingerprint, "sigma": sigma,
             "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "skip": cfg.skip, "max": cfg.max,
-            "images": len(task.planned), "config": to_dict(cfg)}
+            "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task)}
+
+
+def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
+    """The sequential settings that change rows (None for fixed-n runs)."""
+    if task.mode != "sequential":
+        return {"n_max": None, "radii": None, "epsilon": None, "sequence": None}
+    s = sequential_settings(task)
+    return {"n_max": s.n_max, "radii": list(s.radii), "epsilon": s.epsilon if s.mode == "continuous" else None,
+            "sequence": s.sequence, "sequential": s.mode}
+
+
+def sequential_settings(task: CertifyTask) -> SequentialSettings:
+    """``--sequential``'s settings: targets default to the data set's standard radii, n_max to --n."""
+    cfg = task.cfg
+    radii = tuple(cfg.radii) if cfg.radii else dataset_info(cfg.data).radii
+    return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii, cfg.epsilon,
+                              cfg.sequence)
 
 
 def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
@@ -187,6 +220,8 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
     sharing a forward batch); returns the rows added. Images whose noisy samples gave non-finite logits abstain,
     and ``<log>.nonfinite.tsv`` records them."""
     cfg = task.cfg
+    if task.mode == "sequential":
+        return _certify_sequential(task, smooth, todo, log_file, bar)
     per_image = (cfg.n0 if task.mode == "certify" else 0) + cfg.n
     group = max(1, cfg.batch // per_image)  # pack several images into a forward batch when n is small
     certified = abstained = added = 0
@@ -212,6 +247,37 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
             added += len(idxs)
             if bar is not None:
                 bar.update(len(idxs) * task.dist.world_size)
+                bar.set_postfix(certified=certified, abstain=abstained)
+    return added
+
+
+def _certify_sequential(task: CertifyTask, smooth: Smooth, todo: list[int], log_file: Path, bar: Any) -> int:
+    """Sequential CERTIFY of ``todo`` with continuous batching; a row per image as it finishes (``time``: the
+    wall time since the previous image finished, so the column sums to the run's time)."""
+    labels: dict[int, int] = {}
+
+    def images() -> Iterator[tuple[int, torch.Tensor]]:
+        for i in todo:
+            x, y = task.dataset[i]
+            labels[i] = int(y)
+            yield i, x
+
+    certifier = SequentialCertifier(smooth, sequential_settings(task))
+    certified = abstained = added = 0
+    t0 = time.perf_counter()
+    with open(log_file, "a") as f:
+        for i, c in certifier.certify_stream(images(), task.cfg.batch):
+            now = time.perf_counter()
+            f.write(format_row(task.header, i, labels[i], c.prediction, c.radius, now - t0, c.n_samples, c.radius_continuous))
+            f.flush()
+            t0 = now
+            if c.non_finite:
+                _record_non_finite(log_file, i, c.non_finite, c.n_samples)
+            certified += int(c.prediction == labels[i])
+            abstained += int(c.prediction == Smooth.ABSTAIN)
+            added += 1
+            if bar is not None:
+                bar.update(task.dist.world_size)
                 bar.set_postfix(certified=certified, abstain=abstained)
     return added
 
@@ -250,6 +316,8 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     barrier(dist)
     if dist.enabled and dist.is_main:
         merge_rank_files(main_file, task.header, remove=True)
+    elif dist.is_main:  # images finish out of order under sequential CERTIFY: keep the file in index order
+        write_rows(main_file, task.header, read_rows(main_file, task.header))
     barrier(dist)
     total = len(read_rows(main_file, task.header)) if dist.is_main else 0
     if dist.is_main:

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 CERTIFY_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_HEADER = ("idx", "label", "predict", "correct", "time")
+# sequential CERTIFY: the standard columns first (other tools read them as they are), then its own
+SEQUENTIAL_HEADER = CERTIFY_HEADER + ("n_samples", "radius_continuous")
 
 
 class LogError(ValueError):
@@ -27,12 +29,16 @@ class LogRows(NamedTuple):
     rows: list[list[str]]
 
 
-def format_row(header: tuple[str, ...], idx: int, label: int, pred: int, radius: float, seconds: float) -> str:
-    """One row (newline included) of a CERTIFY or PREDICT log; ``correct`` is ``pred == label``."""
+def format_row(header: tuple[str, ...], idx: int, label: int, pred: int, radius: float, seconds: float,
+               n_samples: int = 0, radius_continuous: float = 0.0) -> str:
+    """One row (newline included) of a CERTIFY, PREDICT or sequential CERTIFY log; ``correct`` is ``pred == label``."""
     correct = int(pred == label)
-    if header == CERTIFY_HEADER:
-        return f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{seconds:.4f}\n"
-    return f"{idx}\t{label}\t{pred}\t{correct}\t{seconds:.4f}\n"
+    if header == PREDICT_HEADER:
+        return f"{idx}\t{label}\t{pred}\t{correct}\t{seconds:.4f}\n"
+    row = f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{seconds:.4f}"
+    if header == SEQUENTIAL_HEADER:
+        row += f"\t{n_samples}\t{radius_continuous:.6f}"
+    return row + "\n"
 
 
 def read_log_rows(path: str | Path, need: tuple[str, ...] = (), strict_tail: bool = False) -> LogRows:

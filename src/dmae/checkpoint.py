@@ -145,6 +145,9 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
     """The model weights of a loaded checkpoint: ``obj['model']``, ``obj['state_dict']`` or ``obj`` itself.
 
     A ``module.`` prefix (saved from DDP) is stripped.
+
+    Raises:
+        CheckpointError: no mapping of names to tensors found.
     """
     sd = obj
     if isinstance(obj, Mapping):
@@ -257,7 +260,11 @@ CLASSIFIER_PREFIXES = ("fc_norm.", "head.")
 
 
 def infer_model_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<checkpoint>") -> DMAEConfig:
-    """Find the registered preset whose architecture matches a state dict's shapes (official files carry no config)."""
+    """Find the registered preset whose architecture matches a state dict's shapes (official files carry no config).
+
+    Raises:
+        CheckpointError: not a ViT state dict, or no preset with its width, depth, patch and channels.
+    """
     try:
         embed_dim = sd["cls_token"].shape[-1]
         patch = sd["patch_embed.proj.weight"].shape[-1]
@@ -304,7 +311,11 @@ def save_export(model: nn.Module, path: str | os.PathLike, extra: dict[str, str]
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Weights and (if the file has one) its configuration, as ``{'model_config' | 'classifier_config': dict}``.
 
-    Supported: our safetensors exports, our training checkpoints, official DMAE/MAE pickles.
+    Supported: our safetensors exports, our training checkpoints, official DMAE/MAE pickles; ``path`` may be a
+    run folder (:func:`resolve_checkpoint`).
+
+    Raises:
+        CheckpointError: nothing there, an unreadable or unsafe file, or no state dict in it.
     """
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
@@ -329,8 +340,12 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def load_dmae(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> tuple[DenoisingMaskedAutoencoder, LoadReport]:
     """Build a DMAE from a checkpoint: its own config if it has one, else ``model`` or the preset its shapes match.
 
-    Encoder-only files (MAE's public ones) load with the decoder keys missing (randomly initialised);
-    classifier keys of fine-tuned files are ignored.
+    Encoder-only files (MAE's public ones) load with the decoder keys missing (randomly initialised; the report
+    lists them); classifier keys of fine-tuned files are ignored.
+
+    Raises:
+        CheckpointError: unreadable file, a classifier file, no matching preset, keys or shapes that do not fit,
+        or non-finite weights.
     """
     sd, cfg = read_weights(path)
     if model is not None:

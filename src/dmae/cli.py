@@ -40,18 +40,21 @@ def _train_exit(result: Any) -> int:
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
+    """`dmae pretrain`: 0 when done or stopped by --stop-after, 130 when interrupted."""
     from dmae.pretrain import PretrainConfig, pretrain
 
     return _train_exit(pretrain(_resolve("pretrain", PretrainConfig, ns)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
+    """`dmae finetune` / `dmae linprobe`: exit status as for pretraining."""
     from dmae.finetune import FinetuneConfig, LinprobeConfig, finetune
 
     return _train_exit(finetune(_resolve(ns.command, LinprobeConfig if ns.command == "linprobe" else FinetuneConfig, ns)))
 
 
 def cmd_certify(ns: argparse.Namespace) -> int:
+    """`dmae certify` / `dmae predict`, then (certify) the report of the logs written."""
     from dmae.certify import CertifyConfig, run_certification
     from dmae.report import report
 
@@ -63,6 +66,7 @@ def cmd_certify(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    """`dmae report`: the table, and the Markdown / CSV / PNG files asked for."""
     from dmae.report import ReportConfig, report
 
     cfg = _resolve("report", ReportConfig, ns)
@@ -75,6 +79,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_visualize(ns: argparse.Namespace) -> int:
+    """`dmae visualize`: the reconstruction figure."""
     from dmae.visualize import VisualizeConfig, visualize
 
     print(f"wrote {visualize(_resolve('visualize', VisualizeConfig, ns))}")
@@ -82,6 +87,7 @@ def cmd_visualize(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
+    """`dmae demo`: the end-to-end job."""
     from dmae.demo import DemoConfig, run_demo
 
     cfg = _resolve("demo", DemoConfig, ns)
@@ -91,6 +97,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
+    """`dmae models`: presets and shipped configs."""
     from dmae.models.registry import get_preset, list_models
 
     print("model presets:")

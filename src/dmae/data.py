@@ -44,13 +44,15 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     splits: tuple[str, str]  # (train split, evaluation split)
+    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # the l2 radii its certified-accuracy tables report
 
 
 # Fashion-MNIST: Xiao et al., 2017; CIFAR-10: Krizhevsky, 2009; ImageNet: Russakovsky et al., 2015.
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), ("train", "test")),
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), ("train", "test")),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val"),
+                            (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)),
     "folder": DatasetInfo("folder", None, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
 }
 

@@ -289,6 +289,7 @@ class FinetuneJob(TrainingJob):
         return ev
 
     def on_main_evaluated(self, step: int, row: dict[str, float]) -> str:
+        """Select on the held-out training images (never the test set): export ``model_best`` when better."""
         key = f"val_acc@{self.cfg.sigmas_to_eval[0]:g}"
         if self.val_ds is None or (self.best is not None and row[key] <= self.best[key]):
             return ""  # never selected on the test set

@@ -21,14 +21,11 @@ from typing import Optional
 import numpy as np
 
 from dmae.certlog import LogError, read_log_rows
+from dmae.data import DATASETS
 from dmae.config import Options, option
 from dmae.figures import pyplot, write_png
 
-RADII = {
-    "imagenet": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0),
-    "cifar10": (0.0, 0.25, 0.5, 0.75, 1.0),
-    "fashion-mnist": (0.0, 0.25, 0.5, 0.75, 1.0),
-}
+RADII = {name: info.radii for name, info in DATASETS.items()}  # the standard radii of each data set
 DEFAULT_RADII = RADII["cifar10"]
 
 
@@ -69,6 +66,7 @@ class CertLog:
     predict: np.ndarray
     radius: np.ndarray
     correct: np.ndarray
+    n_samples: np.ndarray | None = None  # noise samples spent per image (sequential CERTIFY logs)
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -113,6 +111,13 @@ def read_log(path: str | Path) -> CertLog:
         except ValueError as e:
             raise LogError(f"{path}:{n}: {e}") from e
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    n_samples = None
+    if "n_samples" in log.header:
+        j = log.header.index("n_samples")
+        try:
+            n_samples = np.array([int(f[j]) for f in log.rows], dtype=np.int64)
+        except ValueError as e:
+            raise LogError(f"{path}: n_samples column: {e}") from e
     if not np.isfinite(arr).all():
         raise LogError(f"{path}: a radius is NaN or infinite; certified radii are finite numbers")
     meta_file = path.with_suffix(".json")
@@ -121,7 +126,7 @@ def read_log(path: str | Path) -> CertLog:
     if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
         sigma = float(m.group(1))
     return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int))
+                   arr[:, 3].astype(int), n_samples)
 
 
 @dataclass
@@ -131,13 +136,23 @@ class Table:
     radii: tuple[float, ...]
     rows: list[dict]
 
+    @property
+    def has_samples(self) -> bool:
+        """Whether any log says how many noise samples it spent (sequential CERTIFY)."""
+        return any(r.get("samples") is not None for r in self.rows)
+
     def _cells(self) -> tuple[list[str], list[list[str]]]:
         head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["ACR", "abstain"]
+        head += ["samples/img", "samples"] if self.has_samples else []
         body = []
         for r in self.rows:
             sig = "best" if r["name"] == "best" else ("-" if r["sigma"] is None else f"{r['sigma']:g}")
-            body.append([r["name"], sig, str(r["images"])] + [f"{100 * a:.1f}" for a in r["acc"]]
-                        + [f"{r['acr']:.3f}", "-" if r["abstain"] is None else f"{100 * r['abstain']:.1f}%"])
+            cells = [r["name"], sig, str(r["images"])] + [f"{100 * a:.1f}" for a in r["acc"]]
+            cells += [f"{r['acr']:.3f}", "-" if r["abstain"] is None else f"{100 * r['abstain']:.1f}%"]
+            if self.has_samples:
+                n = r.get("samples")
+                cells += ["-", "-"] if n is None else [f"{n / max(r['images'], 1):.0f}", f"{n:,}"]
+            body.append(cells)
         return head, body
 
     def text(self) -> str:
@@ -157,10 +172,11 @@ class Table:
         """The table as CSV with unrounded fractions (not %), for further processing."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain"])
+        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain", "samples"])
         for r in self.rows:
             w.writerow([r["name"], r["sigma"], r["images"]] + [f"{a:.6f}" for a in r["acc"]]
-                       + [f"{r['acr']:.6f}", "" if r["abstain"] is None else f"{r['abstain']:.6f}"])
+                       + [f"{r['acr']:.6f}", "" if r["abstain"] is None else f"{r['abstain']:.6f}",
+                          "" if r.get("samples") is None else r["samples"]])
         return buf.getvalue()
 
 
@@ -180,7 +196,9 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
     rows = [{"name": lg.name, "sigma": lg.sigma, "images": len(lg), "acc": [lg.certified_accuracy(r) for r in radii],
-             "acr": lg.acr, "abstain": lg.abstain_rate} for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
+             "acr": lg.acr, "abstain": lg.abstain_rate,
+             "samples": None if lg.n_samples is None else int(lg.n_samples.sum())}
+            for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
     if len(logs) > 1:
         rows.append({"name": "best", "sigma": None, "images": max(len(lg) for lg in logs),
                      "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],

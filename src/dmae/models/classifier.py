@@ -44,6 +44,7 @@ class ClassifierConfig:
             raise ValueError(f"classifier: drop_path must be in [0, 1), got {self.drop_path!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (the encoder's config nested), read back by :meth:`from_dict`."""
         d = asdict(self)
         d["encoder"] = self.encoder.to_dict()
         return d

@@ -3,8 +3,13 @@
 from dmae.smoothing.bounds import (certified_radius, check_alpha, check_certify_budget, check_predict_budget,
                                    lower_confidence_bound, min_certify_samples, min_predict_samples, predict_pvalue,
                                    radius_ceiling)
+from dmae.smoothing.confseq import (BettingMixture, ConfidenceSequence, Decision, UnionBoundCP, continuous_gap, decide,
+                                    make_sequence, threshold)
 from dmae.smoothing.core import CHUNK, Certificate, Prediction, SampleCounts, Smooth, chunk_seed
+from dmae.smoothing.sequential import SequentialCertificate, SequentialCertifier, SequentialSettings
 
-__all__ = ["CHUNK", "Certificate", "Prediction", "SampleCounts", "Smooth", "certified_radius", "check_alpha",
+__all__ = ["BettingMixture", "ConfidenceSequence", "Decision", "SequentialCertificate", "SequentialCertifier",
+           "SequentialSettings", "UnionBoundCP", "continuous_gap", "decide", "make_sequence", "threshold",
+           "CHUNK", "Certificate", "Prediction", "SampleCounts", "Smooth", "certified_radius", "check_alpha",
            "check_certify_budget", "check_predict_budget", "chunk_seed", "lower_confidence_bound",
            "min_certify_samples", "min_predict_samples", "predict_pvalue", "radius_ceiling"]

@@ -32,7 +32,7 @@ import operator
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from scipy.optimize import brentq
@@ -71,7 +71,7 @@ class ConfidenceSequence(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _check_int(value: object, name: str, minimum: int) -> int:
+def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     try:
@@ -127,10 +127,46 @@ def geometric_looks(n_max: int, first: int, ratio: float) -> tuple[int, ...]:
 
 
 class _Looks:
-    """Validation shared by the sequences: the look index of ``t`` and the count range."""
+    """What the sequences share: the looks, argument checks, and the per-(k, t) memo of the bounds."""
 
     looks: tuple[int, ...]
     n_max: int
+    _lower_cached: Callable[[int, int], float]
+    _upper_cached: Callable[[int, int], float]
+
+    def _init_caches(self) -> None:
+        self._lower_cached = lru_cache(maxsize=CACHE_SIZE)(self._lower)
+        self._upper_cached = lru_cache(maxsize=CACHE_SIZE)(self._upper)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the memo holds bound methods, which do not pickle: ship the parameters, rebuild the memo on arrival
+        return {key: v for key, v in self.__dict__.items() if key not in ("_lower_cached", "_upper_cached")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def _lower(self, k: int, t: int) -> float:
+        raise NotImplementedError
+
+    def _upper(self, k: int, t: int) -> float:
+        raise NotImplementedError
+
+    def lower(self, k: int, t: int) -> float:
+        """The lower confidence bound on p after ``k`` successes in ``t`` draws; 0 when ``k = 0``.
+
+        Raises:
+            ValueError: ``t`` not a look, or not 0 <= ``k`` <= ``t``.
+        """
+        return self._lower_cached(k, t)
+
+    def upper(self, k: int, t: int) -> float:
+        """The upper confidence bound on p after ``k`` successes in ``t`` draws; 1 when ``k = t``.
+
+        Raises:
+            ValueError: ``t`` not a look, or not 0 <= ``k`` <= ``t``.
+        """
+        return self._upper_cached(k, t)
 
     def _init_looks(self, looks: tuple[int, ...]) -> None:
         self.looks = looks
@@ -184,7 +220,7 @@ class UnionBoundCP(_Looks):
 
     kind = "union"
 
-    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 2.0, final_share: float = 0.5,
+    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 1.1, final_share: float = 0.98,
                  upper_alpha: float | None = None, looks: Sequence[int] | None = None) -> None:
         self.alpha = check_alpha(alpha)
         self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
@@ -193,8 +229,8 @@ class UnionBoundCP(_Looks):
         self._init_looks(geometric_looks(n_max, first, ratio) if looks is None else _check_looks(looks, n_max))
         self.lower_shares = self._shares(self.alpha)
         self.upper_shares = self._shares(self.upper_alpha)
-        self.lower = lru_cache(maxsize=CACHE_SIZE)(self._lower)  # type: ignore[method-assign]
-        self.upper = lru_cache(maxsize=CACHE_SIZE)(self._upper)  # type: ignore[method-assign]
+        self._last_share_is_largest = self.lower_shares[-1] >= max(self.lower_shares)
+        self._init_caches()
 
     def _shares(self, total: float) -> tuple[float, ...]:
         m = len(self.looks)
@@ -208,28 +244,29 @@ class UnionBoundCP(_Looks):
                 f"{self.looks[0]}, final_share={self.final_share:g}, upper_alpha={self.upper_alpha:g})")
 
     def _lower(self, k: int, t: int) -> float:
-        """The lower bound on p after ``k`` successes in ``t`` draws (``t`` a look); 0 when ``k = 0``."""
         k, t = self._check(k, t)
         return _cp_lower(k, t, self.lower_shares[self._index[t]])
 
     def _upper(self, k: int, t: int) -> float:
-        """The upper bound on p after ``k`` successes in ``t`` draws (``t`` a look); 1 when ``k = t``."""
         k, t = self._check(k, t)
         return 1.0 - _cp_lower(t - k, t, self.upper_shares[self._index[t]])
 
     def reachable_lower(self, k: int, t: int) -> float:
         """``max over looks s >= t of lower(k + s - t, s)``: the best lower bound the budget can still give.
 
-        Unequal shares make the bound along a run of successes non-monotone in general, so every later look
-        is tried (at most ``len(looks)`` cached evaluations)."""
+        At a fixed share the Clopper-Pearson bound grows along a run of successes (Beta(k + 1, m) dominates
+        Beta(k, m)) and with the share, so when the last look has the largest share (``final_share`` >= the
+        others', as by default) the maximum is at n_max; otherwise every later look is tried."""
         k, t = self._check(k, t)
+        if self._last_share_is_largest:
+            return self.lower(k + self.n_max - t, self.n_max)
         j = self._index[t]
         return max(self.lower(k + s - t, s) for s in self.looks[j:])
 
 
 # -------------------------------------------------------------------------------------- mixture of bets
 def _mixture_log_capital(p: float, k: int, t: int, b: float) -> float:
-    """log M_t(p) for the bet fractions U ~ Beta(1, b) (see :class:`BettingMixture`), 0 < p < 1."""
+    """log M_t(p) for the bet fractions lam ~ Beta(1, b) (see :class:`BettingMixture`), 0 < p < 1."""
     return (math.log(b) - k * math.log(p) - (t - k + b) * math.log1p(-p) + betaln(k + 1, t - k + b)
             + math.log(betaincc(k + 1, t - k + b, p)))
 
@@ -250,23 +287,26 @@ def _mixture_lower(k: int, t: int, b: float, log_level: float) -> float:
             return 0.0
     root = brentq(f, bottom, top, xtol=1e-15, rtol=4 * np.finfo(float).eps)
     # Return a rejected p (M_t(p) >= 1/a): since M_t decreases in p, it is <= the exact infimum.
-    step = max(abs(root) * 1e-14, 1e-300)
+    step = root * 1e-14
     while f(root) < 0.0:
-        root -= step
+        root = max(root - step, 0.5 * root)
         step *= 2.0
-    return max(root, 0.0)
+        if root < 1e-300:
+            return 0.0
+    return root
 
 
 class BettingMixture(_Looks):
     """The capital of a mixture of constant bets against "mean <= p": anytime valid by Ville's inequality.
 
-    For a candidate p, bet the fraction U of the capital on each draw being a success: after k successes in t
-    draws the capital is prod_i (1 + (U/p)(X_i - p)) = (1 + U(1-p)/p)^k (1-U)^(t-k). Mixing U ~ Beta(1, b),
+    For a candidate p, bet the fraction lam of the capital on each draw being a success: after k successes in
+    t draws the capital is prod_i (1 + (lam/p)(X_i - p)) = (1 + lam(1-p)/p)^k (1-lam)^(t-k). Mixing
+    lam ~ Beta(1, b),
 
-        M_t(p) = E_U[(1 + U(1-p)/p)^k (1-U)^(t-k)]
+        M_t(p) = E_lam[(1 + lam(1-p)/p)^k (1-lam)^(t-k)]
                = b p^(-k) (1-p)^(-(t-k+b)) B(k+1, t-k+b) I_{1-p}(t-k+b, k+1)
 
-    (substitute q = p + (1-p)U; B the beta function, I the regularized incomplete beta function). When the
+    (substitute q = p + (1-p)lam; B the beta function, I the regularized incomplete beta function). When the
     draws are Bernoulli(p), each bet is a nonnegative martingale with mean 1, so M_t(p) is one too, and
     Ville's inequality gives P(exists t: M_t(p) >= 1/alpha) <= alpha. Every factor decreases in p, so
     M_t(p) >= 1/alpha exactly for p below a point, and the lower bound is
@@ -292,8 +332,8 @@ class BettingMixture(_Looks):
 
     kind = "betting"
 
-    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 1.25, prior: float = 0.5,
-                 final_share: float = 0.0, upper_alpha: float | None = None,
+    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 1.05, prior: float = 0.5,
+                 final_share: float = 0.98, upper_alpha: float | None = None,
                  looks: Sequence[int] | None = None) -> None:
         self.alpha = check_alpha(alpha)
         self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
@@ -305,8 +345,7 @@ class BettingMixture(_Looks):
         self._init_looks(geometric_looks(n_max, first, ratio) if looks is None else _check_looks(looks, n_max))
         self._log_lower = math.log(1.0 / (self.alpha * (1.0 - self.final_share)))
         self._log_upper = math.log(1.0 / (self.upper_alpha * (1.0 - self.final_share)))
-        self.lower = lru_cache(maxsize=CACHE_SIZE)(self._lower)  # type: ignore[method-assign]
-        self.upper = lru_cache(maxsize=CACHE_SIZE)(self._upper)  # type: ignore[method-assign]
+        self._init_caches()
 
     def __repr__(self) -> str:
         return (f"BettingMixture(alpha={self.alpha:g}, n_max={self.n_max}, looks={len(self.looks)} from "
@@ -320,17 +359,15 @@ class BettingMixture(_Looks):
         return out
 
     def _lower(self, k: int, t: int) -> float:
-        """The lower bound on p after ``k`` successes in ``t`` draws (``t`` a look); 0 when ``k = 0``."""
         k, t = self._check(k, t)
         return self._one_sided(k, t, self.alpha, self._log_lower)
 
     def _upper(self, k: int, t: int) -> float:
-        """The upper bound on p after ``k`` successes in ``t`` draws (``t`` a look); 1 when ``k = t``."""
         k, t = self._check(k, t)
         return 1.0 - self._one_sided(t - k, t, self.upper_alpha, self._log_upper)
 
     def reachable_lower(self, k: int, t: int) -> float:
-        """``lower(k + n_max - t, n_max)``: a success multiplies every bet's capital by 1 + U(1-p)/p >= 1 (and
+        """``lower(k + n_max - t, n_max)``: a success multiplies every bet's capital by 1 + lam(1-p)/p >= 1 (and
         raises the Clopper-Pearson bound), so no earlier look along a run of successes gives more."""
         k, t = self._check(k, t)
         return self.lower(k + self.n_max - t, self.n_max)
@@ -339,7 +376,7 @@ class BettingMixture(_Looks):
 # --------------------------------------------------------------------------------------------- factory
 SEQUENCES = {"union": UnionBoundCP, "betting": BettingMixture}
 ALIASES = {"mixture": "betting", "cp": "union"}
-DEFAULT_KIND = "union"  # the most samples saved without losing targets against fixed-n CERTIFY: docs/sequential.md
+DEFAULT_KIND = "betting"  # the most samples saved without losing targets against fixed-n CERTIFY: docs/sequential.md
 
 
 def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> ConfidenceSequence:
@@ -353,7 +390,7 @@ def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> Con
     if name not in SEQUENCES:
         raise ValueError(f"unknown confidence sequence {kind!r}; available: default, "
                          f"{', '.join(sorted([*SEQUENCES, *ALIASES]))}")
-    return SEQUENCES[name](alpha, n_max, **options)  # type: ignore[arg-type]
+    return SEQUENCES[name](alpha, n_max, **options)
 
 
 # ---------------------------------------------------------------------------------------------- radii

@@ -1,0 +1,246 @@
+"""Sequential CERTIFY: stop sampling an image as soon as its answer is settled, with CERTIFY's guarantee.
+
+Per image (docs/sequential.md gives the validity argument step by step):
+
+1. selection: ``n0`` samples choose c_hat (the first of the top counts), as in fixed-n CERTIFY;
+2. estimation, in rounds: fresh samples are drawn up to the next *look* t of an anytime-valid confidence
+   sequence (:mod:`dmae.smoothing.confseq`); with k of them for c_hat, the bounds ``lower(k, t)`` and
+   ``upper(k, t)`` decide each target radius (certified / refuted / open) or, in continuous mode, how much the
+   radius could still grow;
+3. stop when every target is decided (or the radius gap is below epsilon), or at ``n_max``; return c_hat with
+   the largest certified target and the continuous radius sigma * Phi^-1(max over looks of lower), or abstain
+   when that bound is not above 1/2. Any sample with NaN / infinite logits makes the image abstain.
+
+The engine keeps every forward batch full while images stop at different times (continuous batching): the
+images still sampling share each batch, and a finished image is replaced by the next one. The noise of sample
+j of image idx in a phase is element ``j % CHUNK`` of the chunk seeded by (seed, idx, phase, j // CHUNK)
+(:func:`dmae.smoothing.core.chunk_seed`), a pure function of (seed, idx, sample number): rows do not depend on
+the batch size, on sharding or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from scipy.special import ndtri
+
+from dmae.runtime import autocast
+from dmae.smoothing.confseq import ConfidenceSequence, Decision, continuous_gap, decide, make_sequence, threshold
+from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth, chunk_seed
+
+Mode = Literal["targets", "continuous"]
+
+
+class SequentialCertificate(NamedTuple):
+    """Sequential CERTIFY's answer for one image.
+
+    ``prediction`` is the class or ``Smooth.ABSTAIN``; ``radius`` the largest certified target (targets mode)
+    or the continuous radius (continuous mode); ``radius_continuous`` = sigma * Phi^-1(p_a_lower) (0 on
+    abstain); ``n_samples`` = n0 + the estimation samples drawn; ``n_a`` of those voted for c_hat;
+    ``p_a_lower`` / ``p_a_upper`` the bounds at the stop (running max / min over the looks); ``non_finite`` > 0
+    when the image abstained because that many samples gave non-finite logits.
+    """
+
+    prediction: int
+    radius: float
+    radius_continuous: float
+    n_samples: int
+    n_a: int
+    p_a_lower: float
+    p_a_upper: float
+    non_finite: int = 0
+
+
+@dataclass(frozen=True)
+class SequentialSettings:
+    """What sequential CERTIFY does per image.
+
+    Args:
+        n0: selection samples.  n_max: the most estimation samples per image.  alpha: failure probability.
+        mode: ``"targets"`` (stop when every target radius is certified or refuted) or ``"continuous"`` (stop
+            when the radius the bounds allow is known within ``epsilon``).
+        radii: the target radii (l2, [0, 1] pixel units) of targets mode.
+        epsilon: the radius tolerance of continuous mode.
+        sequence: the confidence sequence (``"default"``, ``"betting"``, ``"union"``).
+    """
+
+    n0: int
+    n_max: int
+    alpha: float
+    mode: Mode = "targets"
+    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    epsilon: float = 0.01
+    sequence: str = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n0, int) or self.n0 < 1:
+            raise ValueError(f"n0 must be an integer >= 1, got {self.n0!r}")
+        if not isinstance(self.n_max, int) or self.n_max < 1:
+            raise ValueError(f"n_max must be an integer >= 1, got {self.n_max!r}")
+        if self.mode not in ("targets", "continuous"):
+            raise ValueError(f"mode must be 'targets' or 'continuous', got {self.mode!r}")
+        if not self.radii or any(not (0.0 <= r < math.inf) for r in self.radii):
+            raise ValueError(f"radii must be finite numbers >= 0, got {self.radii!r}")
+        if not (0.0 < self.epsilon < math.inf):
+            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+
+
+@dataclass
+class _Slot:
+    """One image being certified: its phase, the samples drawn so far, the votes counted."""
+
+    idx: int
+    x: torch.Tensor  # [C, H, W] on the device
+    phase: int = PHASE_SELECT
+    target: int = 0  # samples of this phase to draw by the end of the current round
+    drawn: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [K + 1]: bin K non-finite
+    c_hat: int = -1
+    look: int = -1  # index of the current round's look
+    lower: float = 0.0  # running max / min over looks (both stay valid: the sequence holds at every look)
+    upper: float = 1.0
+
+
+class SequentialCertifier:
+    """Sequential CERTIFY over a stream of images with continuous batching (see the module docstring).
+
+    Args:
+        smooth: the smoothed classifier (base classifier, sigma, seed, precision, device).
+        settings: :class:`SequentialSettings`.
+    Raises:
+        ValueError: bad settings, or what :func:`dmae.smoothing.confseq.make_sequence` raises.
+    """
+
+    def __init__(self, smooth: Smooth, settings: SequentialSettings) -> None:
+        self.smooth, self.settings = smooth, settings
+        self.cs: ConfidenceSequence = make_sequence(settings.sequence, settings.alpha, settings.n_max)
+        self.thresholds = [threshold(r, smooth.sigma) for r in settings.radii]
+        self.k = smooth.num_classes
+
+    def certify_stream(self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int
+                       ) -> Iterator[tuple[int, SequentialCertificate]]:
+        """Certify ``(idx, image [C, H, W] in [0, 1])`` pairs; yields ``(idx, certificate)`` as images finish
+        (not in input order). Forward batches hold ``batch_size`` samples until the stream runs dry.
+
+        Raises:
+            ValueError: an image with NaN / infinite pixels (named by its index), bad logits, bad batch size.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        source = iter(items)
+        active: list[_Slot] = []
+        exhausted = False
+        while True:
+            while not exhausted and sum(s.target - s.drawn for s in active) < batch_size:
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    active.append(self._admit(*nxt))
+            if not active:
+                return
+            for slot, cert in self._step(active, batch_size):
+                active.remove(slot)
+                yield slot.idx, cert
+
+    def certify_batch(self, images: torch.Tensor, indices: Sequence[int], batch_size: int) -> list[SequentialCertificate]:
+        """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices``; answers in input order."""
+        done = dict(self.certify_stream(zip((int(i) for i in indices), images), batch_size))
+        return [done[int(i)] for i in indices]
+
+    # ------------------------------------------------------------------ the engine
+    def _admit(self, idx: int, image: torch.Tensor) -> _Slot:
+        self.smooth._check_inputs(image.unsqueeze(0), [idx])
+        slot = _Slot(idx, image.to(self.smooth.device), target=self.settings.n0)
+        slot.counts = np.zeros(self.k + 1, dtype=np.int64)
+        return slot
+
+    def _step(self, active: list[_Slot], batch_size: int) -> list[tuple[_Slot, SequentialCertificate]]:
+        """One forward batch over the slots with samples due; then the decisions of the rounds it completed."""
+        noisy, owners, rows, room = [], [], [], batch_size
+        for row, slot in enumerate(active):
+            m = min(slot.target - slot.drawn, room)
+            if m > 0:
+                noisy.append(self._noise(slot, slot.drawn, m))
+                owners.append(np.full(m, row))
+                rows.append(row)
+                slot.drawn += m
+                room -= m
+            if room == 0:
+                break
+        classes = self._classes(torch.cat(noisy))
+        per_slot = np.bincount(np.concatenate(owners) * (self.k + 1) + classes, minlength=len(active) * (self.k + 1))
+        per_slot = per_slot.reshape(len(active), self.k + 1)
+        finished = []
+        for row in rows:
+            slot = active[row]
+            slot.counts += per_slot[row]
+            if slot.drawn == slot.target:  # its round is complete: decide
+                cert = self._decide(slot)
+                if cert is not None:
+                    finished.append((slot, cert))
+        return finished
+
+    def _noise(self, slot: _Slot, start: int, m: int) -> torch.Tensor:
+        """Noisy copies for samples ``start .. start + m`` of the slot's phase: element ``j % CHUNK`` of chunk
+        ``j // CHUNK``, each chunk drawn whole from its own seed (so a sample never depends on the rounds)."""
+        smooth, x = self.smooth, slot.x
+        gen = torch.Generator(device=smooth.device)
+        parts = []
+        for c in range(start // CHUNK, (start + m - 1) // CHUNK + 1):
+            gen.manual_seed(chunk_seed(smooth.seed, slot.idx, slot.phase, c))
+            eta = torch.randn((CHUNK, *x.shape), generator=gen, device=smooth.device, dtype=x.dtype)
+            lo, hi = max(start, c * CHUNK) - c * CHUNK, min(start + m, (c + 1) * CHUNK) - c * CHUNK
+            parts.append(x.unsqueeze(0) + eta[lo:hi] * smooth.sigma)
+        return torch.cat(parts)
+
+    def _classes(self, noisy: torch.Tensor) -> np.ndarray:
+        """The class of every sample (``K`` for NaN / infinite logits), read to the host once per batch."""
+        k = self.k
+        with torch.no_grad(), autocast(self.smooth.device, self.smooth.precision):
+            logits = self.smooth.base_classifier(noisy)
+        if logits.ndim != 2 or logits.shape[1] != k:
+            raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
+        cls = torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), k)
+        return cls.cpu().numpy()
+
+    def _decide(self, slot: _Slot) -> SequentialCertificate | None:
+        """After a completed round: the next round, or the certificate (None while sampling goes on)."""
+        s, cs = self.settings, self.cs
+        bad = int(slot.counts[self.k])
+        if slot.phase == PHASE_SELECT:
+            if bad:
+                return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0, 0, 0.0, 1.0, bad)
+            slot.c_hat = int(np.argmax(slot.counts[: self.k]))  # first of the top counts, as CERTIFY
+            slot.phase, slot.drawn, slot.look = PHASE_ESTIMATE, 0, 0
+            slot.counts = np.zeros(self.k + 1, dtype=np.int64)
+            slot.target = cs.looks[0]
+            return None
+        t, k = slot.drawn, int(slot.counts[slot.c_hat])
+        if bad:
+            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0 + t, k, 0.0, 1.0, bad)
+        slot.lower, slot.upper = max(slot.lower, cs.lower(k, t)), min(slot.upper, cs.upper(k, t))
+        if s.mode == "targets":
+            settled = all(d != Decision.OPEN for d in decide(cs, k, t, self.thresholds))
+        else:
+            settled = continuous_gap(cs, k, t, self.smooth.sigma) < s.epsilon
+        if not settled and t < cs.n_max:
+            slot.look += 1
+            slot.target = cs.looks[slot.look]
+            return None
+        return self._certificate(slot, t, k)
+
+    def _certificate(self, slot: _Slot, t: int, k: int) -> SequentialCertificate:
+        s, sigma = self.settings, self.smooth.sigma
+        n = s.n0 + t
+        if not slot.lower > 0.5:  # p_A > 1/2 is what makes c_hat the smoothed class
+            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, n, k, slot.lower, slot.upper)
+        r_cont = float(sigma * ndtri(slot.lower))
+        certified = [r for r, tau in zip(s.radii, self.thresholds) if slot.lower > tau]
+        radius = r_cont if s.mode == "continuous" else max(certified, default=0.0)
+        return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)

@@ -1,0 +1,149 @@
+"""Sequential CERTIFY (dmae.smoothing.sequential): sound like fixed-n CERTIFY, reproducible like it, and cheaper."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from dmae.certify import CertifyConfig, run_certification
+from dmae.certlog import SEQUENTIAL_HEADER, read_rows
+from dmae.cli import main
+from dmae.report import read_log, summarize
+from dmae.smoothing import Smooth
+from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
+
+from test_certify import classifier_run  # noqa: F401  (the fixture)
+from test_smoothing import AlwaysNaN, Constant, Linear2
+
+
+def _certifier(model, k, sigma, seed=0, **settings):
+    kw = dict(n0=20, n_max=2000, alpha=0.001, radii=(0.0, 0.25, 0.5, 0.75, 1.0))
+    kw.update(settings)
+    return SequentialCertifier(Smooth(model, k, sigma, seed=seed), SequentialSettings(**kw))
+
+
+@pytest.mark.parametrize("mode", ["targets", "continuous"])
+def test_certified_radius_exceeds_the_exact_radius_at_most_alpha_of_the_time(mode):
+    """Linear f: the exact certified radius is d, the distance to the boundary. Over 600 independent images at
+    alpha = 0.1, a sound certifier is wrong (class other than 1, or radius > d) in about <= 60; a certifier that
+    trusts the point estimate k/t at its stopping time overshoots far more often (the test has power)."""
+    sigma, alpha, trials = 0.5, 0.1, 600
+    model = Linear2(torch.tensor([1.0, -0.5, 0.25, 0.0]), b=0.0)
+    x = torch.tensor([0.8, 0.2, 0.1, 0.5]).view(1, 1, 2, 2)
+    d = float(x.flatten() @ model.w)
+    radii = (0.0, 0.9 * d, d, 1.1 * d)  # targets just below, at and above the exact radius
+    certs = _certifier(model, 2, sigma, seed=7, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02
+                       ).certify_batch(x.expand(trials, -1, -1, -1), list(range(trials)), batch_size=4096)
+    wrong = sum(c.prediction != Smooth.ABSTAIN and (c.prediction != 1 or c.radius_continuous > d) for c in certs)
+    assert wrong <= 80, f"{wrong} of {trials} certificates wrong at alpha={alpha}"  # binomial(600, 0.1) > 80: p < 0.005
+    assert sum(c.prediction == 1 for c in certs) > 0.9 * trials  # it certifies
+    naive = sum(sigma * norm.ppf(min(c.n_a / (c.n_samples - 20), 1 - 1e-9)) > d for c in certs)
+    assert naive > 2 * alpha * trials
+    assert all(c.radius <= c.radius_continuous + 1e-12 for c in certs)
+    if mode == "targets":
+        assert {c.radius for c in certs} <= set(radii) | {0.0}
+
+
+def test_stops_early_when_settled_and_never_beyond_fixed_n():
+    smooth_model = Constant(10, 3)
+    certs = _certifier(smooth_model, 10, 0.5, n_max=10_000).certify_batch(torch.rand(3, 1, 4, 4), [0, 1, 2], 1000)
+    for c in certs:  # p_A = 1: every target up to the largest 10,000 samples can reach, long before 10,000
+        assert c.prediction == 3 and c.radius == 1.0 and c.n_samples < 2000
+        fixed_ceiling = 0.5 * norm.ppf(0.001 ** (1 / 10_000))
+        assert c.radius_continuous <= fixed_ceiling
+    coin = _certifier(Linear2(torch.tensor([1.0, 0.0, 0.0, 0.0]), b=-0.5), 2, 0.25, n_max=10_000)
+    [c] = coin.certify_batch(torch.full((1, 1, 2, 2), 0.5), [0], 1000)  # p_A = 1/2 exactly
+    assert c.prediction == Smooth.ABSTAIN and c.radius == 0.0
+
+
+def test_non_finite_logits_abstain_and_pixels_are_errors():
+    [c] = _certifier(AlwaysNaN(), 3, 0.25).certify_batch(torch.rand(1, 1, 4, 4), [5], 64)
+    assert c.prediction == Smooth.ABSTAIN and c.non_finite == 20  # stopped after the selection round
+    x = torch.rand(2, 1, 4, 4)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"image\(s\) \[9\] have NaN or infinite pixels"):
+        _certifier(Constant(3, 0), 3, 0.25).certify_batch(x, [8, 9], 64)
+
+
+def test_answers_do_not_depend_on_batch_size_or_company():
+    model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.4)
+    x = torch.rand(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    idx = [3, 14, 15, 92, 65, 35]
+    ref = _certifier(model, 2, 0.4, seed=9).certify_batch(x, idx, 10_000)
+    assert len({c.n_samples for c in ref}) > 1  # images stop at different times
+    for batch in (1, 37, 100, 333):
+        assert _certifier(model, 2, 0.4, seed=9).certify_batch(x, idx, batch) == ref
+    alone = _certifier(model, 2, 0.4, seed=9).certify_batch(x[2:3], [15], 50)
+    assert alone == [ref[2]]
+
+
+# ----------------------------------------------------------------------------- the command
+def _rows_without_time(path):
+    """Rows sorted by index, the time column (the sixth) left out."""
+    rows = [ln.split("\t") for ln in path.read_text().splitlines()]
+    return [r[:5] + r[6:] for r in rows]
+
+
+def _cfg(run, out, **over):
+    kw = dict(checkpoint=str(run), n0=20, n=2000, alpha=0.001, skip=1000, batch=256, seed=0, output_dir=str(out),
+              device="cpu", progress=False, sequential="targets")
+    kw.update(over)
+    return CertifyConfig(**kw)
+
+
+def test_cli_rows_keep_the_standard_columns_first_and_report_samples(classifier_run, tmp_path, capsys):
+    argv = ["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--n-max", "2000",
+            "--skip", "1000", "--batch", "256", "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "sequential_sigma0.25.tsv"
+    lines = path.read_text().splitlines()
+    assert tuple(lines[0].split("\t")) == SEQUENTIAL_HEADER and len(lines) == 11
+    log = read_log(path)  # other tools read the first six columns as they are
+    assert len(log) == 10 and log.n_samples is not None and (log.n_samples <= 2020).all()
+    assert "samples/img" in out and "samples/img" in summarize([log]).text()
+    import json
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["sequential"] == "targets" and meta["n_max"] == 2000 and meta["radii"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp_path):
+    ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000))[0].path
+    other = run_certification(_cfg(classifier_run, tmp_path / "b", batch=77))[0].path
+    assert (_rows_without_time(other)) == (_rows_without_time(ref))
+    # killed mid-run, then the same command: the rows of one uninterrupted run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dmae", "certify", "--checkpoint", str(classifier_run), "--sequential", "targets",
+           "--n0", "20", "--n", "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    target = out / "sequential_sigma0.25.tsv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not target.exists() or len(target.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_rows(target, SEQUENTIAL_HEADER)
+    assert 2 <= len(partial) < 10, "the run was not interrupted part-way"
+    res = run_certification(_cfg(classifier_run, out))[0]
+    assert res.rows_total == 10 and (_rows_without_time(res.path)) == (_rows_without_time(ref))
+    with pytest.raises(ValueError, match=r"other settings \(n_max: 2000 -> 3000\)"):
+        run_certification(_cfg(classifier_run, out, n_max=3000))
+
+
+def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
+    single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dmae",
+           "certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--num-samples",
+           "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (_rows_without_time(out / "sequential_sigma0.25.tsv")) == (_rows_without_time(single))
