@@ -46,14 +46,15 @@ def _ever_below(paths: np.ndarray, looks, upper, p: float) -> np.ndarray:
     return (paths <= last).any(axis=1)
 
 
+@pytest.mark.parametrize("final_share", [0.98, 0.0])  # 0: alpha spread evenly, so the sequence itself is tested
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("p", [0.5, 0.8, 0.99, 0.997])
-def test_bounds_hold_at_every_look_at_once(kind, p):
+def test_bounds_hold_at_every_look_at_once(kind, p, final_share):
     """4,000 streams to n_max = 2,000 at alpha = upper_alpha = 0.1: the lower bound exceeds p at SOME look in
     at most ~10% of them (binomial sd 0.005, so 0.115 is a 3-sd margin), the upper bound falls below p likewise,
     and either fails in at most ~20%. Clopper-Pearson at the full alpha, re-checked at every look, fails more."""
     alpha, n_max, streams = 0.1, 2000, 4000
-    cs = make_sequence(kind, alpha, n_max, upper_alpha=alpha)
+    cs = make_sequence(kind, alpha, n_max, upper_alpha=alpha, final_share=final_share)
     rng = np.random.default_rng(int(p * 1000) + 17 * KINDS.index(kind))
     paths = _paths(rng, p, cs.looks, streams)
     low = _ever_above(paths, cs.looks, cs.lower, p)

@@ -134,7 +134,7 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
     assert 2 <= len(partial) < 10, "the run was not interrupted part-way"
     res = run_certification(_cfg(classifier_run, out))[0]
     assert res.rows_total == 10 and (_rows_without_time(res.path)) == (_rows_without_time(ref))
-    with pytest.raises(ValueError, match=r"other settings \(n_max: 2000 -> 3000\)"):
+    with pytest.raises(ValueError, match=r"other settings \(n_max: 2000 -> 3000, sequence: "):
         run_certification(_cfg(classifier_run, out, n_max=3000))
 
 
@@ -147,3 +147,79 @@ def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (_rows_without_time(out / "sequential_sigma0.25.tsv")) == (_rows_without_time(single))
+
+
+def test_replay_counts_only_estimation_samples_and_bounds_at_looks():
+    """Recompute an image's votes by hand from the chunk seeds: c_hat from the n0 selection samples only, n_a from
+    the estimation samples only, t a look, p_a_lower the running maximum of the lower bound over the looks."""
+    from dmae.smoothing import CHUNK, chunk_seed
+
+    model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.3)
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    certifier = _certifier(model, 2, 0.4, seed=5, n0=150, n_max=3000)
+    certs = certifier.certify_batch(x, [10, 11, 12], 256)
+    cs = certifier.cs
+
+    def votes(i, idx, phase, n):
+        out = []
+        for c in range((n + CHUNK - 1) // CHUNK):
+            g = torch.Generator().manual_seed(chunk_seed(5, idx, phase, c))
+            eta = torch.randn((CHUNK, 1, 2, 2), generator=g)
+            out.append(model(x[i] + 0.4 * eta).argmax(1))
+        return torch.cat(out)[:n]
+
+    for i, (idx, c) in enumerate(zip([10, 11, 12], certs)):
+        c_hat = int(torch.bincount(votes(i, idx, 0, 150), minlength=2).argmax())
+        t = c.n_samples - 150
+        assert t in cs.looks
+        k = int((votes(i, idx, 1, t) == c_hat).sum())
+        assert c.n_a == k
+        running = max(cs.lower(int((votes(i, idx, 1, s) == c_hat).sum()), s) for s in cs.looks if s <= t)
+        assert c.p_a_lower == running
+        assert c.prediction in (c_hat, Smooth.ABSTAIN)
+
+
+def test_nan_during_estimation_abstains_and_duplicates_are_refused():
+    class LateNaN(nn.Module):
+        """Finite on most noisy inputs; NaN when the noisy first pixel exceeds 1.2 (a few percent of samples)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3)
+            out[:, 1] = 1.0
+            out[x.flatten(1)[:, 0] > 1.2] = float("nan")
+            return out
+
+    x = torch.full((1, 1, 2, 2), 0.5)
+    [c] = _certifier(LateNaN(), 3, 0.35, n0=10, n_max=5000).certify_batch(x, [0], 512)
+    assert c.prediction == Smooth.ABSTAIN and c.non_finite > 0 and c.n_samples > 10
+    with pytest.raises(ValueError, match="image index 4 given twice"):
+        _certifier(Constant(3, 0), 3, 0.25).certify_batch(torch.rand(2, 1, 2, 2), [4, 4], 64)
+
+
+def test_options_that_would_do_nothing_are_errors(classifier_run, tmp_path, capsys):
+    base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    for argv, message in ((["certify", "--n-max", "5000"], "--n-max 5000 is only used with --sequential"),
+                          (["certify", "--sequential", "targets", "--epsilon", "0.1"],
+                           "--epsilon 0.1 is only used with --sequential continuous"),
+                          (["certify", "--sequential", "continuous", "--radii", "0", "0.5"],
+                           "--radii (0.0, 0.5) is only used with --sequential targets"),
+                          (["certify", "--sequential", "targets", "--radii", "-1"], "--radii must be finite numbers >= 0, got -1.0"),
+                          (["predict", "--sequential", "targets"], "--sequential targets is a mode of certify, not of predict")):
+        assert main([*argv, *base]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_path, capsys):
+    res = run_certification(_cfg(classifier_run, tmp_path, sequential="continuous", epsilon=0.05))[0]
+    log = read_log(res.path)
+    assert len(log) == 10 and (log.radius >= 0).all()
+    rows = [ln.split("\t") for ln in res.path.read_text().splitlines()[1:]]
+    assert all(r[3] == r[7] for r in rows)  # continuous mode: radius is the continuous radius
+    for over, what in (({"epsilon": 0.1}, "epsilon: 0.05 -> 0.1"), ({"sequence": "union"}, "sequence: "),
+                       ({"sequential": "targets", "epsilon": None}, "sequential: 'continuous' -> 'targets'")):
+        with pytest.raises(ValueError, match=what):
+            run_certification(_cfg(classifier_run, tmp_path, **{"sequential": "continuous", "epsilon": 0.05, **over}))

@@ -41,7 +41,13 @@ SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
 # settings that change the rows; a resumed file must have been written with the same ones
 ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
-                "n_max", "radii", "epsilon", "sequence")
+                "sequential", "n_max", "radii", "epsilon", "sequence")
+
+
+def _check_radii(radii: tuple[float, ...]) -> None:
+    for r in radii:
+        if not 0 <= r < float("inf"):
+            raise ValueError(f"--radii must be finite numbers >= 0, got {r}")
 
 
 def _check_sigmas(sigmas: tuple[float, ...]) -> None:
@@ -78,16 +84,23 @@ class CertifyConfig(Options):
     sequential: Optional[Literal["targets", "continuous"]] = option(
         None, "sequential CERTIFY (docs/sequential.md): stop sampling an image once every target radius is "
               "certified or refuted (targets), or once its radius is known within --epsilon (continuous)")
-    radii: Optional[tuple[float, ...]] = option(None, "target radii of --sequential targets (default: the data set's "
-                                                "standard radii)", check=lambda rs: [threshold(r, 1.0) for r in rs])
+    radii: Optional[tuple[float, ...]] = option(None, "--sequential targets: the target radii (default: the data "
+                                                "set's standard radii)", check=_check_radii)
     n_max: Optional[int] = option(None, "--sequential: the most estimation samples per image (default: --n)", low=1)
-    epsilon: float = option(0.01, "--sequential continuous: stop when the radius is known within this (l2, [0, 1] "
-                            "pixel units)", low=0, low_open=True)
-    sequence: str = option("default", "--sequential: the anytime-valid confidence sequence", choices=SEQUENCE_NAMES)
+    epsilon: Optional[float] = option(None, "--sequential continuous: stop once the radius is known within this "
+                                      "(l2, [0, 1] pixel units; default 0.01)", low=0, low_open=True)
+    sequence: Optional[str] = option(None, "--sequential: the anytime-valid confidence sequence: betting (the default: "
+                                     "fewest samples in docs/sequential.md) or union (Clopper-Pearson per round, "
+                                     "alpha split over the rounds)", choices=SEQUENCE_NAMES)
 
     def check_combination(self) -> None:
         if not self.checkpoint:
             raise ValueError("--checkpoint is required")
+        only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None}
+        for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
+            if getattr(self, name) is not None and (self.sequential is None or (mode and self.sequential != mode)):
+                need = f"--sequential {mode}" if mode else "--sequential"
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
 
 
 @dataclass
@@ -166,20 +179,23 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
 
 
 def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
-    """The sequential settings that change rows (None for fixed-n runs)."""
+    """What changes the rows of a sequential log (None where it changes nothing): n_max replaces n, the
+    resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous)."""
     if task.mode != "sequential":
-        return {"n_max": None, "radii": None, "epsilon": None, "sequence": None}
+        return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None}
     s = sequential_settings(task)
-    return {"n_max": s.n_max, "radii": list(s.radii), "epsilon": s.epsilon if s.mode == "continuous" else None,
-            "sequence": s.sequence, "sequential": s.mode}
+    cs = SequentialCertifier(Smooth(task.model, task.num_classes, 1.0, seed=0, device=task.device), s).cs
+    return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
+            "radii": list(s.radii) if s.mode == "targets" else None,
+            "epsilon": s.epsilon if s.mode == "continuous" else None}
 
 
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
     """``--sequential``'s settings: targets default to the data set's standard radii, n_max to --n."""
     cfg = task.cfg
     radii = tuple(cfg.radii) if cfg.radii else dataset_info(cfg.data).radii
-    return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii, cfg.epsilon,
-                              cfg.sequence)
+    return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii,
+                              cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default")
 
 
 def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
@@ -333,6 +349,8 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
         CheckpointError / DataError: see :func:`prepare`.
     """
     cfg.validate()
+    if mode == "predict" and cfg.sequential:
+        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task, sigmas = prepare(cfg, mode, device, dist)

@@ -8,6 +8,7 @@ other tools with extra columns read too.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -35,10 +36,15 @@ def format_row(header: tuple[str, ...], idx: int, label: int, pred: int, radius:
     correct = int(pred == label)
     if header == PREDICT_HEADER:
         return f"{idx}\t{label}\t{pred}\t{correct}\t{seconds:.4f}\n"
-    row = f"{idx}\t{label}\t{pred}\t{radius:.6f}\t{correct}\t{seconds:.4f}"
+    row = f"{idx}\t{label}\t{pred}\t{_radius(radius)}\t{correct}\t{seconds:.4f}"
     if header == SEQUENTIAL_HEADER:
-        row += f"\t{n_samples}\t{radius_continuous:.6f}"
+        row += f"\t{n_samples}\t{_radius(radius_continuous)}"
     return row + "\n"
+
+
+def _radius(r: float) -> str:
+    """A radius with 6 decimals, rounded *down*: a printed radius must never exceed the certified one."""
+    return f"{math.floor(r * 1e6) / 1e6:.6f}"
 
 
 def read_log_rows(path: str | Path, need: tuple[str, ...] = (), strict_tail: bool = False) -> LogRows:

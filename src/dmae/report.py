@@ -104,6 +104,8 @@ def read_log(path: str | Path) -> CertLog:
     path = Path(path)
     log = read_log_rows(path, need=("label", "predict", "radius", "correct"))
     col = {c: log.header.index(c) for c in ("label", "predict", "radius", "correct")}
+    if "radius_continuous" in log.header:  # sequential targets logs: ``radius`` is the largest target reached,
+        col["radius"] = log.header.index("radius_continuous")  # the continuous radius is as valid and finer
     rows = []
     for n, f in enumerate(log.rows, start=2):
         try:

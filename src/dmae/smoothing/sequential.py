@@ -30,8 +30,11 @@ import torch
 from scipy.special import ndtri
 
 from dmae.runtime import autocast
-from dmae.smoothing.confseq import ConfidenceSequence, Decision, continuous_gap, decide, make_sequence, threshold
+from dmae.smoothing.bounds import check_certify_budget
+from dmae.smoothing.confseq import ConfidenceSequence, geometric_looks, make_sequence, threshold
 from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth, chunk_seed
+
+FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
 
 Mode = Literal["targets", "continuous"]
 
@@ -90,7 +93,15 @@ class SequentialSettings:
             raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
 
 
-@dataclass
+def chunk_looks(n_max: int, first: int = FIRST_LOOK, ratio: float = LOOK_RATIO) -> tuple[int, ...]:
+    """Geometric looks rounded up to whole chunks of noise (``CHUNK`` samples), the last one ``n_max``: every
+    round then draws whole chunks, so no chunk is generated twice. (Any schedule fixed in advance keeps the
+    sequences valid; the union bound splits alpha over exactly these looks.)"""
+    looks = {min(n_max, math.ceil(t / CHUNK) * CHUNK) for t in geometric_looks(n_max, first, ratio)}
+    return tuple(sorted(looks))
+
+
+@dataclass(eq=False)  # slots are compared by identity (their tensors have no truth value)
 class _Slot:
     """One image being certified: its phase, the samples drawn so far, the votes counted."""
 
@@ -118,9 +129,11 @@ class SequentialCertifier:
 
     def __init__(self, smooth: Smooth, settings: SequentialSettings) -> None:
         self.smooth, self.settings = smooth, settings
-        self.cs: ConfidenceSequence = make_sequence(settings.sequence, settings.alpha, settings.n_max)
+        self.cs: ConfidenceSequence = make_sequence(settings.sequence, settings.alpha, settings.n_max,
+                                                    looks=chunk_looks(settings.n_max))
         self.thresholds = [threshold(r, smooth.sigma) for r in settings.radii]
         self.k = smooth.num_classes
+        check_certify_budget(settings.n_max, settings.alpha)
 
     def certify_stream(self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int
                        ) -> Iterator[tuple[int, SequentialCertificate]]:
@@ -134,6 +147,7 @@ class SequentialCertifier:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         source = iter(items)
         active: list[_Slot] = []
+        seen: set[int] = set()
         exhausted = False
         while True:
             while not exhausted and sum(s.target - s.drawn for s in active) < batch_size:
@@ -141,6 +155,9 @@ class SequentialCertifier:
                 if nxt is None:
                     exhausted = True
                 else:
+                    if int(nxt[0]) in seen:  # the index names the noise stream: one image, one stream
+                        raise ValueError(f"image index {nxt[0]} given twice")
+                    seen.add(int(nxt[0]))
                     active.append(self._admit(*nxt))
             if not active:
                 return
@@ -211,7 +228,8 @@ class SequentialCertifier:
 
     def _decide(self, slot: _Slot) -> SequentialCertificate | None:
         """After a completed round: the next round, or the certificate (None while sampling goes on)."""
-        s, cs = self.settings, self.cs
+        cs = self.cs
+        s = self.settings
         bad = int(slot.counts[self.k])
         if slot.phase == PHASE_SELECT:
             if bad:
@@ -225,15 +243,25 @@ class SequentialCertifier:
         if bad:
             return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0 + t, k, 0.0, 1.0, bad)
         slot.lower, slot.upper = max(slot.lower, cs.lower(k, t)), min(slot.upper, cs.upper(k, t))
-        if s.mode == "targets":
-            settled = all(d != Decision.OPEN for d in decide(cs, k, t, self.thresholds))
-        else:
-            settled = continuous_gap(cs, k, t, self.smooth.sigma) < s.epsilon
-        if not settled and t < cs.n_max:
+        if not self._settled(slot, k, t) and t < cs.n_max:
             slot.look += 1
             slot.target = cs.looks[slot.look]
             return None
         return self._certificate(slot, t, k)
+
+    def _settled(self, slot: _Slot, k: int, t: int) -> bool:
+        """Whether more samples could change the answer, judged on the running bounds (docs/sequential.md):
+        a target is decided when ``lower > tau`` (certified), or ``upper < tau`` or the budget test
+        ``reachable_lower(k, t) <= tau`` (refuted); continuous mode stops when the radius the remaining budget
+        and the upper bound still allow exceeds the certified one by less than epsilon."""
+        best = self.cs.reachable_lower(k, t)
+        if self.settings.mode == "targets":
+            return all(slot.lower > tau or slot.upper < tau or best <= tau for tau in self.thresholds)
+        sigma = self.smooth.sigma
+        hi, lo = min(slot.upper, best), slot.lower
+        r_hi = sigma * float(ndtri(hi)) if hi > 0.5 else 0.0
+        r_lo = sigma * float(ndtri(lo)) if lo > 0.5 else 0.0
+        return r_hi - r_lo < self.settings.epsilon
 
     def _certificate(self, slot: _Slot, t: int, k: int) -> SequentialCertificate:
         s, sigma = self.settings, self.smooth.sigma
