@@ -1,35 +1,16 @@
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from dmae.certify import CertifyConfig, run_certification
 from dmae.certlog import CERTIFY_HEADER, read_rows
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
 from dmae.cli import main
 
-from conftest import PICO
+from conftest import kill_after_rows, run_torchrun
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory):
-    """A small classifier saved as a fine-tuning run folder would hold it (head scaled so classes differ)."""
-    run = tmp_path_factory.mktemp("clf")
-    torch.manual_seed(0)
-    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
-    with torch.no_grad():
-        model.head.weight.normal_(0, 1.0)
-    save_export(model, run / "model_best.safetensors")
-    (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "fashion-mnist"}))
-    return run
 
 
 def _cfg(run, out, **over):
@@ -81,15 +62,9 @@ def test_predict_rows(classifier_run, tmp_path):
 def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, tmp_path):
     full = run_certification(_cfg(classifier_run, tmp_path / "full", n=1000, skip=625))[0].path
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dmae", "certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "1000",
-           "--skip", "625", "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     target = out / "certify_sigma0.25.tsv"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not target.exists() or len(target.read_text().splitlines()) < 4):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_rows(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "1000", "--skip", "625",
+                     "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"], target, 4)
     partial = read_rows(target, CERTIFY_HEADER)
     assert 3 <= len(partial) < 16, "the run was not interrupted part-way"
     with open(target, "a") as f:
@@ -110,11 +85,8 @@ def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dmae",
-           "certify", "--checkpoint", str(classifier_run), "--n0", "20", "--num-samples", "300", "--skip", "500", "--batch", "128",
-           "--output-dir", str(out), "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_torchrun(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--num-samples", "300", "--skip", "500",
+                  "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"])
     merged = out / "certify_sigma0.25.tsv"
     assert _rows_without_time(merged) == _rows_without_time(single)
     assert not list(out.glob("*.rank*"))

@@ -1,10 +1,5 @@
 """Sequential CERTIFY (dmae.smoothing.sequential): sound like fixed-n CERTIFY, reproducible like it, and cheaper."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +13,7 @@ from dmae.report import read_log, summarize
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
 
-from test_certify import classifier_run  # noqa: F401  (the fixture)
+from conftest import kill_after_rows, run_torchrun
 from test_smoothing import AlwaysNaN, Constant, Linear2
 
 
@@ -120,16 +115,10 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
     assert (_rows_without_time(other)) == (_rows_without_time(ref))
     # killed mid-run, then the same command: the rows of one uninterrupted run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dmae", "certify", "--checkpoint", str(classifier_run), "--sequential", "targets",
-           "--n0", "20", "--n", "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     target = out / "sequential_sigma0.25.tsv"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not target.exists() or len(target.read_text().splitlines()) < 3):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_rows(["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--n", "2000",
+                     "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu", "--no-progress"],
+                    target, 3)
     partial = read_rows(target, SEQUENTIAL_HEADER)
     assert 2 <= len(partial) < 10, "the run was not interrupted part-way"
     res = run_certification(_cfg(classifier_run, out))[0]
@@ -141,11 +130,9 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dmae",
-           "certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--num-samples",
-           "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_torchrun(["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20",
+                  "--num-samples", "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu",
+                  "--no-progress"])
     assert (_rows_without_time(out / "sequential_sigma0.25.tsv")) == (_rows_without_time(single))
 
 

@@ -34,7 +34,7 @@ from dmae.config import Options, option, to_dict
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
 from dmae.distributed import DistInfo, barrier, launch
 from dmae.smoothing import Smooth, check_alpha
-from dmae.smoothing.confseq import ALIASES, SEQUENCES, threshold
+from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
 
 SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
