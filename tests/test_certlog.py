@@ -14,8 +14,10 @@ def _log(tmp_path, text, name="log.tsv"):
 
 
 def test_format_row():
-    # Cohen et al.'s columns: radius with 6 decimals, correct = predict == label, time in seconds
-    assert format_row(CERTIFY_HEADER, 12, 3, 3, 0.1234567, 1.23456) == "12\t3\t3\t0.123457\t1\t1.2346\n"
+    # Cohen et al.'s columns: radius with 6 decimals, rounded down (a printed radius never exceeds the certified
+    # one: 0.2499996 must not read as 0.25), correct = predict == label, time in seconds
+    assert format_row(CERTIFY_HEADER, 12, 3, 3, 0.1234567, 1.23456) == "12\t3\t3\t0.123456\t1\t1.2346\n"
+    assert format_row(CERTIFY_HEADER, 1, 0, 0, 0.2499996, 0.5).split("\t")[3] == "0.249999"
     assert format_row(CERTIFY_HEADER, 0, 3, -1, 0.0, 0.5) == "0\t3\t-1\t0.000000\t0\t0.5000\n"  # abstain
     assert format_row(PREDICT_HEADER, 7, 2, 5, 0.9, 0.25) == "7\t2\t5\t0\t0.2500\n"  # no radius column
     assert format_row(PREDICT_HEADER, 7, 2, 2, 0.9, 0.25) == "7\t2\t2\t1\t0.2500\n"
