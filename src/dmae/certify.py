@@ -35,7 +35,7 @@ from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_inf
 from dmae.distributed import DistInfo, barrier, launch
 from dmae.smoothing import Smooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
-from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
+from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
 
 SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
@@ -184,7 +184,7 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
     if task.mode != "sequential":
         return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None}
     s = sequential_settings(task)
-    cs = SequentialCertifier(Smooth(task.model, task.num_classes, 1.0, seed=0, device=task.device), s).cs
+    cs = sequence_for(s)
     return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
             "radii": list(s.radii) if s.mode == "targets" else None,
             "epsilon": s.epsilon if s.mode == "continuous" else None}

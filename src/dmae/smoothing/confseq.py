@@ -28,6 +28,7 @@ Then the decisions the sampling engine stops on: per target radius (:func:`decid
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import operator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -126,8 +127,9 @@ def geometric_looks(n_max: int, first: int, ratio: float) -> tuple[int, ...]:
     return tuple(looks)
 
 
-class _Looks:
-    """What the sequences share: the looks, argument checks, and the per-(k, t) memo of the bounds."""
+class _Looks(ABC):
+    """What the sequences share: the looks, argument checks, and the per-(k, t) memo of the bounds; each
+    sequence supplies ``_lower`` and ``_upper``."""
 
     looks: tuple[int, ...]
     n_max: int
@@ -146,11 +148,13 @@ class _Looks:
         self.__dict__.update(state)
         self._init_caches()
 
+    @abstractmethod
     def _lower(self, k: int, t: int) -> float:
-        raise NotImplementedError
+        """The lower bound, uncached (arguments already checked)."""
 
+    @abstractmethod
     def _upper(self, k: int, t: int) -> float:
-        raise NotImplementedError
+        """The upper bound, uncached (arguments already checked)."""
 
     def lower(self, k: int, t: int) -> float:
         """The lower confidence bound on p after ``k`` successes in ``t`` draws; 0 when ``k = 0``.
@@ -423,7 +427,8 @@ def radius_from_lower(p_lower: float, sigma: float) -> float | None:
     return sigma * float(ndtri(p_lower)) if p_lower > 0.5 else None
 
 
-def _radius_or_zero(p: float, sigma: float) -> float:
+def radius_or_zero(p: float, sigma: float) -> float:
+    """``sigma * Phi^-1(p)`` when ``p > 1/2``, else 0: the radius a bound certifies (0 when it certifies none)."""
     return sigma * float(ndtri(p)) if p > 0.5 else 0.0
 
 
@@ -490,7 +495,7 @@ def continuous_gap(cs: ConfidenceSequence, k: int, t: int, sigma: float) -> floa
     sigma = _check_sigma(sigma)
     lo = cs.lower(k, t)
     hi = min(cs.upper(k, t), cs.reachable_lower(k, t))
-    return max(0.0, _radius_or_zero(hi, sigma) - _radius_or_zero(lo, sigma))
+    return max(0.0, radius_or_zero(hi, sigma) - radius_or_zero(lo, sigma))
 
 
 # ------------------------------------------------------------------------------- many images at once

@@ -212,13 +212,22 @@ class Smooth:
 
     def _votes(self, noisy: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
         """Bincount of (image row, class) over one forward batch; non-finite logits vote in bin ``k``."""
+        return torch.bincount(owner * (self.num_classes + 1) + self.classify(noisy), minlength=size)
+
+    @torch.no_grad()
+    def classify(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The base classifier's class of every noisy sample ``[B, C, H, W]`` -> ``[B]`` on the device;
+        ``num_classes`` (no class) where the logits are NaN or infinite (argmax would call them class 0).
+
+        Raises:
+            ValueError: logits not ``[B, num_classes]``.
+        """
         k = self.num_classes
         with autocast(self.device, self.precision):
             logits = self.base_classifier(noisy)
         if logits.ndim != 2 or logits.shape[1] != k:
             raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
-        cls = torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), k)
-        return torch.bincount(owner * (k + 1) + cls, minlength=size)
+        return torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), k)
 
     def _check_budget(self, check: Any, n: int, alpha: float) -> None:
         """Warn once per (kind, n, alpha) when n samples can never give an answer at alpha, whatever the model."""

@@ -27,11 +27,9 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from scipy.special import ndtri
 
-from dmae.runtime import autocast
 from dmae.smoothing.bounds import check_certify_budget
-from dmae.smoothing.confseq import ConfidenceSequence, geometric_looks, make_sequence, threshold
+from dmae.smoothing.confseq import ConfidenceSequence, geometric_looks, make_sequence, radius_or_zero, threshold
 from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth, chunk_seed
 
 FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
@@ -101,6 +99,11 @@ def chunk_looks(n_max: int, first: int = FIRST_LOOK, ratio: float = LOOK_RATIO) 
     return tuple(sorted(looks))
 
 
+def sequence_for(settings: SequentialSettings) -> ConfidenceSequence:
+    """The confidence sequence of ``settings``, its rounds ending at whole chunks (:func:`chunk_looks`)."""
+    return make_sequence(settings.sequence, settings.alpha, settings.n_max, looks=chunk_looks(settings.n_max))
+
+
 @dataclass(eq=False)  # slots are compared by identity (their tensors have no truth value)
 class _Slot:
     """One image being certified: its phase, the samples drawn so far, the votes counted."""
@@ -129,8 +132,7 @@ class SequentialCertifier:
 
     def __init__(self, smooth: Smooth, settings: SequentialSettings) -> None:
         self.smooth, self.settings = smooth, settings
-        self.cs: ConfidenceSequence = make_sequence(settings.sequence, settings.alpha, settings.n_max,
-                                                    looks=chunk_looks(settings.n_max))
+        self.cs = sequence_for(settings)
         self.thresholds = [threshold(r, smooth.sigma) for r in settings.radii]
         self.k = smooth.num_classes
         check_certify_budget(settings.n_max, settings.alpha)
@@ -190,7 +192,7 @@ class SequentialCertifier:
                 room -= m
             if room == 0:
                 break
-        classes = self._classes(torch.cat(noisy))
+        classes = self.smooth.classify(torch.cat(noisy)).cpu().numpy()  # one host read per batch
         per_slot = np.bincount(np.concatenate(owners) * (self.k + 1) + classes, minlength=len(active) * (self.k + 1))
         per_slot = per_slot.reshape(len(active), self.k + 1)
         finished = []
@@ -215,16 +217,6 @@ class SequentialCertifier:
             lo, hi = max(start, c * CHUNK) - c * CHUNK, min(start + m, (c + 1) * CHUNK) - c * CHUNK
             parts.append(x.unsqueeze(0) + eta[lo:hi] * smooth.sigma)
         return torch.cat(parts)
-
-    def _classes(self, noisy: torch.Tensor) -> np.ndarray:
-        """The class of every sample (``K`` for NaN / infinite logits), read to the host once per batch."""
-        k = self.k
-        with torch.no_grad(), autocast(self.smooth.device, self.smooth.precision):
-            logits = self.smooth.base_classifier(noisy)
-        if logits.ndim != 2 or logits.shape[1] != k:
-            raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
-        cls = torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), k)
-        return cls.cpu().numpy()
 
     def _decide(self, slot: _Slot) -> SequentialCertificate | None:
         """After a completed round: the next round, or the certificate (None while sampling goes on)."""
@@ -258,17 +250,14 @@ class SequentialCertifier:
         if self.settings.mode == "targets":
             return all(slot.lower > tau or slot.upper < tau or best <= tau for tau in self.thresholds)
         sigma = self.smooth.sigma
-        hi, lo = min(slot.upper, best), slot.lower
-        r_hi = sigma * float(ndtri(hi)) if hi > 0.5 else 0.0
-        r_lo = sigma * float(ndtri(lo)) if lo > 0.5 else 0.0
-        return r_hi - r_lo < self.settings.epsilon
+        return radius_or_zero(min(slot.upper, best), sigma) - radius_or_zero(slot.lower, sigma) < self.settings.epsilon
 
     def _certificate(self, slot: _Slot, t: int, k: int) -> SequentialCertificate:
         s, sigma = self.settings, self.smooth.sigma
         n = s.n0 + t
         if not slot.lower > 0.5:  # p_A > 1/2 is what makes c_hat the smoothed class
             return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, n, k, slot.lower, slot.upper)
-        r_cont = float(sigma * ndtri(slot.lower))
+        r_cont = radius_or_zero(slot.lower, sigma)
         certified = [r for r, tau in zip(s.radii, self.thresholds) if slot.lower > tau]
         radius = r_cont if s.mode == "continuous" else max(certified, default=0.0)
         return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)
