@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from certify_throughput import reference_counts  # noqa: E402  (same folder)
 
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
 from dmae.smoothing import Smooth
-from dmae.smoothing.confseq import decide, make_sequence, threshold
-from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
+from dmae.smoothing.core import PHASE_SELECT
+from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, oracle_certificates
 
 RADII = dataset_info("fashion-mnist").radii
 
@@ -47,29 +48,26 @@ def _accuracy(preds: list[int], radii: list[float], labels: list[int]) -> list[f
     return [float(np.mean([(p == y and r >= t) for p, r, y in zip(preds, radii, labels)])) for t in RADII]
 
 
-def _oracle_samples(p_hat: np.ndarray, sigma: float, n_max: int, rng: np.random.Generator) -> tuple[float, list[float]]:
-    """Mean estimation samples of sequential CERTIFY (targets) on Bernoulli(p) streams, and its certified
-    accuracy per radius (counting an image as correct when the model's n0 guess was right: ``p_hat`` > 0)."""
-    cs = make_sequence("default", 0.001, n_max)
-    taus = [threshold(r, sigma) for r in RADII]
-    used, best = [], []
-    for p in p_hat:
-        k_prev, t_prev, lower, r_best = 0, 0, 0.0, -1.0
-        for t in cs.looks:
-            k_prev += int(rng.binomial(t - t_prev, p))
-            t_prev = t
-            lower = max(lower, cs.lower(k_prev, t))
-            dec = decide(cs, k_prev, t, taus)
-            if all(d != 0 for d in dec):
-                break
-        used.append(t_prev)
-        certified = [r for r, tau in zip(RADII, taus) if lower > tau]
-        best.append(max(certified) if certified else -1.0)
-    acc = [float(np.mean([b >= r for b in best])) for r in RADII]
-    return float(np.mean(used)), acc
+def _oracle(p_hat: np.ndarray, right: list[bool], sigma: float, n_max: int) -> tuple[float, list[float]]:
+    """Mean samples (n0 included) of sequential CERTIFY (targets) at ``n_max`` on Bernoulli oracles at the
+    measured p_hat, and its certified accuracy per radius (an image counts when its n0 guess was right)."""
+    certs = oracle_certificates(SequentialSettings(100, n_max, 0.001, "targets", RADII), sigma, p_hat)
+    acc = [float(np.mean([ok and c.prediction != -1 and c.radius >= r for c, ok in zip(certs, right)])) for r in RADII]
+    return float(np.mean([c.n_samples for c in certs])), acc
 
 
-def bench(run: Path, sigma: float, images: int, n: int, batch: int) -> dict:
+def _reference_seconds(model: torch.nn.Module, x: torch.Tensor, sigma: float, n: int, batch: int) -> float:
+    """Wall time of the reference CERTIFY loop (n0 = 100 selection samples, then n estimation samples, one image
+    at a time, plain ``randn_like`` noise and host-side counting) on the images of ``x``."""
+    reference_counts(model, x[0:1], min(n, batch), batch, sigma, 10, "fp32")  # warm-up
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        reference_counts(model, x[i:i + 1], 100, batch, sigma, 10, "fp32")
+        reference_counts(model, x[i:i + 1], n, batch, sigma, 10, "fp32")
+    return time.perf_counter() - t0
+
+
+def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_images: int) -> dict:
     model, _ = load_classifier(run, 10)
     model.eval()
     info = dataset_info("fashion-mnist")
@@ -92,17 +90,30 @@ def bench(run: Path, sigma: float, images: int, n: int, batch: int) -> dict:
     t_seq = time.perf_counter() - t0
     passes_seq = sum(c.n_samples for c in seq)
 
-    # p_A of the n0 guess, measured by the fixed-n run (0 when the guess was wrong: never certified correct)
-    p_hat = np.array([c.n_a / n if c.prediction == y or c.prediction == -1 else 0.0 for c, y in zip(fixed, labels)])
-    oracle_passes, oracle_acc = _oracle_samples(p_hat, sigma, 100_000, np.random.default_rng(0))
+    # p_A of the n0 guess as measured by the fixed-n run, and whether that guess was the label (re-drawn from the
+    # same selection seeds: fixed-n does not report the guess of an image it abstains on)
+    p_hat = np.array([c.n_a / n for c in fixed])
+    guess = smooth.sample_counts(x, idx, 100, batch, phase=PHASE_SELECT).counts.argmax(1).tolist()
+    right = [g == y for g, y in zip(guess, labels)]
+    oracle_samples, oracle_acc = _oracle(p_hat, right, sigma, 100_000)
+    ref = {}
+    if reference_images:
+        ref_s = _reference_seconds(model, x[:reference_images], sigma, n, batch)
+        rate = reference_images * (100 + n) / ref_s
+        ref = {"images_timed": reference_images, "seconds": ref_s, "passes_per_s": rate,
+               "seconds_all_images": passes_fixed / rate}
     return {
         "run": str(run), "sigma": sigma, "images": images, "n": n,
         "fixed": {"passes": passes_fixed, "seconds": t_fixed, "passes_per_s": passes_fixed / t_fixed,
                   "certified": _accuracy([c.prediction for c in fixed], [c.radius for c in fixed], labels)},
         "sequential": {"passes": passes_seq, "seconds": t_seq, "passes_per_s": passes_seq / t_seq,
                        "certified": _accuracy([c.prediction for c in seq], [c.radius for c in seq], labels)},
-        "oracle_n_max_100000": {"mean_estimation_samples": oracle_passes,
-                                "fewer_passes": (100 + 100_000) / (100 + oracle_passes), "certified_upper": oracle_acc},
+        "oracle_n_max_100000": {"mean_samples": oracle_samples, "fewer_passes": (100 + 100_000) / oracle_samples,
+                                "certified": oracle_acc},
+        "reference_loop": ref,
+        "per_image": {"idx": idx, "label": labels, "guess": guess, "p_hat": p_hat.tolist(),
+                      "fixed": [[c.prediction, c.radius] for c in fixed],
+                      "sequential": [[c.prediction, c.radius, c.n_samples] for c in seq]},
     }
 
 
@@ -113,7 +124,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--reference-images", type=int, default=5,
+                    help="images the reference fixed-n loop is timed on (its time for all images is extrapolated)")
+    ap.add_argument("--json", default=None, help="also write the results here (after each sigma)")
     args = ap.parse_args()
     results = []
     for spec in args.run:
@@ -123,8 +136,10 @@ def main() -> None:
             if not args.make_from:
                 raise SystemExit(f"{run} holds no classifier; pass --make-from PRETRAIN_EXPORT to fine-tune it")
             _finetune(run, float(sigma), args.make_from)
-        r = bench(run, float(sigma), args.images, args.n, args.batch)
+        r = bench(run, float(sigma), args.images, args.n, args.batch, args.reference_images)
         results.append(r)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
         f, s = r["fixed"], r["sequential"]
         print(f"sigma={r['sigma']}: {r['images']} images, n = n_max = {r['n']}")
         print(f"  forward passes  fixed {f['passes']:,}  sequential {s['passes']:,}  ({f['passes'] / s['passes']:.2f}x fewer)")
@@ -132,15 +147,19 @@ def main() -> None:
               f"{f['passes_per_s']:.0f} vs {s['passes_per_s']:.0f} ({s['passes_per_s'] / f['passes_per_s']:.2f}x)")
         print("  certified acc   " + "  ".join(f"r={t:g}: {100 * a:.0f}/{100 * b:.0f}"
                                                for t, a, b in zip(RADII, f["certified"], s["certified"])) + "  (fixed/seq, %)")
+        if r["reference_loop"]:
+            ref = r["reference_loop"]
+            print(f"  reference loop  {ref['passes_per_s']:.0f} passes/s on {ref['images_timed']} images: fixed n on all "
+                  f"images ~{ref['seconds_all_images']:.0f} s (extrapolated) vs sequential {s['seconds']:.1f} s "
+                  f"({ref['seconds_all_images'] / s['seconds']:.2f}x faster)")
         o = r["oracle_n_max_100000"]
-        print(f"  n_max=100,000 (Bernoulli oracles at the measured p_A): {o['mean_estimation_samples']:.0f} estimation "
-              f"samples per image, {o['fewer_passes']:.1f}x fewer than fixed-n")
+        print(f"  n_max=100,000 (Bernoulli oracles at the measured p_A): {o['mean_samples']:.0f} samples per image, "
+              f"{o['fewer_passes']:.1f}x fewer than fixed-n; certified " + "  ".join(f"r={t:g}: {100 * a:.0f}"
+              for t, a in zip(RADII, o["certified"])) + " %")
     total_f = sum(r["fixed"]["passes"] for r in results)
     total_s = sum(r["sequential"]["passes"] for r in results)
     print(f"all: {total_f / total_s:.2f}x fewer forward passes "
           f"(mean over sigma {np.mean([r['fixed']['passes'] / r['sequential']['passes'] for r in results]):.2f}x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

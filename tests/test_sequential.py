@@ -210,3 +210,65 @@ def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_p
                        ({"sequential": "targets", "epsilon": None}, "sequential: 'continuous' -> 'targets'")):
         with pytest.raises(ValueError, match=what):
             run_certification(_cfg(classifier_run, tmp_path, **{"sequential": "continuous", "epsilon": 0.05, **over}))
+
+
+def test_label_shortcut_skips_estimation_of_wrong_guesses_only():
+    """``stop_on_wrong_guess``: an image whose n0 guess is not its label abstains after n0 samples; an image whose
+    guess is right gets exactly the certificate of the run without the shortcut; labels are required."""
+    model = Constant(3, 2)  # always class 2: the guess is 2 for every image
+    x = torch.rand(2, 1, 2, 2)
+    plain = _certifier(model, 3, 0.5).certify_batch(x, [0, 1], 500)
+    short = _certifier(model, 3, 0.5, stop_on_wrong_guess=True).certify_batch(x, [0, 1], 500, labels=[2, 0])
+    assert short[0] == plain[0] and plain[1].n_samples > 20
+    assert short[1].prediction == Smooth.ABSTAIN and short[1].n_samples == 20 and short[1].wrong_guess
+    assert short[1].radius == 0.0 and not plain[1].wrong_guess
+    with pytest.raises(ValueError, match="stop_on_wrong_guess needs the label of image 0"):
+        _certifier(model, 3, 0.5, stop_on_wrong_guess=True).certify_batch(x, [0, 1], 500)
+
+
+def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded(classifier_run, tmp_path, capsys):
+    import json
+
+    full = read_log(run_certification(_cfg(classifier_run, tmp_path / "full", skip=500))[0].path)
+    res = run_certification(_cfg(classifier_run, tmp_path / "short", skip=500, stop_on_wrong_guess=True))[0]
+    short = read_log(res.path)
+    wrong = full.predict != full.label
+    assert wrong.any() and (~wrong).any(), "the tiny classifier should get some of the 20 images wrong"
+    for r in (0.0, 0.25, 0.5):
+        assert short.certified_accuracy(r) == full.certified_accuracy(r)
+    assert short.n_samples.sum() < full.n_samples.sum()
+    meta = json.loads(res.path.with_suffix(".json").read_text())
+    assert meta["stop_on_wrong_guess"] is True and short.wrong_guess_skipped >= 1
+    assert "--stop-on-wrong-guess" in summarize([short]).text() and "--stop-on-wrong-guess" not in summarize([full]).text()
+    with pytest.raises(ValueError, match=r"other settings \(stop_on_wrong_guess: True -> False\)"):
+        run_certification(_cfg(classifier_run, tmp_path / "short", skip=500))
+    argv = ["certify", "--checkpoint", str(classifier_run), "--stop-on-wrong-guess", "--output-dir", str(tmp_path),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2 and "--stop-on-wrong-guess True is only used with --sequential" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["targets", "continuous"])
+def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
+    """End to end on the engine (selection, rounds, budget test, stop): Bernoulli oracles with p_A just below and
+    just above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 300 images each. A certificate is
+    wrong when its class is not g(x) or its radius exceeds the true one, sigma * Phi^-1(p). The rate stays within
+    alpha (binomial slack); a certifier that trusts the point estimate k / t is wrong far more often."""
+    from dmae.smoothing.sequential import oracle_certificates
+
+    sigma, alpha, trials = 0.5, 0.05, 300
+    radii = (0.0, 0.25, 0.5, 1.0)  # r = 1 at n_max = 1,000 is out of reach: the budget test refutes it early
+    taus = [norm.cdf(r / sigma) for r in radii[1:]]
+    ps = [0.5, 1.0] + [t + d for t in taus for d in (-0.01, 0.01)]
+    settings = SequentialSettings(n0=20, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02)
+    wrong = naive = total = 0
+    for j, p in enumerate(ps):
+        true_radius = sigma * norm.ppf(p) if p < 1 else float("inf")
+        for c in oracle_certificates(settings, sigma, [p] * trials, seed=j):
+            total += 1
+            if c.prediction != Smooth.ABSTAIN:
+                wrong += c.prediction != 0 or p == 0.5 or c.radius_continuous > true_radius or c.radius > true_radius
+            t = c.n_samples - 20
+            naive += t > 0 and (c.n_a / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / t, 1 - 1e-12)) > true_radius))
+    slack = 3 * (total * alpha * (1 - alpha)) ** 0.5
+    assert wrong <= alpha * total + slack, f"{wrong} of {total} certificates wrong at alpha={alpha}"
+    assert naive > alpha * total + slack, f"the point-estimate certifier was wrong only {naive} times: no power"

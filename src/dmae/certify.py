@@ -33,6 +33,7 @@ from dmae.certlog import CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_HEADER, form
 from dmae.config import Options, option, to_dict
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
 from dmae.distributed import DistInfo, barrier, launch
+from dmae.estimate import CostEstimate, estimate_cost, pilot_positions
 from dmae.smoothing import Smooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
@@ -41,7 +42,7 @@ SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
 # settings that change the rows; a resumed file must have been written with the same ones
 ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
-                "sequential", "n_max", "radii", "epsilon", "sequence")
+                "sequential", "n_max", "radii", "epsilon", "sequence", "stop_on_wrong_guess", "model", "input_layer")
 
 
 def _check_radii(radii: tuple[float, ...]) -> None:
@@ -60,7 +61,16 @@ def _check_sigmas(sigmas: tuple[float, ...]) -> None:
 class CertifyConfig(Options):
     """Every option of ``dmae certify`` and ``dmae predict``."""
 
-    checkpoint: Optional[str] = option(None, "a fine-tuning run folder, model_best/model_last.safetensors, or a classifier checkpoint")
+    checkpoint: Optional[str] = option(None, "a fine-tuning run folder, model_best/model_last.safetensors, or a classifier "
+                                       "checkpoint; with --model, that architecture's weights file")
+    model: Optional[str] = option(None, "certify another classifier: a timm or torchvision architecture "
+                                  "(timm:NAME, torchvision:NAME; a bare NAME is timm) whose weights --checkpoint gives "
+                                  "(.safetensors, or a state dict read with weights_only)")
+    input_size: Optional[int] = option(None, "--model: the side the network takes (default: the data set's); images "
+                                       "are noised at their own size, then resized inside the model", low=1)
+    input_mean: Optional[tuple[float, ...]] = option(None, "--model: per-channel mean the network was trained to "
+                                                     "subtract, [0, 1] pixel units (default: the data set's)")
+    input_std: Optional[tuple[float, ...]] = option(None, "--model: per-channel std (default: the data set's)")
     data: str = option("fashion-mnist", "data set", choices=DATASET_NAMES, check=dataset_info)
     data_root: Optional[str] = option(None, "data set directory (default: found automatically)")
     split: Optional[str] = option(None, "split to certify (default: the evaluation split: test or val)")
@@ -92,13 +102,22 @@ class CertifyConfig(Options):
     sequence: Optional[str] = option(None, "--sequential: the anytime-valid confidence sequence: betting (the default: "
                                      "fewest samples in docs/sequential.md) or union (Clopper-Pearson per round, "
                                      "alpha split over the rounds)", choices=SEQUENCE_NAMES)
+    estimate: bool = option(False, "print the forward passes and the time this run would take (from a short timed "
+                            "probe of the classifier; sequential: the range and a pilot's expectation), then exit")
+    stop_on_wrong_guess: bool = option(False, "--sequential: skip estimation for images whose n0 guess is not "
+                                       "their label (they abstain; certified accuracy is unchanged, the class and "
+                                       "radius of wrong images are not; recorded in the JSON and the report)")
 
     def check_combination(self) -> None:
         if not self.checkpoint:
             raise ValueError("--checkpoint is required")
-        only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None}
+        for name in ("input_size", "input_mean", "input_std"):
+            if getattr(self, name) is not None and not self.model:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with --model")
+        only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None,
+                "stop_on_wrong_guess": None}
         for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
-            if getattr(self, name) is not None and (self.sequential is None or (mode and self.sequential != mode)):
+            if getattr(self, name) not in (None, False) and (self.sequential is None or (mode and self.sequential != mode)):
                 need = f"--sequential {mode}" if mode else "--sequential"
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
 
@@ -144,29 +163,45 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
 
     Raises:
         CheckpointError: no such checkpoint, not a trained classifier, non-finite weights, wrong class count.
-        ValueError: no sigma given and the run does not tell a single one.
+        ValueError: no sigma given and the run does not tell a single one; a bad ``--model`` name or input layer.
     """
-    path = ckpt.resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
-    run_cfg = ckpt.run_config(path)
     info = dataset_info(cfg.data)
     split = cfg.split or info.splits[1]
-    sigmas = cfg.sigma or ((run_cfg["sigma"],) if run_cfg.get("sigma") and not run_cfg.get("sigma_range") else None)
+    num_classes = num_classes_of(build_dataset(cfg.data, split, cfg.data_root, None))
+    if cfg.model:
+        model, path, digest, trained_sigma = (*_external_model(cfg, info, num_classes), None)
+        img_size = model.img_size
+    else:
+        path = ckpt.resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
+        run_cfg = ckpt.run_config(path)
+        trained_sigma = run_cfg["sigma"] if run_cfg.get("sigma") and not run_cfg.get("sigma_range") else None
+        model, report = ckpt.load_classifier(path, num_classes, pool=None)
+        if any(k.startswith("head") for k in report.missing):
+            raise ckpt.CheckpointError(f"{path} is not a trained classifier (it has no head); fine-tune it first")
+        digest, img_size = ckpt.weights_digest(path), model.config.encoder.img_size
+    sigmas = cfg.sigma or ((trained_sigma,) if trained_sigma else None)
     if not sigmas:
         raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
-    num_classes = num_classes_of(build_dataset(cfg.data, split, cfg.data_root, None))
-    model, report = ckpt.load_classifier(path, num_classes, pool=None)
-    if any(k.startswith("head") for k in report.missing):
-        raise ckpt.CheckpointError(f"{path} is not a trained classifier (it has no head); fine-tune it first")
     model.to(device).eval()
-    ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, model.config.encoder.img_size))
+    ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, img_size))
     planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
     if mode == "certify" and cfg.sequential:
         mode = "sequential"
     header = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
-    task = CertifyTask(cfg, mode, header, path, ckpt.weights_digest(path), model, num_classes, ds, split, planned,
+    task = CertifyTask(cfg, mode, header, path, digest, model, num_classes, ds, split, planned,
                        fingerprint(ds), Path(cfg.output_dir), device, dist)
-    task.out.mkdir(parents=True, exist_ok=True)
     return task, tuple(float(s) for s in sigmas)
+
+
+def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:
+    """``--model``: the timm / torchvision network with its input layer, its weights file and that file's SHA-256."""
+    from dmae.external import build_external_classifier
+
+    path = Path(cfg.checkpoint)  # type: ignore[arg-type]
+    model, digest = build_external_classifier(cfg.model, path, num_classes,  # type: ignore[arg-type]
+                                              img_size=cfg.input_size or info.size or 224, in_chans=info.channels,
+                                              mean=cfg.input_mean or info.mean, std=cfg.input_std or info.std)
+    return model, path, digest
 
 
 def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
@@ -175,19 +210,26 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
     return {"mode": task.mode, "checkpoint": str(task.checkpoint), "weights_sha256": task.weights_sha256,
             "data": cfg.data, "split": task.split, "data_fingerprint": task.data_fingerprint, "sigma": sigma,
             "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "skip": cfg.skip, "max": cfg.max,
-            "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task)}
+            "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task),
+            "model": cfg.model, "input_layer": _input_layer(task)}
+
+
+def _input_layer(task: CertifyTask) -> str | None:
+    """``--model``'s resolved input layer (size, channels, mean, std), which changes every row; None otherwise."""
+    return task.model.preprocess.extra_repr() if task.cfg.model else None
 
 
 def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
     """What changes the rows of a sequential log (None where it changes nothing): n_max replaces n, the
     resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous)."""
     if task.mode != "sequential":
-        return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None}
+        return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None,
+                "stop_on_wrong_guess": None}
     s = sequential_settings(task)
     cs = sequence_for(s)
     return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
             "radii": list(s.radii) if s.mode == "targets" else None,
-            "epsilon": s.epsilon if s.mode == "continuous" else None}
+            "epsilon": s.epsilon if s.mode == "continuous" else None, "stop_on_wrong_guess": s.stop_on_wrong_guess}
 
 
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
@@ -195,7 +237,8 @@ def sequential_settings(task: CertifyTask) -> SequentialSettings:
     cfg = task.cfg
     radii = tuple(cfg.radii) if cfg.radii else dataset_info(cfg.data).radii
     return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii,
-                              cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default")
+                              cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default",
+                              cfg.stop_on_wrong_guess)
 
 
 def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
@@ -282,7 +325,7 @@ def _certify_sequential(task: CertifyTask, smooth: Smooth, todo: list[int], log_
     certified = abstained = added = 0
     t0 = time.perf_counter()
     with open(log_file, "a") as f:
-        for i, c in certifier.certify_stream(images(), task.cfg.batch):
+        for i, c in certifier.certify_stream(images(), task.cfg.batch, labels):
             now = time.perf_counter()
             f.write(format_row(task.header, i, labels[i], c.prediction, c.radius, now - t0, c.n_samples, c.radius_continuous))
             f.flush()
@@ -341,6 +384,37 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     return CertifyRun(sigma, main_file, added, total)
 
 
+def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify") -> list[CostEstimate]:
+    """``--estimate``: the cost of the run ``cfg`` describes (images not yet in its logs), per sigma, printed and
+    returned; nothing is written. Runs in one process (under ``torchrun`` divide the time by the world size).
+
+    Raises:
+        ValueError / CheckpointError / DataError: as :func:`run_certification`.
+    """
+    cfg.validate()
+    if mode == "predict" and cfg.sequential:
+        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+    from dmae.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    task, sigmas = prepare(cfg, mode, device, DistInfo())
+    out = []
+    for sigma in sigmas:
+        main_file = task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+        done = merge_rank_files(main_file, task.header, remove=False) if main_file.with_suffix(".json").exists() else {}
+        todo = [i for i in task.planned if i not in done]
+        pilot = [todo[j] for j in pilot_positions(len(todo))]
+        items = [task.dataset[i] for i in pilot]
+        x = torch.stack([it[0] for it in items]) if items else torch.zeros(0)
+        smooth = Smooth(task.model, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=device)
+        seq = sequential_settings(task) if task.mode == "sequential" else None
+        est = estimate_cost(smooth, task.mode, x, pilot, [int(it[1]) for it in items], len(todo), len(task.planned) - len(todo),
+                            cfg.n0, cfg.n, cfg.batch, seq)
+        print(est.text(), flush=True)
+        out.append(est)
+    return out
+
+
 def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify") -> list[CertifyRun]:
     """Certify (or predict) the selected images at every sigma; returns the files written. Works under torchrun.
 
@@ -354,10 +428,11 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task, sigmas = prepare(cfg, mode, device, dist)
+        task.out.mkdir(parents=True, exist_ok=True)
         return [_run_sigma(task, sigma) for sigma in sigmas]
 
     return launch(job, cfg.device)
 
 
-__all__ = ["CertifyConfig", "CertifyRun", "CertifyTask", "certify_images", "claim_log",
+__all__ = ["CertifyConfig", "CertifyRun", "CertifyTask", "certify_images", "claim_log", "estimate_certification",
            "merge_rank_files", "prepare", "run_certification", "selected_indices", "settings"]

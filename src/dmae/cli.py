@@ -55,10 +55,14 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 def cmd_certify(ns: argparse.Namespace) -> int:
     """`dmae certify` / `dmae predict`, then (certify) the report of the logs written."""
-    from dmae.certify import CertifyConfig, run_certification
+    from dmae.certify import CertifyConfig, estimate_certification, run_certification
     from dmae.report import report
 
-    runs = run_certification(_resolve(ns.command, CertifyConfig, ns), mode=ns.command)
+    cfg = _resolve(ns.command, CertifyConfig, ns)
+    if cfg.estimate:
+        estimate_certification(cfg, mode=ns.command)
+        return 0
+    runs = run_certification(cfg, mode=ns.command)
     if ns.command == "certify" and runs and runs[0].rows_total:
         print()
         report([r.path for r in runs])

@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +67,7 @@ class CertLog:
     radius: np.ndarray
     correct: np.ndarray
     n_samples: np.ndarray | None = None  # noise samples spent per image (sequential CERTIFY logs)
+    wrong_guess_skipped: int | None = None  # images the label shortcut stopped after selection (None: shortcut off)
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -127,8 +128,12 @@ def read_log(path: str | Path) -> CertLog:
     sigma = meta.get("sigma")
     if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
         sigma = float(m.group(1))
+    skipped = None
+    if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
+        # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
+        skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int), n_samples)
+                   arr[:, 3].astype(int), n_samples, skipped)
 
 
 @dataclass
@@ -137,6 +142,7 @@ class Table:
 
     radii: tuple[float, ...]
     rows: list[dict]
+    notes: list[str] = field(default_factory=list)  # printed under the table
 
     @property
     def has_samples(self) -> bool:
@@ -162,13 +168,14 @@ class Table:
         head, body = self._cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body] + self.notes)
 
     def markdown(self) -> str:
         """The table as a Markdown table (accuracies and abstention in %)."""
         head, body = self._cells()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+        notes = ["", *self.notes] if self.notes else []
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
 
     def csv(self) -> str:
         """The table as CSV with unrounded fractions (not %), for further processing."""
@@ -205,7 +212,11 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
         rows.append({"name": "best", "sigma": None, "images": max(len(lg) for lg in logs),
                      "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
                      "acr": max(r["acr"] for r in rows), "abstain": None})
-    return Table(tuple(radii), rows)
+    notes = [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
+             "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
+             "unchanged, their class and radius are not those of full CERTIFY"
+             for lg in logs if lg.wrong_guess_skipped is not None]
+    return Table(tuple(radii), rows, notes)
 
 
 def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:

@@ -21,12 +21,15 @@ the batch size, on sharding or on where a run was resumed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import norm
+from torch import nn
 
 from dmae.smoothing.bounds import check_certify_budget
 from dmae.smoothing.confseq import ConfidenceSequence, geometric_looks, make_sequence, radius_or_zero, threshold
@@ -44,7 +47,8 @@ class SequentialCertificate(NamedTuple):
     or the continuous radius (continuous mode); ``radius_continuous`` = sigma * Phi^-1(p_a_lower) (0 on
     abstain); ``n_samples`` = n0 + the estimation samples drawn; ``n_a`` of those voted for c_hat;
     ``p_a_lower`` / ``p_a_upper`` the bounds at the stop (running max / min over the looks); ``non_finite`` > 0
-    when the image abstained because that many samples gave non-finite logits.
+    when the image abstained because that many samples gave non-finite logits; ``wrong_guess`` when the label
+    shortcut skipped estimation (the n0 guess was not the label: the image abstains, ``n_samples`` = n0).
     """
 
     prediction: int
@@ -55,6 +59,7 @@ class SequentialCertificate(NamedTuple):
     p_a_lower: float
     p_a_upper: float
     non_finite: int = 0
+    wrong_guess: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class SequentialSettings:
         radii: the target radii (l2, [0, 1] pixel units) of targets mode.
         epsilon: the radius tolerance of continuous mode.
         sequence: the confidence sequence (``"default"``, ``"betting"``, ``"union"``).
+        stop_on_wrong_guess: the label shortcut: an image whose n0 guess is not its label cannot count as
+            certified at any radius, so it abstains without estimation samples (certified accuracy is unchanged;
+            the class and radius of wrong images are). Needs labels (:meth:`SequentialCertifier.certify_stream`).
     """
 
     n0: int
@@ -77,6 +85,7 @@ class SequentialSettings:
     radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     epsilon: float = 0.01
     sequence: str = "default"
+    stop_on_wrong_guess: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n0, int) or self.n0 < 1:
@@ -115,6 +124,7 @@ class _Slot:
     drawn: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [K + 1]: bin K non-finite
     c_hat: int = -1
+    label: int | None = None  # known only for the label shortcut
     look: int = -1  # index of the current round's look
     lower: float = 0.0  # running max / min over looks (both stay valid: the sequence holds at every look)
     upper: float = 1.0
@@ -137,13 +147,15 @@ class SequentialCertifier:
         self.k = smooth.num_classes
         check_certify_budget(settings.n_max, settings.alpha)
 
-    def certify_stream(self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int
-                       ) -> Iterator[tuple[int, SequentialCertificate]]:
+    def certify_stream(self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int,
+                       labels: Mapping[int, int] | None = None) -> Iterator[tuple[int, SequentialCertificate]]:
         """Certify ``(idx, image [C, H, W] in [0, 1])`` pairs; yields ``(idx, certificate)`` as images finish
-        (not in input order). Forward batches hold ``batch_size`` samples until the stream runs dry.
+        (not in input order). Forward batches hold ``batch_size`` samples until the stream runs dry. ``labels``
+        (idx -> class, read when an image is admitted) is needed by the label shortcut only.
 
         Raises:
-            ValueError: an image with NaN / infinite pixels (named by its index), bad logits, bad batch size.
+            ValueError: an image with NaN / infinite pixels (named by its index), bad logits, bad batch size,
+                a missing label under ``stop_on_wrong_guess``.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -160,22 +172,30 @@ class SequentialCertifier:
                     if int(nxt[0]) in seen:  # the index names the noise stream: one image, one stream
                         raise ValueError(f"image index {nxt[0]} given twice")
                     seen.add(int(nxt[0]))
-                    active.append(self._admit(*nxt))
+                    active.append(self._admit(*nxt, labels))
             if not active:
                 return
             for slot, cert in self._step(active, batch_size):
                 active.remove(slot)
                 yield slot.idx, cert
 
-    def certify_batch(self, images: torch.Tensor, indices: Sequence[int], batch_size: int) -> list[SequentialCertificate]:
-        """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices``; answers in input order."""
-        done = dict(self.certify_stream(zip((int(i) for i in indices), images), batch_size))
+    def certify_batch(self, images: torch.Tensor, indices: Sequence[int], batch_size: int,
+                      labels: Sequence[int] | None = None) -> list[SequentialCertificate]:
+        """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices`` (``labels``: their classes, for
+        the label shortcut); answers in input order."""
+        by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels)}
+        done = dict(self.certify_stream(zip((int(i) for i in indices), images), batch_size, by_idx))
         return [done[int(i)] for i in indices]
 
     # ------------------------------------------------------------------ the engine
-    def _admit(self, idx: int, image: torch.Tensor) -> _Slot:
+    def _admit(self, idx: int, image: torch.Tensor, labels: Mapping[int, int] | None) -> _Slot:
         self.smooth._check_inputs(image.unsqueeze(0), [idx])
-        slot = _Slot(idx, image.to(self.smooth.device), target=self.settings.n0)
+        label = None
+        if self.settings.stop_on_wrong_guess:
+            if labels is None or int(idx) not in labels:
+                raise ValueError(f"stop_on_wrong_guess needs the label of image {idx}")
+            label = int(labels[int(idx)])
+        slot = _Slot(idx, image.to(self.smooth.device), target=self.settings.n0, label=label)
         slot.counts = np.zeros(self.k + 1, dtype=np.int64)
         return slot
 
@@ -227,6 +247,8 @@ class SequentialCertifier:
             if bad:
                 return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0, 0, 0.0, 1.0, bad)
             slot.c_hat = int(np.argmax(slot.counts[: self.k]))  # first of the top counts, as CERTIFY
+            if slot.label is not None and slot.c_hat != slot.label:  # certified correct is impossible now
+                return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0, 0, 0.0, 1.0, wrong_guess=True)
             slot.phase, slot.drawn, slot.look = PHASE_ESTIMATE, 0, 0
             slot.counts = np.zeros(self.k + 1, dtype=np.int64)
             slot.target = cs.looks[0]
@@ -261,3 +283,43 @@ class SequentialCertifier:
         certified = [r for r, tau in zip(s.radii, self.thresholds) if slot.lower > tau]
         radius = r_cont if s.mode == "continuous" else max(certified, default=0.0)
         return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)
+
+
+class _ThresholdOracle(nn.Module):
+    """Two classes on one-pixel images: class 0 when the noisy pixel is below 0, else class 1. The image
+    ``x = -sigma * Phi^-1(p)`` then votes class 0 with probability exactly p under N(0, sigma^2) noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device (the CPU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1)[:, :1]
+        return torch.cat([-z, z], dim=1)
+
+
+def oracle_certificates(settings: SequentialSettings, sigma: float, p_a: Sequence[float], seed: int = 0,
+                        labels_right: Sequence[bool] | None = None) -> list[SequentialCertificate]:
+    """What sequential CERTIFY answers (and spends) on images whose top class has probability ``p_a`` under the
+    noise: the real engine run on Bernoulli oracles, one per value (a one-pixel threshold classifier whose
+    vote for class 0 is Bernoulli(p) exactly; p is clipped to Phi(+-40), i.e. 0 and 1 in float64). The
+    decisions only see vote counts, so an oracle with an image's p_A costs what the model would (up to the
+    selection step, which the oracle always wins when p > 1/2). ``labels_right[i] = False`` marks an image
+    whose n0 guess is wrong (the label shortcut then stops it; otherwise it changes nothing).
+
+    Used by ``dmae certify --estimate`` and the benchmarks. Raises ValueError for p outside [0, 1].
+    """
+    p = np.asarray(p_a, dtype=np.float64)
+    if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(f"p_a must be probabilities in [0, 1], got {p_a!r}")
+    z = np.clip(norm.ppf(p), -40.0, 40.0)
+    x = torch.tensor(-sigma * z, dtype=torch.float64).view(-1, 1, 1, 1)
+    labels = None
+    if settings.stop_on_wrong_guess:
+        right = [True] * len(p) if labels_right is None else list(labels_right)
+        labels = {i: 0 if ok else 1 for i, ok in enumerate(right)}
+    smooth = Smooth(_ThresholdOracle().double(), 2, sigma, seed=seed, precision="fp32", device=torch.device("cpu"))
+    with warnings.catch_warnings():  # the oracle's pixels lie outside [0, 1] by design
+        warnings.filterwarnings("ignore", message="images span")
+        done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(p)), x), 100_000, labels))
+    return [done[i] for i in range(len(p))]

@@ -1,0 +1,143 @@
+"""``dmae certify --estimate``: what a certification run will cost, before paying for it.
+
+Per sigma: the images still to certify (rows already in the log are skipped, as a resumed run would), the
+number of forward passes, and the wall time it implies on this machine, from a short timed probe of the real
+classifier at the run's batch size and precision.
+
+- fixed-n CERTIFY spends exactly ``n0 + n`` passes per image (PREDICT ``n``);
+- sequential CERTIFY spends between ``n0`` (label shortcut) or ``n0 + first look`` and ``n0 + n_max`` per image.
+  Its expected cost comes from a pilot: ``PILOT_IMAGES`` images spread over the run draw ``PILOT_SAMPLES``
+  noisy samples each, their top-class frequency p_hat stands in for p_A, and the sequential engine is run on
+  Bernoulli oracles at those p_hat (:func:`dmae.smoothing.sequential.oracle_certificates`). The pilot's samples
+  double as the timing probe. The expectation is only as good as the pilot's sample of images; the range is
+  exact.
+
+Nothing is written: no log, no settings file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmae.smoothing import Smooth
+from dmae.smoothing.core import PHASE_SELECT
+from dmae.smoothing.sequential import SequentialSettings, chunk_looks, oracle_certificates
+
+PILOT_IMAGES = 8  # images the probe samples (spread evenly over the images still to certify)
+PILOT_SAMPLES = 1000  # noisy samples per pilot image (fewer when n_max is smaller)
+PROBE_SAMPLES = 200  # noisy samples per pilot image when only the speed is needed (fixed-n)
+
+
+@dataclass
+class CostEstimate:
+    """The cost of one sigma of a run: forward passes and the time they imply.
+
+    ``passes_min`` / ``passes_max`` bound the passes (equal for fixed-n); ``passes_expected`` is the pilot's
+    expectation (fixed-n: exact). ``probe_passes`` forward passes took ``probe_seconds`` on ``device``.
+    """
+
+    mode: str
+    sigma: float
+    images: int
+    done: int
+    passes_min: int
+    passes_max: int
+    passes_expected: float
+    probe_passes: int
+    probe_seconds: float
+    device: str
+    pilot_images: int = 0
+    pilot_samples: int = 0
+
+    @property
+    def passes_per_s(self) -> float:
+        """Forward passes per second measured by the probe (inf for an empty probe)."""
+        return self.probe_passes / self.probe_seconds if self.probe_seconds > 0 else math.inf
+
+    def seconds(self, passes: float) -> float:
+        """The wall time ``passes`` forward passes take at the probed speed, in seconds (one process)."""
+        return passes / self.passes_per_s
+
+    def text(self) -> str:
+        """A few lines for the terminal."""
+        head = (f"{self.mode} sigma={self.sigma:g}: {self.images:,} image(s) to certify"
+                + (f" ({self.done:,} already in the log)" if self.done else ""))
+        speed = (f"  probe: {self.probe_passes:,} forward passes in {self.probe_seconds:.1f} s on {self.device} = "
+                 f"{self.passes_per_s:,.0f} passes/s")
+        if self.passes_min == self.passes_max:
+            cost = f"  {self.passes_max:,} forward passes: about {_duration(self.seconds(self.passes_max))}"
+            return "\n".join([head, cost, speed])
+        lines = [head, f"  between {self.passes_min:,} and {self.passes_max:,} forward passes "
+                       f"({_duration(self.seconds(self.passes_min))} to {_duration(self.seconds(self.passes_max))})",
+                 f"  expected about {self.passes_expected:,.0f} ({_duration(self.seconds(self.passes_expected))}), from a "
+                 f"pilot of {self.pilot_images} image(s) x {self.pilot_samples:,} samples", speed]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _pilot(smooth: Smooth, x: torch.Tensor, idx: list[int], num: int, batch: int) -> tuple[np.ndarray, float]:
+    """Class counts ``[P, K]`` of ``num`` noisy samples per pilot image and the seconds they took (after a
+    one-batch warm-up, so start-up costs do not count)."""
+    smooth.sample_counts(x[:1], idx[:1], min(num, batch), batch, phase=PHASE_SELECT)
+    t0 = time.perf_counter()
+    counts = smooth.sample_counts(x, idx, num, batch, phase=PHASE_SELECT).counts.cpu().numpy()
+    return counts, time.perf_counter() - t0
+
+
+def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list[int], labels: list[int], todo: int,
+                  done: int, n0: int, n: int, batch: int, sequential: SequentialSettings | None = None) -> CostEstimate:
+    """The cost of certifying ``todo`` images with ``smooth``; ``images [P, C, H, W]`` (named by ``indices``,
+    with ``labels``) are the pilot images, a spread-out sample of those to certify.
+
+    ``mode``: ``"certify"``, ``"predict"`` or ``"sequential"`` (then ``sequential`` gives its settings).
+
+    Raises:
+        ValueError: ``mode`` is sequential without settings, or what :meth:`Smooth.sample_counts` raises.
+    """
+    device = str(smooth.device)
+    if mode != "sequential":
+        per_image = n if mode == "predict" else n0 + n
+        if not len(indices):
+            return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
+        _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
+        return CostEstimate(mode, smooth.sigma, todo, done, todo * per_image, todo * per_image, float(todo * per_image),
+                            PROBE_SAMPLES * len(indices), seconds, device)
+    if sequential is None:
+        raise ValueError("a sequential estimate needs the sequential settings")
+    s = sequential
+    floor = s.n0 if s.stop_on_wrong_guess else s.n0 + chunk_looks(s.n_max)[0]
+    lo, hi = todo * floor, todo * (s.n0 + s.n_max)
+    if not len(indices):
+        return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
+    num = min(PILOT_SAMPLES, s.n_max)
+    counts, seconds = _pilot(smooth, images, indices, num, batch)
+    top = counts.argmax(1)
+    p_hat = counts.max(1) / num
+    right = [int(c) == int(y) for c, y in zip(top, labels)]
+    certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
+             for c in oracle_certificates(s, smooth.sigma, p_hat, seed=rep, labels_right=right)]
+    expected = todo * float(np.mean([c.n_samples for c in certs]))
+    return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device,
+                        len(indices), num)
+
+
+def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:
+    """Positions (into the list of images still to certify) of ``count`` pilot images spread evenly over it."""
+    if todo <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, todo - 1, min(count, todo))})
+
+
+__all__ = ["CostEstimate", "PILOT_IMAGES", "PILOT_SAMPLES", "estimate_cost", "pilot_positions"]
