@@ -4,7 +4,7 @@ For each (classifier run folder, sigma): the same test images are certified by f
 ``dmae certify``, n0 = 100, n = --n) and by sequential CERTIFY in targets mode (n_max = --n, the data set's
 standard radii), same seed, alpha = 0.001. Printed per sigma: forward passes of both, certified accuracy at each
 radius for both, wall time and forward passes per second. Then, for the CIFAR-10 budget n_max = 100,000, the
-sequential cost is estimated with Bernoulli oracles at the per-image p_A measured by the fixed-n run (the
+sequential cost is estimated with categorical oracles at the per-image p_A measured by the fixed-n run (the
 sequential decisions only see the counts, so an oracle with the right p_A costs what the model would).
 
     python benchmarks/sequential_certify.py --run dmae-demo/finetune:0.25 --run runs/cr05:0.5 --images 100
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from certify_throughput import reference_counts  # noqa: E402  (same folder)
+from certify_throughput import reference_counts  # same folder: run this file by its path
 
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
@@ -48,11 +48,14 @@ def _accuracy(preds: list[int], radii: list[float], labels: list[int]) -> list[f
     return [float(np.mean([(p == y and r >= t) for p, r, y in zip(preds, radii, labels)])) for t in RADII]
 
 
-def _oracle(p_hat: np.ndarray, right: list[bool], sigma: float, n_max: int) -> tuple[float, list[float]]:
-    """Mean samples (n0 included) of sequential CERTIFY (targets) at ``n_max`` on Bernoulli oracles at the
-    measured p_hat, and its certified accuracy per radius (an image counts when its n0 guess was right)."""
-    certs = oracle_certificates(SequentialSettings(100, n_max, 0.001, "targets", RADII), sigma, p_hat)
-    acc = [float(np.mean([ok and c.prediction != -1 and c.radius >= r for c, ok in zip(certs, right)])) for r in RADII]
+def _oracle(p_hat: np.ndarray, guess: list[int], labels: list[int], sigma: float, n_max: int) -> tuple[float, list[float]]:
+    """Mean samples (n0 included) of sequential CERTIFY (targets) at ``n_max`` on categorical oracles: the n0 guess
+    with the p_A measured by the fixed-n run, the rest spread evenly over the other nine classes (fixed-n logs
+    only n_A); and the oracles' certified accuracy per radius (a certificate counts when its class is the label)."""
+    probs = np.tile(((1.0 - p_hat) / 9)[:, None], (1, 10))
+    probs[np.arange(len(p_hat)), guess] = p_hat
+    certs = oracle_certificates(SequentialSettings(100, n_max, 0.001, "targets", RADII), sigma, probs, labels=labels)
+    acc = [float(np.mean([c.prediction == y and c.radius >= r for c, y in zip(certs, labels)])) for r in RADII]
     return float(np.mean([c.n_samples for c in certs])), acc
 
 
@@ -94,8 +97,7 @@ def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_im
     # same selection seeds: fixed-n does not report the guess of an image it abstains on)
     p_hat = np.array([c.n_a / n for c in fixed])
     guess = smooth.sample_counts(x, idx, 100, batch, phase=PHASE_SELECT).counts.argmax(1).tolist()
-    right = [g == y for g, y in zip(guess, labels)]
-    oracle_samples, oracle_acc = _oracle(p_hat, right, sigma, 100_000)
+    oracle_samples, oracle_acc = _oracle(p_hat, guess, labels, sigma, 100_000)
     ref = {}
     if reference_images:
         ref_s = _reference_seconds(model, x[:reference_images], sigma, n, batch)

@@ -1,5 +1,6 @@
 """``dmae certify --estimate`` (dmae.estimate) and the Bernoulli oracles behind it (sequential.oracle_certificates)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,18 +26,25 @@ def test_oracle_at_p_one_costs_what_a_constant_classifier_costs():
         assert (oracle.n_samples, oracle.radius, oracle.radius_continuous) == (real.n_samples, real.radius, real.radius_continuous)
 
 
-def test_oracle_has_the_requested_p_and_follows_the_label_shortcut():
+def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut():
     s = SequentialSettings(**{**SETTINGS, "n_max": 20_000})
     certs = oracle_certificates(s, 0.25, [0.7] * 20)
     won = [c for c in certs if c.prediction == 0]
+    assert len(won) >= 17  # abstains only when the 20 selection samples pick class 1
     freq = sum(c.n_a for c in won) / sum(c.n_samples - 20 for c in won)
     assert abs(freq - 0.7) < 0.02, freq  # the oracle's votes have the requested frequency
-    assert sum(c.prediction == 0 for c in certs) >= 17  # abstains only when the 20 selection samples pick class 1
-    short = oracle_certificates(SequentialSettings(**SETTINGS, stop_on_wrong_guess=True), 0.25, [0.9, 0.9],
-                                labels_right=[True, False])
-    assert short[0].n_samples > 20 and short[1].wrong_guess and short[1].n_samples == 20
-    with pytest.raises(ValueError, match=r"p_a must be probabilities in \[0, 1\], got \[1.5\]"):
+    # many classes: the top class may have p < 1/2 and still be the guess; the others are never certified
+    probs = np.array([[0.3, 0.25, 0.25, 0.2]] * 10 + [[0.1, 0.6, 0.2, 0.1]] * 10)
+    many = oracle_certificates(s, 0.25, probs)
+    assert all(c.prediction == Smooth.ABSTAIN for c in many[:10])  # p_A < 1/2: nothing certifies
+    assert sum(c.prediction == 1 for c in many[10:]) >= 8
+    short = oracle_certificates(SequentialSettings(**SETTINGS, stop_on_wrong_guess=True), 0.25,
+                                np.array([[0.9, 0.1], [0.9, 0.1]]), labels=[0, 1])
+    assert short[0].n_samples > 20 and not short[0].wrong_guess and short[1].wrong_guess and short[1].n_samples == 20
+    with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(rows summing to 1\), got \[1.5\]"):
         oracle_certificates(s, 0.25, [1.5])
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        oracle_certificates(s, 0.25, np.array([[0.5, 0.4]]))
 
 
 def test_pilot_positions_spread_over_the_images():
@@ -71,5 +79,7 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     [est] = estimate_certification(CertifyConfig(**{**cfg, "max": None, "estimate": True}))
     assert (est.images, est.done, est.passes_max) == (6, 4, 6 * 520)
     assert len(read_log(out / "certify_sigma0.25.tsv")) == 4  # the estimate wrote nothing
+    with pytest.raises(ValueError, match=r"other settings \(n: 500 -> 600\)"):  # as the run itself would refuse
+        estimate_certification(CertifyConfig(**{**cfg, "n": 600, "estimate": True}))
     seq = estimate_certification(CertifyConfig(**{**cfg, "max": None, "sequential": "targets", "n_max": 2000}))[0]
     assert seq.images == 10 and seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020

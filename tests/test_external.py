@@ -15,12 +15,9 @@ from safetensors.torch import save_file
 
 from dmae.checkpoint import CheckpointError
 from dmae.external import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MODEL_SOURCES,
     ExternalClassifier,
     build_external_classifier,
-    default_input_stats,
     parse_model_name,
 )
 
@@ -215,11 +212,6 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="evil.pt.*never runs code"):
         build_external_classifier(TIMM, path, 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
     assert not marker.exists()
-
-
-def test_default_input_stats():
-    assert default_input_stats("timm:test_vit") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm's pretrained config
-    assert default_input_stats("torchvision:resnet18") == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ----------------------------------------------------------------------------- through `dmae certify --model`

@@ -239,8 +239,13 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
     assert short.n_samples.sum() < full.n_samples.sum()
     meta = json.loads(res.path.with_suffix(".json").read_text())
     assert meta["stop_on_wrong_guess"] is True and short.wrong_guess_skipped >= 1
+    legacy = tmp_path / "full" / "sequential_sigma0.25.json"  # a log written before the option existed resumes
+    old = json.loads(legacy.read_text())
+    del old["stop_on_wrong_guess"]
+    legacy.write_text(json.dumps(old))
+    assert run_certification(_cfg(classifier_run, tmp_path / "full", skip=500))[0].rows_added == 0
     assert "--stop-on-wrong-guess" in summarize([short]).text() and "--stop-on-wrong-guess" not in summarize([full]).text()
-    with pytest.raises(ValueError, match=r"other settings \(stop_on_wrong_guess: True -> False\)"):
+    with pytest.raises(ValueError, match=r"other settings \(stop_on_wrong_guess: True -> None\)"):
         run_certification(_cfg(classifier_run, tmp_path / "short", skip=500))
     argv = ["certify", "--checkpoint", str(classifier_run), "--stop-on-wrong-guess", "--output-dir", str(tmp_path),
             "--device", "cpu", "--no-progress"]
@@ -260,15 +265,16 @@ def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
     taus = [norm.cdf(r / sigma) for r in radii[1:]]
     ps = [0.5, 1.0] + [t + d for t in taus for d in (-0.01, 0.01)]
     settings = SequentialSettings(n0=20, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02)
-    wrong = naive = total = 0
+    slack = 3 * (trials * alpha * (1 - alpha)) ** 0.5  # per p_A: at most 26 of 300 (binomial, 3 sd)
+    naive = 0
     for j, p in enumerate(ps):
         true_radius = sigma * norm.ppf(p) if p < 1 else float("inf")
+        wrong = 0
         for c in oracle_certificates(settings, sigma, [p] * trials, seed=j):
-            total += 1
             if c.prediction != Smooth.ABSTAIN:
                 wrong += c.prediction != 0 or p == 0.5 or c.radius_continuous > true_radius or c.radius > true_radius
             t = c.n_samples - 20
             naive += t > 0 and (c.n_a / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / t, 1 - 1e-12)) > true_radius))
-    slack = 3 * (total * alpha * (1 - alpha)) ** 0.5
-    assert wrong <= alpha * total + slack, f"{wrong} of {total} certificates wrong at alpha={alpha}"
-    assert naive > alpha * total + slack, f"the point-estimate certifier was wrong only {naive} times: no power"
+        assert wrong <= alpha * trials + slack, f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong at alpha={alpha}"
+    total = trials * len(ps)
+    assert naive > alpha * total + 3 * (total * alpha) ** 0.5, f"the point-estimate certifier was wrong only {naive} times: no power"

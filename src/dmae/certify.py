@@ -117,7 +117,7 @@ class CertifyConfig(Options):
         only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None,
                 "stop_on_wrong_guess": None}
         for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
-            if getattr(self, name) not in (None, False) and (self.sequential is None or (mode and self.sequential != mode)):
+            if getattr(self, name) is not None and getattr(self, name) is not False and (self.sequential is None or (mode and self.sequential != mode)):
                 need = f"--sequential {mode}" if mode else "--sequential"
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
 
@@ -229,7 +229,8 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
     cs = sequence_for(s)
     return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
             "radii": list(s.radii) if s.mode == "targets" else None,
-            "epsilon": s.epsilon if s.mode == "continuous" else None, "stop_on_wrong_guess": s.stop_on_wrong_guess}
+            "epsilon": s.epsilon if s.mode == "continuous" else None,
+            "stop_on_wrong_guess": s.stop_on_wrong_guess or None}  # None when off: logs from before the option match
 
 
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
@@ -241,8 +242,8 @@ def sequential_settings(task: CertifyTask) -> SequentialSettings:
                               cfg.stop_on_wrong_guess)
 
 
-def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
-    """Refuse to continue a log written with other row settings; then (rank 0) write this run's settings.
+def check_settings(main_file: Path, meta: dict[str, Any]) -> None:
+    """Refuse a log whose JSON says it was written with other row settings (:data:`ROW_SETTINGS`); reads only.
 
     Raises:
         ValueError: naming each setting that differs, with both values.
@@ -254,9 +255,18 @@ def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{main_file} was written with other settings ({detail}); use another --output-dir")
+
+
+def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
+    """Refuse to continue a log written with other row settings; then (rank 0) write this run's settings.
+
+    Raises:
+        ValueError: naming each setting that differs, with both values.
+    """
+    check_settings(main_file, meta)
     barrier(dist)
     if dist.is_main:
-        meta_file.write_text(json.dumps(meta, indent=2))
+        main_file.with_suffix(".json").write_text(json.dumps(meta, indent=2))
 
 
 def merge_rank_files(main_file: Path, header: tuple[str, ...], remove: bool) -> dict[int, str]:
@@ -401,6 +411,7 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
     out = []
     for sigma in sigmas:
         main_file = task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+        check_settings(main_file, settings(task, sigma))  # the run itself would refuse such a log
         done = merge_rank_files(main_file, task.header, remove=False) if main_file.with_suffix(".json").exists() else {}
         todo = [i for i in task.planned if i not in done]
         pilot = [todo[j] for j in pilot_positions(len(todo))]

@@ -7,10 +7,12 @@ classifier at the run's batch size and precision.
 - fixed-n CERTIFY spends exactly ``n0 + n`` passes per image (PREDICT ``n``);
 - sequential CERTIFY spends between ``n0`` (label shortcut) or ``n0 + first look`` and ``n0 + n_max`` per image.
   Its expected cost comes from a pilot: ``PILOT_IMAGES`` images spread over the run draw ``PILOT_SAMPLES``
-  noisy samples each, their top-class frequency p_hat stands in for p_A, and the sequential engine is run on
-  Bernoulli oracles at those p_hat (:func:`dmae.smoothing.sequential.oracle_certificates`). The pilot's samples
-  double as the timing probe. The expectation is only as good as the pilot's sample of images; the range is
-  exact.
+  noisy samples each, their class frequencies stand in for the class probabilities, and the sequential engine is
+  run on categorical oracles with those probabilities and the images' labels
+  (:func:`dmae.smoothing.sequential.oracle_certificates`). The pilot's samples double as the timing probe (the
+  classifier as loaded: ``--compile`` is not applied to the probe). The expectation is only as good as the
+  pilot's sample of images; the bounds hold for every image (an image whose selection samples give non-finite
+  logits stops at n0, below the lower bound without the label shortcut).
 
 Nothing is written: no log, no settings file.
 """
@@ -123,11 +125,9 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
         return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
     num = min(PILOT_SAMPLES, s.n_max)
     counts, seconds = _pilot(smooth, images, indices, num, batch)
-    top = counts.argmax(1)
-    p_hat = counts.max(1) / num
-    right = [int(c) == int(y) for c, y in zip(top, labels)]
+    freq = counts / counts.sum(1, keepdims=True)  # the pilot's class frequencies stand in for the class probabilities
     certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
-             for c in oracle_certificates(s, smooth.sigma, p_hat, seed=rep, labels_right=right)]
+             for c in oracle_certificates(s, smooth.sigma, freq, seed=rep, labels=labels)]
     expected = todo * float(np.mean([c.n_samples for c in certs]))
     return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device,
                         len(indices), num)

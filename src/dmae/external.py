@@ -28,8 +28,6 @@ from dmae.models.preprocess import InputAdapter
 
 MODEL_SOURCES = ("timm", "torchvision")
 # What torchvision's reference training scripts (and timm's default) normalize ImageNet inputs with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHOWN = 4  # keys named per kind of mismatch in an error message
 
 
@@ -53,27 +51,6 @@ def parse_model_name(spec: str) -> tuple[str, str]:
     if not name:
         raise ValueError(f"model {spec!r}: no architecture name after the source (e.g. '{source}:resnet18')")
     return source, name
-
-
-def default_input_stats(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A guess at the (mean, std) a network of this architecture was trained with, per RGB channel, [0, 1] units.
-
-    timm: the architecture's default pretrained configuration (``timm.get_pretrained_cfg``), which is what timm's
-    own training script normalizes with unless told otherwise (ImageNet's statistics for most models, 0.5 for
-    many ViTs). torchvision: ImageNet's statistics, as in its reference training scripts. Always 3 values: a
-    1-channel timm network needs the statistics it was actually trained with.
-
-    Raises:
-        ValueError: as :func:`parse_model_name`.
-    """
-    source, name = parse_model_name(spec)
-    if source == "timm":
-        import timm
-
-        cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
-        if cfg is not None and cfg.mean and cfg.std:
-            return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _input_adapter(img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> InputAdapter:

@@ -285,41 +285,60 @@ class SequentialCertifier:
         return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)
 
 
-class _ThresholdOracle(nn.Module):
-    """Two classes on one-pixel images: class 0 when the noisy pixel is below 0, else class 1. The image
-    ``x = -sigma * Phi^-1(p)`` then votes class 0 with probability exactly p under N(0, sigma^2) noise."""
+ID_SPACING = 1e4  # the oracle's image-number pixel: far apart enough that no noise (sigma <= 100) blurs two numbers
 
-    def __init__(self) -> None:
+
+class _CategoricalOracle(nn.Module):
+    """K classes with fixed probabilities per image, drawn from the noise itself. Image i is two pixels: pixel 0 is
+    0 (its noise eta ~ N(0, sigma^2) gives u = Phi(eta / sigma) ~ U(0, 1)), pixel 1 is ``i * ID_SPACING`` (read
+    back by rounding, so the oracle knows which image's probabilities to use). The class is the interval of the
+    cumulative probabilities u falls in: class j with probability exactly ``probs[i, j]``."""
+
+    def __init__(self, probs: np.ndarray, sigma: float) -> None:
         super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device (the CPU)
+        self.register_buffer("cum", torch.tensor(np.cumsum(probs, axis=1)[:, :-1], dtype=torch.float64))
+        self.k, self.sigma = probs.shape[1], sigma
+        self.anchor = nn.Parameter(torch.zeros(1, dtype=torch.float64))  # gives the module a device (the CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1)[:, :1]
-        return torch.cat([-z, z], dim=1)
+        flat = x.flatten(1).double()
+        u = torch.special.ndtr(flat[:, 0] / self.sigma)
+        row = torch.round(flat[:, 1] / ID_SPACING).long()
+        cls = (u.unsqueeze(1) > self.cum[row]).sum(1)
+        return nn.functional.one_hot(cls, self.k).double()
 
 
-def oracle_certificates(settings: SequentialSettings, sigma: float, p_a: Sequence[float], seed: int = 0,
-                        labels_right: Sequence[bool] | None = None) -> list[SequentialCertificate]:
-    """What sequential CERTIFY answers (and spends) on images whose top class has probability ``p_a`` under the
-    noise: the real engine run on Bernoulli oracles, one per value (a one-pixel threshold classifier whose
-    vote for class 0 is Bernoulli(p) exactly; p is clipped to Phi(+-40), i.e. 0 and 1 in float64). The
-    decisions only see vote counts, so an oracle with an image's p_A costs what the model would (up to the
-    selection step, which the oracle always wins when p > 1/2). ``labels_right[i] = False`` marks an image
-    whose n0 guess is wrong (the label shortcut then stops it; otherwise it changes nothing).
+def oracle_certificates(settings: SequentialSettings, sigma: float, probs: Sequence[float] | np.ndarray, seed: int = 0,
+                        labels: Sequence[int] | None = None) -> list[SequentialCertificate]:
+    """What sequential CERTIFY answers (and spends) on images whose noisy samples fall in each class with known
+    probabilities: the real engine (selection, rounds, decisions, budget test) run on categorical oracles.
 
-    Used by ``dmae certify --estimate`` and the benchmarks. Raises ValueError for p outside [0, 1].
+    Args:
+        settings: the sequential settings.  sigma: the noise level (the radii's scale).
+        probs: ``[P, K]`` class probabilities per image (rows summing to 1), or ``[P]`` values p for two classes
+            ``[p, 1 - p]`` (so class 0 is the top class when p > 1/2; p = 1 never draws class 1).
+        seed: seed of the oracle's noise.  labels: the label of each image (the label shortcut needs them;
+            default: each row's most probable class).
+    Returns:
+        one :class:`SequentialCertificate` per image, in order. The decisions see only vote counts, so an oracle
+        with an image's class probabilities costs what the model would on it (used by ``dmae certify
+        --estimate``, the soundness tests and the benchmarks).
+    Raises:
+        ValueError: probabilities outside [0, 1], rows not summing to 1, labels of the wrong length.
     """
-    p = np.asarray(p_a, dtype=np.float64)
-    if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
-        raise ValueError(f"p_a must be probabilities in [0, 1], got {p_a!r}")
-    z = np.clip(norm.ppf(p), -40.0, 40.0)
-    x = torch.tensor(-sigma * z, dtype=torch.float64).view(-1, 1, 1, 1)
-    labels = None
-    if settings.stop_on_wrong_guess:
-        right = [True] * len(p) if labels_right is None else list(labels_right)
-        labels = {i: 0 if ok else 1 for i, ok in enumerate(right)}
-    smooth = Smooth(_ThresholdOracle().double(), 2, sigma, seed=seed, precision="fp32", device=torch.device("cpu"))
+    pr = np.asarray(probs, dtype=np.float64)
+    pr = np.stack([pr, 1.0 - pr], axis=1) if pr.ndim == 1 else pr
+    if pr.ndim != 2 or not np.all((pr >= 0) & (pr <= 1)) or not np.allclose(pr.sum(1), 1.0, atol=1e-9):
+        raise ValueError(f"probs must be probabilities in [0, 1] (rows summing to 1), got {np.asarray(probs).tolist()!r}")
+    if labels is not None and len(labels) != len(pr):
+        raise ValueError(f"{len(labels)} labels for {len(pr)} images")
+    x = torch.zeros(len(pr), 1, 1, 2, dtype=torch.float64)
+    x[:, 0, 0, 1] = torch.arange(len(pr), dtype=torch.float64) * ID_SPACING
+    given = labels if labels is not None else pr.argmax(1).tolist()
+    by_idx = {i: int(y) for i, y in enumerate(given)}
+    smooth = Smooth(_CategoricalOracle(pr, sigma), pr.shape[1], sigma, seed=seed, precision="fp32",
+                    device=torch.device("cpu"))
     with warnings.catch_warnings():  # the oracle's pixels lie outside [0, 1] by design
         warnings.filterwarnings("ignore", message="images span")
-        done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(p)), x), 100_000, labels))
-    return [done[i] for i in range(len(p))]
+        done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
+    return [done[i] for i in range(len(pr))]
