@@ -100,6 +100,31 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(ns: argparse.Namespace) -> int:
+    """`dmae experiment NAME`: run (or resume) a whole experiment; `--dry-run` describes it."""
+    from dmae.experiments import ExperimentConfig, describe, load_experiment, run_experiment
+
+    cfg = _resolve("experiment", ExperimentConfig, ns)
+    cfg.validate()
+    exp = load_experiment(cfg.name)
+    opts = cfg.options(exp)
+    if cfg.dry_run:
+        print(describe(exp, opts))
+        return 0
+    run_experiment(exp, opts)
+    return 0
+
+
+def cmd_experiments(ns: argparse.Namespace) -> int:
+    """`dmae experiments`: the shipped experiments with their stages and GPU-hour estimates."""
+    from dmae.experiments import describe, list_experiments, load_experiment
+
+    for name in list_experiments():
+        print(describe(load_experiment(name)) + "\n")
+    print("run one: dmae experiment NAME [--smoke] [--data-root DIR] [--use STAGE=PATH] [--dry-run]")
+    return 0
+
+
 def cmd_models(ns: argparse.Namespace) -> int:
     """`dmae models`: presets and shipped configs."""
     from dmae.models.registry import get_preset, list_models
@@ -118,6 +143,7 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
     """(name, help, description, config class, handler, takes --config) of every subcommand."""
     from dmae.certify import CertifyConfig
     from dmae.demo import DemoConfig
+    from dmae.experiments import ExperimentConfig, ExperimentsConfig
     from dmae.finetune import FinetuneConfig, LinprobeConfig
     from dmae.pretrain import PretrainConfig
     from dmae.report import ReportConfig
@@ -145,6 +171,12 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
         ("visualize", "write the original | noisy | masked | reconstruction figure",
          "The reconstruction figure of a pretrained (or official) DMAE / MAE checkpoint.", VisualizeConfig,
          cmd_visualize, False),
+        ("experiment", "run one of the paper's experiments end to end (pretrain -> fine-tune -> certify -> report)",
+         "Run (or resume) a shipped experiment or an experiment YAML: every stage in order, skipping finished ones, "
+         "then a report per comparison in OUT/report.md.", ExperimentConfig, cmd_experiment, False),
+        ("experiments", "list the shipped experiments with their GPU-hour estimates",
+         "The paper's experiments as shipped configs: stages, estimates, torchrun commands.", ExperimentsConfig,
+         cmd_experiments, False),
         ("demo", "the end-to-end demo on Fashion-MNIST (CPU, a few minutes)",
          "Pretrain, fine-tune, certify and report on Fashion-MNIST; re-running resumes.", DemoConfig, cmd_demo, False),
     ]

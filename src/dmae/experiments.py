@@ -1,0 +1,420 @@
+"""``dmae experiment``: each of the paper's experiments as one command, pretrain -> fine-tune -> certify -> report.
+
+An experiment is a YAML file in ``configs/experiments/`` (or any path): a title, the paper's table, the
+``torchrun`` commands for one node and several, and its **stages** in order. A stage runs one of the package's
+jobs with a shipped preset (``config``) and overrides (``set``):
+
+- ``pretrain`` / ``finetune`` / ``linprobe``: a training run in ``OUT/<stage>``; ``init`` names the stage whose
+  export it starts from (``model.safetensors`` of a pretraining stage);
+- ``certify``: every classifier of ``runs`` (stage names) is certified at its training sigma, or at each of
+  ``sigmas``, into ``OUT/<stage>/<run>``; ``set`` gives the protocol (``skip``, ``n``, ``sequential``, ...).
+
+``groups`` (label -> classifier stages) are the comparisons of the final report: one certified-accuracy table
+per group (best sigma per radius), written to ``OUT/report.md``.
+
+Re-running the same command skips what is done and resumes what is not: training stages resume from their
+checkpoint (a finished run returns at once), certification skips the rows already in its logs. ``--use
+STAGE=PATH`` replaces a stage by weights you have (an official checkpoint, or a pretraining shared by several
+experiments). ``--smoke`` runs the same stages through the same code on a shrunken problem (the pico model,
+Fashion-MNIST, a few steps, four test images, small n): the tests run every shipped experiment this way.
+
+The GPU-hour estimates come from the throughputs measured in ``benchmarks/RESULTS.md`` (see
+:data:`THROUGHPUT`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dmae import config as C
+
+COMMANDS = ("pretrain", "finetune", "linprobe", "certify")
+RUN_FILES = {"pretrain": "model.safetensors", "finetune": "model_last.safetensors", "linprobe": "model_last.safetensors"}
+
+# Measured in benchmarks/RESULTS.md on one H100 / H200 (bf16): pretraining images/s (ViT-B batch 512, ViT-L batch
+# 128, 75% masking) and certification forward passes/s (compiled). Fine-tuning has no measurement yet: its
+# images/s are estimated from the FLOPs, 3 x forward(197 tokens) x m noise copies against pretraining's measured
+# 58.8 / 124.7 GFLOP per image (ViT-B: 17.6, ViT-L: 61.6 GFLOP per forward pass).
+THROUGHPUT = {
+    "dmae_vit_base_patch16_dec512d8b": {"pretrain": 3517.0, "forward_gflop": 17.6, "pretrain_gflop": 58.8, "certify": 11087.0},
+    "dmae_vit_large_patch16_dec512d8b": {"pretrain": 1401.0, "forward_gflop": 61.6, "pretrain_gflop": 124.7, "certify": 3726.0},
+}
+TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "fashion-mnist": 60_000}
+EVAL_IMAGES = {"imagenet": 50_000, "cifar10": 10_000, "fashion-mnist": 10_000}
+
+# --smoke: the same stages on a problem of seconds (tests run every shipped experiment this way)
+SMOKE = {
+    "train": {"data": "fashion-mnist", "data_root": None, "train_subset": 128, "batch_size": 32, "accum_iter": 1,
+              "epochs": 1, "warmup_epochs": 0.5, "num_workers": 0, "randaug": None, "eval_images": 16, "save_every": 0,
+              "log_every": 2, "img_size": None},
+    "pretrain": {"model": "dmae_vit_pico_patch4_dec32d1b"},
+    "finetune": {"val_size": 32},
+    "linprobe": {"val_size": 32},
+    "certify": {"data": "fashion-mnist", "data_root": None, "n0": 10, "n": 50, "n_max": None, "skip": 2500, "max": None,
+                "batch": 200},
+}
+
+
+class ExperimentError(ValueError):
+    """A malformed experiment file, an unknown experiment or stage, or a stage that cannot run yet."""
+
+
+@dataclass
+class Stage:
+    """One step of an experiment: a job (``command``) with a preset and overrides."""
+
+    name: str
+    command: str
+    config: Optional[str] = None
+    set: dict[str, Any] = field(default_factory=dict)
+    init: Optional[str] = None  # training stages: the stage whose export they start from
+    runs: list[str] = field(default_factory=list)  # certify: the classifier stages
+    sigmas: Optional[list[float]] = None  # certify: noise levels (default: each run's training sigma)
+
+
+@dataclass
+class Experiment:
+    """A whole experiment as shipped in ``configs/experiments/<name>.yaml``."""
+
+    name: str
+    title: str
+    paper: str
+    stages: list[Stage]
+    groups: dict[str, list[str]]
+    torchrun: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``.  Raises ExperimentError naming the known stages."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ExperimentError(f"experiment {self.name} has no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+
+def experiments_dir() -> Path:
+    """The folder of the shipped experiment files."""
+    return Path(str(resources.files("dmae") / "configs" / "experiments"))
+
+
+def list_experiments() -> list[str]:
+    """Names of the shipped experiments, sorted."""
+    return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """Read a shipped experiment (by name) or an experiment file, and check that its stages fit together.
+
+    Raises:
+        ExperimentError: unknown name (listing the shipped ones), a stage with an unknown command, a reference to
+            a stage that does not come before it, a group naming no classifier stage.
+    """
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = experiments_dir() / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise ExperimentError(f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    stages = [Stage(name=n, **spec) for n, spec in (raw.get("stages") or {}).items()]
+    exp = Experiment(p.stem, raw.get("title", p.stem), raw.get("paper", ""), stages, raw.get("groups") or {},
+                     raw.get("torchrun") or {}, raw.get("notes", ""))
+    _check(exp)
+    return exp
+
+
+def _check(exp: Experiment) -> None:
+    seen: dict[str, Stage] = {}
+    for s in exp.stages:
+        if s.command not in COMMANDS:
+            raise ExperimentError(f"{exp.name}: stage {s.name} has command {s.command!r}; one of {', '.join(COMMANDS)}")
+        for ref in ([s.init] if s.init else []) + s.runs:
+            if ref not in seen:
+                raise ExperimentError(f"{exp.name}: stage {s.name} refers to {ref!r}, which is not an earlier stage")
+        if s.command == "certify" and any(seen[r].command == "pretrain" for r in s.runs):
+            raise ExperimentError(f"{exp.name}: stage {s.name} certifies a pretraining stage; certify classifiers")
+        seen[s.name] = s
+    for label, runs in exp.groups.items():
+        for r in runs:
+            if r not in seen or seen[r].command not in ("finetune", "linprobe"):
+                raise ExperimentError(f"{exp.name}: group {label!r} names {r!r}, which is not a fine-tuning stage")
+
+
+# ----------------------------------------------------------------------------- the commands
+def _check_use(items: tuple[str, ...]) -> None:
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]:
+            raise ValueError(f"--use takes STAGE=PATH, got {item!r}")
+
+
+@dataclass
+class ExperimentConfig(C.Options):
+    """Every option of ``dmae experiment``."""
+
+    name: str = C.option("", "a shipped experiment (list them with `dmae experiments`) or an experiment YAML file",
+                         positional=True)
+    output_dir: Optional[str] = C.option(None, "where the stages' runs and the report go (default: runs/NAME, "
+                                         "runs/NAME-smoke with --smoke)")
+    use: Optional[tuple[str, ...]] = C.option(None, "STAGE=PATH: take that stage's weights from PATH instead of running it "
+                                    "(an official checkpoint, or a run shared with another experiment)", check=_check_use)
+    only: Optional[tuple[str, ...]] = C.option(None, "run only these stages (their inputs must exist)")
+    smoke: bool = C.option(False, "the same stages on a shrunken problem (pico model, Fashion-MNIST, a few steps, "
+                           "4 test images, n = 50): checks an experiment end to end in a minute on a CPU")
+    dry_run: bool = C.option(False, "print the stages, their resolved settings and the GPU-hour estimate; run nothing")
+    data_root: Optional[str] = C.option(None, "data set directory (ImageNet: the folder holding train/ and val/)")
+    device: str = C.option("auto", "auto, cpu, cuda")
+    progress: bool = C.option(True, "show progress bars")
+
+    def check_combination(self) -> None:
+        if not self.name:
+            raise ValueError("name an experiment (see `dmae experiments`)")
+
+    def options(self, exp: Experiment) -> ExperimentOptions:
+        """The run's :class:`ExperimentOptions`; raises ExperimentError for a --use / --only naming no stage."""
+        use = dict(item.split("=", 1) for item in self.use or ())
+        for name in [*use, *(self.only or ())]:
+            exp.stage(name)
+        out = Path(self.output_dir or f"runs/{exp.name}{'-smoke' if self.smoke else ''}")
+        return ExperimentOptions(out, use, self.smoke, self.data_root, self.device, self.progress,
+                                 list(self.only) if self.only else None)
+
+
+@dataclass
+class ExperimentsConfig(C.Options):
+    """``dmae experiments`` takes no options."""
+
+
+def describe(exp: Experiment, opts: ExperimentOptions | None = None) -> str:
+    """What an experiment runs: its stages (with the resolved settings when ``opts`` is given), the estimated
+    GPU-hours per stage and the torchrun commands."""
+    hours = gpu_hours(exp)
+    lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.paper}",
+             f"  estimated GPU-hours on one H100/H200 (bf16): {sum(hours.values()):,.0f} "
+             f"({', '.join(f'{k} {v:,.1f}' for k, v in hours.items())})"]
+    for st in exp.stages:
+        src = f" from {st.init}" if st.init else (f" of {', '.join(st.runs)}" if st.runs else "")
+        extra = f" {st.set}" if st.set else ""
+        lines.append(f"  - {st.name}: {st.command}" + (f" --config {st.config}" if st.config else "") + src + extra)
+        if opts is not None and st.command != "certify":
+            cfg = training_config(exp, st, opts)
+            lines.append(f"      -> {cfg.output_dir}: {cfg.epochs} epoch(s), batch {cfg.batch_size} x {cfg.accum_iter}, "
+                         f"data {cfg.data}" + (f", init {cfg.init}" if cfg.init else ""))
+    lines += [f"  torchrun, {k.replace('_', ' ')}: {v}" for k, v in exp.torchrun.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running one
+@dataclass
+class ExperimentOptions:
+    """How to run an experiment: where, which stages come from elsewhere, shrunken or not."""
+
+    output_dir: Path
+    use: dict[str, str] = field(default_factory=dict)  # stage -> weights (or run folder) that replace it
+    smoke: bool = False
+    data_root: Optional[str] = None
+    device: str = "auto"
+    progress: bool = True
+    only: Optional[list[str]] = None  # run just these stages (their inputs must exist)
+
+
+def _config_class(command: str) -> type:
+    if command == "pretrain":
+        from dmae.pretrain import PretrainConfig
+
+        return PretrainConfig
+    from dmae.finetune import FinetuneConfig, LinprobeConfig
+
+    return LinprobeConfig if command == "linprobe" else FinetuneConfig
+
+
+def stage_output(exp_opts: ExperimentOptions, stage: Stage) -> Path:
+    """What a training stage leaves for later stages: its export, or the ``--use`` replacement."""
+    if stage.name in exp_opts.use:
+        return Path(exp_opts.use[stage.name])
+    return exp_opts.output_dir / stage.name / RUN_FILES[stage.command]
+
+
+def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Any:
+    """The typed config of a training stage: preset <- ``set`` <- (``--smoke``) the shrunken problem <- paths."""
+    cls = _config_class(stage.command)
+    values = C.load_values(C.preset_path(stage.command, stage.config), cls) if stage.config else {}
+    values.update(stage.set)
+    if opts.smoke:
+        names = {f for f in cls.__dataclass_fields__}
+        shrink = {**SMOKE["train"], **SMOKE.get(stage.command, {})}
+        if stage.command != "pretrain" and values.get("model") and not stage.init:  # from scratch: a shrunken model
+            shrink["model"] = SMOKE["pretrain"]["model"]
+        values.update({k: v for k, v in shrink.items() if k in names})
+    run = opts.output_dir / stage.name
+    given = {"output_dir": str(run), "resume": (run / "checkpoint.pt").exists(), "device": opts.device,
+             "progress": opts.progress}
+    if opts.data_root and not opts.smoke:
+        given["data_root"] = opts.data_root
+    if stage.init:
+        given["init"] = str(stage_output(opts, exp.stage(stage.init)))
+    return C.build_config(cls, values, given)
+
+
+def certify_configs(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> list[Any]:
+    """One ``CertifyConfig`` per classifier of a certify stage (protocol from ``set``; data from the classifier's
+    stage), logs in ``OUT/<stage>/<run>``."""
+    from dmae.certify import CertifyConfig
+
+    out = []
+    for run in stage.runs:
+        src = exp.stage(run)
+        data = training_config(exp, src, opts).data
+        values = {"data": data, "sigma": tuple(stage.sigmas) if stage.sigmas else None, **stage.set}
+        if opts.smoke:
+            values.update(SMOKE["certify"])  # sequential stages then stop at n_max = --n = 50
+        if opts.data_root and not opts.smoke:
+            values["data_root"] = opts.data_root
+        values.update({"checkpoint": str(stage_output(opts, src).parent if run not in opts.use else opts.use[run]),
+                       "output_dir": str(opts.output_dir / stage.name / run), "device": opts.device,
+                       "progress": opts.progress})
+        out.append(C.build_config(CertifyConfig, {}, values))
+    return out
+
+
+def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> None:
+    if stage.name in opts.use:
+        print(f"[{exp.name}] {stage.name}: using {opts.use[stage.name]}", flush=True)
+        return
+    if stage_output(opts, stage).is_file():
+        print(f"[{exp.name}] {stage.name}: done ({stage_output(opts, stage)})", flush=True)
+        return
+    if stage.init and not stage_output(opts, exp.stage(stage.init)).exists():
+        raise ExperimentError(f"stage {stage.name} starts from {stage.init}, which has not produced "
+                              f"{stage_output(opts, exp.stage(stage.init))} yet")
+    cfg = training_config(exp, stage, opts)
+    print(f"[{exp.name}] {stage.name}: dmae {stage.command}" + (f" --config {stage.config}" if stage.config else "")
+          + f" -> {cfg.output_dir}", flush=True)
+    if stage.command == "pretrain":
+        from dmae.pretrain import pretrain
+
+        result = pretrain(cfg)
+    else:
+        from dmae.finetune import finetune
+
+        result = finetune(cfg)
+    if not result.finished:
+        raise KeyboardInterrupt(f"stage {stage.name} stopped at step {result.step}/{result.total_steps}; "
+                                "run the same command again to resume")
+
+
+def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
+    """Run (or resume) every stage of ``exp`` in order, then write ``OUT/report.md``; returns the report tables
+    (group label -> :class:`dmae.report.Table`).
+
+    Raises:
+        ExperimentError: a stage's input is missing; KeyboardInterrupt: a stage was stopped (re-run to resume);
+        what the stages raise (ValueError, CheckpointError, DataError, ...).
+    """
+    from dmae.certify import run_certification
+
+    t0 = time.perf_counter()
+    opts.output_dir.mkdir(parents=True, exist_ok=True)
+    for stage in exp.stages:
+        if opts.only and stage.name not in opts.only:
+            continue
+        if stage.command == "certify":
+            for r in stage.runs:
+                if not stage_output(opts, exp.stage(r)).exists():
+                    raise ExperimentError(f"stage {stage.name} certifies {r}, which has not produced "
+                                          f"{stage_output(opts, exp.stage(r))} yet")
+            for cfg in certify_configs(exp, stage, opts):
+                print(f"[{exp.name}] {stage.name}: certify {cfg.checkpoint} -> {cfg.output_dir}", flush=True)
+                run_certification(cfg)
+        else:
+            _run_training(exp, stage, opts)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the stages ran on every rank; one writes the report
+        return {}
+    tables = write_report(exp, opts)
+    print(f"[{exp.name}] done in {(time.perf_counter() - t0) / 60:.1f} min; report: {opts.output_dir / 'report.md'}")
+    return tables
+
+
+def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
+    """One certified-accuracy table per group (its classifiers' logs, best sigma per radius) into
+    ``OUT/report.md`` and the terminal; groups without logs yet are listed as pending."""
+    from dmae.report import read_log, summarize
+
+    lines, tables = [f"# {exp.title}", "", f"Paper: {exp.paper}." if exp.paper else "", ""], {}
+    for label, runs in exp.groups.items():
+        logs = []
+        for st in exp.stages:
+            for r in (r for r in st.runs if r in runs) if st.command == "certify" else ():
+                for f in sorted((opts.output_dir / st.name / r).glob("*_sigma*.tsv")):
+                    logs.append(read_log(f))
+                    logs[-1].name = f"{r}/{f.stem}"
+        if not logs:
+            lines += [f"## {label}", "", "(not certified yet)", ""]
+            continue
+        tables[label] = table = summarize(logs)
+        print(f"\n{label}\n{table.text()}", flush=True)
+        lines += [f"## {label}", "", table.markdown()]
+    (opts.output_dir / "report.md").write_text("\n".join(lines))
+    return tables
+
+
+def gpu_hours(exp: Experiment) -> dict[str, float]:
+    """Estimated GPU-hours per stage on one H100 / H200 (bf16) from :data:`THROUGHPUT`: pretraining from its
+    measured images/s, fine-tuning from the FLOPs ratio to pretraining, certification from its measured passes/s
+    at fixed n (``n0 + n`` per image). Stages whose model has no measurement are left out."""
+    out: dict[str, float] = {}
+    for st in exp.stages:
+        if st.command == "certify":
+            total = 0.0
+            for r in st.runs:
+                model = _stage_model(exp, exp.stage(r))
+                if model not in THROUGHPUT:
+                    break
+                values = {"skip": 1, "n0": 100, "n": 100_000, "max": None, **st.set}
+                data = _values(exp.stage(r)).get("data", "imagenet")
+                images = math.ceil(EVAL_IMAGES.get(data, 0) / values["skip"])
+                if values.get("max"):
+                    images = min(images, values["max"])
+                passes = images * (values["n0"] + (values.get("n_max") or values["n"])) * len(st.sigmas or [1])
+                total += passes / THROUGHPUT[model]["certify"] / 3600
+            else:
+                out[st.name] = total
+            continue
+        model = _stage_model(exp, st)
+        if model not in THROUGHPUT:
+            continue
+        v, t = _values(st), THROUGHPUT[model]
+        images = v.get("epochs", 1) * min(TRAIN_IMAGES.get(v.get("data", "imagenet"), 0), v.get("train_subset") or math.inf)
+        rate = t["pretrain"]
+        if st.command != "pretrain":
+            copies = v.get("num_noise", 2) if v.get("method", "cr") == "cr" and st.command == "finetune" else 1
+            work = (3 if st.command == "finetune" else 1) * t["forward_gflop"] * copies
+            rate = t["pretrain"] * t["pretrain_gflop"] / work
+        out[st.name] = images / rate / 3600
+    return out
+
+
+def _values(stage: Stage) -> dict[str, Any]:
+    values = C.load_values(C.preset_path(stage.command, stage.config), _config_class(stage.command)) if stage.config else {}
+    return {**values, **stage.set}
+
+
+def _stage_model(exp: Experiment, stage: Stage) -> str | None:
+    """The architecture a stage trains: its own ``model``, else that of the stage it starts from."""
+    while True:
+        model = _values(stage).get("model")
+        if model or not stage.init:
+            return model
+        stage = exp.stage(stage.init)
+
+
+__all__ = ["COMMANDS", "Experiment", "ExperimentConfig", "ExperimentError", "ExperimentOptions", "ExperimentsConfig",
+           "describe", "SMOKE", "Stage", "THROUGHPUT",
+           "certify_configs", "experiments_dir", "gpu_hours", "list_experiments", "load_experiment", "run_experiment",
+           "stage_output", "training_config", "write_report"]
