@@ -119,9 +119,25 @@ def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_im
     }
 
 
+def _replay_oracles(path: Path, n_max: int) -> None:
+    """The oracle estimate at ``n_max`` from a results file's per-image p_hat, guesses and labels."""
+    ratios = []
+    for r in json.loads(path.read_text()):
+        pi = r["per_image"]
+        mean, acc = _oracle(np.array(pi["p_hat"]), pi["guess"], pi["label"], r["sigma"], n_max)
+        ratios.append((100 + n_max) / mean)
+        print(f"sigma={r['sigma']}: {r['images']} images, n_max={n_max:,} (oracles at the p_A measured with n = {r['n']:,}): "
+              f"{mean:,.0f} samples per image, {ratios[-1]:.1f}x fewer than fixed-n; certified "
+              + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, acc)) + " %")
+    print(f"mean over sigma: {np.mean(ratios):.1f}x fewer")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="append", required=True, help="FOLDER:SIGMA of a fine-tuned classifier")
+    ap.add_argument("--run", action="append", default=[], help="FOLDER:SIGMA of a fine-tuned classifier")
+    ap.add_argument("--oracle-from", default=None, help="only redo the n_max oracle estimate from the per-image "
+                    "results of an earlier --json (no model is run)")
+    ap.add_argument("--oracle-n-max", type=int, default=100_000)
     ap.add_argument("--make-from", default=None, help="pretrained export to fine-tune missing runs from")
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--n", type=int, default=10_000)
@@ -130,6 +146,11 @@ def main() -> None:
                     help="images the reference fixed-n loop is timed on (its time for all images is extrapolated)")
     ap.add_argument("--json", default=None, help="also write the results here (after each sigma)")
     args = ap.parse_args()
+    if args.oracle_from:
+        _replay_oracles(Path(args.oracle_from), args.oracle_n_max)
+        return
+    if not args.run:
+        ap.error("give --run FOLDER:SIGMA (or --oracle-from JSON)")
     results = []
     for spec in args.run:
         folder, sigma = spec.rsplit(":", 1)
