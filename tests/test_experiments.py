@@ -50,6 +50,8 @@ def test_rerun_skips_what_is_done_and_use_replaces_a_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pretrain: done" in out and "cr_range: done" in out and "(0 new)" in out
     assert read_rows(log, CERTIFY_HEADER) == rows and again["one model, sigma ~ U[0, 0.75]"].rows == first["one model, sigma ~ U[0, 0.75]"].rows
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| pretrain | pretrain | 4 |" in report and "| cr_range | finetune | 4 |" in report and "val_acc@0.25" in report
     export = tmp_path / "a" / "pretrain" / "model.safetensors"
     assert main(["experiment", "many_sigma", "--smoke", "--use", f"pretrain={export}", "--output-dir", str(tmp_path / "b"),
                  "--device", "cpu", "--no-progress"]) == 0
