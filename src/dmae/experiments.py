@@ -195,9 +195,10 @@ def describe(exp: Experiment, opts: ExperimentOptions | None = None) -> str:
     """What an experiment runs: its stages (with the resolved settings when ``opts`` is given), the estimated
     GPU-hours per stage and the torchrun commands."""
     hours = gpu_hours(exp)
+    estimate = (f"{sum(hours.values()):,.0f} ({', '.join(f'{k} {v:,.1f}' for k, v in hours.items())})" if hours
+                else "none (no measured throughput for these models; CPU-sized: see the file's comment)")
     lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.paper}",
-             f"  estimated GPU-hours on one H100/H200 (bf16): {sum(hours.values()):,.0f} "
-             f"({', '.join(f'{k} {v:,.1f}' for k, v in hours.items())})"]
+             f"  estimated GPU-hours on one H100/H200 (bf16): {estimate}"]
     for st in exp.stages:
         src = f" from {st.init}" if st.init else (f" of {', '.join(st.runs)}" if st.runs else "")
         extra = f" {st.set}" if st.set else ""
