@@ -33,6 +33,9 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert "pixel MSE to the clean image" in out
     assert f"accuracy under noise sigma=0.25: {100 * first['noisy_acc']:.2f}%" in out
     assert "r=0.25" in out and "ACR" in out
+    page = (tmp_path / "report.html").read_text()  # the run's HTML report, every section present
+    assert f"report: {tmp_path / 'report.html'}" in out
+    assert all(f'<h2 id="{sec}">' in page for sec in ("certified", "training", "reconstructions", "per-image", "settings"))
     # a second call reuses the finished runs instead of training again
     again = run_demo(tmp_path, progress=False, device="cpu", overrides=small, finetune_overrides=small_ft,
                      certify_overrides=small_cert)

@@ -194,7 +194,13 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
 
 
 def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:
-    """``--model``: the timm / torchvision network with its input layer, its weights file and that file's SHA-256."""
+    """``--model``: the timm / torchvision network with its input layer, its weights file and that file's SHA-256
+    (of the file's bytes, recorded as ``weights_sha256``).
+
+    Raises:
+        ValueError: an unknown architecture (close names listed) or a bad ``--input-mean`` / ``--input-std``.
+        CheckpointError: a missing, unreadable or unsafe weights file, keys or shapes that do not fit, NaN weights.
+    """
     from dmae.external import build_external_classifier
 
     path = Path(cfg.checkpoint)  # type: ignore[arg-type]

@@ -73,10 +73,16 @@ def cmd_report(ns: argparse.Namespace) -> int:
     """`dmae report`: the table, and the Markdown / CSV / PNG files asked for."""
     from dmae.report import ReportConfig, report
 
+    from dmae.html_report import discover, write_html_report
+
     cfg = _resolve("report", ReportConfig, ns)
     cfg.validate()
-    report(list(cfg.files), cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
-    for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot)):
+    logs = [*cfg.files, *discover([], list(cfg.run or ())).logs]
+    if logs:
+        report(logs, cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
+    if cfg.html:
+        write_html_report(cfg.html, list(cfg.files), list(cfg.run or ()), cfg.title)
+    for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):
         if path:
             print(f"wrote {label}: {path}")
     return 0

@@ -132,7 +132,7 @@ def check_field(cls: type, name: str, value: Any) -> None:
         items, item_tp = list(value), args[0]
         if not (len(args) == 2 and args[1] is Ellipsis) and len(items) != len(args):
             raise ValueError(f"{flag(name)} takes {len(args)} values, got {list(value)}")
-        if not items:
+        if not items and not (meta.get("positional") and cls.__dataclass_fields__[name].default == ()):
             raise ValueError(f"{flag(name)} needs at least one value")
     if meta.get("check") is not None:
         meta["check"](value)
@@ -200,6 +200,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["metavar"] = tp.__name__.upper()
         if meta.get("positional"):
             kw.pop("default")
+            if dflt == () and kw.get("nargs") == "+":  # an empty default: the argument may be left out
+                kw.update(nargs="*", default=argparse.SUPPRESS)
             parser.add_argument(f.name, **kw)
         else:
             parser.add_argument(flag(f.name), *meta.get("aliases", ()), dest=f.name, **kw)

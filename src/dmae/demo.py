@@ -85,7 +85,10 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
     _require_finished(ft, "fine-tuning")
     cert = _certify(out, ft_cfg, common, certify_overrides)
     numbers = _print_summary(out, cfg, ft_cfg, cert)
-    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}")
+    from dmae.html_report import write_html_report
+
+    page = write_html_report(out / "report.html", [], [out], "dmae demo")
+    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}; report: {page}")
     return {**numbers, "finetune_steps": ft.step}
 
 

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -49,6 +49,14 @@ class ReportConfig(Options):
     markdown: Optional[str] = option(None, "also write the table as Markdown here")
     csv: Optional[str] = option(None, "also write the table as CSV here")
     plot: Optional[str] = option(None, "write certified accuracy vs radius as a PNG here")
+    run: Optional[tuple[str, ...]] = option(None, "run folder(s) to report on: every certification log, training run "
+                                            "and reconstruction figure inside (a `dmae demo` or experiment folder)")
+    html: Optional[str] = option(None, "also write one self-contained HTML report here (figures embedded; opens offline)")
+    title: str = option("dmae report", "title of the HTML report")
+
+    def check_combination(self) -> None:
+        if not self.files and not self.run:
+            raise ValueError("give certification logs (TSV files) and/or --run FOLDER")
 
 
 @dataclass
@@ -219,8 +227,8 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
     return Table(tuple(radii), rows, notes)
 
 
-def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
-    """Certified accuracy vs radius for every log (and their upper envelope) as a PNG; returns its path.
+def curves_figure(logs: list[CertLog], title: str = "") -> Any:
+    """Certified accuracy vs radius for every log (and their upper envelope): a matplotlib figure.
 
     Raises:
         ValueError: ``logs`` is empty (from ``max``).
@@ -244,7 +252,16 @@ def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
     ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
-    return write_png(fig, path, dpi=120)
+    return fig
+
+
+def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
+    """:func:`curves_figure` written as a PNG; returns its path.
+
+    Raises:
+        ValueError: ``logs`` is empty.  OSError: the file cannot be written.
+    """
+    return write_png(curves_figure(logs, title), path, dpi=120)
 
 
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,

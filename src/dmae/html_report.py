@@ -1,0 +1,264 @@
+"""``dmae report --html``: one self-contained HTML page for a run, readable offline.
+
+Every figure is a PNG embedded as a ``data:`` URI and the style sheet is inline, so the file can be mailed or
+archived and opened without a network. Sections, each present even when it has nothing to show (it then says
+why): settings (resolved configs, certification settings, versions), training curves (pretraining and
+fine-tuning losses and evaluations), the reconstruction figure, the certified-accuracy table (best sigma per
+radius, the paper's Tables 1-2 layout) with ACR, abstention and compute (samples per image, total forward
+passes), the certified-accuracy curves, and per-image examples (certified, abstained and misclassified test
+images with their class and radius, redrawn from the data set the logs name).
+
+Inputs: certification logs and/or run folders (``dmae demo``'s output, an experiment's output folder, or any
+folder holding training runs and logs); a run folder is searched recursively.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import dmae
+from dmae.figures import pyplot
+from dmae.report import CertLog, curves_figure, read_log, summarize
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:.6em;
+overflow-x:auto;font-size:.85em}.figs{display:flex;flex-wrap:wrap;gap:1em}.ex{display:inline-block;margin:.3em;
+text-align:center;font-size:.8em}.ex img{width:84px;height:84px;image-rendering:pixelated;border:1px solid #999}
+.note{color:#666;font-style:italic}.wide{max-width:560px;height:auto}"""
+
+
+@dataclass
+class RunContents:
+    """What a report shows: certification logs, training runs (folders with ``config.yaml`` and ``log.jsonl``)
+    and figures (PNG files) found in the inputs."""
+
+    logs: list[Path] = field(default_factory=list)
+    training: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
+    """Collect the logs given and everything under the run folders (logs ``*_sigma*.tsv`` without rank or
+    non-finite side files, training runs, reconstruction figures).
+
+    Raises:
+        FileNotFoundError: a given file or folder does not exist.
+    """
+    found = RunContents()
+    for f in map(Path, files):
+        if not f.is_file():
+            raise FileNotFoundError(f"no such log: {f}")
+        found.logs.append(f)
+    for r in map(Path, runs):
+        if not r.is_dir():
+            raise FileNotFoundError(f"no such run folder: {r}")
+        found.logs += sorted(p for p in r.rglob("*_sigma*.tsv") if ".rank" not in p.name and "nonfinite" not in p.name)
+        runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()]
+        # pretraining runs (they export model.safetensors) first: the order a run was made in
+        found.training += sorted(runs_found, key=lambda d: (not (d / "model.safetensors").is_file(), str(d)))
+        found.figures += sorted(p for p in r.rglob("*.png") if "reconstruction" in p.name)
+    return found
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as an ``<img>`` tag with the PNG inline."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    pyplot().close(fig)
+    return _img(buf.getvalue())
+
+
+def _img(png: bytes, alt: str = "figure", cls: str = "") -> str:
+    return (f'<img alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""} '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + rows + "</table>"
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def training_section(runs: list[Path]) -> str:
+    """Loss curves and evaluations of each training run, one figure per run."""
+    if not runs:
+        return '<p class="note">No training runs in the inputs.</p>'
+    plt, parts = pyplot(), []
+    for run in runs:
+        recs = _records(run)
+        train = [r for r in recs if r.get("type") == "train"]
+        evals = [r for r in recs if r.get("type") == "eval"]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+        axes[0].set(xlabel="step", ylabel="training loss", title=run.name)
+        for key in sorted({k for r in evals for k in r if k not in ("type", "step", "epoch")}):
+            pts = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            axes[1].plot(*zip(*pts), marker="o", label=key)
+        axes[1].set(xlabel="step", ylabel="evaluation", title="held-out evaluations")
+        if evals:
+            axes[1].legend(fontsize=7)
+        last = evals[-1] if evals else {}
+        text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
+        parts.append(f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>")
+    return "".join(parts)
+
+
+def settings_section(contents: RunContents) -> str:
+    """The resolved config of every training run and the settings of every certification log, plus versions."""
+    import torch
+
+    parts = [_table(["package", "version"], [["dmae", dmae.__version__], ["torch", torch.__version__],
+                                            ["python", platform.python_version()], ["machine", platform.machine()]])]
+    for run in contents.training:
+        parts.append(f"<details><summary>{html.escape(str(run / 'config.yaml'))}</summary>"
+                     f"<pre>{html.escape((run / 'config.yaml').read_text())}</pre></details>")
+    for log in contents.logs:
+        meta = log.with_suffix(".json")
+        if meta.is_file():
+            shown = {k: v for k, v in json.loads(meta.read_text()).items() if k != "config"}
+            parts.append(f"<details><summary>{html.escape(str(meta))}</summary>"
+                         f"<pre>{html.escape(json.dumps(shown, indent=1))}</pre></details>")
+    return "".join(parts)
+
+
+def certification_section(logs: list[CertLog], paths: list[Path]) -> str:
+    """The certified-accuracy table (best sigma per radius), totals of compute, and the curves."""
+    if not logs:
+        return '<p class="note">No certification logs in the inputs.</p>'
+    table = summarize(logs)
+    head, body = table._cells()
+    passes = [_forward_passes(lg, p) for lg, p in zip(logs, paths)]
+    total = sum(x for x in passes if x is not None)
+    lines = [_table(head, body), *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
+             f"<p>Forward passes in all: {total:,}"
+             + (" (some logs do not say)" if None in passes else "") + "</p>"]
+    lines.append(_png(curves_figure(logs, title="certified accuracy vs radius")))
+    return "".join(lines)
+
+
+def _forward_passes(lg: CertLog, path: Path) -> int | None:
+    """Noisy forward passes a log spent: the sum of ``n_samples`` (sequential), else images x (n0 + n)."""
+    if lg.n_samples is not None:
+        return int(lg.n_samples.sum())
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        return None
+    m = json.loads(meta.read_text())
+    per = (m.get("n0") or 0) + (m.get("n") or 0) if m.get("mode", "certify") == "certify" else m.get("n")
+    return len(lg) * per if per else None
+
+
+def _thumb(x: Any) -> bytes:
+    """A ``[C, H, W]`` image in [0, 1] (values outside are clipped for display only) as PNG bytes."""
+    from PIL import Image
+
+    arr = (np.clip(x.numpy().transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pick_examples(lg: CertLog, idx: list[int], k: int) -> dict[str, list[int]]:
+    """Rows (positions in the log) to show: the ``k`` certified images with the largest radii, the first ``k``
+    abstentions and the first ``k`` misclassified images."""
+    order = np.argsort(-lg.radius, kind="stable")
+    return {"certified": [int(i) for i in order if lg.correct[i] == 1][:k],
+            "abstained": [i for i in range(len(lg)) if lg.predict[i] == -1][:k],
+            "misclassified": [i for i in range(len(lg)) if lg.predict[i] not in (-1, lg.label[i])][:k]}
+
+
+def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: int = 0) -> str:
+    """Per log: a few certified, abstained and misclassified test images, each clean and under one noise draw
+    at the log's sigma, with label, prediction and radius (images read from the data set the log's JSON names)."""
+    import torch
+
+    from dmae.data import build_dataset, build_transform, dataset_info
+
+    if not logs:
+        return '<p class="note">No certification logs in the inputs.</p>'
+    parts = []
+    for lg, path in zip(logs, paths):
+        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+        idx = [int(f[0]) for f in _index_column(path)]
+        try:
+            info = dataset_info(meta["data"])
+            ds = build_dataset(meta["data"], meta.get("split") or info.splits[1], (meta.get("config") or {}).get("data_root"),
+                               build_transform(info, False, info.size or 224))
+        except Exception as e:  # the page still renders; it says why the images are missing
+            parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(repr(e))}</p>")
+            continue
+        names = getattr(ds, "classes", None)
+        gen = torch.Generator().manual_seed(seed)
+        parts.append(f"<h3>{html.escape(lg.name)} (sigma = {lg.sigma})</h3>")
+        for kind, rows in pick_examples(lg, idx, k).items():
+            cells = []
+            for i in rows:
+                x = ds[idx[i]][0]
+                noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
+                label = names[lg.label[i]] if names else lg.label[i]
+                pred = "abstain" if lg.predict[i] == -1 else (names[lg.predict[i]] if names else lg.predict[i])
+                cells.append(f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
+                             f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, r = {lg.radius[i]:.3f}</div>")
+            parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
+    return "".join(parts)
+
+
+def _index_column(path: Path) -> list[list[str]]:
+    from dmae.certlog import read_log_rows
+
+    log = read_log_rows(path, need=("idx",))
+    j = log.header.index("idx")
+    return [[f[j]] for f in log.rows]
+
+
+def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4) -> str:
+    """The whole page as a string (see the module docstring for its sections).
+
+    Raises:
+        LogError: a log cannot be read (file and line named).
+    """
+    logs = [read_log(p) for p in contents.logs]
+    figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
+    sections = [("Certified accuracy", certification_section(logs, contents.logs)),
+                ("Training curves", training_section(contents.training)),
+                ("Reconstructions", figs or '<p class="note">No reconstruction figure in the inputs.</p>'),
+                ("Per-image examples", examples_section(logs, contents.logs, examples)),
+                ("Settings", settings_section(contents))]
+    body = "".join(f'<h2 id="{t.split()[0].lower()}">{t}</h2>{s}' for t, s in sections)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
+            f"</head><body><h1>{html.escape(title)}</h1><p class='note'>written {stamp} by dmae {dmae.__version__}</p>"
+            f"{body}</body></html>")
+
+
+def write_html_report(path: str | Path, files: list[str | Path], runs: list[str | Path], title: str = "dmae report") -> Path:
+    """Write the page for ``files`` (logs) and ``runs`` (folders) to ``path`` (atomically); returns it.
+
+    Raises:
+        FileNotFoundError: an input does not exist.  ValueError: no input at all.  LogError: a bad log.
+    """
+    if not files and not runs:
+        raise ValueError("give certification logs and/or --run folders to report on")
+    page = build_html(discover(files, runs), title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path

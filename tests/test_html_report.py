@@ -1,0 +1,84 @@
+"""``dmae report --html`` (dmae.html_report): one self-contained page with every section and image."""
+
+import json
+import re
+
+import yaml
+from PIL import Image
+
+from dmae.certify import CertifyConfig, run_certification
+from dmae.certlog import CERTIFY_HEADER, format_row
+from dmae.cli import main
+from dmae.html_report import build_html, discover, pick_examples
+from dmae.report import read_log
+
+SECTIONS = ("certified", "training", "reconstructions", "per-image", "settings")
+
+
+def _run_folder(classifier_run, tmp_path):
+    """A run folder as `dmae demo` leaves it: a pretraining and a fine-tuning run (config + log), a reconstruction
+    figure, and fixed-n and sequential certification logs."""
+    out = tmp_path / "run"
+    for name, rows in (("pretrain", [{"type": "eval", "step": 0, "epoch": 0.0, "mse": 0.3},
+                                     {"type": "train", "step": 2, "epoch": 0.5, "loss": 1.2, "img_per_s": 50.0},
+                                     {"type": "eval", "step": 4, "epoch": 1.0, "mse": 0.05}]),
+                       ("finetune", [{"type": "train", "step": 2, "epoch": 0.5, "loss": 2.0, "img_per_s": 40.0},
+                                     {"type": "eval", "step": 4, "epoch": 1.0, "val_acc@0.25": 0.5}])):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "seed": 0, "stage": name}))
+        (out / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "pretrain" / "model.safetensors").write_bytes(b"")
+    Image.new("L", (40, 20), 128).save(out / "reconstructions.png")
+    common = dict(checkpoint=str(classifier_run), n0=20, skip=500, batch=512, device="cpu", progress=False)
+    run_certification(CertifyConfig(n=500, sequential="targets", output_dir=str(out / "certify"), **common))
+    # a fixed-n log with every kind of row (the tiny classifier alone says one class everywhere)
+    rows = [(0, 9, 9, 0.61), (1, 2, 2, 0.12), (2, 1, -1, 0.0), (3, 1, 1, 0.33), (4, 4, 6, 0.2), (5, 5, -1, 0.0)]
+    log = out / "certify" / "certify_sigma0.25.tsv"
+    log.write_text("\t".join(CERTIFY_HEADER) + "\n" + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1) for i, y, p, r in rows))
+    log.with_suffix(".json").write_text(json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test",
+                                                    "sigma": 0.25, "n0": 100, "n": 1000}))
+    return out
+
+
+def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path):
+    out = _run_folder(classifier_run, tmp_path)
+    found = discover([], [out])
+    assert [p.name for p in found.training] == ["pretrain", "finetune"] and len(found.logs) == 2 and len(found.figures) == 1
+    page = build_html(found, "test run")
+    for section in SECTIONS:
+        assert f'<h2 id="{section}">' in page, section
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing fetched from anywhere
+    assert "http://" not in page and "https://" not in page
+    logs = [read_log(p) for p in found.logs]
+    n_examples = sum(len(rows) for lg in logs for rows in pick_examples(lg, [], 4).values())
+    assert len(srcs) == 1 + 2 + 1 + 2 * n_examples  # curves, 2 training runs, the reconstruction, clean + noisy per example
+    assert "certify_sigma0.25" in page and "sequential_sigma0.25" in page and "samples/img" in page
+    seq = read_log(out / "certify" / "sequential_sigma0.25.tsv")
+    assert f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page and "torch" in page and "stage: finetune" in page
+    for kind in ("certified", "abstained", "misclassified"):
+        assert f"<h4>{kind} (" in page
+
+
+def test_examples_pick_the_right_rows(classifier_run, tmp_path):
+    out = _run_folder(classifier_run, tmp_path)
+    lg = read_log(out / "certify" / "certify_sigma0.25.tsv")
+    picked = pick_examples(lg, [], 3)
+    assert picked == {"certified": [0, 3, 1], "abstained": [2, 5], "misclassified": [4]}
+    assert all(lg.correct[i] == 1 for i in picked["certified"])
+    assert all(lg.predict[i] == -1 for i in picked["abstained"]) and picked["abstained"]
+    assert all(lg.predict[i] not in (-1, lg.label[i]) for i in picked["misclassified"])
+    radii = [lg.radius[i] for i in picked["certified"]]
+    assert radii == sorted(radii, reverse=True)
+
+
+def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, capsys):
+    out = _run_folder(classifier_run, tmp_path)
+    page = tmp_path / "report.html"
+    assert main(["report", "--run", str(out), "--html", str(page), "--title", "my run"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote html:" in text and "r=0.25" in text  # the table is printed too
+    assert "<title>my run</title>" in page.read_text()
+    assert main(["report", "--run", str(tmp_path / "nowhere"), "--html", str(page)]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert main(["report"]) == 2 and "give certification logs" in capsys.readouterr().err
