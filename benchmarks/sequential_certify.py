@@ -119,24 +119,39 @@ def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_im
     }
 
 
-def _replay_oracles(path: Path, n_max: int) -> None:
-    """The oracle estimate at ``n_max`` from a results file's per-image p_hat, guesses and labels."""
-    ratios = []
+def _summarize(path: Path, n_max: int) -> None:
+    """From a results file: per sigma, the passes of fixed-n, sequential and sequential with the label shortcut,
+    and the oracle estimate at ``n_max`` (categorical oracles at the per-image p_hat, guesses and labels).
+
+    The label shortcut's passes are exact, not estimated: an image whose n0 guess is its label gets the very same
+    samples and certificate with or without the shortcut (same noise streams), and every other image stops after
+    its n0 = 100 selection samples."""
+    ratios, short_ratios, oracle_ratios, tot = [], [], [], np.zeros(3)
     for r in json.loads(path.read_text()):
         pi = r["per_image"]
+        right = np.array(pi["guess"]) == np.array(pi["label"])
+        seq = np.array([c[2] for c in pi["sequential"]])
+        fixed, passes, short = r["fixed"]["passes"], int(seq.sum()), int(seq[right].sum() + 100 * (~right).sum())
+        ratios.append(fixed / passes)
+        short_ratios.append(fixed / short)
+        tot += (fixed, passes, short)
         mean, acc = _oracle(np.array(pi["p_hat"]), pi["guess"], pi["label"], r["sigma"], n_max)
-        ratios.append((100 + n_max) / mean)
-        print(f"sigma={r['sigma']}: {r['images']} images, n_max={n_max:,} (oracles at the p_A measured with n = {r['n']:,}): "
-              f"{mean:,.0f} samples per image, {ratios[-1]:.1f}x fewer than fixed-n; certified "
+        oracle_ratios.append((100 + n_max) / mean)
+        print(f"sigma={r['sigma']}: {r['images']} images; forward passes fixed {fixed:,}, sequential {passes:,} "
+              f"({ratios[-1]:.2f}x fewer), with --stop-on-wrong-guess {short:,} ({short_ratios[-1]:.2f}x fewer)")
+        print(f"  n_max={n_max:,} (oracles at the p_A measured with n = {r['n']:,}): {mean:,.0f} samples per image, "
+              f"{oracle_ratios[-1]:.1f}x fewer than fixed-n; certified "
               + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, acc)) + " %")
-    print(f"mean over sigma: {np.mean(ratios):.1f}x fewer")
+    print(f"mean over sigma: {np.mean(ratios):.2f}x fewer (with the label shortcut {np.mean(short_ratios):.2f}x; "
+          f"n_max={n_max:,} oracles {np.mean(oracle_ratios):.1f}x); all sigma together: {tot[0] / tot[1]:.2f}x "
+          f"({tot[0] / tot[2]:.2f}x with the shortcut)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", default=[], help="FOLDER:SIGMA of a fine-tuned classifier")
-    ap.add_argument("--oracle-from", default=None, help="only redo the n_max oracle estimate from the per-image "
-                    "results of an earlier --json (no model is run)")
+    ap.add_argument("--summarize", default=None, help="summarize the per-image results of an earlier --json: the "
+                    "label shortcut's passes (exact) and the n_max oracle estimate (no model is run)")
     ap.add_argument("--oracle-n-max", type=int, default=100_000)
     ap.add_argument("--make-from", default=None, help="pretrained export to fine-tune missing runs from")
     ap.add_argument("--images", type=int, default=100)
@@ -146,11 +161,11 @@ def main() -> None:
                     help="images the reference fixed-n loop is timed on (its time for all images is extrapolated)")
     ap.add_argument("--json", default=None, help="also write the results here (after each sigma)")
     args = ap.parse_args()
-    if args.oracle_from:
-        _replay_oracles(Path(args.oracle_from), args.oracle_n_max)
+    if args.summarize:
+        _summarize(Path(args.summarize), args.oracle_n_max)
         return
     if not args.run:
-        ap.error("give --run FOLDER:SIGMA (or --oracle-from JSON)")
+        ap.error("give --run FOLDER:SIGMA (or --summarize JSON)")
     results = []
     for spec in args.run:
         folder, sigma = spec.rsplit(":", 1)

@@ -76,3 +76,73 @@ def test_bad_experiments_and_options_are_named(tmp_path, capsys):
                            "stage certify certifies cr_range, which has not produced")):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_estimates_and_paper_recipes_at_full_scale(monkeypatch, tmp_path):
+    """Pinned numbers: the ViT-B pretraining estimate (1,100 epochs x 1,281,167 images at 3,517 images/s) and the
+    full-scale settings each stage resolves to, with the effective batch kept under any number of processes."""
+    from dmae.experiments import certify_configs, training_config
+
+    exp = load_experiment("imagenet_vit_base")
+    assert round(gpu_hours(exp)["pretrain"], 1) == round(1100 * 1_281_167 / 3517 / 3600, 1) == 111.3
+    assert round(gpu_hours(exp)["certify"], 2) == round(3 * 1000 * 10_100 / 11_087 / 3600, 2)
+    opts = ExperimentOptions(tmp_path, device="cpu", data_root="/data/imagenet")
+    for world, pre, ft in (("8", (256, 2), (128, 1)), ("32", (128, 1), (32, 1)), ("1", (256, 16), (128, 8))):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        p = training_config(exp, exp.stage("pretrain"), opts)
+        f = training_config(exp, exp.stage("cr_sigma1.0"), opts)
+        assert (p.batch_size, p.accum_iter) == pre and (f.batch_size, f.accum_iter) == ft
+    assert (p.model, p.epochs, p.sigma, p.loss, p.blr, p.data_root) == ("dmae_vit_base_patch16_dec512d8b", 1100, 0.25, "all",
+                                                                      1.5e-4, "/data/imagenet")
+    assert (f.sigma, f.method, f.epochs, f.layer_decay, f.init) == (1.0, "cr", 100, 0.65, str(tmp_path / "pretrain" / "model.safetensors"))
+    [c25, c50, c100] = certify_configs(exp, exp.stage("certify"), opts)
+    assert (c100.skip, c100.n0, c100.n, c100.alpha, c100.data, c100.sigma) == (50, 100, 10_000, 0.001, "imagenet", None)
+    mae = load_experiment("dmae_vs_mae_finetune")
+    m = training_config(mae, mae.stage("mae"), opts)
+    assert (m.sigma, m.loss) == (0.0, "masked")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ExperimentError, match="effective batch 4096 is not a multiple of 3 process"):
+        training_config(exp, exp.stage("pretrain"), opts)
+
+
+def test_repeated_use_stale_runs_and_unknown_keys(tmp_path, capsys):
+    from dmae.experiments import ExperimentConfig
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    exp = load_experiment("linprobe_dmae_vs_mae")
+    from dmae.cli import build_parser
+    from dmae import config as C
+
+    ns = build_parser().parse_args(["experiment", "linprobe_dmae_vs_mae", "--use", f"dmae={a}", "--use", f"mae={b}"])
+    cfg = C.build_config(ExperimentConfig, {}, {k: v for k, v in vars(ns).items() if k not in ("command", "func")})
+    assert cfg.options(exp).use == {"dmae": str(a), "mae": str(b)}  # both, not just the last
+    with pytest.raises(ExperimentError, match=r"--use dmae=/nowhere: no such file"):
+        ExperimentConfig(name="linprobe_dmae_vs_mae", use=("dmae=/nowhere",)).options(exp)
+    # a finished smoke stage is not taken for the full-scale one
+    small = load_experiment("many_sigma")
+    run_experiment(small, ExperimentOptions(tmp_path / "x", smoke=True, device="cpu", progress=False, only=["pretrain"]))
+    with pytest.raises(ExperimentError, match=r"stage pretrain is finished but was run with other options: .*epochs: 1 -> 1100"):
+        run_experiment(small, ExperimentOptions(tmp_path / "x", device="cpu", progress=False, only=["pretrain"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  a: {command: pretrain, sett: {epochs: 2}}\n")
+    with pytest.raises(ExperimentError, match=r"stage a has unknown keys \['sett'\]"):
+        load_experiment(str(bad))
+    bad.write_text("stages:\n  a: {command: pretrain, set: {epoch: 2}}\n")
+    with pytest.raises(ExperimentError, match=r"stage a sets unknown options \['epoch'\] of dmae pretrain"):
+        load_experiment(str(bad))
+    bad.write_text("stages:\n  a: {command: finetune, set: {sigma: 0.25, model: dmae_vit_pico_patch4_dec32d1b}}\n"
+                   "  c: {command: certify, runs: [a], set: {num_sample: 10}}\n")
+    with pytest.raises(ExperimentError, match=r"stage c sets unknown options \['num_sample'\] of dmae certify"):
+        load_experiment(str(bad))
+
+
+def test_report_ignores_side_files(tmp_path):
+    """A `.nonfinite.tsv` beside a log (images whose logits were NaN) is not a log."""
+    from dmae.report import find_logs
+
+    (tmp_path / "c" / "r").mkdir(parents=True)
+    for name in ("certify_sigma0.25.tsv", "certify_sigma0.25.nonfinite.tsv", "certify_sigma0.25.tsv.rank1"):
+        (tmp_path / "c" / "r" / name).write_text("")
+    assert [p.name for p in find_logs(tmp_path)] == ["certify_sigma0.25.tsv"]

@@ -75,10 +75,10 @@ def test_examples_pick_the_right_rows(classifier_run, tmp_path):
 def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, capsys):
     out = _run_folder(classifier_run, tmp_path)
     page = tmp_path / "report.html"
-    assert main(["report", "--run", str(out), "--html", str(page), "--title", "my run"]) == 0
+    assert main(["report", "--run-dir", str(out), "--html", str(page), "--title", "my run"]) == 0
     text = capsys.readouterr().out
     assert "wrote html:" in text and "r=0.25" in text  # the table is printed too
     assert "<title>my run</title>" in page.read_text()
-    assert main(["report", "--run", str(tmp_path / "nowhere"), "--html", str(page)]) == 2
+    assert main(["report", "--run-dir", str(tmp_path / "nowhere"), "--html", str(page)]) == 2
     assert "no such run folder" in capsys.readouterr().err
     assert main(["report"]) == 2 and "give certification logs" in capsys.readouterr().err

@@ -77,11 +77,11 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
     cfg = _resolve("report", ReportConfig, ns)
     cfg.validate()
-    logs = [*cfg.files, *discover([], list(cfg.run or ())).logs]
+    logs = [*cfg.files, *discover([], list(cfg.run_dir or ())).logs]
     if logs:
         report(logs, cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
     if cfg.html:
-        write_html_report(cfg.html, list(cfg.files), list(cfg.run or ()), cfg.title)
+        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title)
     for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):
         if path:
             print(f"wrote {label}: {path}")

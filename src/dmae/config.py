@@ -189,7 +189,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw.update(type=type(choices[0]), choices=choices)
         elif origin is tuple:
             args = typing.get_args(tp)
-            kw.update(type=args[0], nargs="+" if (len(args) == 2 and args[1] is Ellipsis) else len(args))
+            variadic = len(args) == 2 and args[1] is Ellipsis
+            kw.update(type=args[0], nargs="+" if variadic else len(args))
+            if variadic and not meta.get("positional"):
+                kw["action"] = "extend"  # --use a=X --use b=Y means both, not just the last
         elif tp in (int, float, str):
             kw["type"] = _none_or(tp) if optional else tp
             if meta.get("choices"):

@@ -439,6 +439,7 @@ class _Trainer:
         self.result.step, self.result.model, self.result.best = self.step, self.model, self.job.best
         if not self.result.stopped and self.dist.is_main:
             self.job.on_main_finished()
+        barrier(self.dist)  # the exports exist for every rank before any rank goes on (experiments chain stages)
         return self.result
 
     def _loop(self) -> None:

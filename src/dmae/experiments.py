@@ -42,10 +42,11 @@ RUN_FILES = {"pretrain": "model.safetensors", "finetune": "model_last.safetensor
 # Measured in benchmarks/RESULTS.md on one H100 / H200 (bf16): pretraining images/s (ViT-B batch 512, ViT-L batch
 # 128, 75% masking) and certification forward passes/s (compiled). Fine-tuning has no measurement yet: its
 # images/s are estimated from the FLOPs, 3 x forward(197 tokens) x m noise copies against pretraining's measured
-# 58.8 / 124.7 GFLOP per image (ViT-B: 17.6, ViT-L: 61.6 GFLOP per forward pass).
+# 58.8 / 124.7 GFLOP per image; a forward pass is 35.2 (ViT-B) / 123.2 (ViT-L) GFLOP, from the certification
+# rows of benchmarks/RESULTS.md (MFU x 989.4 TFLOP/s / passes per second).
 THROUGHPUT = {
-    "dmae_vit_base_patch16_dec512d8b": {"pretrain": 3517.0, "forward_gflop": 17.6, "pretrain_gflop": 58.8, "certify": 11087.0},
-    "dmae_vit_large_patch16_dec512d8b": {"pretrain": 1401.0, "forward_gflop": 61.6, "pretrain_gflop": 124.7, "certify": 3726.0},
+    "dmae_vit_base_patch16_dec512d8b": {"pretrain": 3517.0, "forward_gflop": 35.2, "pretrain_gflop": 58.8, "certify": 11087.0},
+    "dmae_vit_large_patch16_dec512d8b": {"pretrain": 1401.0, "forward_gflop": 123.2, "pretrain_gflop": 124.7, "certify": 3726.0},
 }
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "fashion-mnist": 60_000}
 EVAL_IMAGES = {"imagenet": 50_000, "cifar10": 10_000, "fashion-mnist": 10_000}
@@ -78,6 +79,7 @@ class Stage:
     init: Optional[str] = None  # training stages: the stage whose export they start from
     runs: list[str] = field(default_factory=list)  # certify: the classifier stages
     sigmas: Optional[list[float]] = None  # certify: noise levels (default: each run's training sigma)
+    effective_batch: Optional[int] = None  # training: batch x accum_iter x processes; accum_iter follows the world size
 
 
 @dataclass
@@ -123,6 +125,11 @@ def load_experiment(name_or_path: str) -> Experiment:
         if not p.is_file():
             raise ExperimentError(f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())}")
     raw = yaml.safe_load(p.read_text()) or {}
+    known = set(Stage.__dataclass_fields__) - {"name"}
+    for n, spec in (raw.get("stages") or {}).items():
+        if not isinstance(spec, dict) or set(spec) - known:
+            extra = sorted(set(spec) - known) if isinstance(spec, dict) else spec
+            raise ExperimentError(f"{p.name}: stage {n} has unknown keys {extra}; a stage takes {', '.join(sorted(known))}")
     stages = [Stage(name=n, **spec) for n, spec in (raw.get("stages") or {}).items()]
     exp = Experiment(p.stem, raw.get("title", p.stem), raw.get("paper", ""), stages, raw.get("groups") or {},
                      raw.get("torchrun") or {}, raw.get("notes", ""))
@@ -140,6 +147,12 @@ def _check(exp: Experiment) -> None:
                 raise ExperimentError(f"{exp.name}: stage {s.name} refers to {ref!r}, which is not an earlier stage")
         if s.command == "certify" and any(seen[r].command == "pretrain" for r in s.runs):
             raise ExperimentError(f"{exp.name}: stage {s.name} certifies a pretraining stage; certify classifiers")
+        if s.init and seen[s.init].command == "certify":
+            raise ExperimentError(f"{exp.name}: stage {s.name} starts from {s.init}, a certify stage")
+        names = set((_config_class(s.command) if s.command != "certify" else _certify_class()).__dataclass_fields__)
+        if set(s.set) - names:
+            raise ExperimentError(f"{exp.name}: stage {s.name} sets unknown options {sorted(set(s.set) - names)} "
+                                  f"of dmae {s.command}")
         seen[s.name] = s
     for label, runs in exp.groups.items():
         for r in runs:
@@ -181,6 +194,9 @@ class ExperimentConfig(C.Options):
         use = dict(item.split("=", 1) for item in self.use or ())
         for name in [*use, *(self.only or ())]:
             exp.stage(name)
+        for name, path in use.items():
+            if not Path(path).exists():
+                raise ExperimentError(f"--use {name}={path}: no such file or folder")
         out = Path(self.output_dir or f"runs/{exp.name}{'-smoke' if self.smoke else ''}")
         return ExperimentOptions(out, use, self.smoke, self.data_root, self.device, self.progress,
                                  list(self.only) if self.only else None)
@@ -253,6 +269,8 @@ def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> A
         if stage.command != "pretrain" and values.get("model") and not stage.init:  # from scratch: a shrunken model
             shrink["model"] = SMOKE["pretrain"]["model"]
         values.update({k: v for k, v in shrink.items() if k in names})
+    if stage.effective_batch and not opts.smoke:
+        values["batch_size"], values["accum_iter"] = _batch_for(stage, int(values.get("batch_size", cls.batch_size)))
     run = opts.output_dir / stage.name
     given = {"output_dir": str(run), "resume": (run / "checkpoint.pt").exists(), "device": opts.device,
              "progress": opts.progress}
@@ -261,6 +279,30 @@ def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> A
     if stage.init:
         given["init"] = str(stage_output(opts, exp.stage(stage.init)))
     return C.build_config(cls, values, given)
+
+
+def _batch_for(stage: Stage, batch: int) -> tuple[int, int]:
+    """(batch_size, accum_iter) that keep ``stage.effective_batch`` = batch x accum_iter x processes (torchrun's
+    WORLD_SIZE): the preset's per-process batch, or the largest divisor of the per-process share below it.
+
+    Raises:
+        ExperimentError: the effective batch is not a multiple of the number of processes (naming both).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    eff = int(stage.effective_batch)  # type: ignore[arg-type]
+    if eff % world:
+        raise ExperimentError(f"stage {stage.name}: effective batch {eff} is not a multiple of {world} process(es)")
+    share = eff // world
+    b = min(batch, share)
+    while share % b:
+        b -= 1
+    return b, share // b
+
+
+def _certify_class() -> type:
+    from dmae.certify import CertifyConfig
+
+    return CertifyConfig
 
 
 def certify_configs(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> list[Any]:
@@ -286,17 +328,18 @@ def certify_configs(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> l
 
 def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> None:
     if stage.name in opts.use:
-        print(f"[{exp.name}] {stage.name}: using {opts.use[stage.name]}", flush=True)
+        _say(f"[{exp.name}] {stage.name}: using {opts.use[stage.name]}")
         return
     if stage_output(opts, stage).is_file():
-        print(f"[{exp.name}] {stage.name}: done ({stage_output(opts, stage)})", flush=True)
+        _check_same_run(stage, training_config(exp, stage, opts))
+        _say(f"[{exp.name}] {stage.name}: done ({stage_output(opts, stage)})")
         return
     if stage.init and not stage_output(opts, exp.stage(stage.init)).exists():
         raise ExperimentError(f"stage {stage.name} starts from {stage.init}, which has not produced "
                               f"{stage_output(opts, exp.stage(stage.init))} yet")
     cfg = training_config(exp, stage, opts)
-    print(f"[{exp.name}] {stage.name}: dmae {stage.command}" + (f" --config {stage.config}" if stage.config else "")
-          + f" -> {cfg.output_dir}", flush=True)
+    _say(f"[{exp.name}] {stage.name}: dmae {stage.command}" + (f" --config {stage.config}" if stage.config else "")
+         + f" -> {cfg.output_dir}")
     if stage.command == "pretrain":
         from dmae.pretrain import pretrain
 
@@ -306,8 +349,32 @@ def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Non
 
         result = finetune(cfg)
     if not result.finished:
-        raise KeyboardInterrupt(f"stage {stage.name} stopped at step {result.step}/{result.total_steps}; "
-                                "run the same command again to resume")
+        from dmae.demo import StageInterrupted
+
+        raise StageInterrupted(f"stage {stage.name} stopped at step {result.step}/{result.total_steps} (checkpoint in "
+                               f"{result.output_dir}); run the same command again to resume")
+
+
+def _say(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs the stages; one speaks
+        print(line, flush=True)
+
+
+def _check_same_run(stage: Stage, cfg: Any) -> None:
+    """Refuse to reuse a finished stage whose saved options differ from what the experiment now asks (a smoke run
+    in the same folder, an edited ``set``): its export would stand for another run.
+
+    Raises:
+        ExperimentError: naming every option that differs, with both values.
+    """
+    from dmae.engine import RESUMABLE_OPTIONS, check_resumable
+
+    saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text()) or {}
+    try:
+        check_resumable(saved, C.to_dict(cfg), RESUMABLE_OPTIONS, Path(cfg.output_dir), "its saved options")
+    except ValueError as e:
+        raise ExperimentError(f"stage {stage.name} is finished but was run with other options: {e}; use another "
+                              "--output-dir, or remove the stage's folder to run it again") from e
 
 
 def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
@@ -331,7 +398,7 @@ def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
                     raise ExperimentError(f"stage {stage.name} certifies {r}, which has not produced "
                                           f"{stage_output(opts, exp.stage(r))} yet")
             for cfg in certify_configs(exp, stage, opts):
-                print(f"[{exp.name}] {stage.name}: certify {cfg.checkpoint} -> {cfg.output_dir}", flush=True)
+                _say(f"[{exp.name}] {stage.name}: certify {cfg.checkpoint} -> {cfg.output_dir}")
                 run_certification(cfg)
         else:
             _run_training(exp, stage, opts)
@@ -345,14 +412,14 @@ def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
 def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
     """One certified-accuracy table per group (its classifiers' logs, best sigma per radius) into
     ``OUT/report.md`` and the terminal; groups without logs yet are listed as pending."""
-    from dmae.report import read_log, summarize
+    from dmae.report import find_logs, read_log, summarize
 
     lines, tables = [f"# {exp.title}", "", f"Paper: {exp.paper}." if exp.paper else "", ""], {}
     for label, runs in exp.groups.items():
         logs = []
         for st in exp.stages:
             for r in (r for r in st.runs if r in runs) if st.command == "certify" else ():
-                for f in sorted((opts.output_dir / st.name / r).glob("*_sigma*.tsv")):
+                for f in find_logs(opts.output_dir / st.name / r):
                     logs.append(read_log(f))
                     logs[-1].name = f"{r}/{f.stem}"
         if not logs:
@@ -378,7 +445,8 @@ def training_table(exp: Experiment, opts: ExperimentOptions) -> list[str]:
             continue
         recs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
         train = [r for r in recs if r.get("type") == "train"]
-        batch = training_config(exp, st, opts).batch_size
+        cfg = training_config(exp, st, opts)
+        batch = cfg.batch_size * cfg.accum_iter  # img_per_s counts whole optimizer steps (one process's share)
         seconds, prev = 0.0, 0
         for r in train:  # each record covers the steps since the previous one at its images/s
             seconds += (r["step"] - prev) * batch / max(r.get("img_per_s", 0.0), 1e-9)

@@ -28,7 +28,7 @@ import numpy as np
 
 import dmae
 from dmae.figures import pyplot
-from dmae.report import CertLog, curves_figure, read_log, summarize
+from dmae.report import CertLog, curves_figure, find_logs, read_log, summarize
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -64,7 +64,7 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
     for r in map(Path, runs):
         if not r.is_dir():
             raise FileNotFoundError(f"no such run folder: {r}")
-        found.logs += sorted(p for p in r.rglob("*_sigma*.tsv") if ".rank" not in p.name and "nonfinite" not in p.name)
+        found.logs += find_logs(r)
         runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()]
         # pretraining runs (they export model.safetensors) first: the order a run was made in
         found.training += sorted(runs_found, key=lambda d: (not (d / "model.safetensors").is_file(), str(d)))
@@ -254,7 +254,7 @@ def write_html_report(path: str | Path, files: list[str | Path], runs: list[str 
         FileNotFoundError: an input does not exist.  ValueError: no input at all.  LogError: a bad log.
     """
     if not files and not runs:
-        raise ValueError("give certification logs and/or --run folders to report on")
+        raise ValueError("give certification logs and/or --run-dir folders to report on")
     page = build_html(discover(files, runs), title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,14 +49,14 @@ class ReportConfig(Options):
     markdown: Optional[str] = option(None, "also write the table as Markdown here")
     csv: Optional[str] = option(None, "also write the table as CSV here")
     plot: Optional[str] = option(None, "write certified accuracy vs radius as a PNG here")
-    run: Optional[tuple[str, ...]] = option(None, "run folder(s) to report on: every certification log, training run "
+    run_dir: Optional[tuple[str, ...]] = option(None, "run folder(s) to report on: every certification log, training run "
                                             "and reconstruction figure inside (a `dmae demo` or experiment folder)")
     html: Optional[str] = option(None, "also write one self-contained HTML report here (figures embedded; opens offline)")
     title: str = option("dmae report", "title of the HTML report")
 
     def check_combination(self) -> None:
-        if not self.files and not self.run:
-            raise ValueError("give certification logs (TSV files) and/or --run FOLDER")
+        if not self.files and not self.run_dir:
+            raise ValueError("give certification logs (TSV files) and/or --run-dir FOLDER")
 
 
 @dataclass
@@ -142,6 +142,13 @@ def read_log(path: str | Path) -> CertLog:
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
                    arr[:, 3].astype(int), n_samples, skipped)
+
+
+def find_logs(folder: str | Path) -> list[Path]:
+    """Every certification log under ``folder`` (``*_sigma*.tsv``), without the ``.rank{r}`` files of a running
+    distributed job or the ``.nonfinite.tsv`` side files; sorted."""
+    return sorted(p for p in Path(folder).rglob("*_sigma*.tsv")
+                  if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv"))
 
 
 @dataclass
