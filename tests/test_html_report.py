@@ -52,7 +52,9 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
     assert "http://" not in page and "https://" not in page
     logs = [read_log(p) for p in found.logs]
     n_examples = sum(len(rows) for lg in logs for rows in pick_examples(lg, [], 4).values())
-    assert len(srcs) == 1 + 2 + 1 + 2 * n_examples  # curves, 2 training runs, the reconstruction, clean + noisy per example
+    # curves per table (fixed-n and sequential are not mixed), 2 training runs, the reconstruction, clean + noisy
+    assert len(srcs) == 2 + 2 + 1 + 2 * n_examples
+    assert page.count("<h3>") >= 2 and "(certify)</h3>" in page and "(sequential)</h3>" in page
     assert "certify_sigma0.25" in page and "sequential_sigma0.25" in page and "samples/img" in page
     seq = read_log(out / "certify" / "sequential_sigma0.25.tsv")
     assert f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page and "torch" in page and "stage: finetune" in page

@@ -73,13 +73,16 @@ def cmd_report(ns: argparse.Namespace) -> int:
     """`dmae report`: the table, and the Markdown / CSV / PNG files asked for."""
     from dmae.report import ReportConfig, report
 
-    from dmae.html_report import discover, write_html_report
+    from dmae.html_report import discover, log_groups, write_html_report
 
     cfg = _resolve("report", ReportConfig, ns)
     cfg.validate()
-    logs = [*cfg.files, *discover([], list(cfg.run_dir or ())).logs]
-    if logs:
-        report(logs, cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
+    if cfg.files:
+        report(list(cfg.files), cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
+    found = discover([], list(cfg.run_dir or ())).logs
+    for label, members in log_groups(found).items():  # one table per classifier and kind of log
+        print(f"\n{label}")
+        report([found[i] for i in members], cfg.radii)
     if cfg.html:
         write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title)
     for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):

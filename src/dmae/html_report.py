@@ -137,18 +137,30 @@ def settings_section(contents: RunContents) -> str:
     return "".join(parts)
 
 
+def log_groups(paths: list[Path]) -> dict[str, list[int]]:
+    """Positions of the logs that belong in one table: same folder (one classifier) and same kind of log
+    (``certify`` / ``sequential`` / ``predict``), so a "best sigma" row never mixes models or procedures."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        groups.setdefault(f"{p.parent} ({p.name.split('_sigma')[0]})", []).append(i)
+    return groups
+
+
 def certification_section(logs: list[CertLog], paths: list[Path]) -> str:
-    """The certified-accuracy table (best sigma per radius), totals of compute, and the curves."""
+    """Per group of logs (:func:`log_groups`): the certified-accuracy table (best sigma per radius) and the
+    curves; then the forward passes spent in all."""
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
-    table = summarize(logs)
-    head, body = table._cells()
+    lines = []
+    for label, members in log_groups(paths).items():
+        table = summarize([logs[i] for i in members])
+        head, body = table.cells()
+        lines += [f"<h3>{html.escape(label)}</h3>", _table(head, body),
+                  *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
+                  _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius"))]
     passes = [_forward_passes(lg, p) for lg, p in zip(logs, paths)]
     total = sum(x for x in passes if x is not None)
-    lines = [_table(head, body), *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
-             f"<p>Forward passes in all: {total:,}"
-             + (" (some logs do not say)" if None in passes else "") + "</p>"]
-    lines.append(_png(curves_figure(logs, title="certified accuracy vs radius")))
+    lines.append(f"<p>Forward passes in all: {total:,}" + (" (some logs do not say)" if None in passes else "") + "</p>")
     return "".join(lines)
 
 

@@ -57,6 +57,9 @@ class ReportConfig(Options):
     def check_combination(self) -> None:
         if not self.files and not self.run_dir:
             raise ValueError("give certification logs (TSV files) and/or --run-dir FOLDER")
+        for name in ("markdown", "csv", "plot"):
+            if getattr(self, name) and not self.files:
+                raise ValueError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
 
 
 @dataclass
@@ -164,7 +167,8 @@ class Table:
         """Whether any log says how many noise samples it spent (sequential CERTIFY)."""
         return any(r.get("samples") is not None for r in self.rows)
 
-    def _cells(self) -> tuple[list[str], list[list[str]]]:
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """The header and the rows as display strings (accuracies and abstention in %)."""
         head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["ACR", "abstain"]
         head += ["samples/img", "samples"] if self.has_samples else []
         body = []
@@ -180,14 +184,14 @@ class Table:
 
     def text(self) -> str:
         """The table as aligned plain text (accuracies and abstention in %)."""
-        head, body = self._cells()
+        head, body = self.cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body] + self.notes)
 
     def markdown(self) -> str:
         """The table as a Markdown table (accuracies and abstention in %)."""
-        head, body = self._cells()
+        head, body = self.cells()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         notes = ["", *self.notes] if self.notes else []
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
