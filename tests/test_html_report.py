@@ -51,7 +51,7 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing fetched from anywhere
     assert "http://" not in page and "https://" not in page
     logs = [read_log(p) for p in found.logs]
-    n_examples = sum(len(rows) for lg in logs for rows in pick_examples(lg, [], 4).values())
+    n_examples = sum(len(rows) for lg in logs for rows in pick_examples(lg, 4).values())
     # curves per table (fixed-n and sequential are not mixed), 2 training runs, the reconstruction, clean + noisy
     assert len(srcs) == 2 + 2 + 1 + 2 * n_examples
     assert page.count("<h3>") >= 2 and "(certify)</h3>" in page and "(sequential)</h3>" in page
@@ -65,7 +65,7 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
 def test_examples_pick_the_right_rows(classifier_run, tmp_path):
     out = _run_folder(classifier_run, tmp_path)
     lg = read_log(out / "certify" / "certify_sigma0.25.tsv")
-    picked = pick_examples(lg, [], 3)
+    picked = pick_examples(lg, 3)
     assert picked == {"certified": [0, 3, 1], "abstained": [2, 5], "misclassified": [4]}
     assert all(lg.correct[i] == 1 for i in picked["certified"])
     assert all(lg.predict[i] == -1 for i in picked["abstained"]) and picked["abstained"]

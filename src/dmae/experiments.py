@@ -436,14 +436,14 @@ def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
 def training_table(exp: Experiment, opts: ExperimentOptions) -> list[str]:
     """Markdown rows, one per finished training stage: steps, training time (from the logged images/s) and, for
     classifiers, the evaluation selected on held-out training images (its test accuracy under noise beside it)."""
-    import json
+    from dmae.html_report import read_records
 
     rows = ["| stage | command | steps | training min | selected eval |", "|---|---|---|---|---|"]
     for st in exp.stages:
         log = opts.output_dir / st.name / "log.jsonl"
         if st.command == "certify" or st.name in opts.use or not log.is_file():
             continue
-        recs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+        recs = read_records(log)
         train = [r for r in recs if r.get("type") == "train"]
         cfg = training_config(exp, st, opts)
         batch = cfg.batch_size * cfg.accum_iter  # img_per_s counts whole optimizer steps (one process's share)

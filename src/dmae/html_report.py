@@ -91,8 +91,19 @@ def _table(head: list[str], body: list[list[str]]) -> str:
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + rows + "</table>"
 
 
+def read_records(log: Path) -> list[dict]:
+    """The records of a run's ``log.jsonl``; a torn line (a run killed while writing) is skipped."""
+    out = []
+    for ln in log.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def _records(run: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+    return read_records(run / "log.jsonl")
 
 
 def training_section(runs: list[Path]) -> str:
@@ -186,7 +197,7 @@ def _thumb(x: Any) -> bytes:
     return buf.getvalue()
 
 
-def pick_examples(lg: CertLog, idx: list[int], k: int) -> dict[str, list[int]]:
+def pick_examples(lg: CertLog, k: int) -> dict[str, list[int]]:
     """Rows (positions in the log) to show: the ``k`` certified images with the largest radii, the first ``k``
     abstentions and the first ``k`` misclassified images."""
     order = np.argsort(-lg.radius, kind="stable")
@@ -218,7 +229,7 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
         names = getattr(ds, "classes", None)
         gen = torch.Generator().manual_seed(seed)
         parts.append(f"<h3>{html.escape(lg.name)} (sigma = {lg.sigma})</h3>")
-        for kind, rows in pick_examples(lg, idx, k).items():
+        for kind, rows in pick_examples(lg, k).items():
             cells = []
             for i in rows:
                 x = ds[idx[i]][0]
