@@ -367,7 +367,7 @@ def _record_non_finite(log_file: Path, idx: int, bad: int, total: int) -> None:
 
 def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     cfg, dist = task.cfg, task.dist
-    main_file = task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+    main_file = log_path(task, sigma)
     claim_log(main_file, settings(task, sigma), dist)
     done = merge_rank_files(main_file, task.header, remove=False)
     todo = [i for i in task.planned if i not in done]
@@ -400,6 +400,18 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     return CertifyRun(sigma, main_file, added, total)
 
 
+def _validate(cfg: CertifyConfig, mode: str) -> None:
+    """Every option's check, then what the command (certify / predict) allows."""
+    cfg.validate()
+    if mode == "predict" and cfg.sequential:
+        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+
+
+def log_path(task: CertifyTask, sigma: float) -> Path:
+    """The log of one sigma of a run: ``{mode}_sigma{S}.tsv`` in the output folder."""
+    return task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+
+
 def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify") -> list[CostEstimate]:
     """``--estimate``: the cost of the run ``cfg`` describes (images not yet in its logs), per sigma, printed and
     returned; nothing is written. Runs in one process (under ``torchrun`` divide the time by the world size).
@@ -407,16 +419,14 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
     Raises:
         ValueError / CheckpointError / DataError: as :func:`run_certification`.
     """
-    cfg.validate()
-    if mode == "predict" and cfg.sequential:
-        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+    _validate(cfg, mode)
     from dmae.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     task, sigmas = prepare(cfg, mode, device, DistInfo())
     out = []
     for sigma in sigmas:
-        main_file = task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+        main_file = log_path(task, sigma)
         check_settings(main_file, settings(task, sigma))  # the run itself would refuse such a log
         done = merge_rank_files(main_file, task.header, remove=False) if main_file.with_suffix(".json").exists() else {}
         todo = [i for i in task.planned if i not in done]
@@ -439,9 +449,7 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
         ValueError: a bad option, or an existing log written with other settings.
         CheckpointError / DataError: see :func:`prepare`.
     """
-    cfg.validate()
-    if mode == "predict" and cfg.sequential:
-        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+    _validate(cfg, mode)
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task, sigmas = prepare(cfg, mode, device, dist)

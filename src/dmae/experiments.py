@@ -319,7 +319,7 @@ def certify_configs(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> l
             values.update(SMOKE["certify"])  # sequential stages then stop at n_max = --n = 50
         if opts.data_root and not opts.smoke:
             values["data_root"] = opts.data_root
-        values.update({"checkpoint": str(stage_output(opts, src).parent if run not in opts.use else opts.use[run]),
+        values.update({"checkpoint": opts.use.get(run, str(opts.output_dir / run)),  # the run folder, or --use's
                        "output_dir": str(opts.output_dir / stage.name / run), "device": opts.device,
                        "progress": opts.progress})
         out.append(C.build_config(CertifyConfig, {}, values))
@@ -334,9 +334,8 @@ def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Non
         _check_same_run(stage, training_config(exp, stage, opts))
         _say(f"[{exp.name}] {stage.name}: done ({stage_output(opts, stage)})")
         return
-    if stage.init and not stage_output(opts, exp.stage(stage.init)).exists():
-        raise ExperimentError(f"stage {stage.name} starts from {stage.init}, which has not produced "
-                              f"{stage_output(opts, exp.stage(stage.init))} yet")
+    if stage.init:
+        _require_output(exp, opts, stage, stage.init, "starts from")
     cfg = training_config(exp, stage, opts)
     _say(f"[{exp.name}] {stage.name}: dmae {stage.command}" + (f" --config {stage.config}" if stage.config else "")
          + f" -> {cfg.output_dir}")
@@ -355,8 +354,20 @@ def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Non
                                f"{result.output_dir}); run the same command again to resume")
 
 
+def _require_output(exp: Experiment, opts: ExperimentOptions, stage: Stage, needed: str, how: str) -> None:
+    """Raise ExperimentError when the stage ``needed`` (which ``stage`` starts from / certifies) has no output."""
+    out = stage_output(opts, exp.stage(needed))
+    if not out.exists():
+        raise ExperimentError(f"stage {stage.name} {how} {needed}, which has not produced {out} yet")
+
+
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job (or the only process): under torchrun every rank runs the stages, one speaks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _say(line: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank runs the stages; one speaks
+    if _is_main():
         print(line, flush=True)
 
 
@@ -394,15 +405,13 @@ def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
             continue
         if stage.command == "certify":
             for r in stage.runs:
-                if not stage_output(opts, exp.stage(r)).exists():
-                    raise ExperimentError(f"stage {stage.name} certifies {r}, which has not produced "
-                                          f"{stage_output(opts, exp.stage(r))} yet")
+                _require_output(exp, opts, stage, r, "certifies")
             for cfg in certify_configs(exp, stage, opts):
                 _say(f"[{exp.name}] {stage.name}: certify {cfg.checkpoint} -> {cfg.output_dir}")
                 run_certification(cfg)
         else:
             _run_training(exp, stage, opts)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the stages ran on every rank; one writes the report
+    if not _is_main():  # one rank writes the report
         return {}
     tables = write_report(exp, opts)
     print(f"[{exp.name}] done in {(time.perf_counter() - t0) / 60:.1f} min; report: {opts.output_dir / 'report.md'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,23 @@ def pyplot() -> Any:
     return plt
 
 
+def png_bytes(fig: Any, dpi: int) -> bytes:
+    """Lay out ``fig``, render it as PNG bytes at ``dpi`` and close it."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
 def write_png(fig: Any, path: str | Path, dpi: int) -> Path:
-    """Lay out ``fig``, write it to ``path`` (its folder created) as a PNG at ``dpi`` and close it; returns
-    the path.
+    """:func:`png_bytes` written to ``path`` (its folder created); returns the path.
 
     Raises:
         OSError: the folder cannot be created or the file written.
     """
-    fig.tight_layout()
+    png = png_bytes(fig, dpi)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    path.write_bytes(png)
     return path

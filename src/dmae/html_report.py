@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 import dmae
-from dmae.figures import pyplot
+from dmae.figures import png_bytes, pyplot
 from dmae.report import CertLog, curves_figure, find_logs, read_log, summarize
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -74,11 +74,7 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
 
 def _png(fig: Any) -> str:
     """A matplotlib figure as an ``<img>`` tag with the PNG inline."""
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    pyplot().close(fig)
-    return _img(buf.getvalue())
+    return _img(png_bytes(fig, dpi=100))
 
 
 def _img(png: bytes, alt: str = "figure", cls: str = "") -> str:
@@ -215,14 +211,18 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
 
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
-    parts = []
+    parts, datasets = [], {}  # logs of one data set and split share the images: read them once
     for lg, path in zip(logs, paths):
         meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-        idx = [int(f[0]) for f in _index_column(path)]
+        idx = lg.idx
         try:
+            if idx is None:
+                raise ValueError("the log has no idx column")
             info = dataset_info(meta["data"])
-            ds = build_dataset(meta["data"], meta.get("split") or info.splits[1], (meta.get("config") or {}).get("data_root"),
-                               build_transform(info, False, info.size or 224))
+            key = (meta["data"], meta.get("split") or info.splits[1], (meta.get("config") or {}).get("data_root"))
+            if key not in datasets:
+                datasets[key] = build_dataset(*key, build_transform(info, False, info.size or 224))
+            ds = datasets[key]
         except Exception as e:  # the page still renders; it says why the images are missing
             parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(repr(e))}</p>")
             continue
@@ -232,7 +232,7 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
         for kind, rows in pick_examples(lg, k).items():
             cells = []
             for i in rows:
-                x = ds[idx[i]][0]
+                x = ds[int(idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
                 label = names[lg.label[i]] if names else lg.label[i]
                 pred = "abstain" if lg.predict[i] == -1 else (names[lg.predict[i]] if names else lg.predict[i])
@@ -240,14 +240,6 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
                              f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, r = {lg.radius[i]:.3f}</div>")
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
     return "".join(parts)
-
-
-def _index_column(path: Path) -> list[list[str]]:
-    from dmae.certlog import read_log_rows
-
-    log = read_log_rows(path, need=("idx",))
-    j = log.header.index("idx")
-    return [[f[j]] for f in log.rows]
 
 
 def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4) -> str:

@@ -79,6 +79,7 @@ class CertLog:
     correct: np.ndarray
     n_samples: np.ndarray | None = None  # noise samples spent per image (sequential CERTIFY logs)
     wrong_guess_skipped: int | None = None  # images the label shortcut stopped after selection (None: shortcut off)
+    idx: np.ndarray | None = None  # the images' data-set indices (None: the log has no idx column)
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -125,13 +126,7 @@ def read_log(path: str | Path) -> CertLog:
         except ValueError as e:
             raise LogError(f"{path}:{n}: {e}") from e
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
-    n_samples = None
-    if "n_samples" in log.header:
-        j = log.header.index("n_samples")
-        try:
-            n_samples = np.array([int(f[j]) for f in log.rows], dtype=np.int64)
-        except ValueError as e:
-            raise LogError(f"{path}: n_samples column: {e}") from e
+    n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
     if not np.isfinite(arr).all():
         raise LogError(f"{path}: a radius is NaN or infinite; certified radii are finite numbers")
     meta_file = path.with_suffix(".json")
@@ -144,7 +139,22 @@ def read_log(path: str | Path) -> CertLog:
         # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int), n_samples, skipped)
+                   arr[:, 3].astype(int), n_samples, skipped, idx)
+
+
+def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
+    """An optional integer column of a log as an array (None when the header lacks it).
+
+    Raises:
+        LogError: a value that is not an integer (file and column named).
+    """
+    if name not in log.header:
+        return None
+    j = log.header.index(name)
+    try:
+        return np.array([int(f[j]) for f in log.rows], dtype=np.int64)
+    except ValueError as e:
+        raise LogError(f"{path}: {name} column: {e}") from e
 
 
 def find_logs(folder: str | Path) -> list[Path]:

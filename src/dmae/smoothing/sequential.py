@@ -28,7 +28,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from torch import nn
 
 from dmae.smoothing.bounds import check_certify_budget
