@@ -7,12 +7,12 @@ import pickle
 import numpy as np
 import pytest
 from scipy.integrate import quad
-from scipy.stats import beta, norm
+from scipy.stats import beta, binom, norm
 
 from dmae.smoothing.bounds import lower_confidence_bound, radius_ceiling
 from dmae.smoothing.confseq import (DEFAULT_KIND, BettingMixture, ConfidenceSequence, Decision, DecisionTable,
                                     UnionBoundCP, continuous_gap, decide, geometric_looks, make_sequence,
-                                    radius_from_lower, threshold)
+                                    projected_lower, radius_from_lower, threshold)
 
 KINDS = ["union", "betting"]
 
@@ -150,10 +150,10 @@ def test_no_radius_beyond_what_fixed_n_certify_could_give(kind):
     assert radius_from_lower(cs.lower(n_max, n_max), sigma) > 0.99 * ceiling
 
 
-def _run(cs, stream, taus):
+def _run(cs, stream, taus, futility=None):
     """Feed a stream of counts at the looks to :func:`decide`; stop when nothing is OPEN."""
     for t, k in zip(cs.looks, stream):
-        d = decide(cs, int(k), t, taus)
+        d = decide(cs, int(k), t, taus, futility)
         if Decision.OPEN not in d:
             return t, d
     raise AssertionError("the last look must decide every target")
@@ -198,16 +198,60 @@ def test_last_look_decides_everything_and_ties_do_not_certify(kind):
     assert decide(cs, t, t, [0.5])[0] == Decision.CERTIFIED
 
 
+@pytest.mark.parametrize("futility", [None, 0.01])
 @pytest.mark.parametrize("kind", KINDS)
-def test_decision_table_agrees_with_decide(kind):
+def test_decision_table_agrees_with_decide(kind, futility):
     cs = make_sequence(kind, 0.001, 600)
     taus = [threshold(r, 0.25) for r in (0.0, 0.25, 0.5, 0.75)]
-    table = DecisionTable.build(cs, taus)
+    table = DecisionTable.build(cs, taus, futility)
     for t in cs.looks[::4] + (cs.n_max,):
         ks = np.arange(t + 1)
         got = table.decide(ks, t)
-        want = np.array([decide(cs, int(k), t, taus) for k in ks], dtype=np.int8)
+        want = np.array([decide(cs, int(k), t, taus, futility) for k in ks], dtype=np.int8)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projected_lower_is_the_last_looks_bound_at_an_optimistic_rate(kind):
+    """projected_lower(k, t) = lower(k + the (1 - beta) quantile of Binomial(n_max - t, U_beta), n_max), U_beta
+    the one-sided Clopper-Pearson upper bound: increasing in k, never above the budget test's reachable_lower,
+    equal to lower at n_max."""
+    cs = make_sequence(kind, 0.001, 5000)
+    t = next(t for t in cs.looks if t >= 1000)
+    u = beta.ppf(1 - 0.01, 600 + 1, t - 600)  # the (1 - beta) upper bound after 600 of t successes
+    more = binom.ppf(0.99, 5000 - t, u)
+    assert u * (5000 - t) < more < 5000 - t
+    assert projected_lower(cs, 600, t, 0.01) == pytest.approx(cs.lower(600 + int(more), 5000))
+    values = [projected_lower(cs, k, t, 0.01) for k in range(0, t + 1, 7)]
+    assert values == sorted(values)
+    for k in (0, t // 2, t - 3, t):
+        assert projected_lower(cs, k, t, 0.01) <= cs.reachable_lower(k, t)
+        assert projected_lower(cs, k, t, 0.01) >= projected_lower(cs, k, t, 0.2)  # smaller beta, more optimistic
+    assert projected_lower(cs, 3100, 5000, 0.01) == cs.lower(3100, 5000)
+    for bad in (0, 1, -0.5, True, None):
+        with pytest.raises(ValueError, match=f"futility must be a number in \\(0, 1\\), got {bad}"):
+            projected_lower(cs, 5, t, bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_futility_refutes_hopeless_targets_early_and_keeps_the_reachable_ones(kind):
+    """p_A = 0.82 against r = 0.5 at sigma = 0.5 (threshold 0.8413): the upper bound alone refutes it late (the
+    two are close); the futility rule refutes it once the last look's bound is out of reach. p_A = 0.86, which
+    the last look certifies in nearly every stream, is certified in as many streams with the rule as without."""
+    alpha, n_max, sigma = 0.001, 10_000, 0.5
+    taus = [threshold(0.5, sigma)]
+    cs = make_sequence(kind, alpha, n_max)
+    rng = np.random.default_rng(3)
+    for p, stop_ratio in ((0.82, 0.5), (0.86, 1.0)):
+        without, with_rule = [], []
+        for stream in _paths(rng, p, cs.looks, 40):
+            without.append(_run(cs, stream, taus))
+            with_rule.append(_run(cs, stream, taus, futility=0.01))
+        t_without = np.mean([t for t, _ in without])
+        t_with = np.mean([t for t, _ in with_rule])
+        assert t_with <= stop_ratio * t_without, (p, t_with, t_without)
+        cert = [sum(d[0] == Decision.CERTIFIED for _, d in runs) for runs in (without, with_rule)]
+        assert cert[1] == cert[0] and cert[0] == (0 if p < 0.84 else cert[0]) and (p < 0.84 or cert[0] >= 36)
 
 
 @pytest.mark.parametrize("kind", KINDS)

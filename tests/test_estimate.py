@@ -11,7 +11,7 @@ from dmae.report import read_log
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, oracle_certificates
 
-from test_smoothing import Constant
+from test_smoothing import AlwaysNaN, Constant
 
 SETTINGS = dict(n0=20, n_max=3000, alpha=0.001, radii=(0.0, 0.25, 0.5, 0.75, 1.0))
 
@@ -64,6 +64,16 @@ def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly
     assert est.probe_passes == 4 * 1000 and est.probe_seconds > 0 and "expected about" in est.text()
     fixed = estimate_cost(smooth, "certify", x, [0, 1, 2, 3], [3] * 4, 50, 7, 20, 3000, 500)
     assert fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020 and "already in the log" in fixed.text()
+
+
+def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
+    """Every pilot sample non-finite (no class frequencies to run oracles on) once divided by zero; such an image
+    abstains after its n0 selection samples, which is what the estimate now says."""
+    smooth = Smooth(AlwaysNaN(), 3, 0.5, seed=0)
+    s = SequentialSettings(**SETTINGS)
+    est = estimate_cost(smooth, "sequential", torch.rand(2, 1, 4, 4), [0, 1], [0, 1], 10, 0, 20, 3000, 500, s)
+    actual = SequentialCertifier(smooth, s).certify_batch(torch.rand(10, 1, 4, 4), list(range(10)), 500)
+    assert est.passes_expected == sum(c.n_samples for c in actual) == 10 * 20
 
 
 def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classifier_run, tmp_path, capsys):

@@ -278,3 +278,30 @@ def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
         assert wrong <= alpha * trials + slack, f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong at alpha={alpha}"
     total = trials * len(ps)
     assert naive > alpha * total + 3 * (total * alpha) ** 0.5, f"the point-estimate certifier was wrong only {naive} times: no power"
+
+
+def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classifier_run, tmp_path, capsys):
+    """The futility rule (default beta = 0.01) refutes r = 0.5 for oracles at p_A = 0.82 (threshold 0.8413 at
+    sigma = 0.5) long before the upper bound alone would; the same streams certify the same targets with and
+    without it. Through the CLI it is recorded in the JSON, a resume with another beta is refused, and it needs
+    --sequential."""
+    import json
+
+    from dmae.smoothing.sequential import DEFAULT_FUTILITY, oracle_certificates
+
+    kw = dict(n0=20, n_max=10_000, alpha=0.001, radii=(0.0, 0.25, 0.5))
+    off = oracle_certificates(SequentialSettings(**kw, futility=None), 0.5, [0.82] * 30, seed=4)
+    on = oracle_certificates(SequentialSettings(**kw), 0.5, [0.82] * 30, seed=4)
+    assert sum(c.n_samples for c in on) < 0.5 * sum(c.n_samples for c in off)
+    assert [c.radius for c in on] == [c.radius for c in off] == [0.25] * 30
+    res = run_certification(_cfg(classifier_run, tmp_path / "a", skip=2000))[0]
+    assert json.loads(res.path.with_suffix(".json").read_text())["futility"] == DEFAULT_FUTILITY
+    res = run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000, futility=0.0))[0]
+    assert json.loads(res.path.with_suffix(".json").read_text())["futility"] is None
+    with pytest.raises(ValueError, match=r"other settings \(futility: None -> 0.01\)"):
+        run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000))
+    argv = ["certify", "--checkpoint", str(classifier_run), "--futility", "0.05", "--output-dir", str(tmp_path),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2 and "--futility 0.05 is only used with --sequential" in capsys.readouterr().err
+    assert main([*argv[:3], "--sequential", "targets", "--futility", "1", *argv[5:]]) == 2
+    assert "--futility must be in [0, 1) (0 turns the rule off), got 1.0" in capsys.readouterr().err

@@ -36,19 +36,25 @@ from dmae.distributed import DistInfo, barrier, launch
 from dmae.estimate import CostEstimate, estimate_cost, pilot_positions
 from dmae.smoothing import Smooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
-from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
+from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
 
 SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
 # settings that change the rows; a resumed file must have been written with the same ones
 ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
-                "sequential", "n_max", "radii", "epsilon", "sequence", "stop_on_wrong_guess", "model", "input_layer")
+                "sequential", "n_max", "radii", "epsilon", "sequence", "stop_on_wrong_guess", "futility", "model",
+                "input_layer")
 
 
 def _check_radii(radii: tuple[float, ...]) -> None:
     for r in radii:
         if not 0 <= r < float("inf"):
             raise ValueError(f"--radii must be finite numbers >= 0, got {r}")
+
+
+def _check_futility(beta: float) -> None:
+    if not 0 <= beta < 1:
+        raise ValueError(f"--futility must be in [0, 1) (0 turns the rule off), got {beta}")
 
 
 def _check_sigmas(sigmas: tuple[float, ...]) -> None:
@@ -107,6 +113,10 @@ class CertifyConfig(Options):
     stop_on_wrong_guess: bool = option(False, "--sequential: skip estimation for images whose n0 guess is not "
                                        "their label (they abstain; certified accuracy is unchanged, the class and "
                                        "radius of wrong images are not; recorded in the JSON and the report)")
+    futility: Optional[float] = option(None, "--sequential: beta of the futility rule: refute a target that the last "
+                                       "look would most likely miss even at p_A's (1 - beta) upper bound (a stopping "
+                                       f"rule, never a claim; default {DEFAULT_FUTILITY}, 0 turns it off; "
+                                       "docs/sequential.md)", check=_check_futility)
 
     def check_combination(self) -> None:
         if not self.checkpoint:
@@ -115,7 +125,7 @@ class CertifyConfig(Options):
             if getattr(self, name) is not None and not self.model:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with --model")
         only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None,
-                "stop_on_wrong_guess": None}
+                "stop_on_wrong_guess": None, "futility": None}
         for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
             if getattr(self, name) is not None and getattr(self, name) is not False and (self.sequential is None or (mode and self.sequential != mode)):
                 need = f"--sequential {mode}" if mode else "--sequential"
@@ -227,16 +237,18 @@ def _input_layer(task: CertifyTask) -> str | None:
 
 def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
     """What changes the rows of a sequential log (None where it changes nothing): n_max replaces n, the
-    resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous)."""
+    resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous),
+    the label shortcut and the futility beta."""
     if task.mode != "sequential":
         return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None,
-                "stop_on_wrong_guess": None}
+                "stop_on_wrong_guess": None, "futility": None}
     s = sequential_settings(task)
     cs = sequence_for(s)
     return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
             "radii": list(s.radii) if s.mode == "targets" else None,
             "epsilon": s.epsilon if s.mode == "continuous" else None,
-            "stop_on_wrong_guess": s.stop_on_wrong_guess or None}  # None when off: logs from before the option match
+            # None when off: logs written before these options match
+            "stop_on_wrong_guess": s.stop_on_wrong_guess or None, "futility": s.futility}
 
 
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
@@ -245,7 +257,8 @@ def sequential_settings(task: CertifyTask) -> SequentialSettings:
     radii = tuple(cfg.radii) if cfg.radii else dataset_info(cfg.data).radii
     return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii,
                               cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default",
-                              cfg.stop_on_wrong_guess)
+                              cfg.stop_on_wrong_guess,
+                              DEFAULT_FUTILITY if cfg.futility is None else (cfg.futility or None))
 
 
 def check_settings(main_file: Path, meta: dict[str, Any]) -> None:

@@ -89,13 +89,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _pilot(smooth: Smooth, x: torch.Tensor, idx: list[int], num: int, batch: int) -> tuple[np.ndarray, float]:
-    """Class counts ``[P, K]`` of ``num`` noisy samples per pilot image and the seconds they took (after a
-    one-batch warm-up, so start-up costs do not count)."""
+def _pilot(smooth: Smooth, x: torch.Tensor, idx: list[int], num: int,
+           batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class counts ``[P, K]`` of ``num`` noisy samples per pilot image, the non-finite samples ``[P]``, and the
+    seconds they took (after a one-batch warm-up, so start-up costs do not count)."""
     smooth.sample_counts(x[:1], idx[:1], min(num, batch), batch, phase=PHASE_SELECT)
     t0 = time.perf_counter()
-    counts = smooth.sample_counts(x, idx, num, batch, phase=PHASE_SELECT).counts.cpu().numpy()
-    return counts, time.perf_counter() - t0
+    out = smooth.sample_counts(x, idx, num, batch, phase=PHASE_SELECT)
+    return out.counts.cpu().numpy(), out.non_finite.cpu().numpy(), time.perf_counter() - t0
 
 
 def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list[int], labels: list[int], todo: int,
@@ -113,7 +114,7 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
         per_image = n if mode == "predict" else n0 + n
         if not len(indices):
             return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
-        _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
+        _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
         return CostEstimate(mode, smooth.sigma, todo, done, todo * per_image, todo * per_image, float(todo * per_image),
                             PROBE_SAMPLES * len(indices), seconds, device)
     if sequential is None:
@@ -124,11 +125,21 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
     if not len(indices):
         return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
     num = min(PILOT_SAMPLES, s.n_max)
-    counts, seconds = _pilot(smooth, images, indices, num, batch)
-    freq = counts / counts.sum(1, keepdims=True)  # the pilot's class frequencies stand in for the class probabilities
-    certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
-             for c in oracle_certificates(s, smooth.sigma, freq, seed=rep, labels=labels)]
-    expected = todo * float(np.mean([c.n_samples for c in certs]))
+    counts, bad, seconds = _pilot(smooth, images, indices, num, batch)
+    # an image with non-finite samples abstains at the round of the first one: after n0 if the selection holds
+    # one (probability 1 - (1 - q)^n0 at the pilot's rate q), else (about) after the first look; the rest run
+    # through oracles
+    ok = bad == 0
+    q = bad[~ok] / num
+    in_selection = 1.0 - (1.0 - q) ** s.n0
+    costs = list(s.n0 + (1.0 - in_selection) * chunk_looks(s.n_max)[0])
+    if ok.any():
+        freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
+        certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
+                 for c in oracle_certificates(s, smooth.sigma, freq, seed=rep,
+                                              labels=[y for y, good in zip(labels, ok) if good])]
+        costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
+    expected = todo * float(np.mean(costs))
     return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device,
                         len(indices), num)
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import betaincc, betaincinv, betaln, ndtr, ndtri
+from scipy.stats import binom
 
 from dmae.smoothing.bounds import check_alpha
 
@@ -450,7 +451,48 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     return tuple(out)
 
 
-def decide(cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float]) -> list[Decision]:
+def check_futility(futility: object) -> float:
+    """``futility`` as a float in (0, 1).
+
+    Raises:
+        ValueError: anything else (None included: callers pass None only where the rule is off).
+    """
+    if isinstance(futility, bool) or not isinstance(futility, (int, float)) or not (0.0 < futility < 1.0):
+        raise ValueError(f"futility must be a number in (0, 1), got {futility!r}")
+    return float(futility)
+
+
+def projected_lower(cs: ConfidenceSequence, k: int, t: int, futility: float) -> float:
+    """The lower bound the last look would give after an optimistic continuation of the stream: with
+    beta = ``futility``, ``U_beta`` the one-sided (1 - beta) Clopper-Pearson upper bound on p_A at (k, t) and
+    ``m = n_max - t`` samples left, the remaining votes for c_hat at the (1 - beta) quantile of Binomial(m, U_beta):
+
+        projected_lower(k, t) = lower(k + F^-1_{Binomial(m, U_beta)}(1 - beta), n_max).
+
+    A target with ``projected_lower <= tau`` is refuted for futility: only a stream both luckier than its
+    (1 - beta) upper bound on p_A so far and luckier than the (1 - beta) quantile of what is left could still
+    certify it by n_max. This is the conditional-power argument of group-sequential trials (Lan, Simon &
+    Halperin, "Stochastically curtailed tests in long-term clinical trials", Communications in Statistics C:
+    Sequential Analysis 1, 1982). It is a stopping rule only: refuting never makes a claim, so the guarantee
+    is untouched (docs/sequential.md); beta trades samples for the rare target the full budget would have
+    certified (measured there). Increasing in k (U_beta, the quantile and lower are), so decisions stay
+    monotone in k.
+
+    Raises:
+        ValueError: ``futility`` outside (0, 1), or what ``cs.lower`` raises.
+    """
+    futility = check_futility(futility)
+    cs.lower(k, t)  # argument checks
+    if t >= cs.n_max:
+        return cs.lower(k, t)
+    m = cs.n_max - t
+    u_beta = 1.0 - _cp_lower(t - k, t, futility)
+    more = m if u_beta >= 1.0 else int(binom.ppf(1.0 - futility, m, u_beta))
+    return cs.lower(k + min(m, more), cs.n_max)
+
+
+def decide(cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float],
+           futility: float | None = None) -> list[Decision]:
     """The state of each target after ``k`` of ``t`` estimation samples (``t`` a look) voted for c_hat.
 
     For the threshold tau = Phi(r / sigma) of each target radius r (see :func:`threshold`):
@@ -458,28 +500,40 @@ def decide(cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float]) 
     * CERTIFIED when ``lower(k, t) > tau`` (strictly, r = 0 included: certifying means p_A > 1/2);
     * REFUTED when ``upper(k, t) < tau``, or when ``reachable_lower(k, t) <= tau``: even if every one of the
       ``n_max - t`` remaining samples voted for c_hat, no later look could certify r (the budget test);
+    * with ``futility`` = beta, also REFUTED when ``projected_lower(cs, k, t, beta) <= tau`` (futility: the
+      final look would most likely not certify r; :func:`projected_lower`);
     * OPEN otherwise. At ``t == n_max`` nothing is OPEN. Stop when nothing is OPEN.
 
     Only CERTIFIED is a claim; REFUTED only ends the sampling for that target. Decisions are monotone in k.
 
     Raises:
-        ValueError: a threshold outside [0.5, 1], or what ``cs.lower`` raises (``t`` not a look, bad ``k``).
+        ValueError: a threshold outside [0.5, 1], ``futility`` outside (0, 1), or what ``cs.lower`` raises (``t``
+            not a look, bad ``k``).
     """
     taus = _check_thresholds(thresholds)
+    futility = None if futility is None else check_futility(futility)
     lo = cs.lower(k, t)
     out = []
-    up = best = None
+    cap = None
     for tau in taus:
         if lo > tau:
             out.append(Decision.CERTIFIED)
             continue
-        up = cs.upper(k, t) if up is None else up
-        best = cs.reachable_lower(k, t) if best is None else best
-        out.append(Decision.REFUTED if (up < tau or best <= tau) else Decision.OPEN)
+        cap = _refute_cap(cs, k, t, futility) if cap is None else cap
+        out.append(Decision.REFUTED if cap[0] < tau or cap[1] <= tau else Decision.OPEN)
     return out
 
 
-def continuous_gap(cs: ConfidenceSequence, k: int, t: int, sigma: float) -> float:
+def _refute_cap(cs: ConfidenceSequence, k: int, t: int, futility: float | None) -> tuple[float, float]:
+    """(upper bound, the least of the budget test's and the futility rule's reachable lower bounds): a target
+    tau is refuted when ``upper < tau`` or ``reachable <= tau``."""
+    best = cs.reachable_lower(k, t)
+    if futility is not None:
+        best = min(best, projected_lower(cs, k, t, futility))
+    return cs.upper(k, t), best
+
+
+def continuous_gap(cs: ConfidenceSequence, k: int, t: int, sigma: float, futility: float | None = None) -> float:
     """How much the certified radius could still grow: ``r_hi - r_lo`` (>= 0, possibly ``inf``), where
 
         r_lo = sigma * Phi^-1(lower(k, t))                        (0 when lower <= 1/2: nothing certified yet)
@@ -487,14 +541,17 @@ def continuous_gap(cs: ConfidenceSequence, k: int, t: int, sigma: float) -> floa
 
     ``upper`` caps p_A (so r_hi is infinite while ``upper == 1``) and ``reachable_lower`` caps what the
     remaining budget can certify, so the gap is finite whenever ``t < n_max`` leaves a finite ceiling and is 0
-    at ``t == n_max`` or when the image is bound to abstain. Stop when the gap is below epsilon or t == n_max.
+    at ``t == n_max`` or when the image is bound to abstain. With ``futility`` = beta, r_hi is also capped by
+    :func:`projected_lower` (what the last look would most likely certify). Stop when the gap is below epsilon
+    or t == n_max.
 
     Raises:
-        ValueError: ``sigma`` not a finite number > 0, or what ``cs.lower`` raises.
+        ValueError: ``sigma`` not a finite number > 0, ``futility`` outside (0, 1), or what ``cs.lower`` raises.
     """
     sigma = _check_sigma(sigma)
+    futility = None if futility is None else check_futility(futility)
     lo = cs.lower(k, t)
-    hi = min(cs.upper(k, t), cs.reachable_lower(k, t))
+    hi = min(_refute_cap(cs, k, t, futility))
     return max(0.0, radius_or_zero(hi, sigma) - radius_or_zero(lo, sigma))
 
 
@@ -515,13 +572,16 @@ class DecisionTable:
     refute_upto: np.ndarray
 
     @classmethod
-    def build(cls, cs: ConfidenceSequence, thresholds: Sequence[float]) -> DecisionTable:
-        """Tabulate ``cs`` by bisection over k (about 2 log2(t) bound evaluations per look and target).
+    def build(cls, cs: ConfidenceSequence, thresholds: Sequence[float],
+              futility: float | None = None) -> DecisionTable:
+        """Tabulate ``cs`` (and the futility rule at ``futility``, as in :func:`decide`) by bisection over k
+        (about 2 log2(t) bound evaluations per look and target).
 
         Raises:
-            ValueError: a threshold outside [0.5, 1].
+            ValueError: a threshold outside [0.5, 1], or ``futility`` outside (0, 1).
         """
         taus = _check_thresholds(thresholds)
+        futility = None if futility is None else check_futility(futility)
         certify = np.empty((len(cs.looks), len(taus)), dtype=np.int64)
         refute = np.empty_like(certify)
         for j, t in enumerate(cs.looks):
@@ -539,7 +599,8 @@ class DecisionTable:
                 lo, hi = -1, t
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    if cs.upper(mid, t) < tau or cs.reachable_lower(mid, t) <= tau:
+                    up, best = _refute_cap(cs, mid, t, futility)
+                    if up < tau or best <= tau:
                         lo = mid
                     else:
                         hi = mid - 1
@@ -567,5 +628,5 @@ class DecisionTable:
 
 
 __all__ = ["ALIASES", "BettingMixture", "ConfidenceSequence", "DEFAULT_KIND", "Decision", "DecisionTable",
-           "SEQUENCES", "UnionBoundCP", "continuous_gap", "decide", "geometric_looks", "make_sequence",
-           "radius_from_lower", "threshold"]
+           "SEQUENCES", "UnionBoundCP", "check_futility", "continuous_gap", "decide", "geometric_looks", "make_sequence",
+           "projected_lower", "radius_from_lower", "threshold"]
