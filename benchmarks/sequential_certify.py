@@ -28,7 +28,7 @@ from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
 from dmae.smoothing import Smooth
 from dmae.smoothing.core import PHASE_SELECT
-from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, oracle_certificates
+from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, oracle_certificates
 
 RADII = dataset_info("fashion-mnist").radii
 
@@ -48,13 +48,15 @@ def _accuracy(preds: list[int], radii: list[float], labels: list[int]) -> list[f
     return [float(np.mean([(p == y and r >= t) for p, r, y in zip(preds, radii, labels)])) for t in RADII]
 
 
-def _oracle(p_hat: np.ndarray, guess: list[int], labels: list[int], sigma: float, n_max: int) -> tuple[float, list[float]]:
+def _oracle(p_hat: np.ndarray, guess: list[int], labels: list[int], sigma: float, n_max: int,
+            futility: float | None = DEFAULT_FUTILITY) -> tuple[float, list[float]]:
     """Mean samples (n0 included) of sequential CERTIFY (targets) at ``n_max`` on categorical oracles: the n0 guess
     with the p_A measured by the fixed-n run, the rest spread evenly over the other nine classes (fixed-n logs
     only n_A); and the oracles' certified accuracy per radius (a certificate counts when its class is the label)."""
     probs = np.tile(((1.0 - p_hat) / 9)[:, None], (1, 10))
     probs[np.arange(len(p_hat)), guess] = p_hat
-    certs = oracle_certificates(SequentialSettings(100, n_max, 0.001, "targets", RADII), sigma, probs, labels=labels)
+    certs = oracle_certificates(SequentialSettings(100, n_max, 0.001, "targets", RADII, futility=futility), sigma, probs,
+                                labels=labels)
     acc = [float(np.mean([c.prediction == y and c.radius >= r for c, y in zip(certs, labels)])) for r in RADII]
     return float(np.mean([c.n_samples for c in certs])), acc
 
@@ -70,7 +72,20 @@ def _reference_seconds(model: torch.nn.Module, x: torch.Tensor, sigma: float, n:
     return time.perf_counter() - t0
 
 
-def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_images: int) -> dict:
+def _earlier(path: str | None, run: Path, sigma: float, images: int, n: int) -> dict | None:
+    """The result for the same classifier, sigma, images and n in an earlier results file, if any: its fixed-n
+    part is reused (fixed-n CERTIFY is a pure function of the seed, the images and n, so re-running it would
+    reproduce the same rows)."""
+    if not path or not Path(path).exists():
+        return None
+    for r in json.loads(Path(path).read_text()):
+        if (Path(r["run"]).resolve(), r["sigma"], r["images"], r["n"]) == (run.resolve(), sigma, images, n):
+            return r
+    return None
+
+
+def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_images: int,
+          earlier: dict | None = None, futility: float | None = DEFAULT_FUTILITY) -> dict:
     model, _ = load_classifier(run, 10)
     model.eval()
     info = dataset_info("fashion-mnist")
@@ -80,41 +95,47 @@ def bench(run: Path, sigma: float, images: int, n: int, batch: int, reference_im
     labels = [int(ds[i][1]) for i in idx]
     smooth = Smooth(model, 10, sigma, seed=0, precision="fp32")
 
-    t0 = time.perf_counter()
-    fixed = []
-    group = max(1, batch // (100 + n))
-    for s in range(0, images, group):
-        fixed += smooth.certify_batch(x[s:s + group], idx[s:s + group], 100, n, 0.001, batch)
-    t_fixed = time.perf_counter() - t0
     passes_fixed = images * (100 + n)
+    if earlier is None:
+        t0 = time.perf_counter()
+        fixed = []
+        group = max(1, batch // (100 + n))
+        for s in range(0, images, group):
+            fixed += smooth.certify_batch(x[s:s + group], idx[s:s + group], 100, n, 0.001, batch)
+        t_fixed = time.perf_counter() - t0
+        fixed_rows = [[c.prediction, c.radius] for c in fixed]
+        # p_A of the n0 guess as measured by the fixed-n run, and whether that guess was the label (re-drawn from
+        # the same selection seeds: fixed-n does not report the guess of an image it abstains on)
+        p_hat = np.array([c.n_a / n for c in fixed])
+        guess = smooth.sample_counts(x, idx, 100, batch, phase=PHASE_SELECT).counts.argmax(1).tolist()
+        fixed_result = {"passes": passes_fixed, "seconds": t_fixed, "passes_per_s": passes_fixed / t_fixed,
+                        "certified": _accuracy([r[0] for r in fixed_rows], [r[1] for r in fixed_rows], labels)}
+    else:
+        fixed_result, pi = earlier["fixed"], earlier["per_image"]
+        fixed_rows, p_hat, guess = pi["fixed"], np.array(pi["p_hat"]), pi["guess"]
 
+    settings = SequentialSettings(100, n, 0.001, "targets", RADII, futility=futility)
     t0 = time.perf_counter()
-    seq = SequentialCertifier(smooth, SequentialSettings(100, n, 0.001, "targets", RADII)).certify_batch(x, idx, batch)
+    seq = SequentialCertifier(smooth, settings).certify_batch(x, idx, batch)
     t_seq = time.perf_counter() - t0
     passes_seq = sum(c.n_samples for c in seq)
 
-    # p_A of the n0 guess as measured by the fixed-n run, and whether that guess was the label (re-drawn from the
-    # same selection seeds: fixed-n does not report the guess of an image it abstains on)
-    p_hat = np.array([c.n_a / n for c in fixed])
-    guess = smooth.sample_counts(x, idx, 100, batch, phase=PHASE_SELECT).counts.argmax(1).tolist()
-    oracle_samples, oracle_acc = _oracle(p_hat, guess, labels, sigma, 100_000)
-    ref = {}
-    if reference_images:
+    oracle_samples, oracle_acc = _oracle(p_hat, guess, labels, sigma, 100_000, futility)
+    ref = earlier["reference_loop"] if earlier else {}
+    if reference_images and not ref:
         ref_s = _reference_seconds(model, x[:reference_images], sigma, n, batch)
         rate = reference_images * (100 + n) / ref_s
         ref = {"images_timed": reference_images, "seconds": ref_s, "passes_per_s": rate,
                "seconds_all_images": passes_fixed / rate}
     return {
-        "run": str(run), "sigma": sigma, "images": images, "n": n,
-        "fixed": {"passes": passes_fixed, "seconds": t_fixed, "passes_per_s": passes_fixed / t_fixed,
-                  "certified": _accuracy([c.prediction for c in fixed], [c.radius for c in fixed], labels)},
+        "run": str(run), "sigma": sigma, "images": images, "n": n, "futility": futility,
+        "fixed": fixed_result,
         "sequential": {"passes": passes_seq, "seconds": t_seq, "passes_per_s": passes_seq / t_seq,
                        "certified": _accuracy([c.prediction for c in seq], [c.radius for c in seq], labels)},
         "oracle_n_max_100000": {"mean_samples": oracle_samples, "fewer_passes": (100 + 100_000) / oracle_samples,
                                 "certified": oracle_acc},
         "reference_loop": ref,
-        "per_image": {"idx": idx, "label": labels, "guess": guess, "p_hat": p_hat.tolist(),
-                      "fixed": [[c.prediction, c.radius] for c in fixed],
+        "per_image": {"idx": idx, "label": labels, "guess": guess, "p_hat": p_hat.tolist(), "fixed": fixed_rows,
                       "sequential": [[c.prediction, c.radius, c.n_samples] for c in seq]},
     }
 
@@ -135,7 +156,7 @@ def _summarize(path: Path, n_max: int) -> None:
         ratios.append(fixed / passes)
         short_ratios.append(fixed / short)
         tot += (fixed, passes, short)
-        mean, acc = _oracle(np.array(pi["p_hat"]), pi["guess"], pi["label"], r["sigma"], n_max)
+        mean, acc = _oracle(np.array(pi["p_hat"]), pi["guess"], pi["label"], r["sigma"], n_max, r.get("futility"))
         oracle_ratios.append((100 + n_max) / mean)
         print(f"sigma={r['sigma']}: {r['images']} images; forward passes fixed {fixed:,}, sequential {passes:,} "
               f"({ratios[-1]:.2f}x fewer), with --stop-on-wrong-guess {short:,} ({short_ratios[-1]:.2f}x fewer)")
@@ -160,6 +181,9 @@ def main() -> None:
     ap.add_argument("--reference-images", type=int, default=5,
                     help="images the reference fixed-n loop is timed on (its time for all images is extrapolated)")
     ap.add_argument("--json", default=None, help="also write the results here (after each sigma)")
+    ap.add_argument("--fixed-from", default=None, help="an earlier --json: reuse its fixed-n rows and reference-loop "
+                    "timing for the same classifier, sigma, images and n (fixed-n is a pure function of those)")
+    ap.add_argument("--futility", type=float, default=DEFAULT_FUTILITY, help="beta of the futility rule (0: off)")
     args = ap.parse_args()
     if args.summarize:
         _summarize(Path(args.summarize), args.oracle_n_max)
@@ -174,7 +198,8 @@ def main() -> None:
             if not args.make_from:
                 raise SystemExit(f"{run} holds no classifier; pass --make-from PRETRAIN_EXPORT to fine-tune it")
             _finetune(run, float(sigma), args.make_from)
-        r = bench(run, float(sigma), args.images, args.n, args.batch, args.reference_images)
+        r = bench(run, float(sigma), args.images, args.n, args.batch, args.reference_images,
+                  _earlier(args.fixed_from, run, float(sigma), args.images, args.n), args.futility or None)
         results.append(r)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
