@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dmae.checkpoint import load_classifier
@@ -27,12 +28,15 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert (tmp_path / "reconstructions.png").is_file()
     assert (tmp_path / "finetune" / "model_best.safetensors").is_file()
     assert first["certified_images"] == 4 and (tmp_path / "certified_accuracy.png").is_file()
-    log = read_log(tmp_path / "certify" / "certify_sigma0.25.tsv")
-    assert (first["certified_acc_0"], first["acr"]) == (log.certified_accuracy(0.0), log.acr)
+    log = read_log(tmp_path / "certify" / "sequential_sigma0.25.tsv")  # sequential CERTIFY, as the demo runs it
+    assert (first["certified_acc_0"], first["acr"], first["samples"]) == (log.certified_accuracy(0.0), log.acr,
+                                                                           int(log.n_samples.sum()))
+    assert first["samples"] < 4 * (20 + 200)
     out = capsys.readouterr().out
     assert "pixel MSE to the clean image" in out
     assert f"accuracy under noise sigma=0.25: {100 * first['noisy_acc']:.2f}%" in out
     assert "r=0.25" in out and "ACR" in out
+    assert f"noise samples (forward passes): {first['samples']:,} in all" in out and "fixed-n CERTIFY at n=200" in out
     page = (tmp_path / "report.html").read_text()  # the run's HTML report, every section present
     assert f"report: {tmp_path / 'report.html'}" in out
     assert all(f'<h2 id="{sec}">' in page for sec in ("certified", "training", "reconstructions", "per-image", "settings"))
@@ -51,44 +55,77 @@ demo.run_demo = functools.partial(demo.run_demo, overrides={overrides!r}, finetu
 sys.exit(main(["demo", "--output-dir", {out!r}, "--device", "cpu", "--no-progress"]))
 """
 
+# sized so that every stage lasts a few seconds on one thread: long enough to be hit by a signal
+SMALL = {"model": PICO, "train_subset": 1024, "eval_images": 32, "batch_size": 32, "log_every": 2}
+SMALL_FT = {"train_subset": 3000, "val_size": 100, "batch_size": 32, "eval_images": 32, "log_every": 5}
+SMALL_CERT = {"n": 2000, "n0": 10, "skip": 500, "batch": 64}
 
-def _demo_process(out, ft):
+
+def _demo_process(out):
     import subprocess
     import sys
 
-    script = DEMO_SCRIPT.format(overrides={"model": PICO, "train_subset": 256, "eval_images": 32}, ft=ft,
-                                cert={"n": 100, "n0": 10, "skip": 5000, "batch": 256}, out=str(out))
+    script = DEMO_SCRIPT.format(overrides=SMALL, ft=SMALL_FT, cert=SMALL_CERT, out=str(out))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
 
 
-def test_sigterm_during_fine_tuning_stops_the_demo_and_the_same_command_resumes(tmp_path):
-    """A stage stopped by SIGTERM must stop the pipeline (non-zero exit, how to resume), not certify a half-trained
-    model; re-running the same command resumes it and ends with the numbers of an uninterrupted run."""
+def _outputs(out):
+    """What must not depend on interruptions: the certification rows (all columns but time) and the weights."""
+    from safetensors.torch import load_file
+
+    rows = (out / "certify" / "sequential_sigma0.25.tsv").read_text().splitlines()
+    rows = [r.split("\t") for r in rows]
+    time_col = rows[0].index("time")
+    return ([[v for j, v in enumerate(r) if j != time_col] for r in rows],
+            load_file(out / "pretrain" / "model.safetensors"), load_file(out / "finetune" / "model_last.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    proc = _demo_process(out)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    return _outputs(out)
+
+
+STAGES = {"pretraining": ("pretrain/log.jsonl", 2), "fine-tuning": ("finetune/log.jsonl", 2),
+          "certification": ("certify/sequential_sigma0.25.tsv", 3)}
+
+
+@pytest.mark.parametrize("stage,sig", [("pretraining", "SIGINT"), ("fine-tuning", "SIGTERM"),
+                                       ("certification", "SIGTERM"), ("certification", "SIGINT")])
+def test_demo_interrupted_at_each_stage_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, uninterrupted, stage,
+                                                                                        sig):
+    """A stage stopped by SIGINT or SIGTERM stops the demo (exit 130, how to resume, nothing certified from a
+    half-trained model); re-running the same command resumes and ends with exactly the rows (time aside) and
+    weights of an uninterrupted run."""
     import signal
     import time
 
-    ft = {"train_subset": 3000, "val_size": 100, "batch_size": 32, "eval_images": 32, "log_every": 5}
     out = tmp_path / "interrupted"
-    proc = _demo_process(out, ft)
-    log = out / "finetune" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.is_file() and log.read_text().strip()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc = _demo_process(out)
+    watch, lines = STAGES[stage]
+    log = out / watch
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the demo ended before {stage} could be interrupted"
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert "fine-tuning stopped at step" in err and "run the same `dmae demo` command again to resume" in err
-    assert not (out / "certify").exists()  # nothing was certified from the half-trained model
-    again = _demo_process(out, ft)
-    _, err = again.communicate(timeout=600)
+    if stage != "certification":
+        assert f"{stage} stopped at step" in err and "run the same `dmae demo` command again to resume" in err
+        assert not (out / "certify").exists()  # nothing was certified from a half-trained model
+    else:
+        rows = (out / "certify" / "sequential_sigma0.25.tsv").read_text().splitlines()
+        assert 1 < len(rows) < len(uninterrupted[0]), "interrupted mid-certification, some rows kept"
+    again = _demo_process(out)
+    _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err[-2000:]
-    whole = _demo_process(tmp_path / "whole", ft)
-    whole.communicate(timeout=600)
-    rows = [(d / "certify" / "certify_sigma0.25.tsv").read_text().splitlines() for d in (out, tmp_path / "whole")]
-    assert [r.split("\t")[:5] for r in rows[0]] == [r.split("\t")[:5] for r in rows[1]] and len(rows[0]) == 3
-    from safetensors.torch import load_file
-
-    a, b = (load_file(d / "finetune" / "model_last.safetensors") for d in (out, tmp_path / "whole"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows, pre, ft = _outputs(out)
+    assert rows == uninterrupted[0]
+    assert all(torch.equal(pre[k], uninterrupted[1][k]) for k in pre)
+    assert all(torch.equal(ft[k], uninterrupted[2][k]) for k in ft)
