@@ -73,7 +73,7 @@ def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
     s = SequentialSettings(**SETTINGS)
     est = estimate_cost(smooth, "sequential", torch.rand(2, 1, 4, 4), [0, 1], [0, 1], 10, 0, 20, 3000, 500, s)
     actual = SequentialCertifier(smooth, s).certify_batch(torch.rand(10, 1, 4, 4), list(range(10)), 500)
-    assert est.passes_expected == sum(c.n_samples for c in actual) == 10 * 20
+    assert est.passes_expected == sum(c.n_samples for c in actual) == 10 * 20 == est.passes_min
 
 
 def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classifier_run, tmp_path, capsys):

@@ -304,4 +304,11 @@ def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classif
             "--device", "cpu", "--no-progress"]
     assert main(argv) == 2 and "--futility 0.05 is only used with --sequential" in capsys.readouterr().err
     assert main([*argv[:3], "--sequential", "targets", "--futility", "1", *argv[5:]]) == 2
-    assert "--futility must be in [0, 1) (0 turns the rule off), got 1.0" in capsys.readouterr().err
+    assert "--futility must be in [0, 0.5] (0 turns the rule off), got 1.0" in capsys.readouterr().err
+    legacy = tmp_path / "b" / "sequential_sigma0.25.json"  # a log written before the option: no key at all
+    old = json.loads(legacy.read_text())
+    del old["futility"]
+    legacy.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"other settings \(futility: None -> 0.01\)"):
+        run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000))
+    assert run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000, futility=0.0))[0].rows_added == 0

@@ -53,8 +53,8 @@ def _check_radii(radii: tuple[float, ...]) -> None:
 
 
 def _check_futility(beta: float) -> None:
-    if not 0 <= beta < 1:
-        raise ValueError(f"--futility must be in [0, 1) (0 turns the rule off), got {beta}")
+    if not 0 <= beta <= 0.5:
+        raise ValueError(f"--futility must be in [0, 0.5] (0 turns the rule off), got {beta}")
 
 
 def _check_sigmas(sigmas: tuple[float, ...]) -> None:

@@ -140,6 +140,8 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
                                               labels=[y for y, good in zip(labels, ok) if good])]
         costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
     expected = todo * float(np.mean(costs))
+    if not ok.all():  # this classifier can give non-finite logits: an image may abstain right after selection
+        lo = todo * s.n0
     return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device,
                         len(indices), num)
 
