@@ -58,6 +58,8 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
     assert "certify_sigma0.25" in page and "sequential_sigma0.25" in page and "samples/img" in page
     seq = read_log(out / "certify" / "sequential_sigma0.25.tsv")
     assert f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page and "torch" in page and "stage: finetune" in page
+    spent, fixed = 6 * 1100 + int(seq.n_samples.sum()), 6 * 1100 + len(seq) * (20 + 500)  # the samples saved
+    assert fixed > spent and f"would have drawn {fixed:,} ({fixed / spent:.1f}x more)" in page
     for kind in ("certified", "abstained", "misclassified"):
         assert f"<h4>{kind} (" in page
 
