@@ -56,9 +56,9 @@ sys.exit(main(["demo", "--output-dir", {out!r}, "--device", "cpu", "--no-progres
 """
 
 # sized so that every stage lasts a few seconds on one thread: long enough to be hit by a signal
-SMALL = {"model": PICO, "train_subset": 1024, "eval_images": 32, "batch_size": 32, "log_every": 2}
+SMALL = {"model": PICO, "train_subset": 4096, "eval_images": 32, "batch_size": 32, "log_every": 2}
 SMALL_FT = {"train_subset": 3000, "val_size": 100, "batch_size": 32, "eval_images": 32, "log_every": 5}
-SMALL_CERT = {"n": 2000, "n0": 10, "skip": 500, "batch": 64}
+SMALL_CERT = {"n": 2000, "n0": 10, "skip": 100, "batch": 32}
 
 
 def _demo_process(out):
