@@ -47,7 +47,10 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
 
 
 DEMO_SCRIPT = """
-import functools, sys
+import functools, signal, sys
+# as in a terminal: a job started in the background (nohup, CI runners) inherits SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler; Ctrl-C in a foreground terminal raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import dmae.demo as demo
 from dmae.cli import main
 demo.run_demo = functools.partial(demo.run_demo, overrides={overrides!r}, finetune_overrides={ft!r},
