@@ -110,7 +110,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     from dmae.checkpoint import load_classifier
     from dmae.data import build_dataset, build_transform, dataset_info
     from dmae.finetune import noisy_accuracy
-    from dmae.report import plot_curves, read_log, summarize
+    from dmae.report import fixed_n_passes, forward_passes, plot_curves, read_log, summarize
 
     evals = _evals(Path(cfg.output_dir) / "log.jsonl")
     first, last = evals[0], evals[-1]
@@ -132,7 +132,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     meta = json.loads(cert.path.with_suffix(".json").read_text())
     budget = f"n={meta['n']}" if meta.get("n") else f"n_max={meta['n_max']}"
     if log.n_samples is not None:
-        spent, fixed = int(log.n_samples.sum()), len(log) * (meta["n0"] + meta["n_max"])
+        spent, fixed = forward_passes(log, cert.path), fixed_n_passes(log, cert.path)
         print(f"[dmae demo] noise samples (forward passes): {spent:,} in all, {spent / len(log):,.0f} per image; "
               f"fixed-n CERTIFY at n={meta['n_max']:,} would have drawn {fixed:,} ({fixed / spent:.1f}x more)")
     plot = plot_curves([log], out / "certified_accuracy.png", f"Fashion-MNIST, sigma={ft_cfg.sigma}, {budget}")
@@ -141,4 +141,4 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
             "noisy_acc": acc_noisy, "clean_acc": acc_clean, "certified_acc_0": log.certified_accuracy(0.0),
             "certified_acc_0.25": log.certified_accuracy(0.25), "certified_acc_0.5": log.certified_accuracy(0.5),
             "acr": log.acr, "certified_images": len(log),
-            "samples": None if log.n_samples is None else int(log.n_samples.sum())}
+            "samples": None if log.n_samples is None else forward_passes(log, cert.path)}

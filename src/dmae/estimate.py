@@ -120,7 +120,8 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
     if sequential is None:
         raise ValueError("a sequential estimate needs the sequential settings")
     s = sequential
-    floor = s.n0 if s.stop_on_wrong_guess else s.n0 + chunk_looks(s.n_max)[0]
+    first = chunk_looks(s.n_max)[0]
+    floor = s.n0 if s.stop_on_wrong_guess else s.n0 + first
     lo, hi = todo * floor, todo * (s.n0 + s.n_max)
     if not len(indices):
         return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
@@ -132,7 +133,7 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
     ok = bad == 0
     q = bad[~ok] / num
     in_selection = 1.0 - (1.0 - q) ** s.n0
-    costs = list(s.n0 + (1.0 - in_selection) * chunk_looks(s.n_max)[0])
+    costs = list(s.n0 + (1.0 - in_selection) * first)
     if ok.any():
         freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
         certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck

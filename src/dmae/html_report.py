@@ -28,7 +28,7 @@ import numpy as np
 
 import dmae
 from dmae.figures import png_bytes, pyplot
-from dmae.report import CertLog, curves_figure, find_logs, read_log, summarize
+from dmae.report import CertLog, curves_figure, find_logs, fixed_n_passes, forward_passes, read_log, summarize
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -165,36 +165,14 @@ def certification_section(logs: list[CertLog], paths: list[Path]) -> str:
         lines += [f"<h3>{html.escape(label)}</h3>", _table(head, body),
                   *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
                   _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius"))]
-    passes = [_forward_passes(lg, p) for lg, p in zip(logs, paths)]
+    passes = [forward_passes(lg, p) for lg, p in zip(logs, paths)]
     total = sum(x for x in passes if x is not None)
-    fixed = [_fixed_n_passes(lg, p) if x is not None else x for lg, p, x in zip(logs, paths, passes)]
+    fixed = [fixed_n_passes(lg, p) if x is not None else x for lg, p, x in zip(logs, paths, passes)]
     saved = sum(x for x in fixed if x is not None)
     lines.append(f"<p>Forward passes in all: {total:,}" + (" (some logs do not say)" if None in passes else "")
                  + (f"; fixed-n CERTIFY with the sequential logs' n_max as n would have drawn {saved:,} "
                     f"({saved / total:.1f}x more)" if total and saved > total else "") + "</p>")
     return "".join(lines)
-
-
-def _fixed_n_passes(lg: CertLog, path: Path) -> int | None:
-    """What fixed-n CERTIFY at n = n_max would have spent on a sequential log's images (the log's own passes for
-    any other log); None when its JSON is missing."""
-    meta = path.with_suffix(".json")
-    if lg.n_samples is None or not meta.is_file():
-        return _forward_passes(lg, path)
-    m = json.loads(meta.read_text())
-    return len(lg) * ((m.get("n0") or 0) + m["n_max"]) if m.get("n_max") else None
-
-
-def _forward_passes(lg: CertLog, path: Path) -> int | None:
-    """Noisy forward passes a log spent: the sum of ``n_samples`` (sequential), else images x (n0 + n)."""
-    if lg.n_samples is not None:
-        return int(lg.n_samples.sum())
-    meta = path.with_suffix(".json")
-    if not meta.is_file():
-        return None
-    m = json.loads(meta.read_text())
-    per = (m.get("n0") or 0) + (m.get("n") or 0) if m.get("mode", "certify") == "certify" else m.get("n")
-    return len(lg) * per if per else None
 
 
 def _thumb(x: Any) -> bytes:

@@ -157,6 +157,28 @@ def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
         raise LogError(f"{path}: {name} column: {e}") from e
 
 
+def fixed_n_passes(lg: CertLog, path: Path) -> int | None:
+    """What fixed-n CERTIFY at n = n_max would have spent on a sequential log's images (the log's own passes for
+    any other log); None when its JSON is missing."""
+    meta = path.with_suffix(".json")
+    if lg.n_samples is None or not meta.is_file():
+        return forward_passes(lg, path)
+    m = json.loads(meta.read_text())
+    return len(lg) * ((m.get("n0") or 0) + m["n_max"]) if m.get("n_max") else None
+
+
+def forward_passes(lg: CertLog, path: Path) -> int | None:
+    """Noisy forward passes a log spent: the sum of ``n_samples`` (sequential), else images x (n0 + n)."""
+    if lg.n_samples is not None:
+        return int(lg.n_samples.sum())
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        return None
+    m = json.loads(meta.read_text())
+    per = (m.get("n0") or 0) + (m.get("n") or 0) if m.get("mode", "certify") == "certify" else m.get("n")
+    return len(lg) * per if per else None
+
+
 def find_logs(folder: str | Path) -> list[Path]:
     """Every certification log under ``folder`` (``*_sigma*.tsv``), without the ``.rank{r}`` files of a running
     distributed job or the ``.nonfinite.tsv`` side files; sorted."""

@@ -528,13 +528,18 @@ def decide(cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float],
     return out
 
 
-def _refute_cap(cs: ConfidenceSequence, k: int, t: int, futility: float | None) -> tuple[float, float]:
-    """(upper bound, the least of the budget test's and the futility rule's reachable lower bounds): a target
-    tau is refuted when ``upper < tau`` or ``reachable <= tau``."""
+def refute_ceiling(cs: ConfidenceSequence, k: int, t: int, futility: float | None) -> float:
+    """The least of the budget test's ``reachable_lower`` and (with ``futility``) :func:`projected_lower`: a target
+    tau at or above it is refuted whatever the upper bound says. Used by :func:`decide` and the engine."""
     best = cs.reachable_lower(k, t)
     if futility is not None:
         best = min(best, projected_lower(cs, k, t, futility))
-    return cs.upper(k, t), best
+    return best
+
+
+def _refute_cap(cs: ConfidenceSequence, k: int, t: int, futility: float | None) -> tuple[float, float]:
+    """(upper bound, :func:`refute_ceiling`): a target tau is refuted when ``upper < tau`` or ``ceiling <= tau``."""
+    return cs.upper(k, t), refute_ceiling(cs, k, t, futility)
 
 
 def continuous_gap(cs: ConfidenceSequence, k: int, t: int, sigma: float, futility: float | None = None) -> float:
@@ -633,4 +638,4 @@ class DecisionTable:
 
 __all__ = ["ALIASES", "BettingMixture", "ConfidenceSequence", "DEFAULT_KIND", "Decision", "DecisionTable",
            "SEQUENCES", "UnionBoundCP", "check_futility", "continuous_gap", "decide", "geometric_looks", "make_sequence",
-           "projected_lower", "radius_from_lower", "threshold"]
+           "projected_lower", "radius_from_lower", "refute_ceiling", "threshold"]

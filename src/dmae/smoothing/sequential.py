@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from dmae.smoothing.bounds import check_certify_budget
-from dmae.smoothing.confseq import (ConfidenceSequence, check_futility, geometric_looks, make_sequence, projected_lower,
-                                    radius_or_zero, threshold)
+from dmae.smoothing.confseq import (ConfidenceSequence, check_futility, geometric_looks, make_sequence, radius_or_zero,
+                                    refute_ceiling, threshold)
 from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth, chunk_seed
 
 FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
@@ -274,12 +274,10 @@ class SequentialCertifier:
 
     def _settled(self, slot: _Slot, k: int, t: int) -> bool:
         """Whether more samples could change the answer, judged on the running bounds (docs/sequential.md):
-        a target is decided when ``lower > tau`` (certified), or ``upper < tau``, the budget test
-        ``reachable_lower(k, t) <= tau`` or the futility rule ``projected_lower(k, t) <= tau`` (refuted); continuous mode stops when the radius the remaining budget
-        and the upper bound still allow exceeds the certified one by less than epsilon."""
-        best = self.cs.reachable_lower(k, t)
-        if self.settings.futility is not None:
-            best = min(best, projected_lower(self.cs, k, t, self.settings.futility))
+        a target is decided when ``lower > tau`` (certified), or ``upper < tau`` or ``refute_ceiling(k, t) <= tau``
+        (the budget test and the futility rule: refuted); continuous mode stops when the radius the remaining
+        budget and the upper bound still allow exceeds the certified one by less than epsilon."""
+        best = refute_ceiling(self.cs, k, t, self.settings.futility)
         if self.settings.mode == "targets":
             return all(slot.lower > tau or slot.upper < tau or best <= tau for tau in self.thresholds)
         sigma = self.smooth.sigma
