@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,8 +18,8 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     # enough fine-tuning (32 steps) that the classifier depends on its input, so a wrong number shows
     small_ft = {"train_subset": 1024, "val_size": 100, "batch_size": 32, "eval_images": 200, "lr": 1e-2}
     small_cert = {"n": 200, "n0": 20, "skip": 2500, "batch": 256}
-    first = run_demo(tmp_path, progress=False, device="cpu", overrides=small, finetune_overrides=small_ft,
-                     certify_overrides=small_cert)
+    first = run_demo(tmp_path, progress=False, device="cpu", from_scratch=True, overrides=small,
+                     finetune_overrides=small_ft, certify_overrides=small_cert)
     assert first["mse_after"] < first["mse_before"]
     assert first["finetune_steps"] == 32
     # the printed accuracy is the selected classifier's, measured on the same noise
@@ -41,8 +44,8 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert f"report: {tmp_path / 'report.html'}" in out
     assert all(f'<h2 id="{sec}">' in page for sec in ("certified", "training", "reconstructions", "per-image", "settings"))
     # a second call reuses the finished runs instead of training again
-    again = run_demo(tmp_path, progress=False, device="cpu", overrides=small, finetune_overrides=small_ft,
-                     certify_overrides=small_cert)
+    again = run_demo(tmp_path, progress=False, device="cpu", from_scratch=True, overrides=small,
+                     finetune_overrides=small_ft, certify_overrides=small_cert)
     assert again == first
 
 
@@ -55,7 +58,7 @@ import dmae.demo as demo
 from dmae.cli import main
 demo.run_demo = functools.partial(demo.run_demo, overrides={overrides!r}, finetune_overrides={ft!r},
                                   certify_overrides={cert!r})
-sys.exit(main(["demo", "--output-dir", {out!r}, "--device", "cpu", "--no-progress"]))
+sys.exit(main(["demo", "--from-scratch", "--output-dir", {out!r}, "--device", "cpu", "--no-progress"]))
 """
 
 # sized so that every stage lasts a few seconds on one thread: long enough to be hit by a signal
@@ -132,3 +135,87 @@ def test_demo_interrupted_at_each_stage_resumes_to_the_numbers_of_an_uninterrupt
     assert rows == uninterrupted[0]
     assert all(torch.equal(pre[k], uninterrupted[1][k]) for k in pre)
     assert all(torch.equal(ft[k], uninterrupted[2][k]) for k in ft)
+
+
+# ----------------------------------------------------------------------------- the shipped checkpoint
+def test_shipped_checkpoint_is_the_run_of_the_shipped_command():
+    """The shipped run folder was made by `dmae pretrain --config demo` (its resolved config is the preset's),
+    its weights match the recorded sha256, and re-running that command with the recorded seed and threads
+    reproduces its logged training losses bit for bit (the first 50 steps, checked here)."""
+    from dmae import config as C
+    from dmae.demo import SHIPPED_DIR, _sha256, shipped_provenance
+    from dmae.pretrain import PretrainConfig, pretrain
+
+    prov = shipped_provenance()
+    assert _sha256(SHIPPED_DIR / "model.safetensors") == prov["sha256"]
+    made = C.load_values(SHIPPED_DIR / "config.yaml", PretrainConfig)
+    preset = C.to_dict(C.build_config(PretrainConfig, C.load_values(C.preset_path("pretrain", "demo"), PretrainConfig)))
+    assert {k: v for k, v in preset.items() if k not in ("output_dir", "progress", "device")} == \
+        {k: made[k] for k in preset if k not in ("output_dir", "progress", "device")}
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (SHIPPED_DIR / "log.jsonl").read_text().splitlines())
+              if r["type"] == "train"}
+    assert prov["epochs"] == made["epochs"] and max(logged) == made["epochs"] * 468  # 60,000 / 128 steps per epoch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(prov["threads"])
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = C.build_config(PretrainConfig, made, {"output_dir": tmp, "stop_after": 50, "progress": False,
+                                                        "device": "cpu", "eval_images": 8})
+            pretrain(cfg)
+            again = {r["step"]: r["loss"] for r in map(json.loads, (Path(tmp) / "log.jsonl").read_text().splitlines())
+                     if r["type"] == "train"}
+    finally:
+        torch.set_num_threads(threads)
+    assert again and all(again[s] == logged[s] for s in again), (again, {s: logged[s] for s in again})
+
+
+def test_demo_starts_from_the_shipped_checkpoint_and_never_mixes_it_with_a_run_from_scratch(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from dmae.demo import SHIPPED_DIR, shipped_provenance
+
+    tiny_ft = {"train_subset": 256, "val_size": 64, "batch_size": 64, "eval_images": 64, "epochs": 1}
+    tiny_cert = {"n": 100, "n0": 10, "skip": 5000, "batch": 100}
+    numbers = run_demo(tmp_path, progress=False, device="cpu", finetune_overrides=tiny_ft, certify_overrides=tiny_cert)
+    out = capsys.readouterr().out
+    assert shipped_provenance()["command"] in out and "dmae demo --from-scratch" in out
+    shipped = load_file(SHIPPED_DIR / "model.safetensors")
+    copied = load_file(tmp_path / "pretrain" / "model.safetensors")
+    assert all(torch.equal(shipped[k], copied[k]) for k in shipped)
+    # the printed reconstruction numbers are the shipped run's last evaluation
+    last = [json.loads(ln) for ln in (SHIPPED_DIR / "log.jsonl").read_text().splitlines() if '"eval"' in ln][-1]
+    assert numbers["mse_after"] == last["mse"] < numbers["noisy_mse"]
+    assert (tmp_path / "reconstructions.png").is_file() and numbers["certified_images"] == 2
+    with pytest.raises(ValueError, match="holds the shipped checkpoint"):
+        run_demo(tmp_path, progress=False, device="cpu", from_scratch=True)
+    scratch = tmp_path / "scratch"
+    (scratch / "pretrain").mkdir(parents=True)
+    (scratch / "pretrain" / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="made here"):
+        run_demo(scratch, progress=False, device="cpu")
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    import shutil
+
+    import dmae.demo as demo
+
+    copy = tmp_path / "shipped"
+    shutil.copytree(demo.SHIPPED_DIR, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    monkeypatch.setattr(demo, "SHIPPED_DIR", copy)
+    with pytest.raises(ValueError, match="sha256"):
+        demo.install_shipped_pretraining(tmp_path / "run" / "pretrain")
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_demo_epochs_without_from_scratch_is_refused():
+    from dmae.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="--epochs 3 sets the pretraining of --from-scratch"):
+        DemoConfig(epochs=3).validate()
+    DemoConfig(epochs=3, from_scratch=True).validate()

@@ -105,7 +105,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     cfg = _resolve("demo", DemoConfig, ns)
     cfg.validate()
-    run_demo(Path(cfg.output_dir), epochs=cfg.epochs, device=cfg.device, progress=cfg.progress)
+    run_demo(Path(cfg.output_dir), epochs=cfg.epochs, device=cfg.device, progress=cfg.progress,
+             from_scratch=cfg.from_scratch)
     return 0
 
 

@@ -1,14 +1,17 @@
 """``dmae demo``: the end-to-end job on the built-in data (Fashion-MNIST), sized for a laptop CPU.
 
-Pretrain a small DMAE at sigma = 0.25, write the reconstruction figure, fine-tune its encoder with
-consistency regularization at sigma = 0.25, certify 200 test images with sequential randomized smoothing, and
-print the certified-accuracy report (and write report.html). Re-running the demo in the same folder resumes (or reuses) its runs
+Start from the DMAE checkpoint shipped inside the package (pretrained at sigma = 0.25 by ``dmae pretrain --config
+demo``; ``--from-scratch`` runs that command here instead), write the reconstruction figure, fine-tune its
+encoder into a smoothed classifier at sigma = 0.25, certify 200 test images with sequential randomized
+smoothing, and print the certified-accuracy report (and write report.html). Re-running the demo in the same folder resumes (or reuses) its runs
 instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:class:`StageInterrupted`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,67 @@ class DemoConfig(C.Options):
     """Every option of ``dmae demo``."""
 
     output_dir: str = C.option("dmae-demo", "where the demo writes its runs and figures")
-    epochs: Optional[int] = C.option(None, "pretraining epochs (default: the demo preset's)", low=1)
+    from_scratch: bool = C.option(False, "pretrain the encoder here with the shipped checkpoint's command instead of "
+                                  "loading the shipped checkpoint (about 25 min on 2 CPU cores)")
+    epochs: Optional[int] = C.option(None, "pretraining epochs with --from-scratch (default: the demo preset's)", low=1)
     device: str = C.option("auto", "auto, cpu, cuda")
     progress: bool = C.option(True, "show progress bars")
+
+
+    def check_combination(self) -> None:
+        super().check_combination()
+        if self.epochs is not None and not self.from_scratch:
+            raise ValueError(f"--epochs {self.epochs} sets the pretraining of --from-scratch; the shipped checkpoint "
+                             "is already pretrained (add --from-scratch to pretrain here)")
+
+
+# the checkpoint shipped in the package: a run folder of `dmae pretrain --config demo` (config.yaml, log.jsonl,
+# model_config.json, model.safetensors) and PROVENANCE.json (command, seed, threads, CPU time, sha256 of the weights)
+SHIPPED_DIR = Path(__file__).parent / "pretrained" / "fmnist_demo"
+SHIPPED_FILES = ("config.yaml", "log.jsonl", "model_config.json", "model.safetensors", "PROVENANCE.json")
+
+
+def shipped_provenance() -> dict[str, Any]:
+    """How the shipped demo checkpoint was made (``PROVENANCE.json``: command, seed, threads, times, sha256)."""
+    return json.loads((SHIPPED_DIR / "PROVENANCE.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def install_shipped_pretraining(run: Path) -> dict[str, Any]:
+    """Copy the shipped checkpoint's run folder into ``run`` (once) and return its provenance.
+
+    The weights are checked against the sha256 recorded when they were made, so a damaged install (or a Git LFS
+    pointer in place of the file) is an error rather than a silently bad demo.
+
+    Raises:
+        FileNotFoundError: a shipped file is missing from the installed package.
+        ValueError: the shipped weights' sha256 differs from the recorded one, or ``run`` holds a pretraining
+            run that is not the shipped one (made by ``--from-scratch``; the two are never mixed).
+    """
+    for name in SHIPPED_FILES:
+        if not (SHIPPED_DIR / name).is_file():
+            raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
+    prov = shipped_provenance()
+    if (run / "log.jsonl").exists() and not (run / "PROVENANCE.json").is_file():
+        raise ValueError(f"{run} holds a pretraining run made here (dmae demo --from-scratch); run the demo with "
+                         "--from-scratch again to continue it, or give another --output-dir for the shipped checkpoint")
+    if not (run / "PROVENANCE.json").is_file():
+        digest = _sha256(SHIPPED_DIR / "model.safetensors")
+        if digest != prov["sha256"]:
+            raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
+                             f"recorded {prov['sha256']}; reinstall dmae")
+        tmp = run.with_name(run.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(SHIPPED_DIR, tmp, ignore=lambda d, names: [n for n in names if n not in SHIPPED_FILES])
+        tmp.replace(run)  # atomic: the folder is whole or absent
+    return prov
 
 
 class StageInterrupted(RuntimeError):
@@ -54,15 +115,18 @@ def _stage_config(cls: type, command: str, preset: str, run: Path, given: dict[s
 
 
 def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progress: bool = True,
-             overrides: dict | None = None, finetune_overrides: dict | None = None,
+             from_scratch: bool = False, overrides: dict | None = None, finetune_overrides: dict | None = None,
              certify_overrides: dict | None = None) -> dict[str, float]:
     """Run the demo into ``out``; returns its headline numbers.
 
-    ``overrides`` / ``finetune_overrides`` / ``certify_overrides`` replace options of the demo's pretraining /
-    fine-tuning / certification settings (tests use them to shrink the run).
+    Without ``from_scratch`` the shipped checkpoint is the pretrained encoder; with it, ``dmae pretrain --config
+    demo`` runs here (``epochs`` / ``overrides`` replace its options). ``finetune_overrides`` /
+    ``certify_overrides`` replace options of the fine-tuning / certification settings (tests use them to shrink
+    the run).
 
     Raises:
         StageInterrupted: a training stage was stopped by a signal; re-running resumes it.
+        ValueError: ``out`` holds a pretraining run of the other kind (shipped vs from scratch).
     """
     from dmae.finetune import FinetuneConfig, finetune
     from dmae.pretrain import PretrainConfig, pretrain
@@ -70,11 +134,22 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
 
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
-    cfg = _stage_config(PretrainConfig, "pretrain", "demo", out / "pretrain",
-                        {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})})
-    print(f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
-          f"{cfg.epochs} epoch(s) -> {cfg.output_dir}", flush=True)
-    _require_finished(pretrain(cfg), "pretraining")
+    if from_scratch:
+        if (out / "pretrain" / "PROVENANCE.json").is_file():
+            raise ValueError(f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to "
+                             "pretrain from scratch")
+        cfg = _stage_config(PretrainConfig, "pretrain", "demo", out / "pretrain",
+                            {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})})
+        print(f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
+              f"{cfg.epochs} epoch(s) -> {cfg.output_dir}", flush=True)
+        _require_finished(pretrain(cfg), "pretraining")
+    else:
+        prov = install_shipped_pretraining(out / "pretrain")
+        cfg = C.build_config(PretrainConfig, C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
+                             {"output_dir": str(out / "pretrain")})
+        print(f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
+              f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
+              f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here", flush=True)
     fig = visualize_checkpoint(cfg.output_dir, out=str(out / "reconstructions.png"), num=8, seed=1)
     print(f"[dmae demo] 2/4 wrote the reconstruction figure {fig}", flush=True)
 

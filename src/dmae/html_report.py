@@ -122,8 +122,19 @@ def training_section(runs: list[Path]) -> str:
             axes[1].legend(fontsize=7)
         last = evals[-1] if evals else {}
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
-        parts.append(f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>")
+        parts.append(f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>"
+                     + _provenance(run))
     return "".join(parts)
+
+
+def _provenance(run: Path) -> str:
+    """How a shipped checkpoint's run was made (its PROVENANCE.json), or nothing for a run made here."""
+    if not (run / "PROVENANCE.json").is_file():
+        return ""
+    p = json.loads((run / "PROVENANCE.json").read_text())
+    return (f'<p class="note">Shipped checkpoint, made by <code>{html.escape(str(p["command"]))}</code> in '
+            f'{p["cpu_minutes"]:.1f} CPU-minutes ({p["wall_minutes"]:.1f} min wall, torch {html.escape(str(p["torch"]))}); '
+            f'weights sha256 {html.escape(str(p["sha256"]))}.</p>')
 
 
 def settings_section(contents: RunContents) -> str:
