@@ -14,9 +14,9 @@ from conftest import PICO
 
 
 def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
-    small = {"model": PICO, "train_subset": 512, "eval_images": 64}
+    small = {"model": PICO, "train_subset": 512, "eval_images": 64, "epochs": 1}
     # enough fine-tuning (32 steps) that the classifier depends on its input, so a wrong number shows
-    small_ft = {"train_subset": 1024, "val_size": 100, "batch_size": 32, "eval_images": 200, "lr": 1e-2}
+    small_ft = {"train_subset": 1024, "val_size": 100, "batch_size": 32, "eval_images": 200, "lr": 1e-2, "epochs": 1}
     small_cert = {"n": 200, "n0": 20, "skip": 2500, "batch": 256}
     first = run_demo(tmp_path, progress=False, device="cpu", from_scratch=True, overrides=small,
                      finetune_overrides=small_ft, certify_overrides=small_cert)
@@ -62,8 +62,8 @@ sys.exit(main(["demo", "--from-scratch", "--output-dir", {out!r}, "--device", "c
 """
 
 # sized so that every stage lasts a few seconds on one thread: long enough to be hit by a signal
-SMALL = {"model": PICO, "train_subset": 4096, "eval_images": 32, "batch_size": 32, "log_every": 2}
-SMALL_FT = {"train_subset": 3000, "val_size": 100, "batch_size": 32, "eval_images": 32, "log_every": 5}
+SMALL = {"model": PICO, "train_subset": 4096, "eval_images": 32, "batch_size": 32, "log_every": 2, "epochs": 1}
+SMALL_FT = {"train_subset": 3000, "val_size": 100, "batch_size": 32, "eval_images": 32, "log_every": 5, "epochs": 1}
 SMALL_CERT = {"n": 2000, "n0": 10, "skip": 100, "batch": 32}
 
 
