@@ -30,7 +30,7 @@ def test_every_option_has_help():
 
 def test_pretrain_preset_then_flags_then_resume_then_visualize(tmp_path, capsys):
     run = tmp_path / "run"
-    # the demo preset, with flags on top; stop after 2 of 4 steps
+    # the demo preset, with flags on top (TINY); stop after 2 steps, then resume to the end
     assert main(["pretrain", "--config", "demo", *TINY, "--output-dir", str(run), "--stop-after", "2"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"] == PICO and saved["norm_pix_loss"] is False and saved["lr"] == 0.001  # flag, preset, preset

@@ -168,7 +168,11 @@ def test_shipped_checkpoint_is_the_run_of_the_shipped_command():
                      if r["type"] == "train"}
     finally:
         torch.set_num_threads(threads)
-    assert again and all(again[s] == logged[s] for s in again), (again, {s: logged[s] for s in again})
+    assert again
+    if torch.__version__ == prov["torch"]:  # the same build: bit for bit
+        assert all(again[s] == logged[s] for s in again), (again, {s: logged[s] for s in again})
+    else:  # another torch build may order float sums differently: the same run up to rounding
+        assert all(again[s] == pytest.approx(logged[s], rel=1e-4) for s in again), (again, logged)
 
 
 def test_demo_starts_from_the_shipped_checkpoint_and_never_mixes_it_with_a_run_from_scratch(tmp_path, capsys):
@@ -190,11 +194,15 @@ def test_demo_starts_from_the_shipped_checkpoint_and_never_mixes_it_with_a_run_f
     assert (tmp_path / "reconstructions.png").is_file() and numbers["certified_images"] == 2
     with pytest.raises(ValueError, match="holds the shipped checkpoint"):
         run_demo(tmp_path, progress=False, device="cpu", from_scratch=True)
-    scratch = tmp_path / "scratch"
-    (scratch / "pretrain").mkdir(parents=True)
-    (scratch / "pretrain" / "log.jsonl").write_text("")
-    with pytest.raises(ValueError, match="made here"):
-        run_demo(scratch, progress=False, device="cpu")
+    for first_file in ("log.jsonl", "config.yaml"):  # a run from scratch, or one stopped before its first log line
+        scratch = tmp_path / f"scratch_{first_file}"
+        (scratch / "pretrain").mkdir(parents=True)
+        (scratch / "pretrain" / first_file).write_text("")
+        with pytest.raises(ValueError, match="made here"):
+            run_demo(scratch, progress=False, device="cpu")
+        assert sorted(p.name for p in scratch.iterdir()) == ["pretrain"]  # nothing copied, no temporary folder left
+    with pytest.raises(ValueError, match="apply to from_scratch=True only"):
+        run_demo(tmp_path / "x", progress=False, device="cpu", epochs=2)
 
 
 def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):

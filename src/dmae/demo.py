@@ -31,7 +31,7 @@ class DemoConfig(C.Options):
 
     output_dir: str = C.option("dmae-demo", "where the demo writes its runs and figures")
     from_scratch: bool = C.option(False, "pretrain the encoder here with the shipped checkpoint's command instead of "
-                                  "loading the shipped checkpoint (about 25 min on 2 CPU cores)")
+                                  "loading the shipped checkpoint (about 25 min on one thread)")
     epochs: Optional[int] = C.option(None, "pretraining epochs with --from-scratch (default: the demo preset's)", low=1)
     device: str = C.option("auto", "auto, cpu, cuda")
     progress: bool = C.option(True, "show progress bars")
@@ -51,7 +51,11 @@ SHIPPED_FILES = ("config.yaml", "log.jsonl", "model_config.json", "model.safeten
 
 
 def shipped_provenance() -> dict[str, Any]:
-    """How the shipped demo checkpoint was made (``PROVENANCE.json``: command, seed, threads, times, sha256)."""
+    """How the shipped demo checkpoint was made (``PROVENANCE.json``: command, seed, threads, times, sha256).
+
+    Raises:
+        FileNotFoundError: the installed package lacks the file (reinstall dmae).
+    """
     return json.loads((SHIPPED_DIR / "PROVENANCE.json").read_text())
 
 
@@ -64,32 +68,42 @@ def _sha256(path: Path) -> str:
 
 
 def install_shipped_pretraining(run: Path) -> dict[str, Any]:
-    """Copy the shipped checkpoint's run folder into ``run`` (once) and return its provenance.
+    """Copy the shipped checkpoint's run folder into ``run`` (once) and return the provenance of what ``run`` holds.
 
-    The weights are checked against the sha256 recorded when they were made, so a damaged install (or a Git LFS
-    pointer in place of the file) is an error rather than a silently bad demo.
+    The weights are checked against the sha256 recorded when they were made before they are copied, so a damaged
+    install (or a Git LFS pointer in place of the file) is an error rather than a silently bad demo. The copy is
+    made in a private temporary folder and renamed into place, so ``run`` is whole or absent.
 
     Raises:
         FileNotFoundError: a shipped file is missing from the installed package.
-        ValueError: the shipped weights' sha256 differs from the recorded one, or ``run`` holds a pretraining
-            run that is not the shipped one (made by ``--from-scratch``; the two are never mixed).
+        ValueError: the shipped weights' sha256 differs from the recorded one, or ``run`` holds anything that is
+            not a copy of a shipped checkpoint (e.g. a run of ``--from-scratch``: the two are never mixed).
     """
+    import tempfile
+
+    if (run / "PROVENANCE.json").is_file():
+        return json.loads((run / "PROVENANCE.json").read_text())  # the copy this folder was made with
+    if run.exists() and any(run.iterdir()):
+        raise ValueError(f"{run} holds a pretraining run made here (dmae demo --from-scratch); run the demo with "
+                         "--from-scratch again to continue it, or give another --output-dir for the shipped checkpoint")
     for name in SHIPPED_FILES:
         if not (SHIPPED_DIR / name).is_file():
             raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
     prov = shipped_provenance()
-    if (run / "log.jsonl").exists() and not (run / "PROVENANCE.json").is_file():
-        raise ValueError(f"{run} holds a pretraining run made here (dmae demo --from-scratch); run the demo with "
-                         "--from-scratch again to continue it, or give another --output-dir for the shipped checkpoint")
-    if not (run / "PROVENANCE.json").is_file():
-        digest = _sha256(SHIPPED_DIR / "model.safetensors")
-        if digest != prov["sha256"]:
-            raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
-                             f"recorded {prov['sha256']}; reinstall dmae")
-        tmp = run.with_name(run.name + ".tmp")
+    digest = _sha256(SHIPPED_DIR / "model.safetensors")
+    if digest != prov["sha256"]:
+        raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
+                         f"recorded {prov['sha256']}; reinstall dmae")
+    run.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=run.name + ".tmp"))
+    try:
+        for name in SHIPPED_FILES:
+            shutil.copyfile(SHIPPED_DIR / name, tmp / name)
+        if run.exists():
+            run.rmdir()  # empty (checked above)
+        tmp.replace(run)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(SHIPPED_DIR, tmp, ignore=lambda d, names: [n for n in names if n not in SHIPPED_FILES])
-        tmp.replace(run)  # atomic: the folder is whole or absent
     return prov
 
 
@@ -126,7 +140,9 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
 
     Raises:
         StageInterrupted: a training stage was stopped by a signal; re-running resumes it.
-        ValueError: ``out`` holds a pretraining run of the other kind (shipped vs from scratch).
+        ValueError: ``out`` holds a pretraining run of the other kind (shipped vs from scratch), the shipped
+            weights fail their sha256 check, or ``epochs`` / ``overrides`` are given without ``from_scratch``.
+        FileNotFoundError: a shipped checkpoint file is missing from the installed package.
     """
     from dmae.finetune import FinetuneConfig, finetune
     from dmae.pretrain import PretrainConfig, pretrain
@@ -134,6 +150,9 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
 
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
+    if not from_scratch and (epochs is not None or overrides):
+        raise ValueError(f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
+                         "the shipped checkpoint is already pretrained")
     if from_scratch:
         if (out / "pretrain" / "PROVENANCE.json").is_file():
             raise ValueError(f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to "
