@@ -21,7 +21,8 @@ import torch
 
 import dmae
 from dmae import config as C
-from dmae.demo import SHIPPED_DIR, SHIPPED_FILES, _sha256
+from dmae.demo import SHIPPED_DIR, SHIPPED_FILES, preset_differences
+from dmae.external import file_sha256
 from dmae.pretrain import PretrainConfig
 
 
@@ -33,22 +34,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True, help="OMP_NUM_THREADS the command ran with")
     args = ap.parse_args()
     made = C.load_values(args.run / "config.yaml", PretrainConfig)
-    preset = C.to_dict(C.build_config(PretrainConfig, C.load_values(C.preset_path("pretrain", "demo"), PretrainConfig)))
-    differ = {k: (made.get(k), v) for k, v in preset.items()
-              if k not in ("output_dir", "progress", "device") and made.get(k) != v}
+    differ = preset_differences(made)
     if differ:
         raise SystemExit(f"{args.run} was not made by `dmae pretrain --config demo`: (run, preset) differ in {differ}")
     evals = [json.loads(ln) for ln in (args.run / "log.jsonl").read_text().splitlines() if '"eval"' in ln]
-    if not evals or evals[-1]["epoch"] < preset["epochs"]:
-        raise SystemExit(f"{args.run} has not finished its {preset['epochs']} epochs")
+    if not evals or evals[-1]["epoch"] < made["epochs"]:
+        raise SystemExit(f"{args.run} has not finished its {made['epochs']} epochs")
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES[:-1]:
         shutil.copyfile(args.run / name, SHIPPED_DIR / name)
     prov = {
         "command": f"OMP_NUM_THREADS={args.threads} dmae pretrain --config demo --seed {made['seed']}",
-        "seed": made["seed"], "threads": args.threads, "epochs": preset["epochs"], "model": preset["model"],
+        "seed": made["seed"], "threads": args.threads, "epochs": made["epochs"], "model": made["model"],
         "cpu_minutes": args.cpu_seconds / 60, "wall_minutes": args.wall_seconds / 60,
-        "final_eval": evals[-1], "sha256": _sha256(SHIPPED_DIR / "model.safetensors"),
+        "final_eval": evals[-1], "sha256": file_sha256(SHIPPED_DIR / "model.safetensors"),
         "dmae": dmae.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
     }

@@ -9,7 +9,6 @@ instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -50,8 +49,15 @@ SHIPPED_DIR = Path(__file__).parent / "pretrained" / "fmnist_demo"
 SHIPPED_FILES = ("config.yaml", "log.jsonl", "model_config.json", "model.safetensors", "PROVENANCE.json")
 
 
+def read_provenance(folder: Path) -> dict[str, Any] | None:
+    """A run folder's ``PROVENANCE.json`` (command, seed, threads, times, sha256) when it is a copy of a shipped
+    checkpoint; None for a run made here."""
+    path = Path(folder) / "PROVENANCE.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def shipped_provenance() -> dict[str, Any]:
-    """How the shipped demo checkpoint was made (``PROVENANCE.json``: command, seed, threads, times, sha256).
+    """How the shipped demo checkpoint was made (its ``PROVENANCE.json``).
 
     Raises:
         FileNotFoundError: the installed package lacks the file (reinstall dmae).
@@ -59,12 +65,15 @@ def shipped_provenance() -> dict[str, Any]:
     return json.loads((SHIPPED_DIR / "PROVENANCE.json").read_text())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def preset_differences(values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{option: (value in values, value of the pretrain/demo preset)}`` for every option where a run's resolved
+    config ``values`` differs from ``dmae pretrain --config demo`` (where it ran and how it showed progress aside);
+    empty when the run is the shipped command's."""
+    from dmae.pretrain import PretrainConfig
+
+    preset = C.to_dict(C.build_config(PretrainConfig, C.load_values(C.preset_path("pretrain", "demo"), PretrainConfig)))
+    return {k: (values.get(k), v) for k, v in preset.items()
+            if k not in ("output_dir", "progress", "device") and values.get(k) != v}
 
 
 def install_shipped_pretraining(run: Path) -> dict[str, Any]:
@@ -81,8 +90,11 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
     """
     import tempfile
 
-    if (run / "PROVENANCE.json").is_file():
-        return json.loads((run / "PROVENANCE.json").read_text())  # the copy this folder was made with
+    from dmae.external import file_sha256
+
+    copied = read_provenance(run)
+    if copied is not None:
+        return copied  # the copy this folder was made with
     if run.exists() and any(run.iterdir()):
         raise ValueError(f"{run} holds a pretraining run made here (dmae demo --from-scratch); run the demo with "
                          "--from-scratch again to continue it, or give another --output-dir for the shipped checkpoint")
@@ -90,7 +102,7 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
         if not (SHIPPED_DIR / name).is_file():
             raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
     prov = shipped_provenance()
-    digest = _sha256(SHIPPED_DIR / "model.safetensors")
+    digest = file_sha256(SHIPPED_DIR / "model.safetensors")
     if digest != prov["sha256"]:
         raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
                          f"recorded {prov['sha256']}; reinstall dmae")
@@ -154,7 +166,7 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
         raise ValueError(f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
                          "the shipped checkpoint is already pretrained")
     if from_scratch:
-        if (out / "pretrain" / "PROVENANCE.json").is_file():
+        if read_provenance(out / "pretrain") is not None:
             raise ValueError(f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to "
                              "pretrain from scratch")
         cfg = _stage_config(PretrainConfig, "pretrain", "demo", out / "pretrain",

@@ -129,9 +129,11 @@ def training_section(runs: list[Path]) -> str:
 
 def _provenance(run: Path) -> str:
     """How a shipped checkpoint's run was made (its PROVENANCE.json), or nothing for a run made here."""
-    if not (run / "PROVENANCE.json").is_file():
+    from dmae.demo import read_provenance
+
+    p = read_provenance(run)
+    if p is None:
         return ""
-    p = json.loads((run / "PROVENANCE.json").read_text())
     return (f'<p class="note">Shipped checkpoint, made by <code>{html.escape(str(p["command"]))}</code> in '
             f'{p["cpu_minutes"]:.1f} CPU-minutes ({p["wall_minutes"]:.1f} min wall, torch {html.escape(str(p["torch"]))}); '
             f'weights sha256 {html.escape(str(p["sha256"]))}.</p>')
