@@ -14,6 +14,10 @@ and certifies the test images ``dmae demo`` certifies (every ``--skip``-th, n0 =
 seeds) with fixed-n CERTIFY (``--n``) or sequential CERTIFY (``--n-max``), printing the table of ``dmae report``.
 
     python benchmarks/cnn_reference.py --minutes 5 --method rs --sigma 0.25 --skip 50 --n 1000 --out runs/cnn_rs
+
+``--load DIR`` skips training and certifies the model a previous run saved in ``DIR`` (its ``result.json`` keeps
+the training record), so one timed training can be certified on other images or with other settings; the
+training budget is wall time, so train with the machine to yourself and certify whenever.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -125,14 +129,25 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/cnn_reference")
+    ap.add_argument("--load", default=None, help="certify the model saved by an earlier run in this folder")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = SmallCNN()
     params = sum(p.numel() for p in model.parameters())
-    stats = train(model, args.method, args.sigma, args.minutes, args.seed)
+    if args.load:
+        trained = json.loads((Path(args.load) / "result.json").read_text())
+        for key in ("method", "sigma", "seed"):  # certifying under another noise level than trained is a different experiment
+            if trained["args"][key] != getattr(args, key):
+                raise SystemExit(f"--{key} {getattr(args, key)} differs from the loaded run's {trained['args'][key]}")
+        model.load_state_dict(load_file(str(Path(args.load) / "model.safetensors")))
+        stats = {k: trained[k] for k in ("steps", "seconds", "final_loss")} | {"loaded_from": str(args.load),
+                                                                              "trained_minutes": trained["args"]["minutes"]}
+    else:
+        stats = train(model, args.method, args.sigma, args.minutes, args.seed)
     model.eval()
-    save_file(model.state_dict(), str(out / "model.safetensors"))
+    if not args.load:
+        save_file(model.state_dict(), str(out / "model.safetensors"))
     test = build_dataset("fashion-mnist", "test", None, _to_tensor())
     acc = noisy_accuracy(model, test, args.sigma, seed=0, limit=args.eval_images, precision="fp32")
     t0 = time.perf_counter()

@@ -30,13 +30,17 @@ def test_shrunken_experiment_runs_end_to_end(name, tmp_path):
     of the report gets its table, from every classifier at every sigma."""
     exp = load_experiment(name)
     tables = run_experiment(exp, ExperimentOptions(tmp_path, smoke=True, device="cpu", progress=False))
-    assert set(tables) == set(exp.groups)
+    assert set(tables) == set(exp.groups) | {k for k in tables if " vs " in k}
+    for a, b in exp.comparisons:  # a paired table per sigma both were certified at
+        keys = [k for k in tables if k.startswith(f"{a} vs {b}, sigma ")]
+        assert keys and all(tables[k].images == 4 for k in keys), (a, b)
     sigmas = {r: len(s.sigmas or [None]) for s in exp.stages if s.command == "certify" for r in s.runs}
     for label, runs in exp.groups.items():
         assert len([r for r in tables[label].rows if r["name"] != "best"]) == sum(sigmas[r] for r in runs)
         assert all(r["images"] == 4 for r in tables[label].rows)
     report = (tmp_path / "report.md").read_text()
     assert all(f"## {label}" in report for label in exp.groups)
+    assert all(f"{a}/" in report and " vs " in report for a, _ in exp.comparisons)
 
 
 def test_rerun_skips_what_is_done_and_use_replaces_a_stage(tmp_path, capsys):
@@ -65,7 +69,9 @@ def test_bad_experiments_and_options_are_named(tmp_path, capsys):
                            "stage a refers to 'b', which is not an earlier stage"),
                           ("stages:\n  a: {command: train}\n", "stage a has command 'train'"),
                           ("stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n", "group 'g' names 'a', which is not a fine-tuning stage"),
-                          ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage")):
+                          ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage"),
+                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, b]\n",
+                           r"comparison \['a', 'b'\] must be two classifier stages that a certify stage certifies \(a\)")):
         bad.write_text(text)
         with pytest.raises(ExperimentError, match=message):
             load_experiment(str(bad))

@@ -1,7 +1,7 @@
 import pytest
 
 from dmae.cli import main
-from dmae.report import ReportError, read_log, summarize
+from dmae.report import ReportError, compare, read_log, summarize
 
 
 def _write(path, rows, header="idx\tlabel\tpredict\tradius\tcorrect\ttime"):
@@ -51,3 +51,38 @@ def test_unreadable_logs(tmp_path, capsys):
         read_log(garbled)
     assert main(["report", str(tmp_path / "missing.tsv")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_paired_comparison_on_a_hand_computed_case(tmp_path):
+    """10 images; at r = 0.5, a is certified on 8 that b is not and b on 2 that a is not: difference +0.6, the
+    per-image differences have 8 x (+1), 2 x (-1), so std (ddof 1) = sqrt((8 * 0.16 + 2 * 2.56) / 9), and the
+    exact McNemar p is the two-sided binomial tail of 8 of 10: 2 * 56 / 1024."""
+    a_rows = [(i, i % 3, i % 3, 0.6 if i < 8 else 0.1, 1, 0) for i in range(10)]
+    b_rows = [(9 - i, (9 - i) % 3, (9 - i) % 3, 0.7 if 9 - i >= 8 else 0.2, 1, 0) for i in range(10)]  # another order
+    c = compare(read_log(_write(tmp_path / "a_sigma0.25.tsv", a_rows)),
+                read_log(_write(tmp_path / "b_sigma0.25.tsv", b_rows)), radii=(0.0, 0.5))
+    assert c.images == 10 and c.acc_a == [1.0, 0.8] and c.acc_b == [1.0, 0.2]
+    assert c.diff[0] == 0.0 and c.se[0] == 0.0 and c.p[0] == 1.0
+    assert c.diff[1] == pytest.approx(0.6) and c.se[1] == pytest.approx(((8 * 0.16 + 2 * 2.56) / 9) ** 0.5 / 10 ** 0.5)
+    assert c.p[1] == pytest.approx(2 * 56 / 1024)
+    assert c.acr_diff == pytest.approx((8 * 0.6 + 2 * 0.1 - 8 * 0.2 - 2 * 0.7) / 10)
+    assert "| r=0.5 | 80.0 | 20.0 | +60.0 |" in c.markdown()
+
+
+def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
+    a = _write(tmp_path / "a_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (20, 2, 2, 0.2, 1, 0)])
+    b = _write(tmp_path / "b_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (50, 2, 2, 0.2, 1, 0)])
+    c = _write(tmp_path / "c_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (20, 3, 3, 0.2, 1, 0)])
+    with pytest.raises(ReportError, match=r"not logs of the same images \(e.g. idx 20\)"):
+        compare(read_log(a), read_log(b))
+    with pytest.raises(ReportError, match="different labels to the same images"):
+        compare(read_log(a), read_log(c))
+    assert main(["report", str(a), "--compare"]) == 2
+    assert "give at least two (got 1)" in capsys.readouterr().err
+    same = tmp_path / "x" / "a_sigma0.25.tsv"
+    same.parent.mkdir()
+    same.write_text(a.read_text())
+    md = tmp_path / "t.md"
+    assert main(["report", str(a), str(same), "--compare", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out  # equal file names are told apart by their folders
+    assert "x/a_sigma0.25" in out and "+0.0" in out and "McNemar p" in md.read_text()

@@ -78,7 +78,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     cfg = _resolve("report", ReportConfig, ns)
     cfg.validate()
     if cfg.files:
-        report(list(cfg.files), cfg.radii, cfg.markdown, cfg.csv, cfg.plot)
+        report(list(cfg.files), cfg.radii, cfg.markdown, cfg.csv, cfg.plot, cfg.compare)
     found = discover([], list(cfg.run_dir or ())).logs
     for label, members in log_groups(found).items():  # one table per classifier and kind of log
         print(f"\n{label}")

@@ -10,7 +10,9 @@ jobs with a shipped preset (``config``) and overrides (``set``):
   ``sigmas``, into ``OUT/<stage>/<run>``; ``set`` gives the protocol (``skip``, ``n``, ``sequential``, ...).
 
 ``groups`` (label -> classifier stages) are the comparisons of the final report: one certified-accuracy table
-per group (best sigma per radius), written to ``OUT/report.md``.
+per group (best sigma per radius), written to ``OUT/report.md``. ``comparisons`` (pairs of classifier stages
+certified on the same images) add paired tables: the difference in certified accuracy per radius with its
+paired standard error and McNemar p-value (:func:`dmae.report.compare`).
 
 Re-running the same command skips what is done and resumes what is not: training stages resume from their
 checkpoint (a finished run returns at once), certification skips the rows already in its logs. ``--use
@@ -93,6 +95,7 @@ class Experiment:
     groups: dict[str, list[str]]
     torchrun: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    comparisons: list[list[str]] = field(default_factory=list)  # [a, b]: a against b on the same images
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``.  Raises ExperimentError naming the known stages."""
@@ -132,7 +135,7 @@ def load_experiment(name_or_path: str) -> Experiment:
             raise ExperimentError(f"{p.name}: stage {n} has unknown keys {extra}; a stage takes {', '.join(sorted(known))}")
     stages = [Stage(name=n, **spec) for n, spec in (raw.get("stages") or {}).items()]
     exp = Experiment(p.stem, raw.get("title", p.stem), raw.get("paper", ""), stages, raw.get("groups") or {},
-                     raw.get("torchrun") or {}, raw.get("notes", ""))
+                     raw.get("torchrun") or {}, raw.get("notes", ""), raw.get("comparisons") or [])
     _check(exp)
     return exp
 
@@ -158,6 +161,11 @@ def _check(exp: Experiment) -> None:
         for r in runs:
             if r not in seen or seen[r].command not in ("finetune", "linprobe"):
                 raise ExperimentError(f"{exp.name}: group {label!r} names {r!r}, which is not a fine-tuning stage")
+    certified = {r for s in exp.stages if s.command == "certify" for r in s.runs}
+    for pair in exp.comparisons:
+        if not isinstance(pair, list) or len(pair) != 2 or any(r not in certified for r in pair):
+            raise ExperimentError(f"{exp.name}: comparison {pair!r} must be two classifier stages that a certify stage "
+                                  f"certifies ({', '.join(sorted(certified)) or 'none'})")
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -421,22 +429,38 @@ def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
 def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
     """One certified-accuracy table per group (its classifiers' logs, best sigma per radius) into
     ``OUT/report.md`` and the terminal; groups without logs yet are listed as pending."""
-    from dmae.report import find_logs, read_log, summarize
+    from dmae.report import compare, find_logs, read_log, summarize
+
+    def run_logs(run: str) -> list[Any]:
+        logs = []
+        for st in exp.stages:
+            if st.command == "certify" and run in st.runs:
+                for f in find_logs(opts.output_dir / st.name / run):
+                    logs.append(read_log(f))
+                    logs[-1].name = f"{run}/{f.stem}"
+        return logs
 
     lines, tables = [f"# {exp.title}", "", f"Paper: {exp.paper}." if exp.paper else "", ""], {}
     for label, runs in exp.groups.items():
-        logs = []
-        for st in exp.stages:
-            for r in (r for r in st.runs if r in runs) if st.command == "certify" else ():
-                for f in find_logs(opts.output_dir / st.name / r):
-                    logs.append(read_log(f))
-                    logs[-1].name = f"{r}/{f.stem}"
+        logs = [lg for r in runs for lg in run_logs(r)]
         if not logs:
             lines += [f"## {label}", "", "(not certified yet)", ""]
             continue
         tables[label] = table = summarize(logs)
         print(f"\n{label}\n{table.text()}", flush=True)
         lines += [f"## {label}", "", table.markdown()]
+    if exp.comparisons:
+        lines += ["## Paired comparisons", ""]
+    for a, b in exp.comparisons:  # one table per sigma that both were certified at
+        logs_b = {lg.sigma: lg for lg in run_logs(b)}
+        pairs = [(la, logs_b[la.sigma]) for la in run_logs(a) if la.sigma in logs_b]
+        if not pairs:
+            lines += [f"{a} vs {b}: (not both certified yet)", ""]
+        for la, lb in pairs:
+            c = compare(la, lb)
+            tables[f"{a} vs {b}, sigma {la.sigma:g}"] = c
+            print(f"\n{c.text()}", flush=True)
+            lines += [c.markdown()]
     lines += ["## Training runs", "", *training_table(exp, opts)]
     (opts.output_dir / "report.md").write_text("\n".join(lines) + "\n")
     return tables

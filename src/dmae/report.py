@@ -6,6 +6,11 @@ fraction of images with ``correct == 1`` and ``radius >= r``; the average certif
 al., MACER, ICLR 2020) = mean(correct * radius); the abstention rate = fraction with ``predict == -1``.
 Radii are l2 distances in [0, 1] pixel units. Several files (one per sigma) give one row each plus the
 best-sigma-per-radius row (the paper's Tables 1-2 layout).
+
+Two classifiers certified on the same images are compared pairwise (:func:`compare`): the difference of their
+certified accuracies at each radius with its paired standard error, and the exact McNemar test on the images
+where exactly one of them is certified (the two accuracies are correlated through the images, so the paired
+error is the right yardstick, usually far smaller than the unpaired one).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class ReportConfig(Options):
     markdown: Optional[str] = option(None, "also write the table as Markdown here")
     csv: Optional[str] = option(None, "also write the table as CSV here")
     plot: Optional[str] = option(None, "write certified accuracy vs radius as a PNG here")
+    compare: bool = option(False, "also compare every later log with the first on the same images: difference "
+                           "in certified accuracy per radius and in ACR, paired standard error, exact McNemar p")
     run_dir: Optional[tuple[str, ...]] = option(None, "run folder(s) to report on: every certification log, training run "
                                             "and reconstruction figure inside (a `dmae demo` or experiment folder)")
     html: Optional[str] = option(None, "also write one self-contained HTML report here (figures embedded; opens offline)")
@@ -60,6 +67,8 @@ class ReportConfig(Options):
         for name in ("markdown", "csv", "plot"):
             if getattr(self, name) and not self.files:
                 raise ValueError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
+        if self.compare and len(self.files) < 2:
+            raise ValueError(f"--compare compares log files with the first one: give at least two (got {len(self.files)})")
 
 
 @dataclass
@@ -270,6 +279,104 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
     return Table(tuple(radii), rows, notes)
 
 
+@dataclass
+class Comparison:
+    """Classifier ``a`` against ``b`` on the same ``images`` test images (paired).
+
+    Per radius in ``radii`` ([0, 1] pixel units): the certified accuracies ``acc_a`` / ``acc_b`` (fractions),
+    ``diff`` = acc_a - acc_b, ``se`` its paired standard error (std of the per-image differences, ddof 1,
+    over sqrt(images)) and ``p`` the exact two-sided McNemar p-value (a binomial test of the images certified
+    by only one of the two, McNemar 1947). ``acr_*``: the same for the average certified radius (no test).
+    """
+
+    a: str
+    b: str
+    images: int
+    radii: tuple[float, ...]
+    acc_a: list[float]
+    acc_b: list[float]
+    diff: list[float]
+    se: list[float]
+    p: list[float]
+    acr_a: float
+    acr_b: float
+    acr_diff: float
+    acr_se: float
+
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows as display strings: one row per radius, then ACR (accuracies in %)."""
+        head = ["radius", self.a, self.b, "difference", "paired SE", "McNemar p"]
+        body = [[f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
+                for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
+        body.append(["ACR", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", f"{self.acr_diff:+.3f}", f"{self.acr_se:.3f}", "-"])
+        return head, body
+
+    def text(self) -> str:
+        """Aligned plain text, with the number of images."""
+        head, body = self.cells()
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        return "\n".join([f"{self.a} vs {self.b}, the same {self.images} images:", fmt(head),
+                          fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+    def markdown(self) -> str:
+        """A Markdown table under a line naming the pair and the number of images."""
+        head, body = self.cells()
+        lines = [f"{self.a} vs {self.b}, the same {self.images} images:", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+
+
+def _paired_se(d: np.ndarray) -> float:
+    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> Comparison:
+    """Paired comparison of two certification logs of the same images (see :class:`Comparison`).
+
+    Images are matched by their ``idx`` column when both logs have one, else by row order (then the labels
+    must agree row by row). Default radii: the data set's standard ones, as in :func:`summarize`.
+
+    Raises:
+        ReportError: the logs do not hold the same images (the counts and the first differing index named),
+            their labels disagree, or a log is empty.
+    """
+    from scipy.stats import binomtest
+
+    if not len(a) or not len(b):
+        raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
+    if a.idx is not None and b.idx is not None:
+        ia, ib = np.argsort(a.idx, kind="stable"), np.argsort(b.idx, kind="stable")
+        if len(a) != len(b) or not np.array_equal(a.idx[ia], b.idx[ib]):
+            only = sorted(set(a.idx.tolist()) ^ set(b.idx.tolist()))
+            raise ReportError(f"{a.name} ({len(a)} images) and {b.name} ({len(b)} images) are not logs of the same "
+                              f"images (e.g. idx {only[0] if only else 'repeated'}); a paired comparison needs both "
+                              "certified on the same test images")
+    elif len(a) != len(b):
+        raise ReportError(f"{a.name} has {len(a)} rows and {b.name} {len(b)}; without idx columns the logs must "
+                          "list the same images in the same order")
+    else:
+        ia = ib = np.arange(len(a))
+    if not np.array_equal(a.label[ia], b.label[ib]):
+        raise ReportError(f"{a.name} and {b.name} give different labels to the same images: not the same test set")
+    if radii is None:
+        radii = summarize([a, b]).radii
+    acc_a, acc_b, diff, se, p = [], [], [], [], []
+    for r in radii:
+        ca = ((a.correct == 1) & (a.radius >= r))[ia].astype(np.float64)
+        cb = ((b.correct == 1) & (b.radius >= r))[ib].astype(np.float64)
+        d = ca - cb
+        only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
+        acc_a.append(float(ca.mean()))
+        acc_b.append(float(cb.mean()))
+        diff.append(float(d.mean()))
+        se.append(_paired_se(d))
+        p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
+    return Comparison(a.name, b.name, len(a), tuple(radii), acc_a, acc_b, diff, se, p, float(ra.mean()),
+                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb))
+
+
 def curves_figure(logs: list[CertLog], title: str = "") -> Any:
     """Certified accuracy vs radius for every log (and their upper envelope): a matplotlib figure.
 
@@ -308,18 +415,25 @@ def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
 
 
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
-           csv_path: str | Path | None = None, plot: str | Path | None = None) -> Table:
-    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs.
+           csv_path: str | Path | None = None, plot: str | Path | None = None, paired: bool = False) -> Table:
+    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs. With ``paired``,
+    also print (and add to the Markdown) :func:`compare` of every later log against the first.
 
     Raises:
         LogError: a file cannot be read as a log (:func:`read_log`); ``ReportError`` (the same class)
-            when ``files`` is empty.
+            when ``files`` is empty, or (``paired``) when the logs are not of the same images.
     """
     logs = [read_log(f) for f in files]
+    if len({lg.name for lg in logs}) < len(logs):  # same file names in different folders: name them by folder too
+        for lg, f in zip(logs, files):
+            lg.name = f"{Path(f).parent.name}/{lg.name}"
     table = summarize(logs, radii)
     print(table.text())
+    comparisons = [compare(logs[0], lg, table.radii) for lg in logs[1:]] if paired else []
+    for c in comparisons:
+        print("\n" + c.text())
     if markdown:
-        Path(markdown).write_text(table.markdown())
+        Path(markdown).write_text("\n".join([table.markdown(), *(c.markdown() for c in comparisons)]))
     if csv_path:
         Path(csv_path).write_text(table.csv())
     if plot:
