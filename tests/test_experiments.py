@@ -152,3 +152,26 @@ def test_report_ignores_side_files(tmp_path):
     for name in ("certify_sigma0.25.tsv", "certify_sigma0.25.nonfinite.tsv", "certify_sigma0.25.tsv.rank1"):
         (tmp_path / "c" / "r" / name).write_text("")
     assert [p.name for p in find_logs(tmp_path)] == ["certify_sigma0.25.tsv"]
+
+
+def test_comparisons_say_why_they_are_missing(tmp_path):
+    """A comparison whose logs hold different images (one certification stopped part way), or no common sigma,
+    becomes a line saying so; the rest of the report still comes out."""
+    from dmae.experiments import comparison_lines
+    from dmae.report import read_log
+
+    def log(name, sigma, idx):
+        path = tmp_path / name / f"certify_sigma{sigma}.tsv"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in idx))
+        return read_log(path)
+
+    whole, part, other = log("a", 0.25, [0, 20, 40]), log("b", 0.25, [0, 20]), log("c", 0.5, [0, 20, 40])
+    tables = {}
+    lines = comparison_lines("a", [whole], "b", [part], tables)
+    assert not tables and "not comparable yet" in lines[0] and "idx 40 is only in certify_sigma0.25" in lines[0]
+    assert "no sigma in common (a: 0.25; c: 0.5)" in comparison_lines("a", [whole], "c", [other], tables)[0]
+    assert "not both certified yet" in comparison_lines("a", [whole], "d", [], tables)[0]
+    assert "two certification logs at one sigma" in comparison_lines("a", [whole, whole], "c", [other], tables)[0]
+    lines = comparison_lines("a", [whole], "b", [log("b", 0.25, [40, 0, 20])], tables)
+    assert list(tables) == ["a vs b, sigma 0.25"] and "| r=0.25 | 100.0 | 100.0 | +0.0 |" in lines[0]

@@ -73,12 +73,22 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     a = _write(tmp_path / "a_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (20, 2, 2, 0.2, 1, 0)])
     b = _write(tmp_path / "b_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (50, 2, 2, 0.2, 1, 0)])
     c = _write(tmp_path / "c_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (20, 3, 3, 0.2, 1, 0)])
-    with pytest.raises(ReportError, match=r"not logs of the same images \(e.g. idx 20\)"):
+    with pytest.raises(ReportError, match=r"not logs of the same images \(e.g. idx 20 is only in a_sigma0.25\)"):
         compare(read_log(a), read_log(b))
-    with pytest.raises(ReportError, match="different labels to the same images"):
+    with pytest.raises(ReportError, match=r"give idx 20 different labels \(2 and 3\)"):
         compare(read_log(a), read_log(c))
+    dup = _write(tmp_path / "d_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)])
+    with pytest.raises(ReportError, match="d_sigma0.25: idx 0 appears 2 times"):  # e.g. a resumed log of another tool
+        compare(read_log(dup), read_log(dup))
+    no_idx = _write(tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
+    with pytest.raises(ReportError, match="a_sigma0.25 names its images .* e_sigma0.25 does not"):
+        compare(read_log(a), read_log(no_idx))
+    assert compare(read_log(no_idx), read_log(no_idx)).diff == [0.0] * 5  # no idx on either side: row order
     assert main(["report", str(a), "--compare"]) == 2
     assert "give at least two (got 1)" in capsys.readouterr().err
+    md = tmp_path / "refused.md"
+    assert main(["report", str(a), str(b), "--compare", "--markdown", str(md)]) == 2
+    assert "| a_sigma0.25 |" in md.read_text()  # a refused comparison loses none of the other outputs
     same = tmp_path / "x" / "a_sigma0.25.tsv"
     same.parent.mkdir()
     same.write_text(a.read_text())

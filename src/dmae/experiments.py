@@ -398,7 +398,7 @@ def _check_same_run(stage: Stage, cfg: Any) -> None:
 
 def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
     """Run (or resume) every stage of ``exp`` in order, then write ``OUT/report.md``; returns the report tables
-    (group label -> :class:`dmae.report.Table`).
+    (group label -> :class:`dmae.report.Table`, ``"a vs b, sigma S"`` -> :class:`dmae.report.Comparison`).
 
     Raises:
         ExperimentError: a stage's input is missing; KeyboardInterrupt: a stage was stopped (re-run to resume);
@@ -427,9 +427,14 @@ def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
 
 
 def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
-    """One certified-accuracy table per group (its classifiers' logs, best sigma per radius) into
-    ``OUT/report.md`` and the terminal; groups without logs yet are listed as pending."""
-    from dmae.report import compare, find_logs, read_log, summarize
+    """One certified-accuracy table per group (its classifiers' logs, best sigma per radius) and one paired
+    table per comparison and common sigma (:func:`comparison_lines`) into ``OUT/report.md`` and the terminal;
+    groups and comparisons without logs yet are listed as pending. Returns group label -> ``Table`` and
+    ``"a vs b, sigma S"`` -> ``Comparison``.
+
+    Raises:
+        LogError: a certification log cannot be read; OSError: report.md cannot be written."""
+    from dmae.report import find_logs, read_log, summarize
 
     def run_logs(run: str) -> list[Any]:
         logs = []
@@ -451,19 +456,41 @@ def write_report(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
         lines += [f"## {label}", "", table.markdown()]
     if exp.comparisons:
         lines += ["## Paired comparisons", ""]
-    for a, b in exp.comparisons:  # one table per sigma that both were certified at
-        logs_b = {lg.sigma: lg for lg in run_logs(b)}
-        pairs = [(la, logs_b[la.sigma]) for la in run_logs(a) if la.sigma in logs_b]
-        if not pairs:
-            lines += [f"{a} vs {b}: (not both certified yet)", ""]
-        for la, lb in pairs:
-            c = compare(la, lb)
-            tables[f"{a} vs {b}, sigma {la.sigma:g}"] = c
-            print(f"\n{c.text()}", flush=True)
-            lines += [c.markdown()]
+    for a, b in exp.comparisons:
+        lines += comparison_lines(a, run_logs(a), b, run_logs(b), tables)
     lines += ["## Training runs", "", *training_table(exp, opts)]
     (opts.output_dir / "report.md").write_text("\n".join(lines) + "\n")
     return tables
+
+
+def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], tables: dict[str, Any]) -> list[str]:
+    """Markdown for the comparison of classifier stages ``a`` and ``b``: one paired table
+    (:func:`dmae.report.compare`) per sigma both were certified at, added to ``tables`` as ``"a vs b, sigma S"``;
+    a line saying why where there is none (not certified yet, no common sigma, different images)."""
+    from dmae.report import ReportError, compare
+
+    by_sigma_b = {round(lg.sigma, 6): lg for lg in logs_b if lg.sigma is not None}  # sigma as read back from JSON
+    pairs = [(la, by_sigma_b[round(la.sigma, 6)]) for la in logs_a if la.sigma is not None and round(la.sigma, 6) in by_sigma_b]
+    if not logs_a or not logs_b:
+        return [f"{a} vs {b}: not both certified yet", ""]
+    for run, logs in ((a, logs_a), (b, logs_b)):
+        sigmas = [round(lg.sigma, 6) for lg in logs if lg.sigma is not None]
+        if len(set(sigmas)) < len(sigmas):  # certified by two stages at one sigma: which one to pair is ambiguous
+            return [f"{a} vs {b}: {run} has two certification logs at one sigma ({', '.join(lg.name for lg in logs)})", ""]
+    if not pairs:
+        sig = lambda logs: ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"  # noqa: E731
+        return [f"{a} vs {b}: no sigma in common ({a}: {sig(logs_a)}; {b}: {sig(logs_b)})", ""]
+    lines = []
+    for la, lb in pairs:
+        try:
+            c = compare(la, lb)
+        except ReportError as e:  # e.g. one certification stopped part way: the rest of the report still comes out
+            lines += [f"{a} vs {b}, sigma {la.sigma:g}: not comparable yet ({e})", ""]
+            continue
+        tables[f"{a} vs {b}, sigma {la.sigma:g}"] = c
+        print(f"\n{c.text()}", flush=True)
+        lines.append(c.markdown())
+    return lines
 
 
 def training_table(exp: Experiment, opts: ExperimentOptions) -> list[str]:

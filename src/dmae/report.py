@@ -286,7 +286,7 @@ class Comparison:
     Per radius in ``radii`` ([0, 1] pixel units): the certified accuracies ``acc_a`` / ``acc_b`` (fractions),
     ``diff`` = acc_a - acc_b, ``se`` its paired standard error (std of the per-image differences, ddof 1,
     over sqrt(images)) and ``p`` the exact two-sided McNemar p-value (a binomial test of the images certified
-    by only one of the two, McNemar 1947). ``acr_*``: the same for the average certified radius (no test).
+    by only one of the two: the exact (binomial) version of McNemar's test, 1947). ``acr_*``: the same for the average certified radius (no test).
     """
 
     a: str
@@ -334,31 +334,49 @@ def _paired_se(d: np.ndarray) -> float:
 def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> Comparison:
     """Paired comparison of two certification logs of the same images (see :class:`Comparison`).
 
-    Images are matched by their ``idx`` column when both logs have one, else by row order (then the labels
-    must agree row by row). Default radii: the data set's standard ones, as in :func:`summarize`.
+    Images are matched by their ``idx`` column when both logs have one (each index at most once per log), by row
+    order when neither has (then the labels must agree row by row). Radii in [0, 1] pixel units (default: the
+    data set's standard ones, as in :func:`summarize`); the result holds fractions, not %. With one image the
+    standard errors are NaN; with no image certified by exactly one of the two, p = 1. The paired standard error
+    of a difference of proportions is the usual one for matched pairs (Agresti, Categorical Data Analysis, 10.1);
+    no correction is made for testing several radii or pairs.
 
     Raises:
-        ReportError: the logs do not hold the same images (the counts and the first differing index named),
-            their labels disagree, or a log is empty.
+        ReportError: a log is empty or repeats an index; the logs do not hold the same images (an index found in
+            only one of them named); they give an image different labels (the image and both labels named); only
+            one of them has an ``idx`` column.
     """
     from scipy.stats import binomtest
 
     if not len(a) or not len(b):
         raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
+    if (a.idx is None) != (b.idx is None):
+        with_idx, without = (a, b) if a.idx is not None else (b, a)
+        raise ReportError(f"{with_idx.name} names its images (idx column) and {without.name} does not: the images "
+                          "cannot be matched")
     if a.idx is not None and b.idx is not None:
-        ia, ib = np.argsort(a.idx, kind="stable"), np.argsort(b.idx, kind="stable")
+        for lg in (a, b):  # a resumed log of another tool can repeat an image; pairing it would count it twice
+            u, counts = np.unique(lg.idx, return_counts=True)
+            if (counts > 1).any():
+                raise ReportError(f"{lg.name}: idx {int(u[counts > 1][0])} appears {int(counts.max())} times; a "
+                                  "paired comparison needs each image once")
+        ia, ib = np.argsort(a.idx), np.argsort(b.idx)
         if len(a) != len(b) or not np.array_equal(a.idx[ia], b.idx[ib]):
-            only = sorted(set(a.idx.tolist()) ^ set(b.idx.tolist()))
+            only_in_a = sorted(set(a.idx.tolist()) - set(b.idx.tolist()))
+            where, missing = (a.name, only_in_a[0]) if only_in_a else (b.name, min(set(b.idx.tolist()) - set(a.idx.tolist())))
             raise ReportError(f"{a.name} ({len(a)} images) and {b.name} ({len(b)} images) are not logs of the same "
-                              f"images (e.g. idx {only[0] if only else 'repeated'}); a paired comparison needs both "
+                              f"images (e.g. idx {missing} is only in {where}); a paired comparison needs both "
                               "certified on the same test images")
     elif len(a) != len(b):
         raise ReportError(f"{a.name} has {len(a)} rows and {b.name} {len(b)}; without idx columns the logs must "
                           "list the same images in the same order")
     else:
         ia = ib = np.arange(len(a))
-    if not np.array_equal(a.label[ia], b.label[ib]):
-        raise ReportError(f"{a.name} and {b.name} give different labels to the same images: not the same test set")
+    if (bad := np.flatnonzero(a.label[ia] != b.label[ib])).size:
+        k = int(bad[0])
+        image = f"idx {int(a.idx[ia][k])}" if a.idx is not None else f"row {k + 1}"
+        raise ReportError(f"{a.name} and {b.name} give {image} different labels ({int(a.label[ia][k])} and "
+                          f"{int(b.label[ib][k])}): not the same test set")
     if radii is None:
         radii = summarize([a, b]).radii
     acc_a, acc_b, diff, se, p = [], [], [], [], []
@@ -429,13 +447,15 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
             lg.name = f"{Path(f).parent.name}/{lg.name}"
     table = summarize(logs, radii)
     print(table.text())
-    comparisons = [compare(logs[0], lg, table.radii) for lg in logs[1:]] if paired else []
-    for c in comparisons:
-        print("\n" + c.text())
     if markdown:
-        Path(markdown).write_text("\n".join([table.markdown(), *(c.markdown() for c in comparisons)]))
+        Path(markdown).write_text(table.markdown())
     if csv_path:
         Path(csv_path).write_text(table.csv())
     if plot:
         plot_curves(logs, plot)
+    comparisons = [compare(logs[0], lg, table.radii) for lg in logs[1:]] if paired else []  # after the files: a
+    for c in comparisons:  # refused pair loses none of them
+        print("\n" + c.text())
+    if markdown and comparisons:
+        Path(markdown).write_text("\n".join([table.markdown(), *(c.markdown() for c in comparisons)]))
     return table
