@@ -331,25 +331,9 @@ def _paired_se(d: np.ndarray) -> float:
     return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> Comparison:
-    """Paired comparison of two certification logs of the same images (see :class:`Comparison`).
-
-    Images are matched by their ``idx`` column when both logs have one (each index at most once per log), by row
-    order when neither has (then the labels must agree row by row). Radii in [0, 1] pixel units (default: the
-    data set's standard ones, as in :func:`summarize`); the result holds fractions, not %. With one image the
-    standard errors are NaN; with no image certified by exactly one of the two, p = 1. The paired standard error
-    of a difference of proportions is the usual one for matched pairs (Agresti, Categorical Data Analysis, 10.1);
-    no correction is made for testing several radii or pairs.
-
-    Raises:
-        ReportError: a log is empty or repeats an index; the logs do not hold the same images (an index found in
-            only one of them named); they give an image different labels (the image and both labels named); only
-            one of them has an ``idx`` column.
-    """
-    from scipy.stats import binomtest
-
-    if not len(a) or not len(b):
-        raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
+def _match_images(a: CertLog, b: CertLog) -> tuple[np.ndarray, np.ndarray]:
+    """Row orders ``ia``, ``ib`` that put the same image at the same position in ``a`` and ``b`` (see
+    :func:`compare`, whose ReportErrors this raises)."""
     if (a.idx is None) != (b.idx is None):
         with_idx, without = (a, b) if a.idx is not None else (b, a)
         raise ReportError(f"{with_idx.name} names its images (idx column) and {without.name} does not: the images "
@@ -377,6 +361,29 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         image = f"idx {int(a.idx[ia][k])}" if a.idx is not None else f"row {k + 1}"
         raise ReportError(f"{a.name} and {b.name} give {image} different labels ({int(a.label[ia][k])} and "
                           f"{int(b.label[ib][k])}): not the same test set")
+    return ia, ib
+
+
+def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> Comparison:
+    """Paired comparison of two certification logs of the same images (see :class:`Comparison`).
+
+    Images are matched by their ``idx`` column when both logs have one (each index at most once per log), by row
+    order when neither has (then the labels must agree row by row). Radii in [0, 1] pixel units (default: the
+    data set's standard ones, as in :func:`summarize`); the result holds fractions, not %. With one image the
+    standard errors are NaN; with no image certified by exactly one of the two, p = 1. The paired standard error
+    of a difference of proportions is the usual one for matched pairs (Agresti, Categorical Data Analysis, 10.1);
+    no correction is made for testing several radii or pairs.
+
+    Raises:
+        ReportError: a log is empty or repeats an index; the logs do not hold the same images (an index found in
+            only one of them named); they give an image different labels (the image and both labels named); only
+            one of them has an ``idx`` column.
+    """
+    from scipy.stats import binomtest
+
+    if not len(a) or not len(b):
+        raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
+    ia, ib = _match_images(a, b)
     if radii is None:
         radii = summarize([a, b]).radii
     acc_a, acc_b, diff, se, p = [], [], [], [], []
