@@ -136,13 +136,21 @@ def main() -> None:
     model = SmallCNN()
     params = sum(p.numel() for p in model.parameters())
     if args.load:
+        if Path(args.load).resolve() == out.resolve():  # would overwrite the trained run's record and log
+            raise SystemExit(f"--out {args.out} is the --load folder; certify into another folder")
         trained = json.loads((Path(args.load) / "result.json").read_text())
+        need = [k for k in ("steps", "seconds", "final_loss", "args") if k not in trained]
+        need += [f"args.{k}" for k in ("method", "sigma", "seed", "minutes") if k not in trained.get("args", {})]
+        if need:
+            raise SystemExit(f"{Path(args.load) / 'result.json'} lacks {', '.join(need)}: not a result of this script")
         for key in ("method", "sigma", "seed"):  # certifying under another noise level than trained is a different experiment
             if trained["args"][key] != getattr(args, key):
                 raise SystemExit(f"--{key} {getattr(args, key)} differs from the loaded run's {trained['args'][key]}")
         model.load_state_dict(load_file(str(Path(args.load) / "model.safetensors")))
+        # a run certified from a loaded one keeps the training time of the run that trained it
+        minutes = trained.get("trained_minutes", trained["args"]["minutes"])
         stats = {k: trained[k] for k in ("steps", "seconds", "final_loss")} | {"loaded_from": str(args.load),
-                                                                              "trained_minutes": trained["args"]["minutes"]}
+                                                                              "trained_minutes": minutes}
     else:
         stats = train(model, args.method, args.sigma, args.minutes, args.seed)
     model.eval()

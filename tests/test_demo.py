@@ -221,6 +221,27 @@ def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "pretrain").exists()
 
 
+def test_shipped_copy_clears_what_a_killed_copy_left_and_keeps_the_usual_permissions(tmp_path):
+    """A copy killed part way (SIGKILL) leaves ``pretrain.tmpXXXX`` with a config.yaml and a log.jsonl: the next
+    copy removes it, and the HTML report never lists such a folder as a training run."""
+    import os
+
+    from dmae.demo import install_shipped_pretraining
+    from dmae.html_report import discover
+
+    stale = tmp_path / "pretrain.tmpk1ll3d"
+    stale.mkdir()
+    (stale / "config.yaml").write_text("model: x\n")
+    (stale / "log.jsonl").write_text("")
+    assert discover([], [tmp_path]).training == []
+    install_shipped_pretraining(tmp_path / "pretrain")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "pretrain").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert discover([], [tmp_path]).training == [tmp_path / "pretrain"]
+
+
 def test_demo_epochs_without_from_scratch_is_refused():
     from dmae.demo import DemoConfig
 

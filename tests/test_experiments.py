@@ -40,7 +40,8 @@ def test_shrunken_experiment_runs_end_to_end(name, tmp_path):
         assert all(r["images"] == 4 for r in tables[label].rows)
     report = (tmp_path / "report.md").read_text()
     assert all(f"## {label}" in report for label in exp.groups)
-    assert all(f"{a}/" in report and " vs " in report for a, _ in exp.comparisons)
+    assert all(f"A = {a}/" in report and f"vs B = {b}/" in report for a, b in exp.comparisons)
+    assert report.count("McNemar p") == len([k for k in tables if " vs " in k])
 
 
 def test_rerun_skips_what_is_done_and_use_replaces_a_stage(tmp_path, capsys):
@@ -71,7 +72,15 @@ def test_bad_experiments_and_options_are_named(tmp_path, capsys):
                           ("stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n", "group 'g' names 'a', which is not a fine-tuning stage"),
                           ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage"),
                           ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, b]\n",
-                           r"comparison \['a', 'b'\] must be two classifier stages that a certify stage certifies \(a\)")):
+                           r"comparison \['a', 'b'\] must be two different classifier stages that a certify stage "
+                           r"certifies \(a\)"),
+                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, a]\n",
+                           r"comparison \['a', 'a'\] must be two different"),
+                          ("stages:\n  a: {command: finetune}\n  b: {command: finetune}\n"
+                           "  c: {command: certify, runs: [a], set: {skip: 20}}\n  d: {command: certify, runs: [b], set: {skip: 1}}\n"
+                           "comparisons:\n  - [a, b]\n",
+                           r"comparison \[a, b\] pairs runs certified on different test images \(a by c: skip=20, max=None, "
+                           r"split=None; b by d: skip=1, max=None, split=None\)")):
         bad.write_text(text)
         with pytest.raises(ExperimentError, match=message):
             load_experiment(str(bad))
@@ -169,7 +178,7 @@ def test_comparisons_say_why_they_are_missing(tmp_path):
     whole, part, other = log("a", 0.25, [0, 20, 40]), log("b", 0.25, [0, 20]), log("c", 0.5, [0, 20, 40])
     tables = {}
     lines = comparison_lines("a", [whole], "b", [part], tables)
-    assert not tables and "not comparable yet" in lines[0] and "idx 40 is only in certify_sigma0.25" in lines[0]
+    assert not tables and "not comparable (" in lines[0] and "rerun the experiment" in lines[0] and "idx 40 is only in certify_sigma0.25" in lines[0]
     assert "no sigma in common (a: 0.25; c: 0.5)" in comparison_lines("a", [whole], "c", [other], tables)[0]
     assert "not both certified yet" in comparison_lines("a", [whole], "d", [], tables)[0]
     assert "two certification logs at one sigma" in comparison_lines("a", [whole, whole], "c", [other], tables)[0]

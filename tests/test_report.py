@@ -77,13 +77,26 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
         compare(read_log(a), read_log(b))
     with pytest.raises(ReportError, match=r"give idx 20 different labels \(2 and 3\)"):
         compare(read_log(a), read_log(c))
-    dup = _write(tmp_path / "d_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)])
+    dup = _write(tmp_path / "d_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)]
+                 + [(5, 1, 1, 0.1, 1, 0)] * 3)
     with pytest.raises(ReportError, match="d_sigma0.25: idx 0 appears 2 times"):  # e.g. a resumed log of another tool
         compare(read_log(dup), read_log(dup))
     no_idx = _write(tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
     with pytest.raises(ReportError, match="a_sigma0.25 names its images .* e_sigma0.25 does not"):
         compare(read_log(a), read_log(no_idx))
     assert compare(read_log(no_idx), read_log(no_idx)).diff == [0.0] * 5  # no idx on either side: row order
+    swapped = _write(tmp_path / "f_sigma0.25.tsv", [(2, 2, 0.4, 1), (1, 1, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
+    with pytest.raises(ReportError, match=r"give row 1 different labels \(1 and 2\)"):
+        compare(read_log(no_idx), read_log(swapped))
+    longer = _write(tmp_path / "g_sigma0.25.tsv", [(1, 1, 0.4, 1)] * 3, header="label\tpredict\tradius\tcorrect")
+    with pytest.raises(ReportError, match="e_sigma0.25 has 2 rows and g_sigma0.25 3"):
+        compare(read_log(no_idx), read_log(longer))
+    other = tmp_path / "other_sigma0.25.tsv"
+    other.write_text(a.read_text())
+    other.with_suffix(".json").write_text('{"sigma": 0.25, "data": "cifar10"}')
+    a.with_suffix(".json").write_text('{"sigma": 0.25, "data": "fashion-mnist"}')
+    with pytest.raises(ReportError, match="a_sigma0.25 certifies fashion-mnist and other_sigma0.25 cifar10"):
+        compare(read_log(a), read_log(other))
     assert main(["report", str(a), "--compare"]) == 2
     assert "give at least two (got 1)" in capsys.readouterr().err
     md = tmp_path / "refused.md"
@@ -96,3 +109,21 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     assert main(["report", str(a), str(same), "--compare", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out  # equal file names are told apart by their folders
     assert "x/a_sigma0.25" in out and "+0.0" in out and "McNemar p" in md.read_text()
+
+
+def test_comparison_names_tell_the_two_sides_apart(tmp_path, capsys):
+    """Two demo runs: both logs are certify/certify_sigma0.25.tsv, so the names take folders until they differ,
+    and the header says which is A, which is B, and their sigmas."""
+    rows = [(i, i % 3, i % 3, 0.3, 1, 0) for i in range(4)]
+    files = []
+    for run, sigma in (("run_a", 0.25), ("run_b", 0.5)):
+        (tmp_path / run / "certify").mkdir(parents=True)
+        f = _write(tmp_path / run / "certify" / "certify_sigma0.25.tsv", rows)
+        f.with_suffix(".json").write_text(f'{{"sigma": {sigma}}}')
+        files.append(str(f))
+    assert main(["report", *files, "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert ("A = run_a/certify/certify_sigma0.25 (sigma 0.25) vs B = run_b/certify/certify_sigma0.25 (sigma 0.5), "
+            "the same 4 images (difference A - B):") in out
+    from dmae.report import distinct_names
+    assert distinct_names([files[0], files[0]])[1].endswith("run_a/certify/certify_sigma0.25#2")

@@ -10,6 +10,7 @@ instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -95,9 +96,11 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
     copied = read_provenance(run)
     if copied is not None:
         return copied  # the copy this folder was made with
-    if run.exists() and any(run.iterdir()):
-        raise ValueError(f"{run} holds a pretraining run made here (dmae demo --from-scratch); run the demo with "
-                         "--from-scratch again to continue it, or give another --output-dir for the shipped checkpoint")
+    if run.exists() and (found := sorted(p.name for p in run.iterdir())):
+        raise ValueError(f"{run} holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} and no copy of the "
+                         "shipped checkpoint (a pretraining run made here with dmae demo --from-scratch?); run the "
+                         "demo with --from-scratch again to continue it, or give another --output-dir for the "
+                         "shipped checkpoint")
     for name in SHIPPED_FILES:
         if not (SHIPPED_DIR / name).is_file():
             raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
@@ -107,7 +110,12 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
         raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
                          f"recorded {prov['sha256']}; reinstall dmae")
     run.parent.mkdir(parents=True, exist_ok=True)
+    for stale in run.parent.glob(run.name + ".tmp*"):  # left by a copy that was killed (SIGKILL) part way
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=run.name + ".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder gets the user's usual permissions
     try:
         for name in SHIPPED_FILES:
             shutil.copyfile(SHIPPED_DIR / name, tmp / name)

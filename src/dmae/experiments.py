@@ -120,7 +120,9 @@ def load_experiment(name_or_path: str) -> Experiment:
 
     Raises:
         ExperimentError: unknown name (listing the shipped ones), a stage with an unknown command, a reference to
-            a stage that does not come before it, a group naming no classifier stage.
+            a stage that does not come before it, a group naming no classifier stage, a comparison that is not two
+            different certified classifier stages or whose certify stages choose different test images (skip,
+            max, split).
     """
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
@@ -163,9 +165,32 @@ def _check(exp: Experiment) -> None:
                 raise ExperimentError(f"{exp.name}: group {label!r} names {r!r}, which is not a fine-tuning stage")
     certified = {r for s in exp.stages if s.command == "certify" for r in s.runs}
     for pair in exp.comparisons:
-        if not isinstance(pair, list) or len(pair) != 2 or any(r not in certified for r in pair):
-            raise ExperimentError(f"{exp.name}: comparison {pair!r} must be two classifier stages that a certify stage "
-                                  f"certifies ({', '.join(sorted(certified)) or 'none'})")
+        if not isinstance(pair, list) or len(pair) != 2 or any(r not in certified for r in pair) or pair[0] == pair[1]:
+            raise ExperimentError(f"{exp.name}: comparison {pair!r} must be two different classifier stages that a "
+                                  f"certify stage certifies ({', '.join(sorted(certified)) or 'none'})")
+        _check_same_images(exp, *pair)
+
+
+# the certify options that choose which test images are certified: a paired comparison needs them equal
+_IMAGE_OPTIONS = ("skip", "max", "split")
+
+
+def _check_same_images(exp: Experiment, a: str, b: str) -> None:
+    """Refuse, at load time rather than after the compute, a comparison of runs certified on different images."""
+    fields = _certify_class().__dataclass_fields__
+    default = {k: fields[k].default for k in _IMAGE_OPTIONS}  # an option left out and set to its default agree
+
+    def selections(run: str) -> dict[tuple[Any, ...], str]:
+        return {tuple(s.set.get(k, default[k]) for k in _IMAGE_OPTIONS): s.name
+                for s in exp.stages if s.command == "certify" and run in s.runs}
+
+    sa, sb = selections(a), selections(b)
+    if not set(sa) & set(sb):
+        show = lambda sel: "; ".join(f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key))  # noqa: E731
+                                     for key, st in sel.items())
+        raise ExperimentError(f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
+                              f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
+                              f"{', '.join(_IMAGE_OPTIONS)}")
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -485,7 +510,8 @@ def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], table
         try:
             c = compare(la, lb)
         except ReportError as e:  # e.g. one certification stopped part way: the rest of the report still comes out
-            lines += [f"{a} vs {b}, sigma {la.sigma:g}: not comparable yet ({e})", ""]
+            lines += [f"{a} vs {b}, sigma {la.sigma:g}: not comparable ({e}); if a certification is still running "
+                      "or was stopped, rerun the experiment to finish it", ""]
             continue
         tables[f"{a} vs {b}, sigma {la.sigma:g}"] = c
         print(f"\n{c.text()}", flush=True)

@@ -65,7 +65,9 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
         if not r.is_dir():
             raise FileNotFoundError(f"no such run folder: {r}")
         found.logs += find_logs(r)
-        runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()]
+        # a folder named *.tmp* is a copy or checkpoint being written (or left by a killed process), not a run
+        runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()
+                      and not any(".tmp" in part for part in p.parent.relative_to(r).parts)]
         # pretraining runs (they export model.safetensors) first: the order a run was made in
         found.training += sorted(runs_found, key=lambda d: (not (d / "model.safetensors").is_file(), str(d)))
         found.figures += sorted(p for p in r.rglob("*.png") if "reconstruction" in p.name)

@@ -284,9 +284,11 @@ class Comparison:
     """Classifier ``a`` against ``b`` on the same ``images`` test images (paired).
 
     Per radius in ``radii`` ([0, 1] pixel units): the certified accuracies ``acc_a`` / ``acc_b`` (fractions),
-    ``diff`` = acc_a - acc_b, ``se`` its paired standard error (std of the per-image differences, ddof 1,
-    over sqrt(images)) and ``p`` the exact two-sided McNemar p-value (a binomial test of the images certified
-    by only one of the two: the exact (binomial) version of McNemar's test, 1947). ``acr_*``: the same for the average certified radius (no test).
+    ``diff`` = acc_a - acc_b, ``se`` its paired standard error (the sample standard deviation of the per-image
+    differences, ddof 1, over sqrt(images)) and ``p`` the exact two-sided McNemar p-value (a binomial test of
+    the images certified by only one of the two: the exact version of McNemar's test, 1947). ``acr_*``: the
+    same for the average certified radius (no test). ``sigma_a`` / ``sigma_b``: the noise levels of the two
+    logs (None when a log does not record it); comparing different sigmas is allowed, and the header says so.
     """
 
     a: str
@@ -302,6 +304,15 @@ class Comparison:
     acr_b: float
     acr_diff: float
     acr_se: float
+    sigma_a: float | None = None
+    sigma_b: float | None = None
+
+    def header(self) -> str:
+        """The line above the table: the pair, their sigmas where known, and the number of images."""
+        def side(name: str, sigma: float | None) -> str:
+            return f"{name} (sigma {sigma:g})" if sigma is not None else name
+        images = "the same image" if self.images == 1 else f"the same {self.images} images"
+        return f"A = {side(self.a, self.sigma_a)} vs B = {side(self.b, self.sigma_b)}, {images} (difference A - B):"
 
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows as display strings: one row per radius, then ACR (accuracies in %)."""
@@ -316,13 +327,13 @@ class Comparison:
         head, body = self.cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([f"{self.a} vs {self.b}, the same {self.images} images:", fmt(head),
+        return "\n".join([self.header(), fmt(head),
                           fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
     def markdown(self) -> str:
         """A Markdown table under a line naming the pair and the number of images."""
         head, body = self.cells()
-        lines = [f"{self.a} vs {self.b}, the same {self.images} images:", "", "| " + " | ".join(head) + " |",
+        lines = [self.header(), "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
 
@@ -342,7 +353,8 @@ def _match_images(a: CertLog, b: CertLog) -> tuple[np.ndarray, np.ndarray]:
         for lg in (a, b):  # a resumed log of another tool can repeat an image; pairing it would count it twice
             u, counts = np.unique(lg.idx, return_counts=True)
             if (counts > 1).any():
-                raise ReportError(f"{lg.name}: idx {int(u[counts > 1][0])} appears {int(counts.max())} times; a "
+                k = int(np.flatnonzero(counts > 1)[0])
+                raise ReportError(f"{lg.name}: idx {int(u[k])} appears {int(counts[k])} times; a "
                                   "paired comparison needs each image once")
         ia, ib = np.argsort(a.idx), np.argsort(b.idx)
         if len(a) != len(b) or not np.array_equal(a.idx[ia], b.idx[ib]):
@@ -371,18 +383,21 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
     order when neither has (then the labels must agree row by row). Radii in [0, 1] pixel units (default: the
     data set's standard ones, as in :func:`summarize`); the result holds fractions, not %. With one image the
     standard errors are NaN; with no image certified by exactly one of the two, p = 1. The paired standard error
-    of a difference of proportions is the usual one for matched pairs (Agresti, Categorical Data Analysis, 10.1);
-    no correction is made for testing several radii or pairs.
+    is the sample standard deviation (ddof 1) of the per-image differences over sqrt(N): for a difference of
+    proportions it is sqrt(N / (N - 1)) times the matched-pairs one (Agresti, Categorical Data Analysis, 10.1),
+    slightly conservative. No correction is made for testing several radii or pairs.
 
     Raises:
         ReportError: a log is empty or repeats an index; the logs do not hold the same images (an index found in
             only one of them named); they give an image different labels (the image and both labels named); only
-            one of them has an ``idx`` column.
+            one of them has an ``idx`` column; they name different data sets.
     """
     from scipy.stats import binomtest
 
     if not len(a) or not len(b):
         raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
+    if a.dataset and b.dataset and a.dataset != b.dataset:
+        raise ReportError(f"{a.name} certifies {a.dataset} and {b.name} {b.dataset}: not the same test set")
     ia, ib = _match_images(a, b)
     if radii is None:
         radii = summarize([a, b]).radii
@@ -399,7 +414,7 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
     ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
     return Comparison(a.name, b.name, len(a), tuple(radii), acc_a, acc_b, diff, se, p, float(ra.mean()),
-                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb))
+                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb), a.sigma, b.sigma)
 
 
 def curves_figure(logs: list[CertLog], title: str = "") -> Any:
@@ -439,6 +454,21 @@ def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
     return write_png(curves_figure(logs, title), path, dpi=120)
 
 
+def distinct_names(files: list[str | Path]) -> list[str]:
+    """Short display names that tell ``files`` apart: each file's stem, with as many of its folders in front
+    (``certify/certify_sigma0.25``, then ``run_a/certify/certify_sigma0.25``, ...) as it takes for the names to
+    differ; the same file given twice is numbered (``#2``). Folders are taken from the absolute path, so a file
+    in the current folder is named by that folder too when needed."""
+    paths = [Path(f).resolve() for f in files]
+    parts = [p.with_suffix("").parts for p in paths]
+    for k in range(1, max(len(x) for x in parts) + 1 if parts else 1):
+        names = ["/".join(x[-k:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    names = ["/".join(x) for x in parts] if parts else []
+    return [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
            csv_path: str | Path | None = None, plot: str | Path | None = None, paired: bool = False) -> Table:
     """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs. With ``paired``,
@@ -449,9 +479,8 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
             when ``files`` is empty, or (``paired``) when the logs are not of the same images.
     """
     logs = [read_log(f) for f in files]
-    if len({lg.name for lg in logs}) < len(logs):  # same file names in different folders: name them by folder too
-        for lg, f in zip(logs, files):
-            lg.name = f"{Path(f).parent.name}/{lg.name}"
+    for lg, name in zip(logs, distinct_names(files)):
+        lg.name = name
     table = summarize(logs, radii)
     print(table.text())
     if markdown:
