@@ -69,6 +69,8 @@ def test_bad_experiments_and_options_are_named(tmp_path, capsys):
     for text, message in (("stages:\n  a: {command: finetune, init: b}\n  b: {command: pretrain}\n",
                            "stage a refers to 'b', which is not an earlier stage"),
                           ("stages:\n  a: {command: train}\n", "stage a has command 'train'"),
+                          ("stages:\n  a: {command: finetune}\ncomparison:\n  - [a, a]\n",
+                           r"unknown keys \['comparison'\]; an experiment takes comparisons, groups"),
                           ("stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n", "group 'g' names 'a', which is not a fine-tuning stage"),
                           ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage"),
                           ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, b]\n",

@@ -115,6 +115,9 @@ def list_experiments() -> list[str]:
     return sorted(p.stem for p in experiments_dir().glob("*.yaml"))
 
 
+TOP_KEYS = {"title", "paper", "torchrun", "stages", "groups", "notes", "comparisons"}
+
+
 def load_experiment(name_or_path: str) -> Experiment:
     """Read a shipped experiment (by name) or an experiment file, and check that its stages fit together.
 
@@ -122,7 +125,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         ExperimentError: unknown name (listing the shipped ones), a stage with an unknown command, a reference to
             a stage that does not come before it, a group naming no classifier stage, a comparison that is not two
             different certified classifier stages or whose certify stages choose different test images (skip,
-            max, split).
+            max, split), an unknown key.
     """
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
@@ -130,6 +133,9 @@ def load_experiment(name_or_path: str) -> Experiment:
         if not p.is_file():
             raise ExperimentError(f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())}")
     raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict) or set(raw) - TOP_KEYS:  # a misspelt key (comparison:) would be dropped silently
+        extra = sorted(set(raw) - TOP_KEYS) if isinstance(raw, dict) else raw
+        raise ExperimentError(f"{p.name}: unknown keys {extra}; an experiment takes {', '.join(sorted(TOP_KEYS))}")
     known = set(Stage.__dataclass_fields__) - {"name"}
     for n, spec in (raw.get("stages") or {}).items():
         if not isinstance(spec, dict) or set(spec) - known:
