@@ -98,7 +98,7 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     with pytest.raises(ReportError, match="a_sigma0.25 certifies fashion-mnist and other_sigma0.25 cifar10"):
         compare(read_log(a), read_log(other))
     assert main(["report", str(a), "--compare"]) == 2
-    assert "give at least two (got 1)" in capsys.readouterr().err
+    assert "give at least two, as files or folders of logs (got 1;" in capsys.readouterr().err
     md = tmp_path / "refused.md"
     assert main(["report", str(a), str(b), "--compare", "--markdown", str(md)]) == 2
     assert "| a_sigma0.25 |" in md.read_text()  # a refused comparison loses none of the other outputs
@@ -127,3 +127,44 @@ def test_comparison_names_tell_the_two_sides_apart(tmp_path, capsys):
             "the same 4 images (difference A - B):") in out
     from dmae.report import distinct_names
     assert distinct_names([files[0], files[0]])[1].endswith("run_a/certify/certify_sigma0.25#2")
+
+
+def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
+    """A comparison names protocol differences, the same weights on both sides and a missing protocol record;
+    a best-sigma row (and curve) is only drawn over one classifier's logs of the same images."""
+    import json
+
+    from dmae.report import curves_figure
+
+    rows = [(i, i % 3, i % 3, 0.3, 1, 0) for i in range(4)]
+    meta = {"sigma": 0.25, "data": "fashion-mnist", "mode": "certify", "n0": 100, "n": 1000, "alpha": 0.001,
+            "weights_sha256": "ab" * 32}
+    logs = {}
+    for name, change in (("a", {}), ("b", {"alpha": 0.01, "n": 10000}), ("c", {"weights_sha256": "cd" * 32})):
+        (tmp_path / name).mkdir()
+        logs[name] = _write(tmp_path / name / "certify_sigma0.25.tsv", rows)
+        logs[name].with_suffix(".json").write_text(json.dumps({**meta, **change}))
+    ab = compare(read_log(logs["a"]), read_log(logs["b"]))
+    assert ab.notes[0] == ("the certification protocols differ (n 1000 vs 10000; alpha 0.001 vs 0.01): the "
+                           "difference mixes the classifiers with the protocols")
+    assert "both logs certify the same weights (sha256 abababababab...)" in ab.notes
+    assert compare(read_log(logs["a"]), read_log(logs["c"])).notes == []
+    bare = _write(tmp_path / "bare_sigma0.25.tsv", rows)
+    assert "bare_sigma0.25 has no protocol record" in compare(read_log(logs["a"]), read_log(bare)).notes[0]
+    # a folder stands for its logs; --compare writes the comparisons as CSV too, and no best row
+    out_csv = tmp_path / "t.csv"
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--compare", "--csv", str(out_csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the certification protocols differ" in printed and "best" not in printed
+    paired = (tmp_path / "t_paired.csv").read_text().splitlines()
+    assert paired[0].startswith("a,b,sigma_a") and len(paired) == 1 + 6 and paired[-1].split(",")[5] == "acr"
+    # the same sigma twice: two classifiers, so no best row and curves named by log
+    same = summarize([read_log(logs["a"]), read_log(logs["b"])])
+    assert [r["name"] for r in same.rows] == ["certify_sigma0.25"] * 2 and "two logs share a sigma" in same.notes[0]
+    other_sigma = _write(tmp_path / "x_sigma0.5.tsv", rows[:3])
+    t = summarize([read_log(logs["a"]), read_log(other_sigma)])
+    assert "best" not in [r["name"] for r in t.rows] and "different numbers of images (4, 3)" in t.notes[0]
+    lg_a, lg_b = read_log(logs["a"]), read_log(logs["b"])
+    lg_a.name, lg_b.name = "A", "B"
+    labels = curves_figure([lg_a, lg_b]).axes[0].get_legend_handles_labels()[1]
+    assert labels == ["A, sigma = 0.25", "B, sigma = 0.25"]

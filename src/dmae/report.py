@@ -67,8 +67,9 @@ class ReportConfig(Options):
         for name in ("markdown", "csv", "plot"):
             if getattr(self, name) and not self.files:
                 raise ValueError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
-        if self.compare and len(self.files) < 2:
-            raise ValueError(f"--compare compares log files with the first one: give at least two (got {len(self.files)})")
+        if self.compare and len(self.files) < 2 and not any(Path(f).is_dir() for f in self.files):
+            raise ValueError(f"--compare compares log files with the first one: give at least two, as files or "
+                             f"folders of logs (got {len(self.files)}; --run-dir folders are not compared)")
 
 
 @dataclass
@@ -76,7 +77,9 @@ class CertLog:
     """One certification log as arrays ``[n]`` (one entry per image); ``radius`` in [0, 1] pixel units.
 
     ``sigma`` and ``dataset`` come from the log's sidecar ``.json`` (or ``sigma`` from the file name), else
-    ``None``.
+    ``None``; ``meta`` is that whole JSON (empty without one). For sequential ``targets`` logs, ``radius`` is the
+    continuous radius (``radius_continuous``), not the largest target reached: both are valid certificates, the
+    continuous one is finer, and ACR is computed from it.
     """
 
     name: str
@@ -89,6 +92,7 @@ class CertLog:
     n_samples: np.ndarray | None = None  # noise samples spent per image (sequential CERTIFY logs)
     wrong_guess_skipped: int | None = None  # images the label shortcut stopped after selection (None: shortcut off)
     idx: np.ndarray | None = None  # the images' data-set indices (None: the log has no idx column)
+    meta: dict[str, Any] = field(default_factory=dict)  # the sidecar JSON: protocol, weights' sha256, ...
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -99,7 +103,8 @@ class CertLog:
 
     @property
     def acr(self) -> float:
-        """Average certified radius, ``mean(correct * radius)`` (Zhai et al., ICLR 2020); NaN when empty."""
+        """Average certified radius, ``mean(correct * radius)`` (Zhai et al., ICLR 2020), with the continuous
+        radius of sequential logs (see the class); NaN when empty."""
         return float(np.mean(self.correct * self.radius)) if len(self) else float("nan")
 
     @property
@@ -148,7 +153,7 @@ def read_log(path: str | Path) -> CertLog:
         # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int), n_samples, skipped, idx)
+                   arr[:, 3].astype(int), n_samples, skipped, idx, meta)
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
@@ -249,9 +254,13 @@ class Table:
         return buf.getvalue()
 
 
-def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Table:
+def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best: bool = True) -> Table:
     """Certified accuracy at ``radii`` (default: the data set's standard radii), ACR and abstention per log,
-    plus the best-per-radius row when there are several logs.
+    plus (``best``) the best-sigma-per-radius row of the paper's Tables 1-2 when there are several logs.
+
+    The best row is a maximum over noise levels of one classifier, so it is left out, with a note saying why,
+    when the logs are not that: a sigma is repeated or unknown (different classifiers), or the logs hold
+    different numbers of images (a maximum of accuracies over different images).
 
     Rows are sorted by sigma (logs without one last). The default radii are :data:`RADII` of the logs'
     data set when they all name the same one, else :data:`DEFAULT_RADII`. Radii in [0, 1] pixel units.
@@ -268,15 +277,31 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> Ta
              "acr": lg.acr, "abstain": lg.abstain_rate,
              "samples": None if lg.n_samples is None else int(lg.n_samples.sum())}
             for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
-    if len(logs) > 1:
-        rows.append({"name": "best", "sigma": None, "images": max(len(lg) for lg in logs),
+    notes = []
+    why_not = best_row_refusal(logs) if best and len(logs) > 1 else "not asked"
+    if why_not is None:
+        rows.append({"name": "best", "sigma": None, "images": len(logs[0]),
                      "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
                      "acr": max(r["acr"] for r in rows), "abstain": None})
-    notes = [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
-             "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
-             "unchanged, their class and radius are not those of full CERTIFY"
-             for lg in logs if lg.wrong_guess_skipped is not None]
+    elif why_not != "not asked":
+        notes.append(f"note: no best-sigma row: {why_not}")
+    notes += [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
+              "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
+              "unchanged, their class and radius are not those of full CERTIFY"
+              for lg in logs if lg.wrong_guess_skipped is not None]
     return Table(tuple(radii), rows, notes)
+
+
+def best_row_refusal(logs: list[CertLog]) -> str | None:
+    """Why a best-sigma row over ``logs`` would mean nothing (None when it is meaningful): see :func:`summarize`."""
+    sigmas = [None if lg.sigma is None else round(lg.sigma, 6) for lg in logs]
+    if None in sigmas:
+        return f"the sigma of {logs[sigmas.index(None)].name} is unknown"
+    if len(set(sigmas)) < len(sigmas):
+        return "two logs share a sigma (different classifiers, not one classifier at several sigma)"
+    if len({len(lg) for lg in logs}) > 1:
+        return f"the logs hold different numbers of images ({', '.join(str(len(lg)) for lg in logs)})"
+    return None
 
 
 @dataclass
@@ -306,6 +331,16 @@ class Comparison:
     acr_se: float
     sigma_a: float | None = None
     sigma_b: float | None = None
+    notes: list[str] = field(default_factory=list)  # what may confound the difference (protocols, same weights)
+
+    def csv_rows(self) -> list[list[Any]]:
+        """Rows for a CSV of comparisons (unrounded fractions): a, b, sigma_a, sigma_b, images, radius ("acr" for
+        the ACR row), value_a, value_b, difference, paired_se, mcnemar_p ("" for ACR)."""
+        head = [self.a, self.b, self.sigma_a, self.sigma_b, self.images]
+        rows = [head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
+                for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
+        return rows + [head + ["acr", f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", f"{self.acr_diff:.6f}",
+                               f"{self.acr_se:.6f}", ""]]
 
     def header(self) -> str:
         """The line above the table: the pair, their sigmas where known, and the number of images."""
@@ -327,15 +362,39 @@ class Comparison:
         head, body = self.cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([self.header(), fmt(head),
-                          fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+        return "\n".join([self.header(), fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+                         + [f"note: {n}" for n in self.notes])
 
     def markdown(self) -> str:
         """A Markdown table under a line naming the pair and the number of images."""
         head, body = self.cells()
         lines = [self.header(), "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+        notes = ["", *(f"Note: {n}" for n in self.notes)] if self.notes else []
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
+
+
+# the settings of a certification that change its certified accuracies: two logs that differ in one of them
+# compare protocols as well as classifiers
+PROTOCOL_KEYS = ("mode", "split", "n0", "n", "n_max", "alpha", "sequential", "sequence", "stop_on_wrong_guess")
+
+
+def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
+    """What besides the classifiers differs between two logs, read from their sidecar JSONs: protocol settings
+    (:data:`PROTOCOL_KEYS`), a missing record, or the same weights on both sides."""
+    if not a.meta or not b.meta:
+        missing = " and ".join(lg.name for lg in (a, b) if not lg.meta)
+        return [f"{missing} has no protocol record (.json beside the log): the protocols could not be checked"]
+    notes = []
+    differ = [f"{k} {a.meta[k]} vs {b.meta[k]}" for k in PROTOCOL_KEYS
+              if k in a.meta and k in b.meta and a.meta[k] != b.meta[k]]
+    if differ:
+        notes.append("the certification protocols differ (" + "; ".join(differ) + "): the difference mixes the "
+                     "classifiers with the protocols")
+    sha = a.meta.get("weights_sha256")
+    if sha and sha == b.meta.get("weights_sha256"):
+        notes.append(f"both logs certify the same weights (sha256 {sha[:12]}...)")
+    return notes
 
 
 def _paired_se(d: np.ndarray) -> float:
@@ -414,11 +473,14 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
     ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
     return Comparison(a.name, b.name, len(a), tuple(radii), acc_a, acc_b, diff, se, p, float(ra.mean()),
-                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb), a.sigma, b.sigma)
+                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb), a.sigma, b.sigma,
+                      protocol_notes(a, b))
 
 
-def curves_figure(logs: list[CertLog], title: str = "") -> Any:
-    """Certified accuracy vs radius for every log (and their upper envelope): a matplotlib figure.
+def curves_figure(logs: list[CertLog], title: str = "", best: bool = True) -> Any:
+    """Certified accuracy vs radius for every log (and, with ``best``, their upper envelope where a best-sigma
+    row is meaningful: :func:`best_row_refusal`): a matplotlib figure. Curves are labelled by sigma when the
+    sigmas tell the logs apart, else by log name and sigma.
 
     Raises:
         ValueError: ``logs`` is empty (from ``max``).
@@ -428,12 +490,14 @@ def curves_figure(logs: list[CertLog], title: str = "") -> Any:
     grid = np.linspace(0.0, max(r_max, 1e-3) * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = []
+    one_classifier = len(logs) > 1 and best_row_refusal(logs) is None
     for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0)):
         acc = np.array([lg.certified_accuracy(r) for r in grid])
         curves.append(acc)
-        label = f"sigma = {lg.sigma:g}" if lg.sigma is not None else lg.name
+        sigma = f"sigma = {lg.sigma:g}" if lg.sigma is not None else ""
+        label = sigma if sigma and (one_classifier or len(logs) == 1) else ", ".join(x for x in (lg.name, sigma) if x)
         ax.plot(grid, 100 * acc, label=label)
-    if len(logs) > 1:
+    if best and one_classifier:
         ax.plot(grid, 100 * np.max(curves, axis=0), "k--", linewidth=1, label="best sigma")
     ax.set_xlabel("l2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
@@ -445,13 +509,13 @@ def curves_figure(logs: list[CertLog], title: str = "") -> Any:
     return fig
 
 
-def plot_curves(logs: list[CertLog], path: str | Path, title: str = "") -> Path:
+def plot_curves(logs: list[CertLog], path: str | Path, title: str = "", best: bool = True) -> Path:
     """:func:`curves_figure` written as a PNG; returns its path.
 
     Raises:
         ValueError: ``logs`` is empty.  OSError: the file cannot be written.
     """
-    return write_png(curves_figure(logs, title), path, dpi=120)
+    return write_png(curves_figure(logs, title, best), path, dpi=120)
 
 
 def distinct_names(files: list[str | Path]) -> list[str]:
@@ -460,7 +524,7 @@ def distinct_names(files: list[str | Path]) -> list[str]:
     differ; the same file given twice is numbered (``#2``). Folders are taken from the absolute path, so a file
     in the current folder is named by that folder too when needed."""
     paths = [Path(f).resolve() for f in files]
-    parts = [p.with_suffix("").parts for p in paths]
+    parts = [p.with_suffix("").relative_to(p.anchor).parts for p in paths]
     for k in range(1, max(len(x) for x in parts) + 1 if parts else 1):
         names = ["/".join(x[-k:]) for x in parts]
         if len(set(names)) == len(names):
@@ -471,27 +535,47 @@ def distinct_names(files: list[str | Path]) -> list[str]:
 
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
            csv_path: str | Path | None = None, plot: str | Path | None = None, paired: bool = False) -> Table:
-    """Read ``files``, print the table, and write the optional Markdown / CSV / PNG outputs. With ``paired``,
-    also print (and add to the Markdown) :func:`compare` of every later log against the first.
+    """Read ``files`` (a folder stands for the logs in it, :func:`find_logs`), print the table, and write the
+    optional Markdown / CSV / PNG outputs. With ``paired``, also print :func:`compare` of every later log against
+    the first, add it to the Markdown, and write it as ``<csv stem>_paired.csv`` beside the CSV; the table then
+    has no best-sigma row (the logs are different classifiers).
 
     Raises:
         LogError: a file cannot be read as a log (:func:`read_log`); ``ReportError`` (the same class)
-            when ``files`` is empty, or (``paired``) when the logs are not of the same images.
+            when ``files`` is empty, a folder holds no log, ``paired`` has fewer than two logs, or (``paired``)
+            the logs are not of the same images.
     """
-    logs = [read_log(f) for f in files]
-    for lg, name in zip(logs, distinct_names(files)):
+    paths: list[str | Path] = []
+    for f in files:
+        if Path(f).is_dir():
+            if not (found := find_logs(f)):
+                raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
+            paths += found
+        else:
+            paths.append(f)
+    if paired and len(paths) < 2:
+        raise ReportError(f"--compare compares logs with the first one: give at least two (got {len(paths)})")
+    logs = [read_log(f) for f in paths]
+    for lg, name in zip(logs, distinct_names(paths)):
         lg.name = name
-    table = summarize(logs, radii)
+    table = summarize(logs, radii, best=not paired)
     print(table.text())
     if markdown:
         Path(markdown).write_text(table.markdown())
     if csv_path:
         Path(csv_path).write_text(table.csv())
     if plot:
-        plot_curves(logs, plot)
+        plot_curves(logs, plot, best=not paired)
     comparisons = [compare(logs[0], lg, table.radii) for lg in logs[1:]] if paired else []  # after the files: a
     for c in comparisons:  # refused pair loses none of them
         print("\n" + c.text())
     if markdown and comparisons:
         Path(markdown).write_text("\n".join([table.markdown(), *(c.markdown() for c in comparisons)]))
+    if csv_path and comparisons:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["a", "b", "sigma_a", "sigma_b", "images", "radius", "value_a", "value_b", "difference",
+                    "paired_se", "mcnemar_p"])
+        w.writerows(row for c in comparisons for row in c.csv_rows())
+        Path(csv_path).with_name(Path(csv_path).stem + "_paired.csv").write_text(buf.getvalue())
     return table
