@@ -22,6 +22,8 @@ def test_every_paper_experiment_is_shipped_with_an_estimate_and_torchrun_command
     assert main(["experiments"]) == 0
     out = capsys.readouterr().out
     assert all(f"{name}: " in out for name in PAPER) and "estimated GPU-hours" in out
+    assert "paired comparisons: dmae_cr vs dmae_lp; dmae_cr vs scratch_cr;" in out  # fmnist_mini's pairs
+    assert "certify of cr_range at sigma 0.25, 0.5, 0.75" in out  # many_sigma certifies one model at three sigma
 
 
 @pytest.mark.parametrize("name", list_experiments())

@@ -99,6 +99,8 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
         compare(read_log(a), read_log(other))
     assert main(["report", str(a), "--compare"]) == 2
     assert "give at least two, as files or folders of logs (got 1;" in capsys.readouterr().err
+    assert main(["report", "--run-dir", str(a)]) == 2  # e.g. log files given after --run-dir
+    assert f"--run-dir takes folders, and {a} is a file: give log files before --run-dir" in capsys.readouterr().err
     md = tmp_path / "refused.md"
     assert main(["report", str(a), str(b), "--compare", "--markdown", str(md)]) == 2
     assert "| a_sigma0.25 |" in md.read_text()  # a refused comparison loses none of the other outputs

@@ -256,12 +256,14 @@ def describe(exp: Experiment, opts: ExperimentOptions | None = None) -> str:
              f"  estimated GPU-hours on one H100/H200 (bf16): {estimate}"]
     for st in exp.stages:
         src = f" from {st.init}" if st.init else (f" of {', '.join(st.runs)}" if st.runs else "")
-        extra = f" {st.set}" if st.set else ""
+        extra = (f" at sigma {', '.join(f'{x:g}' for x in st.sigmas)}" if st.sigmas else "") + (f" {st.set}" if st.set else "")
         lines.append(f"  - {st.name}: {st.command}" + (f" --config {st.config}" if st.config else "") + src + extra)
         if opts is not None and st.command != "certify":
             cfg = training_config(exp, st, opts)
             lines.append(f"      -> {cfg.output_dir}: {cfg.epochs} epoch(s), batch {cfg.batch_size} x {cfg.accum_iter}, "
                          f"data {cfg.data}" + (f", init {cfg.init}" if cfg.init else ""))
+    if exp.comparisons:
+        lines.append("  paired comparisons: " + "; ".join(f"{a} vs {b}" for a, b in exp.comparisons))
     lines += [f"  torchrun, {k.replace('_', ' ')}: {v}" for k, v in exp.torchrun.items()]
     return "\n".join(lines)
 

@@ -63,6 +63,8 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
         found.logs.append(f)
     for r in map(Path, runs):
         if not r.is_dir():
+            if r.is_file():  # --run-dir takes every value after it, log files included
+                raise FileNotFoundError(f"--run-dir takes folders, and {r} is a file: give log files before --run-dir")
             raise FileNotFoundError(f"no such run folder: {r}")
         found.logs += find_logs(r)
         # a folder named *.tmp* is a copy or checkpoint being written (or left by a killed process), not a run
