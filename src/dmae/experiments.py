@@ -215,8 +215,10 @@ class ExperimentConfig(C.Options):
     output_dir: Optional[str] = C.option(None, "where the stages' runs and the report go (default: runs/NAME, "
                                          "runs/NAME-smoke with --smoke)")
     use: Optional[tuple[str, ...]] = C.option(None, "STAGE=PATH: take that stage's weights from PATH instead of running it "
-                                    "(an official checkpoint, or a run shared with another experiment)", check=_check_use)
-    only: Optional[tuple[str, ...]] = C.option(None, "run only these stages (their inputs must exist)")
+                                    "(an official checkpoint, or a run shared with another experiment); it takes every value after it, so "
+                                    "give NAME before it", check=_check_use)
+    only: Optional[tuple[str, ...]] = C.option(None, "run only these stages (their inputs must exist); it takes every "
+                                               "value after it, so give NAME before it")
     smoke: bool = C.option(False, "the same stages on a shrunken problem (pico model, Fashion-MNIST, a few steps, "
                            "4 test images, n = 50): checks an experiment end to end in a minute on a CPU")
     dry_run: bool = C.option(False, "print the stages, their resolved settings and the GPU-hour estimate; run nothing")
