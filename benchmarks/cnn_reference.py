@@ -40,7 +40,7 @@ from dmae.losses import consistency_loss, rs_loss
 from dmae.models.preprocess import InputAdapter
 from dmae.report import read_log, summarize
 from dmae.smoothing import Smooth
-from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
+from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
 
 
 class SmallCNN(nn.Module):
@@ -104,9 +104,14 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
     x = torch.stack([test[i][0] for i in idx])
     labels = [int(test[i][1]) for i in idx]
     smooth = Smooth(model.eval(), info.num_classes or 10, sigma, seed=0, precision="fp32")
+    protocol = {"mode": "certify", "split": "test", "n0": 100, "n": n, "alpha": 0.001}  # what dmae report checks
     if n_max:
         header, path = SEQUENTIAL_HEADER, out / f"sequential_sigma{sigma:g}.tsv"
-        certs = SequentialCertifier(smooth, SequentialSettings(100, n_max, 0.001, "targets", info.radii)).certify_batch(x, idx, 2000)
+        settings = SequentialSettings(100, n_max, 0.001, "targets", info.radii)
+        cs = sequence_for(settings)  # recorded as dmae certify records it, so the two logs' protocols compare
+        protocol |= {"mode": "sequential", "n": None, "n_max": n_max, "sequential": "targets", "radii": list(info.radii),
+                     "sequence": f"{cs!r} looks={list(cs.looks)}"}
+        certs = SequentialCertifier(smooth, settings).certify_batch(x, idx, 2000)
         rows = [format_row(header, i, y, c.prediction, c.radius, 0.0, c.n_samples, c.radius_continuous)
                 for i, y, c in zip(idx, labels, certs)]
     else:
@@ -114,7 +119,7 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
         certs = [c for s in range(0, len(idx), 2) for c in smooth.certify_batch(x[s:s + 2], idx[s:s + 2], 100, n, 0.001, 2200)]
         rows = [format_row(header, i, y, c.prediction, c.radius, 0.0) for i, y, c in zip(idx, labels, certs)]
     path.write_text("\t".join(header) + "\n" + "".join(rows))
-    path.with_suffix(".json").write_text(json.dumps({"sigma": sigma, "data": "fashion-mnist", "n0": 100}))
+    path.with_suffix(".json").write_text(json.dumps({"sigma": sigma, "data": "fashion-mnist", "skip": skip, **protocol}))
     return path
 
 
@@ -138,6 +143,8 @@ def main() -> None:
     if args.load:
         if Path(args.load).resolve() == out.resolve():  # would overwrite the trained run's record and log
             raise SystemExit(f"--out {args.out} is the --load folder; certify into another folder")
+        if not (Path(args.load) / "model.safetensors").is_file():  # a run that itself certified a loaded model
+            raise SystemExit(f"{args.load} holds no model.safetensors: --load the folder that trained the model")
         trained = json.loads((Path(args.load) / "result.json").read_text())
         need = [k for k in ("steps", "seconds", "final_loss", "args") if k not in trained]
         need += [f"args.{k}" for k in ("method", "sigma", "seed", "minutes") if k not in trained.get("args", {})]

@@ -226,17 +226,23 @@ def test_shipped_copy_clears_what_a_killed_copy_left_and_keeps_the_usual_permiss
     """A copy killed part way (SIGKILL) leaves ``pretrain.tmpXXXX`` with a config.yaml and a log.jsonl: the next
     copy removes it, and the HTML report never lists such a folder as a training run."""
     import os
+    import subprocess
+    import sys
 
     from dmae.demo import install_shipped_pretraining
     from dmae.html_report import discover
 
-    stale = tmp_path / "pretrain.tmpk1ll3d"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"pretrain.tmp{int(gone.stdout)}"  # a process that has ended
     stale.mkdir()
     (stale / "config.yaml").write_text("model: x\n")
     (stale / "log.jsonl").write_text("")
+    running = tmp_path / f"pretrain.tmp{os.getppid()}"  # a copy whose process still runs
+    running.mkdir()
+    (tmp_path / "pretrain.tmp_backup").mkdir()  # the user's own folder
     assert discover([], [tmp_path]).training == []
     install_shipped_pretraining(tmp_path / "pretrain")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pretrain", running.name, "pretrain.tmp_backup"])
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "pretrain").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -71,6 +71,10 @@ def test_bad_experiments_and_options_are_named(tmp_path, capsys):
     for text, message in (("stages:\n  a: {command: finetune, init: b}\n  b: {command: pretrain}\n",
                            "stage a refers to 'b', which is not an earlier stage"),
                           ("stages:\n  a: {command: train}\n", "stage a has command 'train'"),
+                          ("- a\n- b\n", r"bad.yaml is not a mapping of keys \(comparisons, groups, notes, paper, "
+                           r"stages, title, torchrun\): it holds a list"),
+                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a], sigmas: ['0.25']}\n",
+                           r"stage c has sigmas \['0.25'\]; give a list of numbers > 0"),
                           ("stages:\n  a: {command: finetune}\ncomparison:\n  - [a, a]\n",
                            r"unknown keys \['comparison'\]; an experiment takes comparisons, groups"),
                           ("stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n", "group 'g' names 'a', which is not a fine-tuning stage"),

@@ -128,7 +128,11 @@ def test_comparison_names_tell_the_two_sides_apart(tmp_path, capsys):
     assert ("A = run_a/certify/certify_sigma0.25 (sigma 0.25) vs B = run_b/certify/certify_sigma0.25 (sigma 0.5), "
             "the same 4 images (difference A - B):") in out
     from dmae.report import distinct_names
-    assert distinct_names([files[0], files[0]])[1].endswith("run_a/certify/certify_sigma0.25#2")
+    assert distinct_names([files[0], files[0], files[1]]) == ["run_a/certify/certify_sigma0.25#1",
+                                                              "run_a/certify/certify_sigma0.25#2",
+                                                              "run_b/certify/certify_sigma0.25"]
+    # the reference scripts' logs have no extension: sigma_0.25 and sigma_0.50 are two names, not two sigma_0
+    assert distinct_names(["ref/sigma_0.25", "ref/sigma_0.50"]) == ["sigma_0.25", "sigma_0.50"]
 
 
 def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
@@ -153,6 +157,17 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     assert compare(read_log(logs["a"]), read_log(logs["c"])).notes == []
     bare = _write(tmp_path / "bare_sigma0.25.tsv", rows)
     assert "bare_sigma0.25 has no protocol record" in compare(read_log(logs["a"]), read_log(bare)).notes[0]
+    bare.with_suffix(".json").write_text('{"sigma": 0.25}')  # a record without any certification setting
+    assert "bare_sigma0.25 has no protocol record" in compare(read_log(logs["a"]), read_log(bare)).notes[0]
+    bare.with_suffix(".json").write_text(json.dumps({**meta, "weights_sha256": "ef" * 32, "stop_on_wrong_guess": True}))
+    assert compare(read_log(logs["a"]), read_log(bare)).notes == ["certify_sigma0.25 does not record "
+                                                                  "stop_on_wrong_guess: not checked"]
+    (tmp_path / "two").mkdir()
+    for sigma in ("0.25", "0.5"):
+        _write(tmp_path / "two" / f"certify_sigma{sigma}.tsv", rows)
+    assert main(["report", str(tmp_path / "two"), str(tmp_path / "a"), "--compare"]) == 2
+    assert "two holds 2 logs (certify_sigma0.25.tsv, certify_sigma0.5.tsv); give the logs to compare as files" in (
+        capsys.readouterr().err)
     # a folder stands for its logs; --compare writes the comparisons as CSV too, and no best row
     out_csv = tmp_path / "t.csv"
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--compare", "--csv", str(out_csv)]) == 0
@@ -166,7 +181,16 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     other_sigma = _write(tmp_path / "x_sigma0.5.tsv", rows[:3])
     t = summarize([read_log(logs["a"]), read_log(other_sigma)])
     assert "best" not in [r["name"] for r in t.rows] and "different numbers of images (4, 3)" in t.notes[0]
+    shifted = _write(tmp_path / "y_sigma0.5.tsv", [(i + 1, *r[1:]) for i, r in enumerate(rows)])
+    t = summarize([read_log(logs["a"]), read_log(shifted)])
+    assert "best" not in [r["name"] for r in t.rows] and "hold different images (idx columns)" in t.notes[0]
     lg_a, lg_b = read_log(logs["a"]), read_log(logs["b"])
     lg_a.name, lg_b.name = "A", "B"
     labels = curves_figure([lg_a, lg_b]).axes[0].get_legend_handles_labels()[1]
     assert labels == ["A, sigma = 0.25", "B, sigma = 0.25"]
+    lg_c = read_log(_write(tmp_path / "z_sigma0.5.tsv", rows))
+    lg_c.name = "C"  # different sigma, but compared (best=False): two classifiers, so named
+    assert curves_figure([lg_a, lg_c], best=False).axes[0].get_legend_handles_labels()[1] == [
+        "A, sigma = 0.25", "C, sigma = 0.5"]
+    assert curves_figure([lg_a, lg_c]).axes[0].get_legend_handles_labels()[1] == [
+        "sigma = 0.25", "sigma = 0.5", "best sigma"]

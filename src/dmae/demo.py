@@ -89,8 +89,6 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
         ValueError: the shipped weights' sha256 differs from the recorded one, or ``run`` holds anything that is
             not a copy of a shipped checkpoint (e.g. a run of ``--from-scratch``: the two are never mixed).
     """
-    import tempfile
-
     from dmae.external import file_sha256
 
     copied = read_provenance(run)
@@ -111,11 +109,11 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
                          f"recorded {prov['sha256']}; reinstall dmae")
     run.parent.mkdir(parents=True, exist_ok=True)
     for stale in run.parent.glob(run.name + ".tmp*"):  # left by a copy that was killed (SIGKILL) part way
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=run.name + ".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder gets the user's usual permissions
+        if _is_stale_copy(stale, run.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = run.parent / f"{run.name}.tmp{os.getpid()}"  # mkdir keeps the user's umask (mkdtemp would make it 0700)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own earlier attempt
+    tmp.mkdir()
     try:
         for name in SHIPPED_FILES:
             shutil.copyfile(SHIPPED_DIR / name, tmp / name)
@@ -125,6 +123,22 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return prov
+
+
+def _is_stale_copy(folder: Path, name: str) -> bool:
+    """Whether ``folder`` is ``NAME.tmp<pid>`` of a copy whose process is gone, holding only shipped files: a
+    folder the user made (``NAME.tmp_backup``) or a copy still running is never removed."""
+    pid = folder.name[len(name) + 4:]
+    if not folder.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        return False
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # exists, another user's
+        return False
+    return {p.name for p in folder.iterdir()} <= set(SHIPPED_FILES)
 
 
 class StageInterrupted(RuntimeError):

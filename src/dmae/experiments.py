@@ -133,9 +133,12 @@ def load_experiment(name_or_path: str) -> Experiment:
         if not p.is_file():
             raise ExperimentError(f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())}")
     raw = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(raw, dict) or set(raw) - TOP_KEYS:  # a misspelt key (comparison:) would be dropped silently
-        extra = sorted(set(raw) - TOP_KEYS) if isinstance(raw, dict) else raw
-        raise ExperimentError(f"{p.name}: unknown keys {extra}; an experiment takes {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{p.name} is not a mapping of keys ({', '.join(sorted(TOP_KEYS))}): it holds a "
+                              f"{type(raw).__name__}")
+    if set(raw) - TOP_KEYS:  # a misspelt key (comparison:) would be dropped silently
+        raise ExperimentError(f"{p.name}: unknown keys {sorted(set(raw) - TOP_KEYS)}; an experiment takes "
+                              f"{', '.join(sorted(TOP_KEYS))}")
     known = set(Stage.__dataclass_fields__) - {"name"}
     for n, spec in (raw.get("stages") or {}).items():
         if not isinstance(spec, dict) or set(spec) - known:
@@ -160,6 +163,9 @@ def _check(exp: Experiment) -> None:
             raise ExperimentError(f"{exp.name}: stage {s.name} certifies a pretraining stage; certify classifiers")
         if s.init and seen[s.init].command == "certify":
             raise ExperimentError(f"{exp.name}: stage {s.name} starts from {s.init}, a certify stage")
+        if s.sigmas is not None and (not isinstance(s.sigmas, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in s.sigmas)):
+            raise ExperimentError(f"{exp.name}: stage {s.name} has sigmas {s.sigmas!r}; give a list of numbers > 0")
         names = set((_config_class(s.command) if s.command != "certify" else _certify_class()).__dataclass_fields__)
         if set(s.set) - names:
             raise ExperimentError(f"{exp.name}: stage {s.name} sets unknown options {sorted(set(s.set) - names)} "
@@ -196,7 +202,7 @@ def _check_same_images(exp: Experiment, a: str, b: str) -> None:
                                      for key, st in sel.items())
         raise ExperimentError(f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
                               f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
-                              f"{', '.join(_IMAGE_OPTIONS)}")
+                              f"{', '.join(_IMAGE_OPTIONS)} (compared as written: a default left out is None)")
 
 
 # ----------------------------------------------------------------------------- the commands

@@ -19,6 +19,7 @@ import html
 import io
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}pre{backgrou
 overflow-x:auto;font-size:.85em}.figs{display:flex;flex-wrap:wrap;gap:1em}.ex{display:inline-block;margin:.3em;
 text-align:center;font-size:.8em}.ex img{width:84px;height:84px;image-rendering:pixelated;border:1px solid #999}
 .note{color:#666;font-style:italic}.wide{max-width:560px;height:auto}"""
+
+
+_TMP_COPY = re.compile(r"\.tmp\d+$")  # the temporary folder of the demo's copy of the shipped checkpoint
 
 
 @dataclass
@@ -67,9 +71,9 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
                 raise FileNotFoundError(f"--run-dir takes folders, and {r} is a file: give log files before --run-dir")
             raise FileNotFoundError(f"no such run folder: {r}")
         found.logs += find_logs(r)
-        # a folder named *.tmp* is a copy or checkpoint being written (or left by a killed process), not a run
+        # a folder NAME.tmp<pid> is a copy being written (or left by a killed process), not a run
         runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()
-                      and not any(".tmp" in part for part in p.parent.relative_to(r).parts)]
+                      and not any(_TMP_COPY.search(part) for part in p.parent.relative_to(r).parts)]
         # pretraining runs (they export model.safetensors) first: the order a run was made in
         found.training += sorted(runs_found, key=lambda d: (not (d / "model.safetensors").is_file(), str(d)))
         found.figures += sorted(p for p in r.rglob("*.png") if "reconstruction" in p.name)

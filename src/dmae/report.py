@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,7 @@ def read_log(path: str | Path) -> CertLog:
     if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
         # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
-    return CertLog(path.stem, sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
+    return CertLog(log_stem(path), sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
                    arr[:, 3].astype(int), n_samples, skipped, idx, meta)
 
 
@@ -293,7 +294,10 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
 
 
 def best_row_refusal(logs: list[CertLog]) -> str | None:
-    """Why a best-sigma row over ``logs`` would mean nothing (None when it is meaningful): see :func:`summarize`."""
+    """Why a best-sigma row over two or more ``logs`` would mean nothing (None when it is meaningful): see
+    :func:`summarize`. Raises ValueError for fewer than two logs (a best row over one log is the log)."""
+    if len(logs) < 2:
+        raise ValueError(f"a best-sigma row needs two logs or more, got {len(logs)}")
     sigmas = [None if lg.sigma is None else round(lg.sigma, 6) for lg in logs]
     if None in sigmas:
         return f"the sigma of {logs[sigmas.index(None)].name} is unknown"
@@ -301,6 +305,10 @@ def best_row_refusal(logs: list[CertLog]) -> str | None:
         return "two logs share a sigma (different classifiers, not one classifier at several sigma)"
     if len({len(lg) for lg in logs}) > 1:
         return f"the logs hold different numbers of images ({', '.join(str(len(lg)) for lg in logs)})"
+    if all(lg.idx is not None for lg in logs):
+        first = np.sort(logs[0].idx)
+        if other := next((lg for lg in logs[1:] if not np.array_equal(np.sort(lg.idx), first)), None):
+            return f"{logs[0].name} and {other.name} hold different images (idx columns)"
     return None
 
 
@@ -374,23 +382,29 @@ class Comparison:
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
 
 
-# the settings of a certification that change its certified accuracies: two logs that differ in one of them
-# compare protocols as well as classifiers
-PROTOCOL_KEYS = ("mode", "split", "n0", "n", "n_max", "alpha", "sequential", "sequence", "stop_on_wrong_guess")
+# the settings of a certification that change its certified accuracies (the certify log's row settings less what
+# names the classifier, its images and its noise draws): two logs that differ in one compare protocols too
+PROTOCOL_KEYS = ("mode", "split", "n0", "n", "n_max", "alpha", "sequential", "radii", "epsilon", "sequence",
+                 "stop_on_wrong_guess", "futility")
 
 
 def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
     """What besides the classifiers differs between two logs, read from their sidecar JSONs: protocol settings
-    (:data:`PROTOCOL_KEYS`), a missing record, or the same weights on both sides."""
-    if not a.meta or not b.meta:
-        missing = " and ".join(lg.name for lg in (a, b) if not lg.meta)
-        return [f"{missing} has no protocol record (.json beside the log): the protocols could not be checked"]
+    (:data:`PROTOCOL_KEYS`; a key that only one JSON records is named as unchecked), no record at all, or the
+    same weights on both sides."""
+    unrecorded = [lg.name for lg in (a, b) if not any(k in lg.meta for k in PROTOCOL_KEYS)]
+    if unrecorded:
+        return [f"{' and '.join(unrecorded)} has no protocol record (.json beside the log with the certification "
+                "settings): the protocols could not be checked"]
     notes = []
     differ = [f"{k} {a.meta[k]} vs {b.meta[k]}" for k in PROTOCOL_KEYS
               if k in a.meta and k in b.meta and a.meta[k] != b.meta[k]]
     if differ:
         notes.append("the certification protocols differ (" + "; ".join(differ) + "): the difference mixes the "
                      "classifiers with the protocols")
+    for lg, other in ((a, b), (b, a)):
+        if one_sided := [k for k in PROTOCOL_KEYS if k in other.meta and k not in lg.meta and other.meta[k] is not None]:
+            notes.append(f"{lg.name} does not record {', '.join(one_sided)}: not checked")
     sha = a.meta.get("weights_sha256")
     if sha and sha == b.meta.get("weights_sha256"):
         notes.append(f"both logs certify the same weights (sha256 {sha[:12]}...)")
@@ -490,14 +504,14 @@ def curves_figure(logs: list[CertLog], title: str = "", best: bool = True) -> An
     grid = np.linspace(0.0, max(r_max, 1e-3) * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = []
-    one_classifier = len(logs) > 1 and best_row_refusal(logs) is None
+    one_classifier = best and len(logs) > 1 and best_row_refusal(logs) is None
     for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0)):
         acc = np.array([lg.certified_accuracy(r) for r in grid])
         curves.append(acc)
         sigma = f"sigma = {lg.sigma:g}" if lg.sigma is not None else ""
         label = sigma if sigma and (one_classifier or len(logs) == 1) else ", ".join(x for x in (lg.name, sigma) if x)
         ax.plot(grid, 100 * acc, label=label)
-    if best and one_classifier:
+    if one_classifier:
         ax.plot(grid, 100 * np.max(curves, axis=0), "k--", linewidth=1, label="best sigma")
     ax.set_xlabel("l2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
@@ -523,14 +537,21 @@ def distinct_names(files: list[str | Path]) -> list[str]:
     (``certify/certify_sigma0.25``, then ``run_a/certify/certify_sigma0.25``, ...) as it takes for the names to
     differ; the same file given twice is numbered (``#2``). Folders are taken from the absolute path, so a file
     in the current folder is named by that folder too when needed."""
-    paths = [Path(f).resolve() for f in files]
-    parts = [p.with_suffix("").relative_to(p.anchor).parts for p in paths]
-    for k in range(1, max(len(x) for x in parts) + 1 if parts else 1):
-        names = ["/".join(x[-k:]) for x in parts]
-        if len(set(names)) == len(names):
-            return names
-    names = ["/".join(x) for x in parts] if parts else []
-    return [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    paths = [Path(os.path.abspath(f)) for f in files]  # absolute, but links not followed: the names the user gave
+    unique = list(dict.fromkeys(paths))
+    parts = {p: (*p.parent.relative_to(p.anchor).parts, log_stem(p)) for p in unique}
+    names: dict[Path, str] = {}
+    for k in range(1, max((len(x) for x in parts.values()), default=0) + 1):
+        names = {p: "/".join(x[-k:]) for p, x in parts.items()}
+        if len(set(names.values())) == len(names):
+            break
+    return [f"{names[p]}#{paths[:i].count(p) + 1}" if paths.count(p) > 1 else names[p] for i, p in enumerate(paths)]
+
+
+def log_stem(path: Path) -> str:
+    """A log's file name without its ``.tsv`` / ``.txt`` extension; other names whole (``sigma_0.25`` of the
+    reference scripts has no extension, and its ``.25`` is not one)."""
+    return path.name[: -len(path.suffix)] if path.suffix in (".tsv", ".txt") else path.name
 
 
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
@@ -550,6 +571,9 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
         if Path(f).is_dir():
             if not (found := find_logs(f)):
                 raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
+            if paired and len(found) > 1:  # every later log is compared with the first: name the pairs instead
+                raise ReportError(f"--compare: {f} holds {len(found)} logs ({', '.join(p.name for p in found[:4])}"
+                                  f"{' ...' if len(found) > 4 else ''}); give the logs to compare as files")
             paths += found
         else:
             paths.append(f)
