@@ -86,3 +86,24 @@ def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, caps
     assert main(["report", "--run-dir", str(tmp_path / "nowhere"), "--html", str(page)]) == 2
     assert "no such run folder" in capsys.readouterr().err
     assert main(["report"]) == 2 and "give certification logs" in capsys.readouterr().err
+
+
+def test_compare_puts_the_paired_tables_in_the_page(classifier_run, tmp_path, capsys):
+    """`dmae report A B --compare --html`: the page holds the paired table under a header that names both
+    logs (two runs' certify/sequential_sigma0.25 told apart by their folders)."""
+    import shutil
+
+    out = _run_folder(classifier_run, tmp_path)
+    other = tmp_path / "run_b" / "certify"
+    other.mkdir(parents=True)
+    for suffix in (".tsv", ".json"):
+        shutil.copy(out / "certify" / f"sequential_sigma0.25{suffix}", other / f"sequential_sigma0.25{suffix}")
+    page = tmp_path / "cmp.html"
+    assert main(["report", str(out / "certify" / "sequential_sigma0.25.tsv"), str(other), "--compare",
+                 "--html", str(page)]) == 0
+    text = page.read_text()
+    assert '<h2 id="paired">Paired comparisons</h2>' in text and "<th>McNemar p</th>" in text
+    assert "A = run/certify/sequential_sigma0.25 (sigma 0.25) vs B = run_b/certify/sequential_sigma0.25" in text
+    assert "Note: both logs certify the same weights" in text
+    assert main(["report", str(out / "certify" / "sequential_sigma0.25.tsv"), "--html", str(page)]) == 0
+    assert "Paired comparisons" not in page.read_text()  # only when asked

@@ -84,7 +84,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
         print(f"\n{label}")
         report([found[i] for i in members], cfg.radii)
     if cfg.html:
-        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title)
+        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title, paired=cfg.compare)
     for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):
         if path:
             print(f"wrote {label}: {path}")

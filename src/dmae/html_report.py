@@ -29,7 +29,8 @@ import numpy as np
 
 import dmae
 from dmae.figures import png_bytes, pyplot
-from dmae.report import CertLog, curves_figure, find_logs, fixed_n_passes, forward_passes, read_log, summarize
+from dmae.report import (CertLog, compare, curves_figure, distinct_names, find_logs, fixed_n_passes, forward_passes,
+                         read_log, summarize)
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -49,22 +50,28 @@ class RunContents:
     and figures (PNG files) found in the inputs."""
 
     logs: list[Path] = field(default_factory=list)
+    given: int = 0  # the first ``given`` logs are the files given (a folder given as a file: its logs), in order
     training: list[Path] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
 
 
 def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
-    """Collect the logs given and everything under the run folders (logs ``*_sigma*.tsv`` without rank or
-    non-finite side files, training runs, reconstruction figures).
+    """Collect the logs given (a folder among them stands for its logs, as in ``dmae report``) and everything
+    under the run folders (logs ``*_sigma*.tsv`` without rank or non-finite side files, training runs,
+    reconstruction figures).
 
     Raises:
         FileNotFoundError: a given file or folder does not exist.
     """
     found = RunContents()
     for f in map(Path, files):
-        if not f.is_file():
+        if f.is_dir():
+            found.logs += find_logs(f)
+        elif f.is_file():
+            found.logs.append(f)
+        else:
             raise FileNotFoundError(f"no such log: {f}")
-        found.logs.append(f)
+    found.given = len(found.logs)
     for r in map(Path, runs):
         if not r.is_dir():
             if r.is_file():  # --run-dir takes every value after it, log files included
@@ -255,15 +262,39 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
     return "".join(parts)
 
 
-def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4) -> str:
-    """The whole page as a string (see the module docstring for its sections).
+def comparison_section(logs: list[CertLog], paths: list[Path]) -> str:
+    """Every later log against the first, paired on the same images (:func:`dmae.report.compare`): one table
+    each, with its header and notes, the logs named as ``dmae report`` names them.
 
     Raises:
-        LogError: a log cannot be read (file and line named).
+        ReportError: the logs are not of the same images (see :func:`dmae.report.compare`).
+    """
+    for lg, name in zip(logs, distinct_names(paths)):
+        lg.name = name
+    parts = []
+    for c in (compare(logs[0], lg) for lg in logs[1:]):
+        head, body = c.cells()
+        parts += [f"<h3>{html.escape(c.header())}</h3>", _table(head, body),
+                  *(f'<p class="note">Note: {html.escape(n)}</p>' for n in c.notes)]
+    return "".join(parts)
+
+
+def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4, paired: bool = False) -> str:
+    """The whole page as a string (see the module docstring for its sections); with ``paired``, a section that
+    compares every later given log with the first (:func:`comparison_section`).
+
+    Raises:
+        LogError: a log cannot be read (file and line named); ReportError (the same class): ``paired`` and the
+            given logs are not of the same images.
     """
     logs = [read_log(p) for p in contents.logs]
+    for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
+        lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
+    given = contents.logs[:contents.given]
+    paired_html = comparison_section([read_log(p) for p in given], given) if paired and len(given) > 1 else ""
     sections = [("Certified accuracy", certification_section(logs, contents.logs)),
+                *([("Paired comparisons", paired_html)] if paired_html else []),
                 ("Training curves", training_section(contents.training)),
                 ("Reconstructions", figs or '<p class="note">No reconstruction figure in the inputs.</p>'),
                 ("Per-image examples", examples_section(logs, contents.logs, examples)),
@@ -275,15 +306,18 @@ def build_html(contents: RunContents, title: str = "dmae report", examples: int 
             f"{body}</body></html>")
 
 
-def write_html_report(path: str | Path, files: list[str | Path], runs: list[str | Path], title: str = "dmae report") -> Path:
-    """Write the page for ``files`` (logs) and ``runs`` (folders) to ``path`` (atomically); returns it.
+def write_html_report(path: str | Path, files: list[str | Path], runs: list[str | Path], title: str = "dmae report",
+                      paired: bool = False) -> Path:
+    """Write the page for ``files`` (logs) and ``runs`` (folders) to ``path`` (atomically); returns it. With
+    ``paired`` (``dmae report --compare``), it includes the paired comparisons of the logs in ``files``.
 
     Raises:
-        FileNotFoundError: an input does not exist.  ValueError: no input at all.  LogError: a bad log.
+        FileNotFoundError: an input does not exist.  ValueError: no input at all.  LogError: a bad log, or
+            (``paired``) logs of different images.
     """
     if not files and not runs:
         raise ValueError("give certification logs and/or --run-dir folders to report on")
-    page = build_html(discover(files, runs), title)
+    page = build_html(discover(files, runs), title, paired=paired)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
