@@ -26,6 +26,23 @@ def test_every_option_has_help():
                  "--stop-after", "--init", "--betas", "--precision"):
         assert flag in out
     assert "(default: 0.75)" in out
+    out = subprocess.run([sys.executable, "-m", "dmae", "experiment", "--help"], capture_output=True, text=True).stdout
+    flat = " ".join(out.split())  # argparse wraps the help text
+    assert "(default: runs/NAME, runs/NAME-smoke with --smoke)" in flat and "(default: False)" in flat
+    assert "(default: None)" not in flat and "(default: )" not in flat and ") (default:" not in flat
+    out = subprocess.run([sys.executable, "-m", "dmae", "certify", "--help"], capture_output=True, text=True).stdout
+    assert "(default: None)" not in out and "--config CONFIG" in out
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
+    """`dmae report LOG | head -1`: the reader stops early; dmae ends quietly (exit 0, no traceback)."""
+    log = tmp_path / "certify_sigma0.25.tsv"
+    log.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in range(5)))
+    p = subprocess.Popen([sys.executable, "-m", "dmae", "report", str(log), str(log), str(log), "--radii",
+                          *[str(r / 100) for r in range(200)]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before dmae writes
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and "Traceback" not in err, err
 
 
 def test_pretrain_preset_then_flags_then_resume_then_visualize(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,10 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows an option's default, except a None (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _resolve(command: str, cls: type, ns: argparse.Namespace) -> Any:
@@ -224,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     try:
         return ns.func(ns)
+    except BrokenPipeError:  # the output went to a reader that stopped (`dmae report ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print(f"\ndmae {ns.command}: interrupted; what was done is saved: run the same command again to resume",
               file=sys.stderr)

@@ -180,7 +180,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = field_meta(cls, f.name)
         tp, optional = _unwrap_optional(hints[f.name])
         dflt = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{meta.get('help', '')} (default: {dflt})"}
+        text = meta.get("help", "")
+        # the default is shown unless the help already says it or there is none (None, "", ())
+        shown = "(default" not in text and dflt is not None and dflt not in ("", ())
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} (default: {dflt})" if shown else text}
         origin = typing.get_origin(tp)
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
