@@ -29,8 +29,8 @@ import numpy as np
 
 import dmae
 from dmae.figures import png_bytes, pyplot
-from dmae.report import (CertLog, compare, curves_figure, distinct_names, find_logs, fixed_n_passes, forward_passes,
-                         read_log, summarize)
+from dmae.report import (CertLog, compare, curves_figure, distinct_names, expand_folders, find_logs, fixed_n_passes,
+                         forward_passes, read_log, summarize)
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -61,16 +61,12 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
     reconstruction figures).
 
     Raises:
-        FileNotFoundError: a given file or folder does not exist.
+        FileNotFoundError: a given file or folder does not exist.  ReportError: a folder given as a log holds none.
     """
     found = RunContents()
-    for f in map(Path, files):
-        if f.is_dir():
-            found.logs += find_logs(f)
-        elif f.is_file():
-            found.logs.append(f)
-        else:
-            raise FileNotFoundError(f"no such log: {f}")
+    if missing := next((f for f in map(Path, files) if not f.exists()), None):
+        raise FileNotFoundError(f"no such log: {missing}")
+    found.logs = expand_folders(files)
     found.given = len(found.logs)
     for r in map(Path, runs):
         if not r.is_dir():
@@ -262,15 +258,13 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
     return "".join(parts)
 
 
-def comparison_section(logs: list[CertLog], paths: list[Path]) -> str:
+def comparison_section(logs: list[CertLog]) -> str:
     """Every later log against the first, paired on the same images (:func:`dmae.report.compare`): one table
-    each, with its header and notes, the logs named as ``dmae report`` names them.
+    each, with its header and notes, the logs under their names on the page.
 
     Raises:
         ReportError: the logs are not of the same images (see :func:`dmae.report.compare`).
     """
-    for lg, name in zip(logs, distinct_names(paths)):
-        lg.name = name
     parts = []
     for c in (compare(logs[0], lg) for lg in logs[1:]):
         head, body = c.cells()
@@ -291,8 +285,7 @@ def build_html(contents: RunContents, title: str = "dmae report", examples: int 
     for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
         lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
-    given = contents.logs[:contents.given]
-    paired_html = comparison_section([read_log(p) for p in given], given) if paired and len(given) > 1 else ""
+    paired_html = comparison_section(logs[:contents.given]) if paired and contents.given > 1 else ""
     sections = [("Certified accuracy", certification_section(logs, contents.logs)),
                 *([("Paired comparisons", paired_html)] if paired_html else []),
                 ("Training curves", training_section(contents.training)),

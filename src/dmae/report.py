@@ -279,13 +279,13 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
              "samples": None if lg.n_samples is None else int(lg.n_samples.sum())}
             for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
     notes = []
-    why_not = best_row_refusal(logs) if best and len(logs) > 1 else "not asked"
-    if why_not is None:
-        rows.append({"name": "best", "sigma": None, "images": len(logs[0]),
-                     "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
-                     "acr": max(r["acr"] for r in rows), "abstain": None})
-    elif why_not != "not asked":
-        notes.append(f"note: no best-sigma row: {why_not}")
+    if best and len(logs) > 1:
+        if (why_not := best_row_refusal(logs)) is None:
+            rows.append({"name": "best", "sigma": None, "images": len(logs[0]),
+                         "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
+                         "acr": max(r["acr"] for r in rows), "abstain": None})
+        else:
+            notes.append(f"note: no best-sigma row: {why_not}")
     notes += [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
               "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
               "unchanged, their class and radius are not those of full CERTIFY"
@@ -554,6 +554,28 @@ def log_stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix in (".tsv", ".txt") else path.name
 
 
+def expand_folders(files: list[str | Path], one_log_each: bool = False) -> list[Path]:
+    """``files`` in order, each folder among them replaced by the logs in it (:func:`find_logs`); other paths are
+    kept as given (not checked here).
+
+    Raises:
+        ReportError: a folder holds no log, or (``one_log_each``, as ``--compare`` needs: every later log is
+            compared with the first) more than one, naming them.
+    """
+    paths: list[Path] = []
+    for f in map(Path, files):
+        if not f.is_dir():
+            paths.append(f)
+            continue
+        if not (found := find_logs(f)):
+            raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
+        if one_log_each and len(found) > 1:
+            raise ReportError(f"--compare: {f} holds {len(found)} logs ({', '.join(p.name for p in found[:4])}"
+                              f"{' ...' if len(found) > 4 else ''}); give the logs to compare as files")
+        paths += found
+    return paths
+
+
 def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
            csv_path: str | Path | None = None, plot: str | Path | None = None, paired: bool = False) -> Table:
     """Read ``files`` (a folder stands for the logs in it, :func:`find_logs`), print the table, and write the
@@ -566,17 +588,7 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
             when ``files`` is empty, a folder holds no log, ``paired`` has fewer than two logs, or (``paired``)
             the logs are not of the same images.
     """
-    paths: list[str | Path] = []
-    for f in files:
-        if Path(f).is_dir():
-            if not (found := find_logs(f)):
-                raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
-            if paired and len(found) > 1:  # every later log is compared with the first: name the pairs instead
-                raise ReportError(f"--compare: {f} holds {len(found)} logs ({', '.join(p.name for p in found[:4])}"
-                                  f"{' ...' if len(found) > 4 else ''}); give the logs to compare as files")
-            paths += found
-        else:
-            paths.append(f)
+    paths = expand_folders(files, one_log_each=paired)
     if paired and len(paths) < 2:
         raise ReportError(f"--compare compares logs with the first one: give at least two (got {len(paths)})")
     logs = [read_log(f) for f in paths]
