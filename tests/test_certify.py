@@ -94,7 +94,7 @@ def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
 
 def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
     base = ["certify", "--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
-    for args, msg in ((["--sigma", "0"], "sigma must be > 0, got 0.0"), (["--alpha", "1.5"], "alpha must be in (0, 1), got 1.5"),
+    for args, msg in ((["--sigma", "0"], "sigma must be > 0, got 0.0"), (["--alpha", "1.5"], "alpha must be in (0, 0.5), got 1.5"),
                       (["--n0", "0"], "--n0 must be >= 1, got 0"), (["--n", "0"], "--n must be >= 1, got 0"),
                       (["--batch", "0"], "--batch must be >= 1, got 0")):
         assert main(base + args) == 2

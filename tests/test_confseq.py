@@ -299,9 +299,9 @@ def test_factory_and_defaults():
 
 def test_bad_inputs_raise():
     for bad in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=rf"alpha must be in \(0, 1\), got {bad}"):
+        with pytest.raises(ValueError, match=rf"alpha must be in \(0, 0.5\), got {bad}"):
             make_sequence("union", bad, 100)
-        with pytest.raises(ValueError, match=rf"alpha must be in \(0, 1\), got {bad}"):
+        with pytest.raises(ValueError, match=rf"alpha must be in \(0, 0.5\), got {bad}"):
             BettingMixture(0.01, 100, upper_alpha=bad)
     with pytest.raises(ValueError, match="n_max must be an integer >= 1, got 0"):
         UnionBoundCP(0.01, 0)

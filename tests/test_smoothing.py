@@ -8,7 +8,7 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from dmae.smoothing import CHUNK, Smooth, chunk_seed, lower_confidence_bound, radius_ceiling
+from dmae.smoothing import CHUNK, SequentialCertifier, SequentialSettings, Smooth, chunk_seed, lower_confidence_bound, radius_ceiling
 
 
 class Linear2(nn.Module):
@@ -60,7 +60,7 @@ def test_lower_bound_is_the_clopper_pearson_beta_quantile(n_a, n, alpha):
 
 def test_bound_arguments_are_checked():
     for bad in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\)"):
             lower_confidence_bound(5, 10, bad)
     with pytest.raises(ValueError, match="n_a <= n"):
         lower_confidence_bound(11, 10, 0.01)
@@ -138,9 +138,9 @@ def test_arguments_and_range_warning():
         smooth.certify(x, 10, 0, 0.001, 10)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         smooth.predict(x, 10, 0.001, 0)
-    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\), got 1.0"):
         smooth.predict(x, 10, 1.0, 10)
-    with pytest.warns(UserWarning, match="outside \\[0, 1\\]"):
+    with pytest.raises(ValueError, match=r"image\(s\) \[-\d+\] have pixels in \[-2.\d+, 2.\d+\], outside \[0, 1\]"):
         smooth.certify((x - 0.5) / 0.2, 10, 20, 0.001, 10)
     assert math.isfinite(smooth.certify(x, 10, 20, 0.001, 10)[1])
 
@@ -291,3 +291,74 @@ def test_budget_warnings_say_when_n_can_never_answer():
     with pytest.warns(UserWarning, match=r"n=9 cannot certify any radius at alpha=0.001.*use n >= 10"):
         assert smooth.certify(torch.rand(1, 4, 4), 10, 9, 0.001, 50, idx=0) == (Smooth.ABSTAIN, 0.0)
     assert smooth.certify(torch.rand(1, 4, 4), 10, 10, 0.001, 50, idx=0)[0] == 1
+
+
+# ----------------------------------------------------------------------------- guards before any sample is spent
+class SmallBNNet(nn.Module):
+    """A CNN with BatchNorm and dropout: in training mode its votes depend on the batch and its buffers move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                                  nn.Linear(4 * 6 * 6, 10))
+        with torch.no_grad():  # running statistics far from any batch's, so train and eval mode disagree
+            self.body[1].running_mean.fill_(3.0)
+            self.body[1].running_var.fill_(9.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_model_in_training_mode_is_certified_in_eval_mode_and_left_bit_identical():
+    x = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
+    net = SmallBNNet()
+    net.body[4].eval()  # a submodule the user left in eval mode must stay so
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"training mode \(BatchNorm2d, .*call model.eval\(\)"):
+        in_train = Smooth(net, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running stats, num_batches_tracked
+    assert net.training and net.body[1].training and not net.body[4].training
+    reference = SmallBNNet().eval()
+    assert in_train == Smooth(reference, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
+    # sequential CERTIFY goes through the same guard
+    settings = SequentialSettings(n0=100, n_max=1000, alpha=0.001, mode="targets", radii=(0.0, 0.25))
+    [(_, cert)] = list(SequentialCertifier(Smooth(net, 10, 0.25, seed=0), settings).certify_stream([(0, x)], 300))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.body[1].training
+    [(_, ref)] = list(SequentialCertifier(Smooth(reference, 10, 0.25, seed=0), settings).certify_stream([(0, x)], 300))
+    assert cert == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_non_floating_images_are_refused_naming_the_dtype(dtype):
+    smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
+    x = (torch.rand(1, 4, 4) * 255).to(dtype)
+    with pytest.raises(ValueError, match=f"floating-point tensor with pixels in \\[0, 1\\], got dtype {dtype}"):
+        smooth.certify(x, 10, 100, 0.001, 50)
+    with pytest.raises(ValueError, match=f"got dtype {dtype}"):
+        smooth.predict(x, 100, 0.001, 50)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.95, 0.999])
+def test_alpha_given_as_a_confidence_level_is_refused(alpha):
+    smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
+    with pytest.raises(ValueError, match=rf"alpha must be in \(0, 0.5\), got {alpha}; alpha is the failure probability, "
+                                         rf"not a confidence level: for {alpha} confidence give alpha {1 - alpha:.6g}"):
+        smooth.certify(torch.rand(1, 4, 4), 10, 100, alpha, 50)
+
+
+def test_a_sigma_other_than_the_recorded_training_sigma_warns():
+    model = Constant(3, 0).eval()
+    model.trained_sigma = 0.25
+    with pytest.warns(UserWarning, match=r"sigma 1 is not the sigma the classifier was trained at \(0.25\)"):
+        Smooth(model, 3, 1.0)
+    model.trained_sigma = [0.0, 0.75]
+    with pytest.warns(UserWarning, match=r"sigma 1 is outside the range U\[0, 0.75\]"):
+        Smooth(model, 3, 1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matching sigmas are silent
+        Smooth(model, 3, 0.5)
+        model.trained_sigma = 0.25
+        Smooth(model, 3, 0.25)

@@ -34,6 +34,8 @@ from dmae.config import Options, option, to_dict
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
 from dmae.distributed import DistInfo, barrier, launch
 from dmae.estimate import CostEstimate, estimate_cost, pilot_positions
+from dmae.preflight import PROBE_IMAGES, Probe, accuracy_probe
+from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
@@ -160,6 +162,7 @@ class CertifyTask:
     out: Path
     device: torch.device
     dist: DistInfo
+    trained_sigma: float | list[float] | None = None  # what the classifier was trained at (a range: [low, high])
 
 
 def selected_indices(n_images: int, skip: int, maximum: int | None) -> Iterable[int]:
@@ -178,18 +181,19 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     info = dataset_info(cfg.data)
     split = cfg.split or info.splits[1]
     num_classes = num_classes_of(build_dataset(cfg.data, split, cfg.data_root, None))
+    trained: float | list[float] | None = None
     if cfg.model:
-        model, path, digest, trained_sigma = (*_external_model(cfg, info, num_classes), None)
+        model, path, digest = _external_model(cfg, info, num_classes)
         img_size = model.img_size
     else:
         path = ckpt.resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
-        run_cfg = ckpt.run_config(path)
-        trained_sigma = run_cfg["sigma"] if run_cfg.get("sigma") and not run_cfg.get("sigma_range") else None
+        trained = training_sigma(path)
         model, report = ckpt.load_classifier(path, num_classes, pool=None)
         if any(k.startswith("head") for k in report.missing):
             raise ckpt.CheckpointError(f"{path} is not a trained classifier (it has no head); fine-tune it first")
         digest, img_size = ckpt.weights_digest(path), model.config.encoder.img_size
-    sigmas = cfg.sigma or ((trained_sigma,) if trained_sigma else None)
+        model.trained_sigma = trained  # our own classifier: Smooth warns when certified at another sigma
+    sigmas = cfg.sigma or ((trained,) if isinstance(trained, float) else None)
     if not sigmas:
         raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
     model.to(device).eval()
@@ -199,8 +203,20 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
         mode = "sequential"
     header = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
     task = CertifyTask(cfg, mode, header, path, digest, model, num_classes, ds, split, planned,
-                       fingerprint(ds), Path(cfg.output_dir), device, dist)
+                       fingerprint(ds), Path(cfg.output_dir), device, dist, trained)
     return task, tuple(float(s) for s in sigmas)
+
+
+def training_sigma(checkpoint: Path) -> float | list[float] | None:
+    """The noise a classifier was fine-tuned at: its run's ``sigma``, or ``[low, high]`` for a ``sigma_range`` run
+    (from ``config.yaml`` beside the weights or the ``trained_sigma`` the weights file records); None if unknown."""
+    run_cfg = ckpt.run_config(checkpoint)
+    if run_cfg.get("sigma_range"):
+        return [float(v) for v in run_cfg["sigma_range"]]
+    if run_cfg.get("sigma"):
+        return float(run_cfg["sigma"])
+    recorded = ckpt.read_metadata(checkpoint).get("trained_sigma")
+    return json.loads(recorded) if recorded else None
 
 
 def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:
@@ -227,7 +243,7 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
             "data": cfg.data, "split": task.split, "data_fingerprint": task.data_fingerprint, "sigma": sigma,
             "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "skip": cfg.skip, "max": cfg.max,
             "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task),
-            "model": cfg.model, "input_layer": _input_layer(task)}
+            "model": cfg.model, "input_layer": _input_layer(task), "trained_sigma": task.trained_sigma}
 
 
 def _input_layer(task: CertifyTask) -> str | None:
@@ -378,10 +394,34 @@ def _record_non_finite(log_file: Path, idx: int, bad: int, total: int) -> None:
           "noisy samples", file=sys.stderr, flush=True)
 
 
+def run_probe(task: CertifyTask, smooth: Smooth) -> Probe:
+    """The pre-flight probe (:mod:`dmae.preflight`) on the first planned images: printed (rank 0) before any
+    certification sample, its concerns as warnings.
+
+    Raises:
+        ValueError: what :func:`~dmae.preflight.accuracy_probe` raises (e.g. images outside [0, 1]).
+    """
+    idxs = task.planned[:PROBE_IMAGES]
+    items = [task.dataset[i] for i in idxs]
+    probe = accuracy_probe(smooth, torch.stack([it[0] for it in items]), idxs, [int(it[1]) for it in items],
+                           task.cfg.batch)
+    if task.dist.is_main:
+        print(probe.text(), flush=True)
+        for concern in probe.concerns():
+            warn_user(concern)
+    return probe
+
+
 def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     cfg, dist = task.cfg, task.dist
     main_file = log_path(task, sigma)
-    claim_log(main_file, settings(task, sigma), dist)
+    meta = settings(task, sigma)
+    check_settings(main_file, meta)  # a log of other settings is refused before anything is spent
+    base = torch.compile(task.model) if cfg.compile else task.model
+    smooth = Smooth(base, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=task.device)
+    if task.planned:
+        meta["probe"] = run_probe(task, smooth).to_dict()
+    claim_log(main_file, meta, dist)
     done = merge_rank_files(main_file, task.header, remove=False)
     todo = [i for i in task.planned if i not in done]
     barrier(dist)  # every rank has read the files before any rank writes
@@ -389,8 +429,6 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
         merge_rank_files(main_file, task.header, remove=True)  # fold rows of an interrupted distributed run in now
     my_file = Path(f"{main_file}.rank{dist.rank}") if dist.enabled else main_file
     write_rows(my_file, task.header, read_rows(my_file, task.header))  # drops a torn last line before appending
-    base = torch.compile(task.model) if cfg.compile else task.model
-    smooth = Smooth(base, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=task.device)
     bar = None
     if dist.is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -447,6 +485,8 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
         items = [task.dataset[i] for i in pilot]
         x = torch.stack([it[0] for it in items]) if items else torch.zeros(0)
         smooth = Smooth(task.model, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=device)
+        if task.planned:
+            run_probe(task, smooth)
         seq = sequential_settings(task) if task.mode == "sequential" else None
         est = estimate_cost(smooth, task.mode, x, pilot, [int(it[1]) for it in items], len(todo), len(task.planned) - len(todo),
                             cfg.n0, cfg.n, cfg.batch, seq)

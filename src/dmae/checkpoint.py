@@ -69,6 +69,25 @@ def run_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors export (``format``, the configuration, and what the run recorded, such as
+    ``trained_sigma``); {} for other files or a file without metadata. Reads the header only.
+
+    Raises:
+        CheckpointError: an unreadable safetensors file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 of the weights a checkpoint holds (names, dtypes, shapes and values, in key order): what a resumed
     run or log compares, so replaced weights are noticed. Content, not file bytes: re-exporting the same weights

@@ -89,3 +89,17 @@ def derive_seed(seed: int, *keys: int) -> int:
     for k in keys:
         h = _mix64(h ^ (k & _MASK64))
     return h & ((1 << 63) - 1)
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside dmae, torch and contextlib (the user's line),
+    however deep inside the library the mistake is noticed."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)

@@ -12,13 +12,19 @@ from scipy.stats import beta, binomtest, norm
 
 
 def check_alpha(alpha: float) -> float:
-    """A failure probability must lie strictly between 0 and 1.
+    """alpha is a failure probability (the chance that a certificate is wrong, 0.001 in the field's protocol), so it
+    lies strictly between 0 and 1/2. A value of 1/2 or more is never meant: it is a confidence level given in its
+    place (0.999 for 0.001), and it would certify radii far beyond what the samples support.
 
     Raises:
-        ValueError: naming the value.
+        ValueError: naming the value (and 1 - alpha when that is what was probably meant).
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 0.5):
+        hint = ""
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.5 <= alpha < 1.0:
+            hint = (f"; alpha is the failure probability, not a confidence level: for {alpha:g} confidence "
+                    f"give alpha {1 - alpha:.6g}")
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}{hint}")
     return float(alpha)
 
 

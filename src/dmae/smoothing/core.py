@@ -15,25 +15,32 @@ reference ``core.py``) and read like the published pseudocode; what differs is h
 Never certify what was not computed: a noisy sample whose logits are NaN or infinite is no vote for any class
 (``argmax`` would call it class 0); an image with any such sample abstains, and the count is reported
 (``non_finite``). An input image with a NaN or infinite pixel is an error naming its index.
+
+Guards before any sample is spent, because each mistake would give a wrong certificate without a word: images
+must be floating point in [0, 1] (the pixel convention in which sigma and radii are measured; a uint8 or a
+normalized tensor is refused, naming its dtype or range); alpha is a failure probability in (0, 1/2); a base
+classifier left in training mode (BatchNorm statistics, dropout) is evaluated in eval mode and restored
+afterwards, with a warning, so its parameters and buffers are bit-identical after certification; a classifier
+that records the sigma it was trained at (``trained_sigma``) warns when smoothed at another.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from dmae.corrupt import check_sigma
-from dmae.runtime import autocast, derive_seed, module_device
+from dmae.runtime import autocast, derive_seed, module_device, warn_user
 from dmae.smoothing.bounds import (certified_radius, check_alpha, check_certify_budget, check_predict_budget,
                                    lower_confidence_bound, predict_pvalue)
 
 CHUNK = 100  # noise samples per seeded draw; part of the reproducibility contract
-PHASE_SELECT, PHASE_ESTIMATE, PHASE_PREDICT = 0, 1, 2
-RANGE_TOLERANCE = 1e-3  # how far outside [0, 1] a pixel may be before the range warning
+PHASE_SELECT, PHASE_ESTIMATE, PHASE_PREDICT, PHASE_PROBE = 0, 1, 2, 3  # PROBE: the pre-flight accuracy probe
+RANGE_TOLERANCE = 1e-3  # how far outside the input range a pixel may be (float error of a resize) before it is refused
 
 
 def chunk_seed(seed: int, idx: int, phase: int, chunk: int) -> int:
@@ -90,14 +97,20 @@ class Smooth:
             reproducible. ``None`` draws a seed from torch's global generator.
         precision: ``'auto'`` (bf16 autocast on GPUs), ``'bf16'`` or ``'fp32'``.
         device: where noise is drawn and the classifier runs; default: the classifier's own device.
+        input_range: the (low, high) pixel range images must lie in (default [0, 1], the pixel convention);
+            ``None`` turns the check off (synthetic oracles whose "pixels" are not pixels).
     Raises:
-        ValueError: sigma <= 0 or not finite, num_classes < 2, or no device can be told.
+        ValueError: sigma <= 0 or not finite, num_classes < 2, a bad input_range, or no device can be told.
+    Warns:
+        UserWarning: the base classifier records a training sigma (attribute ``trained_sigma``: a float, or a
+            (low, high) range for a model trained at sigma ~ U[low, high]) that ``sigma`` does not match.
     """
 
     ABSTAIN = -1
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None,
-                 precision: str = "auto", device: torch.device | str | None = None) -> None:
+                 precision: str = "auto", device: torch.device | str | None = None,
+                 input_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
         if check_sigma(sigma) <= 0:
             raise ValueError(f"sigma must be > 0 to smooth a classifier, got {sigma!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -109,8 +122,12 @@ class Smooth:
         self.precision = precision
         # no silent fallback: a classifier without parameters or buffers needs an explicit device
         self.device = torch.device(device) if device is not None else module_device(base_classifier)
+        if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
+            raise ValueError(f"input_range must be (low, high) with low < high, or None; got {input_range!r}")
+        self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
+        check_trained_sigma(base_classifier, self.sigma)
         self._calls = 0
-        self._warned_range = False
+        self._warned_train = False
         self._budgets_checked: set[tuple[Any, int, float]] = set()
 
     # ------------------------------------------------------------------ the published API, one image
@@ -196,19 +213,25 @@ class Smooth:
         k = self.num_classes
         counts = torch.zeros(x.shape[0] * (k + 1), dtype=torch.long, device=self.device)  # bin k: non-finite
         batches = _PackedBatches(batch_size)
-        gen = torch.Generator(device=self.device)
         for row, idx in enumerate(indices):
             for chunk, start in enumerate(range(0, num, CHUNK)):
-                size = min(CHUNK, num - start)
-                gen.manual_seed(chunk_seed(self.seed, int(idx), phase, chunk))
-                eta = torch.randn((size, *x.shape[1:]), generator=gen, device=self.device, dtype=x.dtype)
-                batches.add(x[row].unsqueeze(0) + eta * self.sigma, row)
+                batches.add(self.noisy_chunk(x[row], int(idx), phase, chunk, min(CHUNK, num - start)), row)
                 for noisy, owner in batches.full():
                     counts.add_(self._votes(noisy, owner, counts.numel()))
         for noisy, owner in batches.rest():
             counts.add_(self._votes(noisy, owner, counts.numel()))
         counts = counts.view(x.shape[0], k + 1)
         return SampleCounts(counts[:, :k], counts[:, k])
+
+    def noisy_chunk(self, x: torch.Tensor, idx: int, phase: int, chunk: int, size: int = CHUNK) -> torch.Tensor:
+        """The first ``size`` noisy copies ``x + eta`` of chunk ``chunk`` of image ``idx``'s phase, ``[size, C, H, W]``
+        for ``x`` ``[C, H, W]`` on the device. A pure function of (seed, idx, phase, chunk): the one place noise is
+        drawn, for fixed-n and sequential CERTIFY alike (fixed-n draws a last, shorter chunk at its own size;
+        sequential CERTIFY draws every chunk whole)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(chunk_seed(self.seed, idx, phase, chunk))
+        eta = torch.randn((size, *x.shape), generator=gen, device=self.device, dtype=x.dtype)
+        return x.unsqueeze(0) + eta * self.sigma
 
     def _votes(self, noisy: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
         """Bincount of (image row, class) over one forward batch; non-finite logits vote in bin ``k``."""
@@ -223,7 +246,7 @@ class Smooth:
             ValueError: logits not ``[B, num_classes]``.
         """
         k = self.num_classes
-        with autocast(self.device, self.precision):
+        with self.evaluating(), autocast(self.device, self.precision):
             logits = self.base_classifier(noisy)
         if logits.ndim != 2 or logits.shape[1] != k:
             raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
@@ -235,20 +258,86 @@ class Smooth:
             self._budgets_checked.add((check, n, alpha))
             check(n, alpha)
 
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The base classifier in eval mode for the forward passes inside, every submodule's mode restored after.
+
+        A module left in training mode would certify another function than the user's classifier (dropout
+        active, BatchNorm normalizing by batch statistics, so one image's votes depend on the others in its
+        batch) and would change the model (BatchNorm running statistics). Warns once per smoother.
+        """
+        modes = [(m, m.training) for m in self.base_classifier.modules()]
+        if any(t for _, t in modes) and not self._warned_train:
+            self._warned_train = True
+            kinds = sorted({type(m).__name__ for m, t in modes if t}, key=lambda n: ("Norm" not in n and "Drop" not in n, n))
+            names = kinds[:4] + (["..."] if len(kinds) > 4 else [])
+            warn_user(f"the base classifier is in training mode ({', '.join(names)}): it is certified in eval "
+                      "mode and restored to training mode afterwards; call model.eval() before smoothing it")
+        self.base_classifier.eval()
+        try:
+            yield
+        finally:
+            for m, t in modes:  # set each flag itself: train(t) would also reset the children
+                m.training = t
+
     def _check_inputs(self, images: torch.Tensor, indices: Sequence[int]) -> None:
-        """Refuse non-finite pixels; warn once about pixels outside [0, 1]. Reads the images where they are:
-        free for CPU images (the usual path), one host read per group for images already on an accelerator."""
-        finite = torch.isfinite(images.flatten(1)).all(dim=1)
-        out_of_range = ((images < -RANGE_TOLERANCE) | (images > 1 + RANGE_TOLERANCE)).any()
-        flags = torch.cat([finite, out_of_range.view(1)]).tolist()
-        bad = [int(i) for i, ok in zip(indices, flags[:-1]) if not ok]
-        if bad:
-            raise ValueError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
-        if flags[-1] and not self._warned_range:
-            self._warned_range = True
-            lo, hi = float(images.min()), float(images.max())
-            warnings.warn(f"images span [{lo:.3g}, {hi:.3g}], outside [0, 1]: sigma and radii are in [0, 1] "
-                          "pixel units, so normalized inputs make them mean something else", stacklevel=4)
+        """Refuse non-floating images, non-finite pixels and pixels outside ``input_range`` (default [0, 1]).
+        Reads the images where they are: free for CPU images (the usual path), one host read per group for
+        images already on an accelerator.
+
+        Raises:
+            ValueError: naming the dtype, or the image indices and the range their pixels span.
+        """
+        check_images(images, indices, self.input_range)
+
+
+def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+    """Images ``[I, C, H, W]`` must be floating point, finite, and (unless ``input_range`` is None) within
+    ``input_range`` up to :data:`RANGE_TOLERANCE`: sigma and every radius are in [0, 1] pixel units, so a uint8
+    tensor (0-255) or a normalized one (mean 0, std 1) would certify radii that mean something else.
+
+    Raises:
+        ValueError: a non-floating dtype (named), NaN / infinite pixels, or pixels outside the range (the image
+            indices and the range they span named).
+    """
+    if not torch.is_floating_point(images):
+        hint = " (8-bit pixels: divide by 255, or use torchvision's ToTensor)" if images.dtype == torch.uint8 else ""
+        raise ValueError(f"images must be a floating-point tensor with pixels in [0, 1], got dtype {images.dtype}{hint}")
+    flat = images.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    if input_range is None:
+        inside = torch.ones_like(finite)
+    else:
+        lo, hi = input_range
+        inside = ((flat >= lo - RANGE_TOLERANCE) & (flat <= hi + RANGE_TOLERANCE)).all(dim=1) | ~finite
+    flags = torch.stack([finite, inside]).tolist()
+    bad = [int(i) for i, ok in zip(indices, flags[0]) if not ok]
+    if bad:
+        raise ValueError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
+    outside = [int(i) for i, ok in zip(indices, flags[1]) if not ok]
+    if outside:
+        lo_seen, hi_seen = float(images.min()), float(images.max())
+        raise ValueError(f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
+                         f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
+                         "Normalize: the model's first layer normalizes), because sigma and every radius are "
+                         "measured in [0, 1] pixel units")
+
+
+def check_trained_sigma(model: nn.Module, sigma: float) -> None:
+    """Warn when ``model`` records the noise level it was trained at (attribute ``trained_sigma``: a float, or a
+    (low, high) range) and ``sigma`` is another: a classifier smoothed at a sigma it never saw is usually near
+    chance under that noise, and its certificates, though valid, say little about it."""
+    trained = getattr(model, "trained_sigma", None)
+    if trained is None:
+        return
+    if isinstance(trained, (tuple, list)):
+        lo, hi = (float(v) for v in trained)
+        if not lo - 1e-9 <= sigma <= hi + 1e-9:
+            warn_user(f"sigma {sigma:g} is outside the range U[{lo:g}, {hi:g}] the classifier was trained at; "
+                      "certify at a sigma in that range")
+    elif abs(float(trained) - sigma) > 1e-9:
+        warn_user(f"sigma {sigma:g} is not the sigma the classifier was trained at ({float(trained):g}); its "
+                  f"accuracy under this noise may be near chance: certify at sigma {float(trained):g}")
 
 
 class _PackedBatches:

@@ -21,7 +21,6 @@ the batch size, on sharding or on where a run was resumed.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -237,14 +236,10 @@ class SequentialCertifier:
     def _noise(self, slot: _Slot, start: int, m: int) -> torch.Tensor:
         """Noisy copies for samples ``start .. start + m`` of the slot's phase: element ``j % CHUNK`` of chunk
         ``j // CHUNK``, each chunk drawn whole from its own seed (so a sample never depends on the rounds)."""
-        smooth, x = self.smooth, slot.x
-        gen = torch.Generator(device=smooth.device)
         parts = []
         for c in range(start // CHUNK, (start + m - 1) // CHUNK + 1):
-            gen.manual_seed(chunk_seed(smooth.seed, slot.idx, slot.phase, c))
-            eta = torch.randn((CHUNK, *x.shape), generator=gen, device=smooth.device, dtype=x.dtype)
             lo, hi = max(start, c * CHUNK) - c * CHUNK, min(start + m, (c + 1) * CHUNK) - c * CHUNK
-            parts.append(x.unsqueeze(0) + eta[lo:hi] * smooth.sigma)
+            parts.append(self.smooth.noisy_chunk(slot.x, slot.idx, slot.phase, c)[lo:hi])  # drawn whole, as ever
         return torch.cat(parts)
 
     def _decide(self, slot: _Slot) -> SequentialCertificate | None:
@@ -345,9 +340,8 @@ def oracle_certificates(settings: SequentialSettings, sigma: float, probs: Seque
     x[:, 0, 0, 1] = torch.arange(len(pr), dtype=torch.float64) * ID_SPACING
     given = labels if labels is not None else pr.argmax(1).tolist()
     by_idx = {i: int(y) for i, y in enumerate(given)}
-    smooth = Smooth(_CategoricalOracle(pr, sigma), pr.shape[1], sigma, seed=seed, precision="fp32",
-                    device=torch.device("cpu"))
-    with warnings.catch_warnings():  # the oracle's pixels lie outside [0, 1] by design
-        warnings.filterwarnings("ignore", message="images span")
-        done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
+    # the oracle's "pixels" are (noise, image number), not [0, 1] pixels: no range check
+    smooth = Smooth(_CategoricalOracle(pr, sigma).eval(), pr.shape[1], sigma, seed=seed, precision="fp32",
+                    device=torch.device("cpu"), input_range=None)
+    done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
     return [done[i] for i in range(len(pr))]
