@@ -70,6 +70,8 @@ def test_probe_refuses_mismatched_inputs():
     smooth = Smooth(Templates(_templates()).eval(), 10, 0.25, seed=0)
     with pytest.raises(ValueError, match="2 images, 2 indices and 1 labels"):
         accuracy_probe(smooth, torch.rand(2, 1, 8, 8), [0, 1], [0])
+    with pytest.raises(ValueError, match=r"label\(s\) outside the classifier's 10 classes \(image, label\): \[\(1, 10\)\]"):
+        accuracy_probe(smooth, torch.rand(2, 1, 8, 8), [0, 1], [0, 10])
     with pytest.raises(ValueError, match="got dtype torch.uint8"):
         accuracy_probe(smooth, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [0, 1], [0, 1])
 
@@ -110,3 +112,33 @@ def test_cli_shows_our_warnings_like_its_errors():
     fmt = _format_warning("certify")
     assert fmt(UserWarning("sigma 1 is not ..."), UserWarning, "x.py", 3) == "dmae certify: warning: sigma 1 is not ...\n"
     assert "DeprecationWarning" in fmt(DeprecationWarning("old"), DeprecationWarning, "x.py", 3)
+
+
+def test_certifying_on_another_data_set_than_the_training_one_warns(classifier_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(classifier_run, run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "folder"}))
+    with pytest.warns(UserWarning, match="the classifier was fine-tuned on folder, and --data is fashion-mnist"):
+        run_certification(_cfg(run, tmp_path / "c", skip=5000))
+
+
+def test_a_loaded_classifier_carries_its_training_sigma_into_smooth(classifier_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from dmae.checkpoint import load_classifier, save_export
+
+    model, _ = load_classifier(classifier_run, 10, pool=None)
+    assert model.trained_sigma == 0.25  # from the run's config.yaml
+    with pytest.warns(UserWarning, match=r"sigma 0.5 is not the sigma the classifier was trained at \(0.25\)"):
+        Smooth(model.eval(), 10, 0.5)
+    # a weights file away from its run folder keeps what its metadata records
+    alone = tmp_path / "alone.safetensors"
+    save_export(model, alone, {"trained_sigma": "[0.0, 0.75]"})
+    assert set(load_file(alone)) == set(model.state_dict())
+    assert load_classifier(alone, 10, pool=None)[0].trained_sigma == [0.0, 0.75]
+    save_export(model, alone)
+    assert load_classifier(alone, 10, pool=None)[0].trained_sigma is None

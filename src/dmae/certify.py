@@ -187,12 +187,14 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
         img_size = model.img_size
     else:
         path = ckpt.resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
-        trained = training_sigma(path)
         model, report = ckpt.load_classifier(path, num_classes, pool=None)
         if any(k.startswith("head") for k in report.missing):
             raise ckpt.CheckpointError(f"{path} is not a trained classifier (it has no head); fine-tune it first")
         digest, img_size = ckpt.weights_digest(path), model.config.encoder.img_size
-        model.trained_sigma = trained  # our own classifier: Smooth warns when certified at another sigma
+        trained = model.trained_sigma  # recorded by our fine-tuning runs; Smooth warns when certified at another
+        trained_on = ckpt.run_config(path).get("data")
+        if trained_on and trained_on != cfg.data:  # same class count, other classes: certificates of nothing
+            warn_user(f"the classifier was fine-tuned on {trained_on}, and --data is {cfg.data}")
     sigmas = cfg.sigma or ((trained,) if isinstance(trained, float) else None)
     if not sigmas:
         raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
@@ -205,18 +207,6 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     task = CertifyTask(cfg, mode, header, path, digest, model, num_classes, ds, split, planned,
                        fingerprint(ds), Path(cfg.output_dir), device, dist, trained)
     return task, tuple(float(s) for s in sigmas)
-
-
-def training_sigma(checkpoint: Path) -> float | list[float] | None:
-    """The noise a classifier was fine-tuned at: its run's ``sigma``, or ``[low, high]`` for a ``sigma_range`` run
-    (from ``config.yaml`` beside the weights or the ``trained_sigma`` the weights file records); None if unknown."""
-    run_cfg = ckpt.run_config(checkpoint)
-    if run_cfg.get("sigma_range"):
-        return [float(v) for v in run_cfg["sigma_range"]]
-    if run_cfg.get("sigma"):
-        return float(run_cfg["sigma"])
-    recorded = ckpt.read_metadata(checkpoint).get("trained_sigma")
-    return json.loads(recorded) if recorded else None
 
 
 def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:

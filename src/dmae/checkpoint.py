@@ -88,6 +88,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
+def training_sigma(checkpoint: str | os.PathLike) -> float | list[float] | None:
+    """The noise a classifier was fine-tuned at: its run's ``sigma``, or ``[low, high]`` for a ``sigma_range`` run
+    (``config.yaml`` beside the weights, else the ``trained_sigma`` the weights file records); None if unknown.
+
+    Raises:
+        CheckpointError: an unreadable safetensors file.
+    """
+    run_cfg = run_config(checkpoint)
+    if run_cfg.get("sigma_range"):
+        return [float(v) for v in run_cfg["sigma_range"]]
+    if run_cfg.get("sigma"):
+        return float(run_cfg["sigma"])
+    recorded = read_metadata(checkpoint).get("trained_sigma")
+    value = json.loads(recorded) if recorded else None
+    return [float(v) for v in value] if isinstance(value, list) else (float(value) if value is not None else None)
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 of the weights a checkpoint holds (names, dtypes, shapes and values, in key order): what a resumed
     run or log compares, so replaced weights are noticed. Content, not file bytes: re-exporting the same weights
@@ -461,7 +478,9 @@ def load_classifier(
     if head is not None and head[1] == pool:
         if head[0] != num_classes:
             raise CheckpointError(f"{path} classifies {head[0]} classes, the data set has {num_classes}")
-        return net, load_state_dict(net, sd, path)
+        report = load_state_dict(net, sd, path)
+        net.trained_sigma = training_sigma(resolve_checkpoint(path))  # a whole classifier: the noise it was trained at
+        return net, report
     # encoder only: keep what a fresh head does not replace
     drop = DECODER_PREFIXES + ("head", "fc_norm.") + (("norm.",) if pool == "avg" else ())
     enc = {k: v for k, v in sd.items() if not k.startswith(drop)}

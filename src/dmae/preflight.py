@@ -87,12 +87,16 @@ def accuracy_probe(smooth: Smooth, images: torch.Tensor, indices: Sequence[int],
     count as wrong. The classifier runs in eval mode (see :meth:`Smooth.evaluating`).
 
     Raises:
-        ValueError: no images, ``indices`` / ``labels`` of another length, or what :meth:`Smooth.classify`
+        ValueError: no images, ``indices`` / ``labels`` of another length, a label outside [0, num_classes),
+            or what :meth:`Smooth.classify`
             raises; images that :func:`~dmae.smoothing.core.check_images` refuses.
     """
     if images.shape[0] == 0 or len(indices) != images.shape[0] or len(labels) != images.shape[0]:
         raise ValueError(f"the probe needs images with one index and one label each, got {images.shape[0]} images, "
                          f"{len(indices)} indices and {len(labels)} labels")
+    outside = [(int(i), int(y)) for i, y in zip(indices, labels) if not 0 <= int(y) < smooth.num_classes]
+    if outside:  # no class could ever be counted right: certified accuracy 0 whatever the classifier
+        raise ValueError(f"label(s) outside the classifier's {smooth.num_classes} classes (image, label): {outside[:5]}")
     smooth._check_inputs(images, indices)
     x = images.to(smooth.device)
     y = torch.as_tensor(list(labels), device=smooth.device)

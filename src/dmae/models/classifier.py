@@ -67,6 +67,9 @@ class ViTClassifier(VisionTransformer):
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
         self.config = config
+        # the noise it was fine-tuned at (sigma, or [low, high]) once loaded from a run that records it: smoothing it
+        # at another sigma warns (dmae.smoothing.Smooth)
+        self.trained_sigma: float | list[float] | None = None
         self.preprocess = InputAdapter(e.img_size, e.in_chans, e.mean, e.std)
         # fixed sin-cos positions until a checkpoint provides its own (it then fine-tunes them, as the paper does)
         self.pos_embed.data.copy_(sincos_2d(e.embed_dim, e.grid))
