@@ -129,7 +129,7 @@ def test_every_option_of_every_command_passes_through_torchrun():
 @pytest.mark.parametrize("argv,message", [
     (["certify", "--checkpoint", "x", "--sigma", "inf"], "--sigma must be a finite number, got inf"),
     (["certify", "--checkpoint", "x", "--sigma", "nan"], "sigma must be > 0, got nan"),
-    (["certify", "--checkpoint", "x", "--alpha", "nan"], "alpha must be in (0, 1), got nan"),
+    (["certify", "--checkpoint", "x", "--alpha", "nan"], "alpha must be in (0, 0.5), got nan"),
     (["predict", "--checkpoint", "x", "--n", "-5"], "--n must be >= 1, got -5"),
     (["report", "r.tsv", "--radii", "-1"], "--radii must be >= 0, got -1.0"),
     (["report", "r.tsv", "--radii", "nan"], "--radii must be >= 0, got nan"),

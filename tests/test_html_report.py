@@ -107,3 +107,47 @@ def test_compare_puts_the_paired_tables_in_the_page(classifier_run, tmp_path, ca
     assert "Note: both logs certify the same weights" in text
     assert main(["report", str(out / "certify" / "sequential_sigma0.25.tsv"), "--html", str(page)]) == 0
     assert "Paired comparisons" not in page.read_text()  # only when asked
+
+
+def test_a_bare_tsv_renders_every_section_without_a_raw_error(tmp_path, capsys):
+    """A hand-made log (the field's six columns, no JSON) showed `images unavailable: KeyError('data')`: every
+    section of the page, --compare and --run-dir included, now renders and says in words what it lacks."""
+    (tmp_path / "run").mkdir()
+    rows = [(0, 1, 1, 0.5), (1, 2, 2, 0.3), (2, 3, -1, 0.0), (3, 3, 4, 0.2)]
+    logs = []
+    for f in (tmp_path / "run" / "mine_sigma0.5.tsv", tmp_path / "theirs_sigma0.25.tsv"):
+        f.write_text("\t".join(CERTIFY_HEADER) + "\n" + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1)
+                                                                for i, y, p, r in rows))
+        logs.append(str(f))
+    page = tmp_path / "p.html"
+    for args in ([*logs, "--compare"], [logs[1], "--run-dir", str(tmp_path / "run")]):
+        assert main(["report", *args, "--html", str(page)]) == 0
+        text = page.read_text()
+        assert "Error" not in text and "KeyError" not in text
+        for section in SECTIONS:
+            assert f'<h2 id="{section}">' in text, section
+        assert ("images unavailable: no data set recorded (mine_sigma0.5.json beside the log does not exist); the "
+                "rows cannot be matched to images") in text
+        assert f"{logs[0]}: no settings recorded (no mine_sigma0.5.json beside it)" in text
+    assert "have no protocol record" in capsys.readouterr().out
+
+
+def test_examples_and_training_curves_say_what_they_leave_out(tmp_path):
+    """More of the kind, on a page: an idx or label outside the data set the JSON names is a line on the page
+    (not a crash of the whole page), and torn or foreign lines of a training log.jsonl are named, not skipped
+    silently."""
+    from dmae.html_report import training_section
+
+    log = tmp_path / "certify_sigma0.25.tsv"
+    log.write_text("\t".join(CERTIFY_HEADER) + "\n" + format_row(CERTIFY_HEADER, 99999, 42, 42, 0.5, 0.1)
+                   + format_row(CERTIFY_HEADER, 3, 42, 42, 0.4, 0.1))
+    log.with_suffix(".json").write_text(json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test",
+                                                    "sigma": 0.25}))
+    page = build_html(discover([log], []))
+    assert "#99999: no such image in a data set of 10000" in page and "#3 42 -> 42, r = 0.400" in page
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"type": "train", "step": 1, "loss": 2.0}\n{"type": "train", "step": 2}\n'
+                                   '[1, 2]\n{"type": "eval", "step": 2, "val_acc": 0.5}\n{"type": "tra')
+    html = training_section([run])
+    assert f"{run / 'log.jsonl'}: line(s) 3, 5 not read (not a JSON record" in html

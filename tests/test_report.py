@@ -1,3 +1,6 @@
+import dataclasses
+
+import numpy as np
 import pytest
 
 from dmae.cli import main
@@ -79,8 +82,12 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
         compare(read_log(a), read_log(c))
     dup = _write(tmp_path / "d_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)]
                  + [(5, 1, 1, 0.1, 1, 0)] * 3)
-    with pytest.raises(ReportError, match="d_sigma0.25: idx 0 appears 2 times"):  # e.g. a resumed log of another tool
-        compare(read_log(dup), read_log(dup))
+    with pytest.raises(ReportError, match=r"d_sigma0.25.tsv: idx 0 appears on lines 2 and 3 with different results "
+                                          r"\(radius 0.4 vs 0.1\)"):  # two certificates of one image: refused
+        read_log(dup)
+    twice = dataclasses.replace(read_log(a), idx=np.array([0, 0]))  # a log built by hand, not read: compare checks
+    with pytest.raises(ReportError, match="a_sigma0.25: idx 0 appears 2 times"):
+        compare(twice, twice)
     no_idx = _write(tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
     with pytest.raises(ReportError, match="a_sigma0.25 names its images .* e_sigma0.25 does not"):
         compare(read_log(a), read_log(no_idx))
@@ -194,3 +201,190 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
         "A, sigma = 0.25", "C, sigma = 0.5"]
     assert curves_figure([lg_a, lg_c]).axes[0].get_legend_handles_labels()[1] == [
         "sigma = 0.25", "sigma = 0.5", "best sigma"]
+
+
+def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
+    """The issue's example: 4 images, 2 of them repeated (overlapping shards concatenated) gave 66.7% at r = 0;
+    the log holds 50.0%. Terminal, Markdown, CSV, plot, --compare and --html all count each image once."""
+    import re
+
+    from dmae.report import curves_figure, forward_passes
+
+    rows = [(0, 1, 1, 0.5, 1, 0.1), (1, 2, 2, 0.3, 1, 0.1), (2, 3, -1, 0.0, 0, 0.1), (3, 4, 5, 0.2, 0, 0.1)]
+    dup = _write(tmp_path / "dup_sigma0.25.tsv", rows + [(0, 1, 1, 0.5, 1, 0.2), (1, 2, 2, 0.3, 1, 0.2)])
+    (tmp_path / "clean").mkdir()
+    clean = _write(tmp_path / "clean" / "certify_sigma0.25.tsv", rows)
+    lg = read_log(dup)
+    assert len(lg) == 4 and lg.certified_accuracy(0.0) == 0.5 and lg.acr == pytest.approx(0.2)
+    assert list(lg.rows_in_file) == [2, 2, 1, 1]
+    md, csv, png, page = (tmp_path / n for n in ("t.md", "t.csv", "t.png", "t.html"))
+    assert main(["report", str(dup), str(clean), "--compare", "--radii", "0", "0.25", "--markdown", str(md),
+                 "--csv", str(csv), "--plot", str(png), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dup_sigma0.25 +0.25 +4 +50.0 +50.0", out) and "66.7" not in out
+    note = "2 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping shards concatenated)"
+    assert out.count(note) == 2  # under the table and under the comparison
+    assert "| dup_sigma0.25 | 0.25 | 4 | 50.0 | 50.0 |" in md.read_text() and note in md.read_text()
+    assert "dup_sigma0.25,0.25,4,0.500000,0.500000," in csv.read_text()
+    assert "the same 4 images" in out and re.search(r"r=0 +50.0 +50.0 +\+0.0", out)
+    assert "<td>dup_sigma0.25</td><td>0.25</td><td>4</td><td>50.0</td>" in page.read_text() and note in page.read_text()
+    assert curves_figure([lg]).axes[0].lines[0].get_ydata()[0] == 50.0
+    lg.meta = {"mode": "certify", "n0": 100, "n": 1000}
+    assert forward_passes(lg) == 6 * 1100  # the repeated rows did cost samples
+
+
+def test_radii_reach_every_output(tmp_path, capsys):
+    """`--radii 0 0.5 1 1.5 2 3 --html` printed those radii but the page showed r = 0 ... 1 (the data set's
+    default): every output, --run-dir pages and --compare tables included, now has the radii asked for."""
+    rows = [(0, 1, 1, 2.5, 1, 0), (1, 2, 2, 1.2, 1, 0), (2, 3, -1, 0.0, 0, 0), (3, 4, 4, 0.7, 1, 0)]
+    (tmp_path / "run").mkdir()
+    log = _write(tmp_path / "run" / "certify_sigma1.0.tsv", rows)
+    other = _write(tmp_path / "other_sigma1.0.tsv", rows)
+    radii = ["0", "0.5", "1", "1.5", "2", "3"]
+    heads = "".join(f"<th>r={r}</th>" for r in radii)
+    outs = {n: tmp_path / n for n in ("t.md", "t.csv", "t.png", "t.html", "run.html", "cmp.html")}
+    assert main(["report", str(log), "--radii", *radii, "--markdown", str(outs["t.md"]), "--csv", str(outs["t.csv"]),
+                 "--plot", str(outs["t.png"]), "--html", str(outs["t.html"])]) == 0
+    assert main(["report", "--run-dir", str(tmp_path / "run"), "--radii", *radii, "--html", str(outs["run.html"])]) == 0
+    assert main(["report", str(log), str(other), "--compare", "--radii", *radii, "--html", str(outs["cmp.html"])]) == 0
+    out = capsys.readouterr().out
+    assert "r=3" in out and "| r=3 |" in outs["t.md"].read_text() and ",r=3,acr," in outs["t.csv"].read_text()
+    for page in ("t.html", "run.html", "cmp.html"):
+        assert heads in outs[page].read_text(), page
+    assert "<td>r=3</td>" in outs["cmp.html"].read_text()  # the paired table's rows
+    from dmae.report import curves_figure
+
+    ax = curves_figure([read_log(log)], radii=(0.0, 3.0, 4.0)).axes[0]
+    assert ax.get_xlim()[1] >= 4.0  # the axis reaches the largest radius asked for, past the largest certified
+    markers = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert len(markers) == 1 and list(markers[0].get_xdata()) == [0.0, 3.0, 4.0]
+    assert list(markers[0].get_ydata()) == [75.0, 0.0, 0.0]
+
+
+def test_a_torn_last_line_is_reported(tmp_path, capsys):
+    """A torn last line was dropped without a word: the report says which file and line it did not count."""
+    torn = tmp_path / "torn_sigma0.25.tsv"
+    torn.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n"
+                    "2\t3\t3\t0.4")  # no newline: a crash mid-write
+    md, page = tmp_path / "t.md", tmp_path / "t.html"
+    assert main(["report", str(torn), "--markdown", str(md), "--html", str(page)]) == 0
+    note = f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): not counted"
+    assert note in capsys.readouterr().out and note in md.read_text() and note in page.read_text()
+    assert len(read_log(torn)) == 2
+
+
+def _sequential(path, rows, meta):
+    """A sequential CERTIFY log: rows of (idx, label, predict, target radius, n_samples, continuous radius)."""
+    import json
+
+    from dmae.certlog import SEQUENTIAL_HEADER, format_row
+
+    path.write_text("\t".join(SEQUENTIAL_HEADER) + "\n" + "".join(
+        format_row(SEQUENTIAL_HEADER, i, y, p, r, 0.1, n, rc) for i, y, p, r, n, rc in rows))
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_path, capsys):
+    """One classifier certified sequentially and at fixed n: identical certified accuracy, but the sequential
+    ACR averages the continuous radius (which stops early). The tables label it, a table mixing both says so,
+    and --compare does not call the gap a difference between classifiers."""
+    import json
+    import math
+
+    meta = {"sigma": 0.25, "data": "fashion-mnist", "split": "test", "n0": 100, "alpha": 0.001,
+            "weights_sha256": "ab" * 32, "model": None, "input_layer": None, "radii": None}
+    fixed = [(i, i % 10, i % 10, 0.6 + 0.01 * i, 1, 0) for i in range(8)]
+    (tmp_path / "f").mkdir()
+    fix = _write(tmp_path / "f" / "certify_sigma0.25.tsv", fixed)
+    fix.with_suffix(".json").write_text(json.dumps({**meta, "mode": "certify", "n": 10000, "n_max": None}))
+    seq = _sequential(tmp_path / "sequential_sigma0.25.tsv",
+                      [(i, y, p, 0.5, 2000, r - 0.084) for i, y, p, r, _, _ in fixed],
+                      {**meta, "mode": "sequential", "n": None, "n_max": 10000, "sequential": "targets"})
+    t = summarize([read_log(seq)], radii=(0.0, 0.5))
+    assert "ACR (continuous)" in t.cells()[0] and t.csv().splitlines()[1].endswith(",radius_continuous")
+    assert summarize([read_log(fix)]).cells()[0][-2:] == ["ACR", "abstain"]
+    mixed = summarize([read_log(seq), read_log(fix)], radii=(0.0, 0.5))
+    head, body = mixed.cells()
+    acr = head.index("ACR")  # rows mix the two radii: the column is "ACR" and each continuous cell says so
+    assert [b[acr] for b in body] == [f"{read_log(seq).acr:.3f} (continuous)", f"{read_log(fix).acr:.3f}"]
+    assert any("not comparable, and their gap measures the protocols, not the classifiers" in n for n in mixed.notes)
+    c = compare(read_log(seq), read_log(fix), radii=(0.0, 0.5))
+    assert c.diff == [0.0, 0.0] and c.acr_label is None and math.isnan(c.acr_diff) and math.isnan(c.acr_se)
+    assert ["ACR (not comparable)", f"{c.acr_a:.3f}", f"{c.acr_b:.3f}", "-", "-", "-"] == c.cells()[1][-1]
+    assert any(n.startswith("ACR not compared: the ACR of sequential_sigma0.25 averages the continuous radius")
+               for n in c.notes)
+    assert c.csv_rows()[-1][5:] == ["acr (different radii)", f"{c.acr_a:.6f}", f"{c.acr_b:.6f}", "", "", ""]
+    assert main(["report", str(seq), str(fix), "--compare"]) == 0
+    assert "+0.084" not in capsys.readouterr().out  # the gap that was called a difference between classifiers
+    both = compare(read_log(seq), read_log(seq))
+    assert both.acr_label == "ACR (continuous)" and both.cells()[1][-1][0] == "ACR (continuous)"
+
+
+def test_a_comparison_names_every_setting_that_differs(tmp_path, monkeypatch):
+    """Logs that differ in input_layer were described as "the same weights": every row setting that differs is
+    named (the classifier around the weights, the images, the protocol, a setting certify adds later), the
+    training sigma too, and the probe (a description) is not."""
+    import json
+
+    import dmae.certify
+
+    rows = [(i, i % 3, i % 3, 0.3, 1, 0) for i in range(4)]
+    meta = {"sigma": 0.25, "data": "fashion-mnist", "split": "test", "mode": "certify", "n0": 100, "n": 1000,
+            "alpha": 0.001, "weights_sha256": "ab" * 32, "model": "timm:resnet18", "trained_sigma": 0.25,
+            "input_layer": "Preprocess(mean=(0.5,), std=(0.5,))", "probe": {"clean": 0.9}, "sound": False}
+
+    def log(name, **change):
+        (tmp_path / name).mkdir()
+        f = _write(tmp_path / name / "certify_sigma0.25.tsv", rows)
+        f.with_suffix(".json").write_text(json.dumps({**meta, **change}))
+        return read_log(f)
+
+    a = log("a")
+    notes = compare(a, log("b", input_layer="Preprocess(mean=(0,), std=(1,))", probe={"clean": 0.1})).notes
+    assert notes == ["both logs load the same checkpoint file (sha256 abababababab...) but the classifiers differ "
+                     "(input_layer Preprocess(mean=(0.5,), std=(0.5,)) vs Preprocess(mean=(0,), std=(1,))): the "
+                     "difference measures that, not the weights"]
+    assert not any("the same weights" in n for n in notes)
+    notes = compare(a, log("c", weights_sha256="cd" * 32, model="timm:vit_tiny", trained_sigma=[0.0, 0.75])).notes
+    assert notes == ["the classifiers also differ in model timm:resnet18 vs timm:vit_tiny; trained_sigma 0.25 vs "
+                     "[0.0, 0.75]"]
+    assert compare(a, log("d", split="train")).notes[0].startswith("the logs record different images (split test vs "
+                                                                   "train)")
+    assert "(sound False vs True)" in compare(a, log("e", sound=True)).notes[0]
+    monkeypatch.setattr(dmae.certify, "ROW_SETTINGS", dmae.certify.ROW_SETTINGS + ("quantize",))
+    assert compare(a, log("f", quantize=8)).notes == ["both logs certify the same weights (sha256 abababababab...)",
+                                                      "certify_sigma0.25 does not record quantize: not checked"]
+    assert compare(a, log("g")).notes == ["both logs certify the same weights (sha256 abababababab...)"]
+    half = _write(tmp_path / "h_sigma0.5.tsv", rows)  # a best-sigma row over two protocols says so
+    half.with_suffix(".json").write_text(json.dumps({**meta, "sigma": 0.5, "n": 100000}))
+    assert summarize([a, read_log(half)]).notes == ["note: the best row takes, per radius, the best of logs certified "
+                                                    "with different protocols (n 1000 vs 100000)"]
+
+
+def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
+    """More of the kind: a correct other than 0 / 1 (ACR and accuracy would disagree), a NaN radius and an idx
+    that is not a number (line named), a sidecar JSON that is broken or not an object (file named, no raw
+    JSONDecodeError), and rank files of an unmerged distributed run beside the log (their rows are not in it)."""
+    head = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    two = _write(tmp_path / "two_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0), (1, 1, 1, 0.5, 2, 0)])
+    with pytest.raises(ReportError, match=rf"{two}:3: radius 0.5, correct 2: a certified radius is a finite number "
+                                          "and correct is 0 or 1"):
+        read_log(two)
+    with pytest.raises(ReportError, match=r"nan_sigma0.25.tsv:2: radius nan"):
+        read_log(_write(tmp_path / "nan_sigma0.25.tsv", [(0, 1, 1, "nan", 1, 0)]))
+    with pytest.raises(ReportError, match=r"x_sigma0.25.tsv:3: idx column"):
+        read_log(_write(tmp_path / "x_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0), ("a", 1, 1, 0.5, 1, 0)]))
+    ok = _write(tmp_path / "ok_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0)])
+    for text, why in (("{not json", "is not readable JSON"), ("[0.25]", "holds a JSON list, expected an object"),
+                      ('{"sigma": "0.25"}', "sigma '0.25' is not a number")):
+        ok.with_suffix(".json").write_text(text)
+        assert main(["report", str(ok)]) == 2
+        assert f"{ok.with_suffix('.json')}" in capsys.readouterr().err
+        with pytest.raises(ReportError, match=why):
+            read_log(ok)
+    ok.with_suffix(".json").unlink()
+    (tmp_path / "ok_sigma0.25.tsv.rank1").write_text(head + "\n1\t1\t1\t0.5\t1\t0\n")
+    assert main(["report", str(ok)]) == 0
+    assert (f"ok_sigma0.25.tsv.rank1 beside {ok} hold rows of a distributed run not merged into it yet"
+            in capsys.readouterr().out)

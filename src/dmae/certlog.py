@@ -24,10 +24,13 @@ class LogError(ValueError):
 
 
 class LogRows(NamedTuple):
-    """A parsed log: its header and its complete rows, each a list of fields (strings)."""
+    """A parsed log: its header, its complete rows (each a list of fields, strings), the 1-based file line of
+    each row, and notices about lines that were not read as rows (each naming the file and the line)."""
 
     header: tuple[str, ...]
     rows: list[list[str]]
+    lines: tuple[int, ...] = ()
+    notices: tuple[str, ...] = ()
 
 
 def format_row(header: tuple[str, ...], idx: int, label: int, pred: int, radius: float, seconds: float,
@@ -51,8 +54,9 @@ def read_log_rows(path: str | Path, need: tuple[str, ...] = (), strict_tail: boo
     """Read a log's header and complete rows (fields split on whitespace).
 
     A last line without its newline is torn by a crash mid-write: with ``strict_tail`` (our own files, which
-    always end rows with a newline) it is dropped; otherwise it is kept when it has every field (other tools'
-    files may lack the final newline) and dropped when it is short.
+    always end rows with a newline; resuming) it is dropped; otherwise it is kept when it has every field (other
+    tools' files may lack the final newline) and dropped when it is short. Either way ``notices`` says so, with
+    the file and the line, so a report never drops or keeps a line without a word (resuming ignores them).
 
     Raises:
         LogError: unreadable or empty file, a header without the ``need`` columns, or a short row that is
@@ -71,16 +75,74 @@ def read_log_rows(path: str | Path, need: tuple[str, ...] = (), strict_tail: boo
     if missing:
         raise LogError(f"{path}: header {list(header)} lacks columns {missing} (expected {' '.join(need)})")
     body, tail = lines[1:-1], lines[-1]  # ``tail`` follows the final newline: empty, or a torn line
-    rows = []
+    rows, numbers, notices = [], [], []
     for n, ln in enumerate(body, start=2):
         if ln.strip():
             fields = ln.split()
             if len(fields) < len(header):
                 raise LogError(f"{path}:{n}: {len(fields)} fields, expected {len(header)}")
             rows.append(fields)
-    if tail.strip() and not strict_tail and len(tail.split()) >= len(header):
-        rows.append(tail.split())
-    return LogRows(header, rows)
+            numbers.append(n)
+    if tail.strip():
+        n, fields = len(lines), tail.split()
+        if not strict_tail and len(fields) >= len(header):
+            rows.append(fields)
+            numbers.append(n)
+            notices.append(f"{path}:{n}: the last line has no newline; counted (it has all {len(header)} fields)")
+        else:
+            notices.append(f"{path}:{n}: the last line has no newline and {len(fields)} of {len(header)} fields "
+                           "(torn by a crash mid-write?): not counted")
+    return LogRows(header, rows, tuple(numbers), tuple(notices))
+
+
+def unique_images(path: str | Path, log: LogRows, ignore: tuple[str, ...] = ("time",)) -> tuple[LogRows, list[int]]:
+    """``log`` with each image (``idx``) once: a row that repeats an earlier row of the same image in every
+    column but ``ignore`` (the wall-clock time differs between two runs of one image) is dropped, with a notice.
+    Such repeats come from logs concatenated from overlapping shards (a padded ``DistributedSampler`` certifies
+    a few images twice); counting them twice would weigh those images double. Logs without an ``idx`` column are
+    returned as they are. Also returns, per kept row, how many rows of the file it stands for (for the noise
+    samples the file spent).
+
+    Raises:
+        LogError: two rows of one image that differ in another column (two different certificates of one image:
+            which one the report should count is the user's call), naming the file, the idx, both lines and the
+            first column that differs.
+    """
+    if "idx" not in log.header:
+        return log, [1] * len(log.rows)
+    j = log.header.index("idx")
+    keep = [c for c, name in enumerate(log.header) if name not in ignore]
+    first: dict[str, int] = {}  # idx -> position in the kept rows
+    rows, lines, counts, repeated = [], [], [], []
+    for fields, n in zip(log.rows, log.lines or range(2, len(log.rows) + 2)):
+        k = first.get(fields[j])
+        if k is None:
+            first[fields[j]] = len(rows)
+            rows.append(fields)
+            lines.append(n)
+            counts.append(1)
+            continue
+        if differ := [c for c in keep if _value(rows[k][c]) != _value(fields[c])]:
+            c = differ[0]
+            raise LogError(f"{path}: idx {fields[j]} appears on lines {lines[k]} and {n} with different results "
+                           f"({log.header[c]} {rows[k][c]} vs {fields[c]}): two certificates of one image (e.g. "
+                           "logs of overlapping shards concatenated); keep one row per idx and report again")
+        counts[k] += 1
+        repeated.append(fields[j])
+    notices = list(log.notices)
+    if repeated:
+        shown = ", ".join(dict.fromkeys(repeated[:5])) + (" ..." if len(set(repeated)) > 5 else "")
+        notices.append(f"{path}: {len(repeated)} row(s) repeat an earlier row of the same image (idx {shown}; e.g. "
+                       "overlapping shards concatenated): each image counted once")
+    return LogRows(log.header, rows, tuple(lines), tuple(notices)), counts
+
+
+def _value(field: str) -> float | str:
+    """A field as a number when it is one, so ``0.5`` and ``0.500000`` (two tools' formats) read as equal."""
+    try:
+        return float(field)
+    except ValueError:
+        return field
 
 
 def read_rows(path: Path, header: tuple[str, ...]) -> dict[int, str]:

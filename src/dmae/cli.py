@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,7 +89,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
         print(f"\n{label}")
         report([found[i] for i in members], cfg.radii)
     if cfg.html:
-        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title, paired=cfg.compare)
+        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title, paired=cfg.compare,
+                          radii=cfg.radii)
     for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):
         if path:
             print(f"wrote {label}: {path}")
@@ -211,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(command: str) -> Any:
+    """Our own warnings (a mistake caught before it gives a wrong answer) read like the errors, without a
+    source line; other libraries' warnings keep Python's format."""
+    default = warnings.formatwarning
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if category is UserWarning:
+            return f"dmae {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return fmt
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -223,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dmae.demo import StageInterrupted
 
     ns = build_parser().parse_args(argv)
+    previous_format, warnings.formatwarning = warnings.formatwarning, _format_warning(ns.command)
     main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM unwinds like Ctrl-C (training loops catch both and checkpoint first), so files are closed
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
@@ -242,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dmae {ns.command}: interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        warnings.formatwarning = previous_format
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -30,7 +30,7 @@ import numpy as np
 import dmae
 from dmae.figures import png_bytes, pyplot
 from dmae.report import (CertLog, compare, curves_figure, distinct_names, expand_folders, find_logs, fixed_n_passes,
-                         forward_passes, read_log, summarize)
+                         forward_passes, read_log, read_meta, summarize)
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -100,17 +100,29 @@ def _table(head: list[str], body: list[list[str]]) -> str:
 
 def read_records(log: Path) -> list[dict]:
     """The records of a run's ``log.jsonl``; a torn line (a run killed while writing) is skipped."""
-    out = []
-    for ln in log.read_text().splitlines():
+    return read_records_counted(log)[0]
+
+
+def read_records_counted(log: Path) -> tuple[list[dict], list[int]]:
+    """The JSON-object records of ``log.jsonl`` and the 1-based numbers of the lines skipped (torn by a run
+    killed while writing, or not a JSON object), so a report can say what it left out."""
+    out, skipped = [], []
+    for n, ln in enumerate(log.read_text().splitlines(), start=1):
         try:
-            out.append(json.loads(ln))
+            rec = json.loads(ln)
         except json.JSONDecodeError:
-            continue
-    return out
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif ln.strip():
+            skipped.append(n)
+    return out, skipped
 
 
-def _records(run: Path) -> list[dict]:
-    return read_records(run / "log.jsonl")
+def _points(recs: list[dict], key: str) -> list[tuple[float, float]]:
+    """(step, value) of the records that hold a number under both ``step`` and ``key``."""
+    num = (int, float)
+    return [(r["step"], r[key]) for r in recs if isinstance(r.get("step"), num) and isinstance(r.get(key), num)]
 
 
 def training_section(runs: list[Path]) -> str:
@@ -119,22 +131,25 @@ def training_section(runs: list[Path]) -> str:
         return '<p class="note">No training runs in the inputs.</p>'
     plt, parts = pyplot(), []
     for run in runs:
-        recs = _records(run)
+        recs, skipped = read_records_counted(run / "log.jsonl")
         train = [r for r in recs if r.get("type") == "train"]
         evals = [r for r in recs if r.get("type") == "eval"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+        if pts := _points(train, "loss"):
+            axes[0].plot(*zip(*pts))
         axes[0].set(xlabel="step", ylabel="training loss", title=run.name)
         for key in sorted({k for r in evals for k in r if k not in ("type", "step", "epoch")}):
-            pts = [(r["step"], r[key]) for r in evals if isinstance(r.get(key), (int, float))]
-            axes[1].plot(*zip(*pts), marker="o", label=key)
+            if pts := _points(evals, key):
+                axes[1].plot(*zip(*pts), marker="o", label=key)
         axes[1].set(xlabel="step", ylabel="evaluation", title="held-out evaluations")
         if evals:
             axes[1].legend(fontsize=7)
         last = evals[-1] if evals else {}
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
+        torn = (f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} not read (not a '
+                'JSON record: torn by a run killed while writing?)</p>') if skipped else ""
         parts.append(f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>"
-                     + _provenance(run))
+                     + torn + _provenance(run))
     return "".join(parts)
 
 
@@ -160,11 +175,13 @@ def settings_section(contents: RunContents) -> str:
         parts.append(f"<details><summary>{html.escape(str(run / 'config.yaml'))}</summary>"
                      f"<pre>{html.escape((run / 'config.yaml').read_text())}</pre></details>")
     for log in contents.logs:
-        meta = log.with_suffix(".json")
-        if meta.is_file():
-            shown = {k: v for k, v in json.loads(meta.read_text()).items() if k != "config"}
-            parts.append(f"<details><summary>{html.escape(str(meta))}</summary>"
+        if meta := read_meta(log):
+            shown = {k: v for k, v in meta.items() if k != "config"}
+            parts.append(f"<details><summary>{html.escape(str(log.with_suffix('.json')))}</summary>"
                          f"<pre>{html.escape(json.dumps(shown, indent=1))}</pre></details>")
+        else:
+            parts.append(f'<p class="note">{html.escape(str(log))}: no settings recorded (no '
+                         f'{html.escape(log.with_suffix(".json").name)} beside it)</p>')
     return "".join(parts)
 
 
@@ -177,21 +194,23 @@ def log_groups(paths: list[Path]) -> dict[str, list[int]]:
     return groups
 
 
-def certification_section(logs: list[CertLog], paths: list[Path]) -> str:
-    """Per group of logs (:func:`log_groups`): the certified-accuracy table (best sigma per radius) and the
-    curves; then the forward passes spent in all."""
+def certification_section(logs: list[CertLog], paths: list[Path], radii: tuple[float, ...] | None = None) -> str:
+    """Per group of logs (:func:`log_groups`): the certified-accuracy table (best sigma per radius) at ``radii``
+    (default: the data set's, :func:`dmae.report.summarize`) and the curves, marked at them; then the forward
+    passes spent in all."""
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
     lines = []
     for label, members in log_groups(paths).items():
-        table = summarize([logs[i] for i in members])
+        table = summarize([logs[i] for i in members], radii)
         head, body = table.cells()
         lines += [f"<h3>{html.escape(label)}</h3>", _table(head, body),
                   *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
-                  _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius"))]
-    passes = [forward_passes(lg, p) for lg, p in zip(logs, paths)]
+                  _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius",
+                                     radii=table.radii))]
+    passes = [forward_passes(lg) for lg in logs]
     total = sum(x for x in passes if x is not None)
-    fixed = [fixed_n_passes(lg, p) if x is not None else x for lg, p, x in zip(logs, paths, passes)]
+    fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes)]
     saved = sum(x for x in fixed if x is not None)
     lines.append(f"<p>Forward passes in all: {total:,}" + (" (some logs do not say)" if None in passes else "")
                  + (f"; fixed-n CERTIFY with the sequential logs' n_max as n would have drawn {saved:,} "
@@ -220,62 +239,88 @@ def pick_examples(lg: CertLog, k: int) -> dict[str, list[int]]:
 
 def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: int = 0) -> str:
     """Per log: a few certified, abstained and misclassified test images, each clean and under one noise draw
-    at the log's sigma, with label, prediction and radius (images read from the data set the log's JSON names)."""
+    at the log's sigma, with label, prediction and radius (images read from the data set the log's JSON names).
+    A log whose images cannot be read (no JSON naming a data set, no idx column, a data set not on this
+    machine, an idx or label outside it) gets a line saying why; the rest of the page is unaffected."""
     import torch
-
-    from dmae.data import build_dataset, build_transform, dataset_info
 
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
     parts, datasets = [], {}  # logs of one data set and split share the images: read them once
     for lg, path in zip(logs, paths):
-        meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-        idx = lg.idx
         try:
-            if idx is None:
-                raise ValueError("the log has no idx column")
-            info = dataset_info(meta["data"])
-            key = (meta["data"], meta.get("split") or info.splits[1], (meta.get("config") or {}).get("data_root"))
-            if key not in datasets:
-                datasets[key] = build_dataset(*key, build_transform(info, False, info.size or 224))
-            ds = datasets[key]
+            ds = _log_images(lg, path, datasets)
         except Exception as e:  # the page still renders; it says why the images are missing
-            parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(repr(e))}</p>")
+            why = str(e) if isinstance(e, _NoImages) else f"{type(e).__name__}: {e}"
+            parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(why)}</p>")
             continue
         names = getattr(ds, "classes", None)
+        name = lambda c: names[c] if names and 0 <= c < len(names) else c  # noqa: E731 (a label outside: its number)
         gen = torch.Generator().manual_seed(seed)
-        parts.append(f"<h3>{html.escape(lg.name)} (sigma = {lg.sigma})</h3>")
+        sigma = "unknown" if lg.sigma is None else f"{lg.sigma:g}"
+        parts.append(f"<h3>{html.escape(lg.name)} (sigma = {sigma})</h3>")
         for kind, rows in pick_examples(lg, k).items():
             cells = []
             for i in rows:
-                x = ds[int(idx[i])][0]
+                if not 0 <= int(lg.idx[i]) < len(ds):
+                    cells.append(f"<p class='note'>#{lg.idx[i]}: no such image in a data set of {len(ds)}</p>")
+                    continue
+                x = ds[int(lg.idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
-                label = names[lg.label[i]] if names else lg.label[i]
-                pred = "abstain" if lg.predict[i] == -1 else (names[lg.predict[i]] if names else lg.predict[i])
+                pred = "abstain" if lg.predict[i] == -1 else name(int(lg.predict[i]))
                 cells.append(f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
-                             f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, r = {lg.radius[i]:.3f}</div>")
+                             f"#{lg.idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
+                             f"r = {lg.radius[i]:.3f}</div>")
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
     return "".join(parts)
 
 
-def comparison_section(logs: list[CertLog]) -> str:
-    """Every later log against the first, paired on the same images (:func:`dmae.report.compare`): one table
-    each, with its header and notes, the logs under their names on the page.
+class _NoImages(Exception):
+    """Why a log's images cannot be shown, in words for the page."""
+
+
+def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
+    """The data set a log's rows index (cached in ``cache`` by data set, split and root).
+
+    Raises:
+        _NoImages: the log has no idx column or its JSON names no data set (a hand-made log).  Anything
+            :func:`dmae.data.build_dataset` raises (a data set not on this machine).
+    """
+    from dmae.data import build_dataset, build_transform, dataset_info
+
+    if lg.idx is None:
+        raise _NoImages("the log has no idx column naming its images")
+    if not lg.meta.get("data"):
+        why = "lacks the key data" if lg.meta else "does not exist"
+        raise _NoImages(f"no data set recorded ({path.with_suffix('.json').name} beside the log {why}); the rows "
+                        "cannot be matched to images")
+    info = dataset_info(lg.meta["data"])
+    key = (lg.meta["data"], lg.meta.get("split") or info.splits[1], (lg.meta.get("config") or {}).get("data_root"))
+    if key not in cache:
+        cache[key] = build_dataset(*key, build_transform(info, False, info.size or 224))
+    return cache[key]
+
+
+def comparison_section(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> str:
+    """Every later log against the first, paired on the same images at ``radii`` (:func:`dmae.report.compare`):
+    one table each, with its header and notes, the logs under their names on the page.
 
     Raises:
         ReportError: the logs are not of the same images (see :func:`dmae.report.compare`).
     """
     parts = []
-    for c in (compare(logs[0], lg) for lg in logs[1:]):
+    for c in (compare(logs[0], lg, radii) for lg in logs[1:]):
         head, body = c.cells()
         parts += [f"<h3>{html.escape(c.header())}</h3>", _table(head, body),
                   *(f'<p class="note">Note: {html.escape(n)}</p>' for n in c.notes)]
     return "".join(parts)
 
 
-def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4, paired: bool = False) -> str:
+def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4, paired: bool = False,
+               radii: tuple[float, ...] | None = None) -> str:
     """The whole page as a string (see the module docstring for its sections); with ``paired``, a section that
-    compares every later given log with the first (:func:`comparison_section`).
+    compares every later given log with the first (:func:`comparison_section`). Tables and comparisons are at
+    ``radii`` ([0, 1] pixel units; default: the data set's standard radii).
 
     Raises:
         LogError: a log cannot be read (file and line named); ReportError (the same class): ``paired`` and the
@@ -285,8 +330,8 @@ def build_html(contents: RunContents, title: str = "dmae report", examples: int 
     for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
         lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
-    paired_html = comparison_section(logs[:contents.given]) if paired and contents.given > 1 else ""
-    sections = [("Certified accuracy", certification_section(logs, contents.logs)),
+    paired_html = comparison_section(logs[:contents.given], radii) if paired and contents.given > 1 else ""
+    sections = [("Certified accuracy", certification_section(logs, contents.logs, radii)),
                 *([("Paired comparisons", paired_html)] if paired_html else []),
                 ("Training curves", training_section(contents.training)),
                 ("Reconstructions", figs or '<p class="note">No reconstruction figure in the inputs.</p>'),
@@ -300,9 +345,10 @@ def build_html(contents: RunContents, title: str = "dmae report", examples: int 
 
 
 def write_html_report(path: str | Path, files: list[str | Path], runs: list[str | Path], title: str = "dmae report",
-                      paired: bool = False) -> Path:
+                      paired: bool = False, radii: tuple[float, ...] | None = None) -> Path:
     """Write the page for ``files`` (logs) and ``runs`` (folders) to ``path`` (atomically); returns it. With
-    ``paired`` (``dmae report --compare``), it includes the paired comparisons of the logs in ``files``.
+    ``paired`` (``dmae report --compare``), it includes the paired comparisons of the logs in ``files``; its
+    tables are at ``radii`` (``--radii``; default: the data set's standard radii).
 
     Raises:
         FileNotFoundError: an input does not exist.  ValueError: no input at all.  LogError: a bad log, or
@@ -310,7 +356,7 @@ def write_html_report(path: str | Path, files: list[str | Path], runs: list[str 
     """
     if not files and not runs:
         raise ValueError("give certification logs and/or --run-dir folders to report on")
-    page = build_html(discover(files, runs), title, paired=paired)
+    page = build_html(discover(files, runs), title, paired=paired, radii=radii)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -7,6 +7,12 @@ al., MACER, ICLR 2020) = mean(correct * radius); the abstention rate = fraction 
 Radii are l2 distances in [0, 1] pixel units. Several files (one per sigma) give one row each plus the
 best-sigma-per-radius row (the paper's Tables 1-2 layout).
 
+Every output says what the logs hold: each image counts once (identical repeated rows, as concatenated
+overlapping shards give, are counted once with a note; two different rows of one image are refused), a torn last
+line is named, the radii asked for reach every output, an ACR is labelled with the radius it averages (a
+sequential log's continuous radius is not a fixed-n one), and a log without its JSON is reported from its
+columns alone.
+
 Two classifiers certified on the same images are compared pairwise (:func:`compare`): the difference of their
 certified accuracies at each radius with its paired standard error, and the exact McNemar test on the images
 where exactly one of them is certified (the two accuracies are correlated through the images, so the paired
@@ -26,7 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dmae.certlog import LogError, read_log_rows
+from dmae.certlog import LogError, read_log_rows, unique_images
 from dmae.data import DATASETS
 from dmae.config import Options, option
 from dmae.figures import pyplot, write_png
@@ -78,9 +84,11 @@ class CertLog:
     """One certification log as arrays ``[n]`` (one entry per image); ``radius`` in [0, 1] pixel units.
 
     ``sigma`` and ``dataset`` come from the log's sidecar ``.json`` (or ``sigma`` from the file name), else
-    ``None``; ``meta`` is that whole JSON (empty without one). For sequential ``targets`` logs, ``radius`` is the
-    continuous radius (``radius_continuous``), not the largest target reached: both are valid certificates, the
-    continuous one is finer, and ACR is computed from it.
+    ``None``; ``meta`` is that whole JSON (empty without one). For sequential logs, ``radius`` is the continuous
+    radius (``radius_continuous``), not the largest target reached: both are valid certificates, the continuous
+    one is finer, and ACR is computed from it; ``radius_column`` names the column read, so an ACR is labelled
+    with the radius it averages. ``notes`` are what the reader saw that the numbers alone do not say (a torn last
+    line, repeated rows, unmerged rank files), each naming the file.
     """
 
     name: str
@@ -94,6 +102,9 @@ class CertLog:
     wrong_guess_skipped: int | None = None  # images the label shortcut stopped after selection (None: shortcut off)
     idx: np.ndarray | None = None  # the images' data-set indices (None: the log has no idx column)
     meta: dict[str, Any] = field(default_factory=dict)  # the sidecar JSON: protocol, weights' sha256, ...
+    radius_column: str = "radius"  # the column ``radius`` was read from: "radius" or "radius_continuous"
+    rows_in_file: np.ndarray | None = None  # [n] rows of the file each image stands for (> 1: repeated rows)
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -109,12 +120,40 @@ class CertLog:
         return float(np.mean(self.correct * self.radius)) if len(self) else float("nan")
 
     @property
+    def acr_label(self) -> str:
+        """What this log's ACR averages: "ACR" (the CERTIFY radius at fixed n, Clopper-Pearson) or
+        "ACR (continuous)" (sequential CERTIFY's continuous radius, which stops early: not comparable)."""
+        return ACR_LABELS[self.radius_column]
+
+    @property
     def abstain_rate(self) -> float:
         """Fraction of images with ``predict == -1`` (abstained); NaN for an empty log."""
         return float(np.mean(self.predict == -1)) if len(self) else float("nan")
 
 
+ACR_LABELS = {"radius": "ACR", "radius_continuous": "ACR (continuous)"}  # by the column the radius is read from
 _SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_=-]?(\d+(?:\.\d+)?)")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The sidecar JSON of the log ``path`` (``<stem>.json``), or {} when there is none.
+
+    Raises:
+        LogError: the file is not valid JSON, is not a JSON object, or records a ``sigma`` that is not a
+            number (the file named).
+    """
+    meta_file = Path(path).with_suffix(".json")
+    if not meta_file.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LogError(f"{meta_file} (the settings beside {Path(path).name}) is not readable JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise LogError(f"{meta_file} holds a JSON {type(meta).__name__}, expected an object of certification settings")
+    if meta.get("sigma") is not None and not isinstance(meta["sigma"], (int, float)):
+        raise LogError(f"{meta_file}: sigma {meta['sigma']!r} is not a number")
+    return meta
 
 
 def read_log(path: str | Path) -> CertLog:
@@ -122,30 +161,31 @@ def read_log(path: str | Path) -> CertLog:
 
     ``sigma`` and ``dataset`` are read from ``<path stem>.json`` beside the log when it exists (keys
     ``sigma`` and ``data``); without a ``sigma`` there, it is parsed from the file name (``sigma0.25``,
-    ``noise_0.5``, ...).
+    ``noise_0.5``, ...). An image repeated in identical rows is counted once, and a torn last line is not
+    counted; both are said in ``notes`` (see :func:`dmae.certlog.read_log_rows`, :func:`dmae.certlog.unique_images`).
 
     Raises:
-        LogError: unreadable, no header, missing columns, a malformed row (file and line named), or a
-            non-finite value.
-        json.JSONDecodeError: the sidecar ``.json`` is not valid JSON.
+        LogError: unreadable, no header, missing columns, a malformed row (file and line named), a value that is
+            not finite or a ``correct`` other than 0 / 1, one image with two different rows, or a sidecar
+            ``.json`` that is not a JSON object (:func:`read_meta`).
     """
     path = Path(path)
-    log = read_log_rows(path, need=("label", "predict", "radius", "correct"))
-    col = {c: log.header.index(c) for c in ("label", "predict", "radius", "correct")}
-    if "radius_continuous" in log.header:  # sequential targets logs: ``radius`` is the largest target reached,
-        col["radius"] = log.header.index("radius_continuous")  # the continuous radius is as valid and finer
+    log, rows_in_file = unique_images(path, read_log_rows(path, need=("label", "predict", "radius", "correct")))
+    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"  # sequential logs: ``radius``
+    col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}  # is the largest target reached
     rows = []
-    for n, f in enumerate(log.rows, start=2):
+    for n, f in zip(log.lines, log.rows):
         try:
-            rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col["radius"]]), int(f[col["correct"]])))
+            rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col[radius]]), int(f[col["correct"]])))
         except ValueError as e:
             raise LogError(f"{path}:{n}: {e}") from e
+        # ACR weighs radii by ``correct`` and accuracy counts ``correct == 1``: any other value makes them disagree
+        if not np.isfinite(rows[-1][2]) or rows[-1][3] not in (0, 1):
+            raise LogError(f"{path}:{n}: {radius} {f[col[radius]]}, correct {f[col['correct']]}: a certified radius "
+                           "is a finite number and correct is 0 or 1")
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
     n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
-    if not np.isfinite(arr).all():
-        raise LogError(f"{path}: a radius is NaN or infinite; certified radii are finite numbers")
-    meta_file = path.with_suffix(".json")
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_meta(path)
     sigma = meta.get("sigma")
     if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
         sigma = float(m.group(1))
@@ -153,45 +193,56 @@ def read_log(path: str | Path) -> CertLog:
     if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
         # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
+    notes = [f"note: {n}" for n in log.notices]
+    if ranks := sorted(p.name for p in path.parent.glob(f"{path.name}.rank*")):
+        notes.append(f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
+                     "(running, or stopped): they are not in this report; rerun the certify command to merge them")
     return CertLog(log_stem(path), sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int), n_samples, skipped, idx, meta)
+                   arr[:, 3].astype(int), n_samples, skipped, idx, meta, radius, np.array(rows_in_file), notes)
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
     """An optional integer column of a log as an array (None when the header lacks it).
 
     Raises:
-        LogError: a value that is not an integer (file and column named).
+        LogError: a value that is not an integer (file, line and column named).
     """
     if name not in log.header:
         return None
     j = log.header.index(name)
-    try:
-        return np.array([int(f[j]) for f in log.rows], dtype=np.int64)
-    except ValueError as e:
-        raise LogError(f"{path}: {name} column: {e}") from e
+    out = []
+    for n, f in zip(log.lines, log.rows):
+        try:
+            out.append(int(f[j]))
+        except ValueError as e:
+            raise LogError(f"{path}:{n}: {name} column: {e}") from e
+    return np.array(out, dtype=np.int64)
 
 
-def fixed_n_passes(lg: CertLog, path: Path) -> int | None:
-    """What fixed-n CERTIFY at n = n_max would have spent on a sequential log's images (the log's own passes for
-    any other log); None when its JSON is missing."""
-    meta = path.with_suffix(".json")
-    if lg.n_samples is None or not meta.is_file():
-        return forward_passes(lg, path)
-    m = json.loads(meta.read_text())
-    return len(lg) * ((m.get("n0") or 0) + m["n_max"]) if m.get("n_max") else None
+def fixed_n_passes(lg: CertLog, path: Path | None = None) -> int | None:
+    """What fixed-n CERTIFY at n = n_max would have spent on a sequential log's images, repeated rows included
+    (the log's own passes for any other log, or a log without a JSON); None when its JSON lacks ``n_max``.
+    ``path`` is unused (the log carries its JSON) and kept for callers that pass it."""
+    if lg.n_samples is None or not lg.meta:
+        return forward_passes(lg)
+    m = lg.meta
+    return _rows(lg) * ((m.get("n0") or 0) + m["n_max"]) if m.get("n_max") else None
 
 
-def forward_passes(lg: CertLog, path: Path) -> int | None:
-    """Noisy forward passes a log spent: the sum of ``n_samples`` (sequential), else images x (n0 + n)."""
+def forward_passes(lg: CertLog, path: Path | None = None) -> int | None:
+    """Noisy forward passes the log's rows spent, repeated rows included: the sum of ``n_samples``
+    (sequential), else rows x (n0 + n) from its JSON (None without one). ``path`` is unused, as above."""
+    weights = lg.rows_in_file if lg.rows_in_file is not None else np.ones(len(lg), dtype=np.int64)
     if lg.n_samples is not None:
-        return int(lg.n_samples.sum())
-    meta = path.with_suffix(".json")
-    if not meta.is_file():
-        return None
-    m = json.loads(meta.read_text())
+        return int((lg.n_samples * weights).sum())
+    m = lg.meta
     per = (m.get("n0") or 0) + (m.get("n") or 0) if m.get("mode", "certify") == "certify" else m.get("n")
-    return len(lg) * per if per else None
+    return _rows(lg) * per if per else None
+
+
+def _rows(lg: CertLog) -> int:
+    """Rows of the log's file (an image repeated in identical rows counts each time: each row cost samples)."""
+    return int(lg.rows_in_file.sum()) if lg.rows_in_file is not None else len(lg)
 
 
 def find_logs(folder: str | Path) -> list[Path]:
@@ -214,15 +265,25 @@ class Table:
         """Whether any log says how many noise samples it spent (sequential CERTIFY)."""
         return any(r.get("samples") is not None for r in self.rows)
 
+    def acr_label(self) -> str | None:
+        """The ACR column's header when every row averages the same radius ("ACR" or "ACR (continuous)", see
+        :attr:`CertLog.acr_label`); None when the rows mix them (each continuous cell then says so)."""
+        kinds = {r["acr_radius"] for r in self.rows if r.get("acr_radius")}
+        return ACR_LABELS[kinds.pop()] if len(kinds) == 1 else (None if kinds else "ACR")
+
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """The header and the rows as display strings (accuracies and abstention in %)."""
-        head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["ACR", "abstain"]
+        acr_label = self.acr_label()
+        head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + [acr_label or "ACR", "abstain"]
         head += ["samples/img", "samples"] if self.has_samples else []
         body = []
         for r in self.rows:
             sig = "best" if r["name"] == "best" else ("-" if r["sigma"] is None else f"{r['sigma']:g}")
             cells = [r["name"], sig, str(r["images"])] + [f"{100 * a:.1f}" for a in r["acc"]]
-            cells += [f"{r['acr']:.3f}", "-" if r["abstain"] is None else f"{100 * r['abstain']:.1f}%"]
+            acr = "-" if r["acr"] is None else f"{r['acr']:.3f}"
+            if acr_label is None and r.get("acr_radius") == "radius_continuous":
+                acr += " (continuous)"
+            cells += [acr, "-" if r["abstain"] is None else f"{100 * r['abstain']:.1f}%"]
             if self.has_samples:
                 n = r.get("samples")
                 cells += ["-", "-"] if n is None else [f"{n / max(r['images'], 1):.0f}", f"{n:,}"]
@@ -244,14 +305,17 @@ class Table:
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
 
     def csv(self) -> str:
-        """The table as CSV with unrounded fractions (not %), for further processing."""
+        """The table as CSV with unrounded fractions (not %), for further processing; ``acr_radius`` names the
+        log column each ACR averages (``radius`` or ``radius_continuous``)."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain", "samples"])
+        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii]
+                   + ["acr", "abstain", "samples", "acr_radius"])  # acr_radius: the column the ACR averages
         for r in self.rows:
             w.writerow([r["name"], r["sigma"], r["images"]] + [f"{a:.6f}" for a in r["acc"]]
-                       + [f"{r['acr']:.6f}", "" if r["abstain"] is None else f"{r['abstain']:.6f}",
-                          "" if r.get("samples") is None else r["samples"]])
+                       + ["" if r["acr"] is None else f"{r['acr']:.6f}",
+                          "" if r["abstain"] is None else f"{r['abstain']:.6f}",
+                          "" if r.get("samples") is None else r["samples"], r.get("acr_radius") or ""])
         return buf.getvalue()
 
 
@@ -275,15 +339,23 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
     rows = [{"name": lg.name, "sigma": lg.sigma, "images": len(lg), "acc": [lg.certified_accuracy(r) for r in radii],
-             "acr": lg.acr, "abstain": lg.abstain_rate,
+             "acr": lg.acr, "abstain": lg.abstain_rate, "acr_radius": lg.radius_column,
              "samples": None if lg.n_samples is None else int(lg.n_samples.sum())}
             for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
-    notes = []
+    notes = list(dict.fromkeys(n for lg in logs for n in lg.notes))  # a file given twice: its notes once
+    kinds = {lg.radius_column for lg in logs}
+    if len(kinds) > 1:
+        notes.append("note: " + acr_mix_note([lg for lg in logs if lg.radius_column == "radius_continuous"],
+                                             [lg for lg in logs if lg.radius_column == "radius"]))
     if best and len(logs) > 1:
         if (why_not := best_row_refusal(logs)) is None:
             rows.append({"name": "best", "sigma": None, "images": len(logs[0]),
                          "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
-                         "acr": max(r["acr"] for r in rows), "abstain": None})
+                         "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None, "abstain": None,
+                         "acr_radius": kinds.pop() if len(kinds) == 1 else None})
+            if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
+                notes.append(f"note: the best row takes, per radius, the best of logs certified with different "
+                             f"protocols ({'; '.join(dict.fromkeys(differ))})")
         else:
             notes.append(f"note: no best-sigma row: {why_not}")
     notes += [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
@@ -291,6 +363,15 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
               "unchanged, their class and radius are not those of full CERTIFY"
               for lg in logs if lg.wrong_guess_skipped is not None]
     return Table(tuple(radii), rows, notes)
+
+
+def acr_mix_note(continuous: list[CertLog], fixed: list[CertLog]) -> str:
+    """Why ACRs of sequential logs (``continuous``) and fixed-n logs (``fixed``) are not compared."""
+    names = lambda logs: ", ".join(lg.name for lg in logs)  # noqa: E731
+    return (f"the ACR of {names(continuous)} averages the continuous radius of sequential CERTIFY "
+            "(radius_continuous: sampling stops once the targets are decided, so it is smaller than the fixed-n "
+            f"radius of the same classifier), that of {names(fixed)} the Clopper-Pearson radius of fixed-n CERTIFY: "
+            "the two are not comparable, and their gap measures the protocols, not the classifiers")
 
 
 def best_row_refusal(logs: list[CertLog]) -> str | None:
@@ -320,8 +401,11 @@ class Comparison:
     ``diff`` = acc_a - acc_b, ``se`` its paired standard error (the sample standard deviation of the per-image
     differences, ddof 1, over sqrt(images)) and ``p`` the exact two-sided McNemar p-value (a binomial test of
     the images certified by only one of the two: the exact version of McNemar's test, 1947). ``acr_*``: the
-    same for the average certified radius (no test). ``sigma_a`` / ``sigma_b``: the noise levels of the two
-    logs (None when a log does not record it); comparing different sigmas is allowed, and the header says so.
+    same for the average certified radius (no test); ``acr_label`` says which radius both ACRs average
+    (:attr:`CertLog.acr_label`), and is None when they average different ones (a sequential log's continuous
+    radius against a fixed-n one): ``acr_diff`` and ``acr_se`` are then NaN and a note says why.
+    ``sigma_a`` / ``sigma_b``: the noise levels of the two logs (None when a log does not record it); comparing
+    different sigmas is allowed, and the header says so.
     """
 
     a: str
@@ -340,15 +424,18 @@ class Comparison:
     sigma_a: float | None = None
     sigma_b: float | None = None
     notes: list[str] = field(default_factory=list)  # what may confound the difference (protocols, same weights)
+    acr_label: str | None = "ACR"
 
     def csv_rows(self) -> list[list[Any]]:
         """Rows for a CSV of comparisons (unrounded fractions): a, b, sigma_a, sigma_b, images, radius ("acr" for
-        the ACR row), value_a, value_b, difference, paired_se, mcnemar_p ("" for ACR)."""
+        the ACR row: "acr_continuous" when both average sequential CERTIFY's continuous radius), value_a, value_b,
+        difference, paired_se ("" when the two ACRs average different radii), mcnemar_p ("" for ACR)."""
         head = [self.a, self.b, self.sigma_a, self.sigma_b, self.images]
         rows = [head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
                 for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
-        return rows + [head + ["acr", f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", f"{self.acr_diff:.6f}",
-                               f"{self.acr_se:.6f}", ""]]
+        name = {"ACR": "acr", "ACR (continuous)": "acr_continuous", None: "acr (different radii)"}[self.acr_label]
+        diff = ["", ""] if self.acr_label is None else [f"{self.acr_diff:.6f}", f"{self.acr_se:.6f}"]
+        return rows + [head + [name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
 
     def header(self) -> str:
         """The line above the table: the pair, their sigmas where known, and the number of images."""
@@ -362,7 +449,11 @@ class Comparison:
         head = ["radius", self.a, self.b, "difference", "paired SE", "McNemar p"]
         body = [[f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
                 for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
-        body.append(["ACR", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", f"{self.acr_diff:+.3f}", f"{self.acr_se:.3f}", "-"])
+        if self.acr_label is None:  # different radii: the two values are shown, their difference is not
+            body.append(["ACR (not comparable)", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", "-", "-", "-"])
+        else:
+            body.append([self.acr_label, f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", f"{self.acr_diff:+.3f}",
+                         f"{self.acr_se:.3f}", "-"])
         return head, body
 
     def text(self) -> str:
@@ -382,32 +473,63 @@ class Comparison:
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
 
 
-# the settings of a certification that change its certified accuracies (the certify log's row settings less what
-# names the classifier, its images and its noise draws): two logs that differ in one compare protocols too
-PROTOCOL_KEYS = ("mode", "split", "n0", "n", "n_max", "alpha", "sequential", "radii", "epsilon", "sequence",
-                 "stop_on_wrong_guess", "futility")
+# What the keys of a log's sidecar JSON (certify's ROW_SETTINGS: the settings that change its rows) mean when two
+# logs are compared. Every row setting not named here is a protocol setting, so one added to certify later is
+# compared without a change here.
+CLASSIFIER_KEYS = ("weights_sha256", "model", "input_layer", "trained_sigma")  # what the classifier is
+IMAGE_KEYS = ("data", "split", "data_fingerprint")  # which images (the rows are also matched by idx)
+# sigma: in the comparison's header; seed: the noise draws, whose randomness the paired error already holds; skip /
+# max: which images, matched by idx; probe: a description of the classifier on a small batch, not a setting
+UNCOMPARED_KEYS = ("sigma", "seed", "skip", "max", "probe")
+PROTOCOL_KEYS = ("mode", "n0", "n", "n_max", "alpha", "sequential", "radii", "epsilon", "sequence",
+                 "stop_on_wrong_guess", "futility", "sound")
+
+
+def protocol_keys() -> tuple[str, ...]:
+    """The settings of a certification that change its certified accuracies for a given classifier and images:
+    :data:`PROTOCOL_KEYS` and every row setting of :data:`dmae.certify.ROW_SETTINGS` not classed above."""
+    from dmae.certify import ROW_SETTINGS
+
+    named = set(PROTOCOL_KEYS + CLASSIFIER_KEYS + IMAGE_KEYS + UNCOMPARED_KEYS)
+    return PROTOCOL_KEYS + tuple(k for k in ROW_SETTINGS if k not in named)
+
+
+def setting_differences(a: CertLog, b: CertLog, keys: tuple[str, ...]) -> list[str]:
+    """``"key A-value vs B-value"`` for every key of ``keys`` both sidecar JSONs record with different values."""
+    return [f"{k} {a.meta[k]} vs {b.meta[k]}" for k in keys if k in a.meta and k in b.meta and a.meta[k] != b.meta[k]]
 
 
 def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
-    """What besides the classifiers differs between two logs, read from their sidecar JSONs: protocol settings
-    (:data:`PROTOCOL_KEYS`; a key that only one JSON records is named as unchecked), no record at all, or the
-    same weights on both sides."""
-    unrecorded = [lg.name for lg in (a, b) if not any(k in lg.meta for k in PROTOCOL_KEYS)]
+    """What besides the classifiers' weights differs between two logs, read from their sidecar JSONs: protocol
+    settings (:func:`protocol_keys`), the classifier around the weights (model, input layer, training sigma),
+    the images, a key that only one JSON records (named as unchecked), no record at all, or the same weights on
+    both sides (said only when nothing else of the classifier differs)."""
+    protocol = protocol_keys()
+    unrecorded = [lg.name for lg in (a, b) if not any(k in lg.meta for k in protocol)]
     if unrecorded:
-        return [f"{' and '.join(unrecorded)} has no protocol record (.json beside the log with the certification "
-                "settings): the protocols could not be checked"]
+        return [f"{' and '.join(unrecorded)} {'has' if len(unrecorded) == 1 else 'have'} no protocol record (.json "
+                "beside the log with the certification settings): the protocols could not be checked"]
     notes = []
-    differ = [f"{k} {a.meta[k]} vs {b.meta[k]}" for k in PROTOCOL_KEYS
-              if k in a.meta and k in b.meta and a.meta[k] != b.meta[k]]
-    if differ:
+    if differ := setting_differences(a, b, protocol):
         notes.append("the certification protocols differ (" + "; ".join(differ) + "): the difference mixes the "
                      "classifiers with the protocols")
-    for lg, other in ((a, b), (b, a)):
-        if one_sided := [k for k in PROTOCOL_KEYS if k in other.meta and k not in lg.meta and other.meta[k] is not None]:
-            notes.append(f"{lg.name} does not record {', '.join(one_sided)}: not checked")
+    if differ := setting_differences(a, b, IMAGE_KEYS):
+        notes.append("the logs record different images (" + "; ".join(differ) + "): images with one idx in both "
+                     "may not be the same images")
+    around = setting_differences(a, b, CLASSIFIER_KEYS[1:])  # what makes a classifier of the weights
     sha = a.meta.get("weights_sha256")
-    if sha and sha == b.meta.get("weights_sha256"):
+    same_file = bool(sha) and sha == b.meta.get("weights_sha256")
+    if same_file and around:
+        notes.append(f"both logs load the same checkpoint file (sha256 {sha[:12]}...) but the classifiers differ ("
+                     + "; ".join(around) + "): the difference measures that, not the weights")
+    elif around:
+        notes.append("the classifiers also differ in " + "; ".join(around))
+    elif same_file:
         notes.append(f"both logs certify the same weights (sha256 {sha[:12]}...)")
+    for lg, other in ((a, b), (b, a)):
+        if one_sided := [k for k in protocol + CLASSIFIER_KEYS + IMAGE_KEYS
+                         if k in other.meta and k not in lg.meta and other.meta[k] is not None]:
+            notes.append(f"{lg.name} does not record {', '.join(one_sided)}: not checked")
     return notes
 
 
@@ -486,21 +608,31 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         se.append(_paired_se(d))
         p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
     ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
+    notes = [*a.notes, *(n for n in b.notes if n not in a.notes)]  # a log given twice: its notes once
+    notes = [n.removeprefix("note: ") for n in notes] + protocol_notes(a, b)
+    same_radius = a.radius_column == b.radius_column
+    if not same_radius:
+        seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
+        notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
+    nan = float("nan")
     return Comparison(a.name, b.name, len(a), tuple(radii), acc_a, acc_b, diff, se, p, float(ra.mean()),
-                      float(rb.mean()), float((ra - rb).mean()), _paired_se(ra - rb), a.sigma, b.sigma,
-                      protocol_notes(a, b))
+                      float(rb.mean()), float((ra - rb).mean()) if same_radius else nan,
+                      _paired_se(ra - rb) if same_radius else nan, a.sigma, b.sigma, notes,
+                      a.acr_label if same_radius else None)
 
 
-def curves_figure(logs: list[CertLog], title: str = "", best: bool = True) -> Any:
+def curves_figure(logs: list[CertLog], title: str = "", best: bool = True,
+                  radii: tuple[float, ...] | None = None) -> Any:
     """Certified accuracy vs radius for every log (and, with ``best``, their upper envelope where a best-sigma
     row is meaningful: :func:`best_row_refusal`): a matplotlib figure. Curves are labelled by sigma when the
-    sigmas tell the logs apart, else by log name and sigma.
+    sigmas tell the logs apart, else by log name and sigma. ``radii`` (the table's, [0, 1] pixel units) are
+    marked on each curve, and the radius axis reaches the largest of them even where no image is certified.
 
     Raises:
         ValueError: ``logs`` is empty (from ``max``).
     """
     plt = pyplot()
-    r_max = max(float(lg.radius.max()) if len(lg) else 0.0 for lg in logs)
+    r_max = max([float(lg.radius.max()) if len(lg) else 0.0 for lg in logs] + list(radii or ()))
     grid = np.linspace(0.0, max(r_max, 1e-3) * 1.05, 400)
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = []
@@ -510,7 +642,9 @@ def curves_figure(logs: list[CertLog], title: str = "", best: bool = True) -> An
         curves.append(acc)
         sigma = f"sigma = {lg.sigma:g}" if lg.sigma is not None else ""
         label = sigma if sigma and (one_classifier or len(logs) == 1) else ", ".join(x for x in (lg.name, sigma) if x)
-        ax.plot(grid, 100 * acc, label=label)
+        line, = ax.plot(grid, 100 * acc, label=label)
+        if radii:  # the table's numbers on the curve (no label: the legend names curves, not markers)
+            ax.plot(radii, [100 * lg.certified_accuracy(r) for r in radii], "o", color=line.get_color(), markersize=4)
     if one_classifier:
         ax.plot(grid, 100 * np.max(curves, axis=0), "k--", linewidth=1, label="best sigma")
     ax.set_xlabel("l2 radius (pixels in [0, 1])")
@@ -523,13 +657,14 @@ def curves_figure(logs: list[CertLog], title: str = "", best: bool = True) -> An
     return fig
 
 
-def plot_curves(logs: list[CertLog], path: str | Path, title: str = "", best: bool = True) -> Path:
+def plot_curves(logs: list[CertLog], path: str | Path, title: str = "", best: bool = True,
+                radii: tuple[float, ...] | None = None) -> Path:
     """:func:`curves_figure` written as a PNG; returns its path.
 
     Raises:
         ValueError: ``logs`` is empty.  OSError: the file cannot be written.
     """
-    return write_png(curves_figure(logs, title, best), path, dpi=120)
+    return write_png(curves_figure(logs, title, best, radii), path, dpi=120)
 
 
 def distinct_names(files: list[str | Path]) -> list[str]:
@@ -601,7 +736,7 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
     if csv_path:
         Path(csv_path).write_text(table.csv())
     if plot:
-        plot_curves(logs, plot, best=not paired)
+        plot_curves(logs, plot, best=not paired, radii=table.radii)
     comparisons = [compare(logs[0], lg, table.radii) for lg in logs[1:]] if paired else []  # after the files: a
     for c in comparisons:  # refused pair loses none of them
         print("\n" + c.text())
