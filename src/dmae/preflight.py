@@ -61,11 +61,12 @@ class Probe:
                        "normalize them itself: --input-mean / --input-std), the channel order and the labels")
         elif self.near_chance(noisy):
             out.append(f"the base classifier's accuracy under noise sigma={self.sigma:g} is {noisy:.1%}, near chance "
-                       f"({self.chance:.1%}; clean {clean:.1%}): was it trained at this sigma? Certify at its "
-                       "training sigma")
+                       f"({self.chance:.1%}; clean {clean:.1%}): was it trained at this sigma, and with this input "
+                       "layer (--input-mean / --input-std)? Certify at its training sigma")
         elif noisy < clean / 2:
             out.append(f"noise sigma={self.sigma:g} takes the accuracy from {clean:.1%} (clean) to {noisy:.1%}: "
-                       "was the classifier trained at this sigma?")
+                       "was the classifier trained at this sigma, and with this input layer (--input-mean / "
+                       "--input-std)?")
         return out
 
     def text(self) -> str:
