@@ -36,7 +36,7 @@ from dmae.distributed import DistInfo, barrier, launch
 from dmae.estimate import CostEstimate, estimate_cost, pilot_positions
 from dmae.preflight import PROBE_IMAGES, Probe, accuracy_probe
 from dmae.runtime import warn_user
-from dmae.smoothing import Smooth, check_alpha
+from dmae.smoothing import Smooth, SoundSmooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
 
@@ -45,7 +45,7 @@ SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 # settings that change the rows; a resumed file must have been written with the same ones
 ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
                 "sequential", "n_max", "radii", "epsilon", "sequence", "stop_on_wrong_guess", "futility", "model",
-                "input_layer")
+                "input_layer", "sound")
 
 
 def _check_radii(radii: tuple[float, ...]) -> None:
@@ -110,6 +110,9 @@ class CertifyConfig(Options):
     sequence: Optional[str] = option(None, "--sequential: the anytime-valid confidence sequence: betting (the default: "
                                      "fewest samples in docs/sequential.md) or union (Clopper-Pearson per round, "
                                      "alpha split over the rounds)", choices=SEQUENCE_NAMES)
+    sound: bool = option(False, "sound certification in floating point (docs/sound.md): 8-bit images, noise from the "
+                         "discretized Gaussian on the same grid drawn from random bits, so the classifier sees an exact "
+                         "function of the integer pixel + noise; images off the 8-bit grid are refused")
     estimate: bool = option(False, "print the forward passes and the time this run would take (from a short timed "
                             "probe of the classifier; sequential: the range and a pilot's expectation), then exit")
     stop_on_wrong_guess: bool = option(False, "--sequential: skip estimation for images whose n0 guess is not "
@@ -233,7 +236,8 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
             "data": cfg.data, "split": task.split, "data_fingerprint": task.data_fingerprint, "sigma": sigma,
             "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "skip": cfg.skip, "max": cfg.max,
             "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task),
-            "model": cfg.model, "input_layer": _input_layer(task), "trained_sigma": task.trained_sigma}
+            "model": cfg.model, "input_layer": _input_layer(task), "trained_sigma": task.trained_sigma,
+            "sound": True if cfg.sound else None}  # None when off: logs written before --sound existed match
 
 
 def _input_layer(task: CertifyTask) -> str | None:
@@ -384,6 +388,15 @@ def _record_non_finite(log_file: Path, idx: int, bad: int, total: int) -> None:
           "noisy samples", file=sys.stderr, flush=True)
 
 
+def smoother(task: CertifyTask, sigma: float, compiled: bool = True) -> Smooth:
+    """The smoothed classifier of one sigma: :class:`~dmae.smoothing.SoundSmooth` with ``--sound``, else
+    :class:`~dmae.smoothing.Smooth`; the base classifier ``torch.compile``-d with ``--compile`` (and ``compiled``)."""
+    cfg = task.cfg
+    base = torch.compile(task.model) if cfg.compile and compiled else task.model
+    kind = SoundSmooth if cfg.sound else Smooth
+    return kind(base, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=task.device)
+
+
 def run_probe(task: CertifyTask, smooth: Smooth) -> Probe:
     """The pre-flight probe (:mod:`dmae.preflight`) on the first planned images: printed (rank 0) before any
     certification sample, its concerns as warnings.
@@ -407,8 +420,7 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     main_file = log_path(task, sigma)
     meta = settings(task, sigma)
     check_settings(main_file, meta)  # a log of other settings is refused before anything is spent
-    base = torch.compile(task.model) if cfg.compile else task.model
-    smooth = Smooth(base, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=task.device)
+    smooth = smoother(task, sigma)
     if task.planned:
         meta["probe"] = run_probe(task, smooth).to_dict()
     claim_log(main_file, meta, dist)
@@ -474,7 +486,7 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
         pilot = [todo[j] for j in pilot_positions(len(todo))]
         items = [task.dataset[i] for i in pilot]
         x = torch.stack([it[0] for it in items]) if items else torch.zeros(0)
-        smooth = Smooth(task.model, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=device)
+        smooth = smoother(task, sigma, compiled=False)
         if task.planned:
             run_probe(task, smooth)
         seq = sequential_settings(task) if task.mode == "sequential" else None
