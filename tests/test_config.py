@@ -277,3 +277,33 @@ def test_preset_path_errors(tmp_path):
     own.write_text(yaml.safe_dump({"epochs": 1}))
     assert preset_path("pretrain", str(own)) == own
     assert list_presets("no_such_command") == []
+
+
+# ----------------------------------------------------------------------------- given or default
+def test_given_tells_set_options_from_defaults(tmp_path):
+    cfg = FinetuneConfig(epochs=3, model=PICO)
+    assert cfg.given("epochs") and cfg.given("model") and not cfg.given("warmup_epochs") and not cfg.given("val_size")
+    # a preset file's values count as given, like the flags; the rest stay defaults
+    built = build_config(FinetuneConfig, {"warmup_epochs": 0.3}, {"epochs": 3})
+    assert built.given("warmup_epochs") and built.given("epochs") and not built.given("lr")
+    assert Toy(20).given("epochs") and not Toy(20).given("ratio")  # positional arguments too
+    import copy
+    assert copy.deepcopy(cfg).given("epochs") and not copy.deepcopy(cfg).given("warmup_epochs")
+    with pytest.raises(KeyError, match="no option 'epoch'"):
+        cfg.given("epoch")
+
+
+def test_a_default_warmup_longer_than_the_run_is_left_to_adapt_a_given_one_is_refused():
+    # issue 19 example: `dmae finetune --init X --sigma 0.25 --epochs 3` was refused: "--warmup-epochs 5.0 exceeds
+    # --epochs 3" though the user never set a warmup; it is now cut to fit when the run starts (adapt_to_data)
+    FinetuneConfig(model=PICO, epochs=3).validate()
+    PretrainConfig(epochs=1).validate()  # pretraining's default warmup of 1 epoch
+    with pytest.raises(ValueError, match="--warmup-epochs 5.0 exceeds --epochs 3"):
+        FinetuneConfig(model=PICO, epochs=3, warmup_epochs=5.0).validate()
+
+
+def test_save_config_writes_the_note_as_comments(tmp_path):
+    save_config(Toy(epochs=3), tmp_path / "c.yaml", "adapted to 10 images:\n  --ratio 0.5 -> 0.1")
+    text = (tmp_path / "c.yaml").read_text()
+    assert text.startswith("# adapted to 10 images:\n#   --ratio 0.5 -> 0.1\n")
+    assert load_values(tmp_path / "c.yaml", Toy) == to_dict(Toy(epochs=3))  # comments change no value

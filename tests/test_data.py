@@ -104,3 +104,89 @@ def test_seeded_dataset_makes_augmentation_reproducible():
     after = torch.rand(1)
     assert torch.equal(a, ds[(5, 0)][0])
     assert torch.equal(before, after)  # the global RNG is untouched
+
+
+# ----------------------------------------------------------------------------- grey and small ImageFolders
+def _folder(root, mode="L", side=28, per_class=3, classes=("a", "b"), splits=("train", "val")):
+    rng = np.random.RandomState(0)
+    shape = (side, side) if mode == "L" else (side, side, 3)
+    for split in splits:
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.randint(0, 256, shape, dtype=np.uint8), mode=mode).save(d / f"{i}.png")
+    return root
+
+
+def test_a_grey_folder_loads_as_one_channel_in_every_split(tmp_path):
+    # issue 19: a grey ImageFolder came out as 3 channels, so a 1-channel model refused it ("model takes 1-channel
+    # images, got 3 channels") in fine-tuning and certification alike
+    from dmae.data import GREY_MEAN, folder_channels
+
+    root = _folder(tmp_path)
+    assert folder_channels(root) == 1
+    info = dataset_info("folder", root)
+    assert (info.channels, info.mean, info.std) == (1, GREY_MEAN, (0.226,))
+    assert dataset_info("folder").channels == 3  # without a root the declaration stands
+    for split in ("train", "val"):
+        x, _ = build_dataset("folder", split, root, build_transform(info, False, 28))[0]
+        assert x.shape == (1, 28, 28)
+    # a 3-channel model still gets the grey images (its input layer repeats the channel after the noise)
+    assert build_dataset("folder", "val", root, build_transform(info, False, 28), channels=3)[0][0].shape == (1, 28, 28)
+
+
+def test_a_colour_folder_loads_as_the_model_takes_it(tmp_path):
+    root = _folder(tmp_path, mode="RGB")
+    info = dataset_info("folder", root)
+    assert info.channels == 3
+    tf = build_transform(info, False, 28)
+    assert build_dataset("folder", "val", root, tf)[0][0].shape == (3, 28, 28)
+    grey = build_dataset("folder", "val", root, tf, channels=1)[0][0]  # a 1-channel model: luminance
+    assert grey.shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="channels must be 1 or 3 .* got 2"):
+        build_dataset("folder", "val", root, tf, channels=2)
+
+
+def test_a_colour_image_the_probe_missed_is_refused_not_made_grey(tmp_path):
+    from dmae.data import DataError
+
+    root = _folder(tmp_path, per_class=70, classes=("a",), splits=("train",))  # more files than the probe reads
+    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(root / "train" / "a" / "z.png")  # sorted last
+    ds = build_dataset("folder", "train", root, None)
+    assert ds[0][0].mode == "L" and ds.samples[-1][0].endswith("z.png")
+    with pytest.raises(DataError, match="z.png is a RGB image, but its folder was read as grey"):
+        ds[len(ds) - 1]
+
+
+def test_small_folder_images_are_not_cropped(tmp_path):
+    # ImageNet's recipe (Resize 256/224 + CenterCrop, RandomResizedCrop down to 8%) zoomed and cropped 28-px images
+    root = _folder(tmp_path)
+    info = dataset_info("folder", root)
+    x, _ = build_dataset("folder", "val", root, build_transform(info, False, 28))[0]
+    png = np.asarray(Image.open(sorted((root / "val" / "a").iterdir())[0]), dtype=np.float32) / 255
+    assert torch.equal(x[0], torch.from_numpy(png))
+    tr = build_dataset("folder", "train", root, build_transform(info, True, 28, recipe="finetune"))[0][0]
+    png = torch.from_numpy(np.asarray(Image.open(sorted((root / "train" / "a").iterdir())[0]), dtype=np.float32) / 255)
+    assert torch.equal(tr[0], png) or torch.equal(tr[0], png.flip(-1))  # flipped or not, never cropped
+    # photos (larger than SMALL_IMAGE_SIDE) still get the crop recipe
+    big = _folder(tmp_path / "big", mode="RGB", side=80)
+    assert build_dataset("folder", "val", big, build_transform(dataset_info("folder", big), False, 32))[0][0].shape == (3, 32, 32)
+
+
+def test_certify_prepare_line_with_a_grey_model(tmp_path):
+    """What `dmae certify`'s prepare() builds (build_dataset(..., build_transform(info, False, img_size))) feeds a
+    1-channel classifier, with or without the model's channel count passed."""
+    from dmae.checkpoint import load_classifier
+
+    root = _folder(tmp_path)
+    model, _ = load_classifier(None, 2, model="dmae_vit_pico_patch4_dec32d1b")
+    assert model.preprocess.in_chans == 1
+    info = dataset_info("folder")  # prepare() reads the declaration, without the root
+    for chans in (None, model.preprocess.in_chans):
+        ds = build_dataset("folder", "val", root, build_transform(info, False, 28), channels=chans)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        assert model.eval()(x).shape == (len(ds), 2)
+    rgb = _folder(tmp_path / "rgb", mode="RGB")
+    x = build_dataset("folder", "val", rgb, build_transform(info, False, 28), channels=model.preprocess.in_chans)[0][0]
+    assert model(x[None]).shape == (1, 2)

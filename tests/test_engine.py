@@ -338,3 +338,73 @@ def test_epoch_loader_shards_and_counts_whole_accumulation_cycles():
     assert not (shares[0] & shares[1]) and len(shares[0]) == len(shares[1]) == 24
     with pytest.raises(ValueError, match="too few for batch size 64"):
         epoch_loader(ds, 64, 1, 0, 0, DistInfo(), cpu)
+
+
+# ----------------------------------------------------------------------------- defaults fitted to the data
+def test_adapt_to_data_fits_batch_warmup_and_lr_only_where_not_given():
+    from dmae.engine import adapt_to_data
+
+    from dmae.finetune import FinetuneConfig
+
+    # issue 19: 1,800 images, `--epochs 3` and the fine-tuning recipe's defaults (warmup 5, blr 5e-4 for batch 1024)
+    cfg = FinetuneConfig(epochs=3)
+    changes = {a.option: a for a in adapt_to_data(cfg, 1800, 1, reference_batch=1024)}
+    assert set(changes) == {"warmup_epochs", "lr"}
+    assert cfg.warmup_epochs == pytest.approx(0.3) and changes["warmup_epochs"].old == 5.0
+    assert changes["lr"].old == pytest.approx(1.25e-4)  # 5e-4 x 64 / 256: the rate that trained nothing
+    assert cfg.lr == pytest.approx(2e-3 * math.sqrt(64 / 1024)) == cfg.learning_rate(64)
+    assert "--warmup-epochs 5 -> 0.3 (10% of 3 epochs" in str(changes["warmup_epochs"])
+    # a small model (the CPU presets) keeps the recipe's lr at its batch: 5e-4 x 1024 / 256
+    small = FinetuneConfig(epochs=3)
+    adapt_to_data(small, 1800, 1, reference_batch=1024, model_params=1_200_000)
+    assert small.lr == pytest.approx(2e-3)
+    # given options are never touched, even when they do not fit
+    cfg = TrainOptions(epochs=3, warmup_epochs=2.0, batch_size=64, blr=5e-4)
+    assert adapt_to_data(cfg, 50, 1, reference_batch=1024) == []
+    # a default batch larger than the data set (zero steps: the sampler drops the tail) or one that drops a
+    # third of it is resized to spread the images over the steps
+    cfg = TrainOptions()
+    assert [a.option for a in adapt_to_data(cfg, 50)] == ["batch_size"] and cfg.batch_size == 50
+    cfg = TrainOptions()
+    adapt_to_data(cfg, 90)
+    assert cfg.batch_size == 45
+    cfg = TrainOptions()
+    assert adapt_to_data(cfg, 1800) == [] and cfg.batch_size == 64  # 8 images dropped: fine
+
+
+def test_adapt_to_data_lowers_a_default_accumulation_first():
+    from dataclasses import dataclass
+
+    from dmae.config import default
+    from dmae.engine import adapt_to_data
+
+    @dataclass
+    class Accumulating(TrainOptions):
+        accum_iter: int = default(8)
+
+    cfg = Accumulating()
+    changes = adapt_to_data(cfg, 200, 1)
+    assert [a.option for a in changes] == ["accum_iter"] and cfg.accum_iter == 3  # 3 x 64 of the 200 images
+
+
+class _FewPoints(Regression):
+    def build(self):
+        model, ds = super().build()
+        return Built(model, torch.utils.data.Subset(ds, range(40)))
+
+
+def test_a_run_on_fewer_images_than_the_default_batch_trains_and_records_what_it_adapted(tmp_path, capsys):
+    out = tmp_path / "run"
+    # before: ValueError "40 images are too few for batch size 64"
+    cfg = TrainOptions(device="cpu", progress=False, output_dir=str(out), epochs=2, warmup_epochs=0.5, lr=0.05)
+    res = train(_FewPoints(cfg))
+    assert res.finished and res.total_steps == 2 and [a.option for a in res.adapted] == ["batch_size"]
+    assert cfg.batch_size == 64  # the caller's config is left as it was; the run's copy was adapted
+    printed = capsys.readouterr().out
+    assert "adapted to 40 training images" in printed and "--batch-size 64 -> 40" in printed
+    saved = (out / "config.yaml").read_text()
+    assert "# adapted to 40 training images" in saved and "batch_size: 40" in saved
+    assert _log_rows(out, "adapted")[0]["changes"][0] == res.adapted[0].to_dict()
+    # the resumed run reads the adapted values from its folder as given: nothing adapts twice
+    resumed = build_config(TrainOptions, load_values(out / "config.yaml", TrainOptions), {"resume": True, "epochs": 2})
+    assert resumed.given("batch_size") and resumed.batch_size == 40

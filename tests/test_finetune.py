@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dmae.checkpoint import CheckpointError, load_classifier, safe_load
+from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, safe_load
 from dmae.cli import main
 from dmae.engine import build_scheduler
 from dmae.finetune import FinetuneConfig, LinprobeConfig, build_finetune_optimizer, finetune
@@ -115,6 +115,8 @@ def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
     assert b.best == full.best and "val_acc@0.25" in full.best and "test_acc@0.25" in full.best
     for name in ("model_best.safetensors", "model_last.safetensors", "checkpoint.pt", "config.yaml", "log.jsonl"):
         assert (tmp_path / "full" / name).is_file()
+    for name in ("model_best.safetensors", "model_last.safetensors"):  # the training noise travels with the weights
+        assert read_metadata(tmp_path / "full" / name)["trained_sigma"] == "0.25"
     # without a held-out split nothing is selected (the test set never chooses a checkpoint)
     none = _ft(tmp_path, "noval", init=init, val_size=0, epochs=1)
     assert none.best is None and not (tmp_path / "noval" / "model_best.safetensors").exists()
@@ -123,6 +125,7 @@ def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
 def test_rs_and_many_sigma(tmp_path, pretrained):
     res = _ft(tmp_path, init=str(pretrained / "model.safetensors"), method="rs", sigma_range=(0.0, 0.75), epochs=1)
     assert set(res.evals[-1]) >= {"test_acc@0.25", "test_acc@0.5", "test_acc@0.75", "val_acc@0.25"}
+    assert read_metadata(tmp_path / "ft" / "model_last.safetensors")["trained_sigma"] == "[0.0, 0.75]"
 
 
 def test_linprobe_trains_only_the_head(tmp_path, pretrained):
@@ -208,3 +211,76 @@ def test_non_finite_logits_are_never_a_class_in_the_accuracy():
 
     data = TensorDataset(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
     assert noisy_accuracy(NaNModel(), data, 0.25, seed=0, precision="fp32") == 0.5
+
+
+# ----------------------------------------------------------------------------- small grey folders with the defaults
+def _grey_folder(root, classes=(1, 8), train=120, val=20, random_labels=False):
+    """An ImageFolder of Fashion-MNIST images of ``classes`` as grey 28-px PNGs (``train`` / ``val`` per split);
+    ``random_labels``: noise images whose class says nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from dmae.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    for split, src, n in (("train", "train", train), ("val", "test", val)):
+        ds = build_dataset("fashion-mnist", src)
+        idx = [i for i in range(len(ds)) if int(ds.targets[i]) in classes][:n]
+        for k, i in enumerate(idx):
+            label = int(rng.integers(len(classes))) if random_labels else classes.index(int(ds.targets[i]))
+            d = root / split / f"c{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            img = rng.integers(0, 256, (28, 28), dtype=np.uint8) if random_labels else ds.images[i, 0].numpy()
+            Image.fromarray(img, mode="L").save(d / f"{k:04d}.png")
+    return root
+
+
+def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path, pretrained, capsys):
+    # issue 19: `dmae finetune --init PRETRAINED --sigma 0.25 --epochs 3` on a small grey folder was refused
+    # (--warmup-epochs 5.0 exceeds --epochs 3; then --val-size 5000 leaves no training images), and the folder
+    # came as 3 channels to a 1-channel model
+    root = _grey_folder(tmp_path / "data")
+    out = tmp_path / "ft"
+    argv = ["finetune", "--data", "folder", "--data-root", str(root), "--init", str(pretrained), "--sigma", "0.25",
+            "--epochs", "3", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "adapted to 108 training images" in printed
+    for line in ("--val-size 5000 -> 12 (10% of the 120 training images", "--warmup-epochs 5 -> 0.3 (10% of 3 epochs",
+                 "--batch-size 64 -> 54 (44 of 108 images would be left out",
+                 "--lr 0.000105 -> 0.002 (blr 0.0005 x 54 / 256 scales the recipe's batch-1024 lr down"):
+        assert line in printed
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["val_size"], saved["warmup_epochs"], saved["batch_size"]) == (12, 0.3, 54)
+    assert saved["lr"] == pytest.approx(2e-3)  # a small model keeps the recipe's lr (blr 5e-4 x 1024 / 256)
+    assert "# adapted to 108 training images" in (out / "config.yaml").read_text()
+    model, _ = load_classifier(out / "model_best.safetensors", 2)
+    assert model.config.encoder.in_chans == 1
+    # an option given is never adapted, and a given one that cannot fit is refused naming the flag
+    assert main(argv[:-5] + ["--output-dir", str(tmp_path / "ft2"), "--val-size", "200", "--device", "cpu",
+                             "--no-progress"]) == 2
+    assert "--val-size 200 leaves no training images out of 120; give a smaller --val-size" in capsys.readouterr().err
+
+
+def test_a_run_that_stays_near_chance_says_so_loudly_and_records_it(tmp_path, capsys):
+    import json
+
+    from dmae.finetune import near_chance
+
+    root = _grey_folder(tmp_path / "data", train=100, val=10, random_labels=True)
+    res = finetune(FinetuneConfig(model=PICO, data="folder", data_root=str(root), sigma=0.25, epochs=1, val_size=40,
+                                  progress=False, device="cpu", output_dir=str(tmp_path / "ft")))
+    assert len(res.warnings) == 1 and "near chance (50.0% for 2 classes" in res.warnings[0]
+    err = capsys.readouterr().err
+    assert "dmae finetune: WARNING: held-out accuracy (best epoch, 40 training images) under noise (sigma=0.25) is" in err
+    assert "raise --epochs or --lr / --blr" in err and "--sigma" in err
+    rows = [json.loads(ln) for ln in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in rows if r["type"] == "warning"] == res.warnings
+    # the threshold: twice chance (chance + 10 points for few classes), never within 3 standard errors of chance
+    assert near_chance(0.105, 10, 200) == (True, pytest.approx(0.2))
+    assert not near_chance(0.37, 10, 200)[0]
+    assert near_chance(0.55, 2, 1000)[1] == pytest.approx(0.6)
+    assert near_chance(0.7, 2, 12)[0]  # 12 images cannot tell 70% from a coin
+    assert near_chance(0.003, 1000, 50_000)[1] == pytest.approx(0.002)

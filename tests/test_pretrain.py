@@ -144,3 +144,25 @@ def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
         f.write(raw + np.ascontiguousarray(images).tobytes())
     with pytest.raises(ValueError, match="the data or the --init weights differ from the saved run \\(data_fingerprint"):
         _run(tiny_pretrain_kwargs, data_root=str(root), resume=True)
+
+
+def test_small_grey_folder_with_defaults(tmp_path, capsys):
+    # a grey ImageFolder gives a small preset 1-channel input (it was 3), and the defaults fit 60 images
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(30):
+                Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(d / f"{i}.png")
+    res = pretrain(PretrainConfig(model=PICO, data="folder", data_root=str(tmp_path / "data"), epochs=2,
+                                  progress=False, device="cpu", output_dir=str(tmp_path / "run")))
+    assert res.finished
+    assert json.loads((tmp_path / "run" / "model_config.json").read_text())["in_chans"] == 1
+    changes = {a.option: (a.old, a.new) for a in res.adapted}
+    assert changes["warmup_epochs"] == (1.0, 0.2) and changes["batch_size"] == (64, 60)  # 60 images: no full batch
+    assert changes["lr"] == (pytest.approx(1.5e-4 * 60 / 256), pytest.approx(1.5e-4 * 4096 / 256))  # a small model
+    assert "adapted to 60 training images" in capsys.readouterr().out

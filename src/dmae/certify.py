@@ -202,7 +202,8 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     if not sigmas:
         raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
     model.to(device).eval()
-    ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, img_size))
+    ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, img_size),
+                       channels=model.preprocess.in_chans)  # a grey folder for a grey model, colour for colour
     planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
     if mode == "certify" and cfg.sequential:
         mode = "sequential"

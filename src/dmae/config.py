@@ -145,7 +145,33 @@ def check_field(cls: type, name: str, value: Any) -> None:
 
 
 class Options:
-    """Base of every config dataclass: :meth:`validate` checks each field, then :meth:`check_combination`."""
+    """Base of every config dataclass: :meth:`validate` checks each field, then :meth:`check_combination`.
+
+    An instance remembers which options were set explicitly (:meth:`given`): those passed to the constructor,
+    which is how :func:`build_config` passes a preset file's values and the flags given. Defaults that a run
+    adapts to its data (:mod:`dmae.engine`) are only the ones left unset.
+    """
+
+    _given: frozenset[str] = frozenset()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        # the dataclass __init__ sets every field alike; only the call tells a given value from a default
+        positional = [f.name for f in dataclasses.fields(cls)][: len(args)]  # type: ignore[arg-type]
+        object.__setattr__(self, "_given", frozenset(positional) | frozenset(kwargs))
+        return self
+
+    def given(self, name: str) -> bool:
+        """True when option ``name`` was set explicitly (a constructor keyword, a preset file, a flag).
+
+        ``dataclasses.replace`` passes every option to the constructor: its result counts all of them as given.
+
+        Raises:
+            KeyError: ``name`` is not an option of this config.
+        """
+        if name not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+            raise KeyError(f"{type(self).__name__} has no option {name!r}")
+        return name in self._given
 
     def validate(self) -> None:
         """Fail early, naming the offending option and value.
@@ -269,6 +295,7 @@ def load_values(path: Path, cls: type) -> dict[str, Any]:
 def build_config(cls: type[C], preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> C:
     """Instantiate ``cls`` from defaults <- preset values <- overrides, coercing lists to tuples.
 
+    The options of the preset and the overrides count as given (:meth:`Options.given`); the rest are defaults.
     Values are not validated here (see :meth:`Options.validate`).
 
     Raises:
@@ -294,6 +321,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, note: str = "") -> None:
+    """Write the resolved configuration as YAML, ``note`` (if any) above it as comment lines."""
+    head = "".join(f"# {line}\n" for line in note.splitlines())
+    Path(path).write_text(head + yaml.safe_dump(to_dict(cfg), sort_keys=False))

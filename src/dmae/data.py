@@ -4,7 +4,11 @@ Supported: ``fashion-mnist`` (always available: torchvision's layout, or the Deb
 ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``), ``cifar10`` (torchvision's
 ``cifar-10-batches-py``), ``imagenet`` and ``folder`` (ImageFolder ``ROOT/{train,val}/<class>/*``).
 Grey images stay one channel: small presets take them as they are; a 3-channel model repeats the
-channel in its first layer, after the noise, so radii stay in the data's own pixel space.
+channel in its first layer, after the noise, so radii stay in the data's own pixel space. An ImageFolder
+whose images are grey is read as one channel too (:func:`folder_channels`), as is any ImageFolder given to a
+1-channel model (``build_dataset(..., channels=1)``). Small square images (MNIST / CIFAR-sized, at most
+:data:`SMALL_IMAGE_SIDE` pixels) in an ImageFolder are not cropped: like CIFAR-10 they are only flipped to train,
+and the model resizes them after the noise.
 
 Data sets: Fashion-MNIST (Xiao et al., 2017), CIFAR-10 (Krizhevsky, 2009), ImageNet ILSVRC-2012
 (Russakovsky et al., 2015).
@@ -12,6 +16,7 @@ Data sets: Fashion-MNIST (Xiao et al., 2017), CIFAR-10 (Krizhevsky, 2009), Image
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import random
@@ -31,6 +36,14 @@ from dmae.runtime import derive_seed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STREAM_AUGMENT = 0x41554720  # leading key of the per-(epoch, image) augmentation streams
+# Grey ImageFolders are normalized with the mean of ImageNet's channel statistics (timm's 1-channel convention).
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)
+# PIL modes of one-channel images (with or without alpha): such a folder is read as 1 channel.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
+FOLDER_PROBE_IMAGES = 64  # images whose headers decide an ImageFolder's channel count (spread over the folder)
+# ImageFolder images no larger than this (square) are taken at native size, as CIFAR-10: ImageNet's crop recipe
+# (RandomResizedCrop down to 8% of the area, Resize 256/224 + CenterCrop) destroys a 28-px image.
+SMALL_IMAGE_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -69,16 +82,60 @@ class DataError(RuntimeError):
     """A data set could not be found or read; the message says what was looked for where."""
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The registry entry of data set ``name``.
+def dataset_info(name: str, root: str | os.PathLike | None = None) -> DatasetInfo:
+    """The registry entry of data set ``name``; with ``root``, a ``folder`` of grey images says 1 channel.
+
+    ``folder`` is declared 3-channel (ImageNet's statistics); given its ``root``, its images are looked at
+    (:func:`folder_channels`) and a grey folder gets ``channels=1`` and :data:`GREY_MEAN` / :data:`GREY_STD`, so a
+    small preset fitted to it (:func:`dmae.models.registry.model_config_for_data`) takes 1-channel images.
 
     Raises:
         ValueError: an unknown name, listing the known ones.
     """
     try:
-        return DATASETS[name]
+        info = DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}") from None
+    if name == "folder" and root is not None and folder_channels(root) == 1:
+        info = dataclasses.replace(info, channels=1, mean=GREY_MEAN, std=GREY_STD)
+    return info
+
+
+def folder_channels(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"),
+                    probe: int = FOLDER_PROBE_IMAGES) -> int:
+    """The channel count of an ImageFolder's images: 1 when every probed image is grey, else 3.
+
+    Reads only the headers of up to ``probe`` images of the first split of ``splits`` that exists under ``root``:
+    the first images (ImageFolder's sorted order) of classes spread evenly over the sorted class folders, so a
+    folder of a million images costs ``probe`` directory listings. A folder that does not exist, or holds no
+    image, says 3 (:func:`build_dataset` reports it). A colour image among grey ones that the probe missed is
+    refused when it is loaded.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for split in splits:
+        d = Path(root) / split
+        if not d.is_dir():
+            continue
+        classes = sorted(p for p in d.iterdir() if p.is_dir())
+        if not classes:
+            return 3
+        per_class = max(1, -(-probe // len(classes)))  # ceil: a few-class folder is probed deeper
+        picked = classes[:: max(1, len(classes) // probe)][:probe]
+        files = [f for c in picked
+                 for f in sorted(p for p in c.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())[:per_class]]
+        if not files:
+            return 3
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    if im.mode not in GREY_MODES:
+                        return 3
+            except (OSError, UnidentifiedImageError):
+                return 3  # unreadable: ImageFolder's loader names the file when it is read
+        return 1
+    return 3
 
 
 def default_data_root() -> Path:
@@ -198,16 +255,65 @@ def build_transform(info: DatasetInfo, train: bool, img_size: int, recipe: str =
     Native-size data sets (Fashion-MNIST, CIFAR-10) are only flipped when training (the paper's CIFAR-10
     recipe); the model resizes them after the noise. ImageFolder data is cropped to ``img_size`` here:
     RandomResizedCrop(scale 0.2-1 for ``recipe='pretrain'``, as MAE's pretraining; 0.08-1 otherwise;
-    bicubic) + flip to train, Resize(256/224 * size) + CenterCrop to evaluate.
+    bicubic) + flip to train, Resize(256/224 * size) + CenterCrop to evaluate; except small square images
+    (side <= :data:`SMALL_IMAGE_SIDE`), which are treated like CIFAR-10's (see :class:`FolderTransform`).
     """
     to_tensor = [] if info.name == "fashion-mnist" else [T.ToTensor()]
     if info.size is not None:
         return T.Compose(to_tensor + ([T.RandomHorizontalFlip()] if train else []))
-    bicubic = T.InterpolationMode.BICUBIC
-    if train:
-        scale = (0.2, 1.0) if recipe == "pretrain" else (0.08, 1.0)
-        return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic), T.RandomHorizontalFlip(), T.ToTensor()])
-    return T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic), T.CenterCrop(img_size), T.ToTensor()])
+    return FolderTransform(train, img_size, recipe)
+
+
+class FolderTransform:
+    """An ImageFolder image (PIL) -> ``[C, H, W]`` in [0, 1]: ImageNet's crop recipe for photos, native size for
+    small images.
+
+    A square image of side <= :data:`SMALL_IMAGE_SIDE` (an MNIST- or CIFAR-sized image) is kept at its size and only
+    flipped to train; the model resizes it after the noise, so radii stay in its own pixel space (as CIFAR-10's).
+    Any other image: RandomResizedCrop(``img_size``, scale 0.2-1 for ``recipe='pretrain'``, 0.08-1 otherwise,
+    bicubic) + flip to train, Resize(256/224 * ``img_size``) + CenterCrop(``img_size``) to evaluate.
+    """
+
+    def __init__(self, train: bool, img_size: int, recipe: str = "pretrain") -> None:
+        self.train, self.img_size, self.recipe = train, img_size, recipe
+        bicubic = T.InterpolationMode.BICUBIC
+        self.native = T.Compose([T.ToTensor()] + ([T.RandomHorizontalFlip()] if train else []))
+        if train:
+            scale = (0.2, 1.0) if recipe == "pretrain" else (0.08, 1.0)
+            self.crop = T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic),
+                                   T.RandomHorizontalFlip(), T.ToTensor()])
+        else:
+            self.crop = T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic),
+                                   T.CenterCrop(img_size), T.ToTensor()])
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        w, h = img.size
+        return (self.native if w == h <= SMALL_IMAGE_SIDE else self.crop)(img)
+
+    def __repr__(self) -> str:
+        return (f"FolderTransform(small square images (<= {SMALL_IMAGE_SIDE} px): {self.native!r}; "
+                f"others: {self.crop!r})")
+
+
+class _FolderLoader:
+    """ImageFolder's loader reading every image as ``mode`` ('L' or 'RGB'); picklable for worker processes.
+
+    With ``strict`` (a folder read as grey because its images are), a colour image is refused rather than
+    silently turned grey.
+    """
+
+    def __init__(self, mode: str, strict: bool) -> None:
+        self.mode, self.strict = mode, strict
+
+    def __call__(self, path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if self.strict and img.mode not in GREY_MODES:
+                raise DataError(f"{path} is a {img.mode} image, but its folder was read as grey (its first images "
+                                "are); make the folder all grey or all colour")
+            return img.convert(self.mode)
 
 
 def build_dataset(
@@ -216,18 +322,28 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     transform: Callable | None = None,
     download: bool = False,
+    channels: int | None = None,
 ) -> Dataset:
     """Build a data set by name; ``split`` is ``'train'`` or the evaluation split (``'test'``/``'val'``).
 
     Items are ``(image, label)``; with a :func:`build_transform` transform the image is a ``[C, H, W]``
     float tensor in [0, 1]. ``imagenet`` and ``folder`` need ``root`` holding ``<split>/<class>/<image>``.
 
+    ``channels`` is the channel count of the model the images are for (None: unknown). An ImageFolder is
+    read as 1 channel when that is 1 (colour images are made grey for a grey model) or when the folder's images
+    are grey (:func:`folder_channels`; a 3-channel model repeats the channel after the noise), else as RGB.
+    Other data sets keep their own channels (a 3-channel model repeats Fashion-MNIST's one).
+
     Raises:
         ValueError: an unknown name (:func:`dataset_info`) or a split the data set does not have.
         DataError: the data cannot be found or read (no ``cifar-10-batches-py`` without ``download``, no
             ``root`` or ``root/<split>`` for ImageFolder sets, not an ImageFolder, an ``imagenet`` folder
-            without exactly 1000 classes), or as :class:`FashionMNIST` raises.
+            without exactly 1000 classes), or as :class:`FashionMNIST` raises; when an item is read, a colour
+            image in a folder read as grey.
+        ValueError: ``channels`` other than None, 1 or 3.
     """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3 (the model's input channels), got {channels!r}")
     info = dataset_info(name)
     if split not in info.splits:
         raise ValueError(f"{name}: split must be one of {info.splits}, got {split!r}")
@@ -251,8 +367,11 @@ def build_dataset(
     d = Path(root) / split
     if not d.is_dir():
         raise DataError(f"{name}: no directory {d} (expected ImageFolder layout {root}/{{{','.join(info.splits)}}}/<class>/<image>)")
+    # the folder's own channel count decides for 3-channel and unknown models (same probe for every split)
+    grey_images = name == "folder" and folder_channels(root) == 1
+    loader = _FolderLoader("L" if channels == 1 or grey_images else "RGB", strict=grey_images and channels != 1)
     try:
-        ds = ImageFolder(str(d), transform=transform)
+        ds = ImageFolder(str(d), transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {d} is not an ImageFolder ({e})") from e
     if name == "imagenet" and len(ds.classes) != 1000:

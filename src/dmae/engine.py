@@ -18,10 +18,12 @@ rest the same way for all, following MAE's ``engine_pretrain`` / ``engine_finetu
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -35,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dmae import checkpoint as ckpt
-from dmae.config import Options, default, option, save_config, to_dict
+from dmae.config import Options, default, flag, option, save_config, to_dict
 from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, fingerprint
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
 from dmae.runtime import autocast, derive_seed
@@ -44,8 +46,19 @@ from dmae.runtime import autocast, derive_seed
 RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
                                "stop_after", "device", "data_root", "download", "compile", "eval_images"})
 STREAM_STEP = 0x5354455020  # leading key of the per-micro-step streams (noise, masks, drop path, mixup)
+# A warmup longer than this share of the run's epochs is cut to it (unless given): the paper's recipes warm up
+# for 4-5% of their epochs, the shipped CPU presets for 10% (0.3 of 3 epochs); a 5-epoch warmup of a 3-epoch run
+# would never reach the learning rate at all.
+WARMUP_FRACTION = 0.1
+# The tail the sampler drops (an incomplete batch) may cost at most this share of an epoch's images before a
+# default batch size is resized to spread the images evenly over the steps.
+MAX_DROPPED_FRACTION = 0.25
+# Models below this many parameters (the CPU presets: pico, micro, mini) keep the recipe's lr at any batch: the
+# fine-tuning sweep of experiments/RESULTS.md trains the micro ViT best at lr 2e-3 to 4e-3 with batch 64, the
+# lr the paper's recipe gives ViT-B at batch 1024.
+SMALL_MODEL_PARAMS = 5_000_000
 
-__all__ = ["RESUMABLE_OPTIONS", "RunLog", "RunOptions", "StopFlag", "TrainOptions", "TrainResult", "TrainingJob",
+__all__ = ["RESUMABLE_OPTIONS", "Adaptation", "RunLog", "adapt_to_data", "adaptation_block", "RunOptions", "StopFlag", "TrainOptions", "TrainResult", "TrainingJob",
            "build_scheduler", "check_resumable", "check_run_folder", "epoch_loader", "step_seed", "train",
            "wrap_for_training", "default"]
 
@@ -91,7 +104,9 @@ class TrainOptions(RunOptions):
     init: Optional[str] = option(None, "start from these weights: a run folder or weights file of dmae, or an official one")
 
     def check_combination(self) -> None:
-        if self.warmup_epochs > self.epochs:
+        # a default warmup longer than the run is cut to fit it when the run starts (adapt_to_data); a given one
+        # is the user's choice and is refused instead
+        if self.warmup_epochs > self.epochs and self.given("warmup_epochs"):
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
 
     def learning_rate(self, effective_batch: int) -> float:
@@ -116,6 +131,97 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
                              warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """A default that a run changed to fit its data: option ``option`` went from ``old`` to ``new`` because ``why``."""
+
+    option: str
+    old: Any
+    new: Any
+    why: str
+
+    def __str__(self) -> str:
+        return f"{flag(self.option)} {_short(self.old)} -> {_short(self.new)} ({self.why})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"option": self.option, "old": self.old, "new": self.new, "why": self.why}
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def adaptation_block(adapted: list[Adaptation], n_images: int) -> str:
+    """The lines that tell the user what was adapted to ``n_images`` training images (empty if nothing)."""
+    if not adapted:
+        return ""
+    head = (f"adapted to {n_images:,} training images (defaults sized for ImageNet; give an option to keep "
+            "your own value):")
+    return "\n".join([head, *(f"  {a}" for a in adapted)])
+
+
+def adapt_to_data(cfg: TrainOptions, n_images: int, world_size: int = 1, reference_batch: int | None = None,
+                  model_params: int | None = None) -> list[Adaptation]:
+    """Fit the schedule's defaults to a training set of ``n_images`` images; changes ``cfg`` in place.
+
+    Only options not given (:meth:`dmae.config.Options.given`) change; each change is returned, with its reason:
+
+    - ``accum_iter``, then ``batch_size``: one optimizer step takes ``batch x accum x processes`` images and the
+      sampler drops the incomplete tail, so a step larger than the data set would give zero steps; a default
+      batch that drops more than :data:`MAX_DROPPED_FRACTION` of the images is resized to spread them evenly;
+    - ``warmup_epochs``: at most :data:`WARMUP_FRACTION` of ``epochs``;
+    - ``lr`` (when neither ``--lr`` nor ``--blr`` is given and ``reference_batch``, the batch the recipe's
+      ``blr`` was tuned at, is larger than the effective batch): the linear rule ``blr x batch / 256`` (Goyal et
+      al., 2017) shrinks the lr by ``reference / batch``, which for a small batch leaves an lr that moves a model
+      little in a short run; Adam's lr scales with the square root of the batch instead (Malladi et al.,
+      NeurIPS 2022), so ``lr = blr x reference / 256 x sqrt(batch / reference)``; a model of fewer than
+      :data:`SMALL_MODEL_PARAMS` parameters (``model_params``) keeps the recipe's ``blr x reference / 256``.
+
+    Returns:
+        The adaptations made, in that order (none when every default fits).
+    """
+    out: list[Adaptation] = []
+
+    def change(name: str, new: Any, why: str) -> None:
+        out.append(Adaptation(name, getattr(cfg, name), new, why))
+        setattr(cfg, name, new)
+
+    procs = world_size
+    if cfg.batch_size * cfg.accum_iter * procs > n_images and cfg.accum_iter > 1 and not cfg.given("accum_iter"):
+        accum = max(1, n_images // (cfg.batch_size * procs))
+        change("accum_iter", accum, f"a step of {cfg.batch_size} x {cfg.accum_iter} x {procs} images needs more "
+                                    f"than the {n_images} training images")
+    per_step = cfg.batch_size * cfg.accum_iter * procs
+    full = n_images // per_step
+    dropped = n_images - full * per_step
+    if not cfg.given("batch_size") and n_images >= cfg.accum_iter * procs and (full == 0 or dropped > MAX_DROPPED_FRACTION * n_images):
+        steps = -(-n_images // per_step)  # ceil: the steps an epoch would take with the tail included
+        batch = n_images // (steps * cfg.accum_iter * procs)
+        if getattr(cfg, "mixup", 0) > 0 or getattr(cfg, "cutmix", 0) > 0:
+            batch = max(2, batch - batch % 2)  # mixup pairs the images of a batch
+        if batch != cfg.batch_size:
+            why = (f"{n_images} images make no full batch of {per_step}" if full == 0 else
+                   f"{dropped} of {n_images} images would be left out of every epoch")
+            change("batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch")
+    if not cfg.given("warmup_epochs") and cfg.warmup_epochs > WARMUP_FRACTION * cfg.epochs:
+        change("warmup_epochs", round(WARMUP_FRACTION * cfg.epochs, 4),
+               f"{WARMUP_FRACTION:.0%} of {cfg.epochs} epochs; the default is sized for the paper's long runs")
+    eff = cfg.batch_size * cfg.accum_iter * procs
+    if (reference_batch is not None and eff < reference_batch and not cfg.given("lr") and not cfg.given("blr")
+            and cfg.lr is None):
+        linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
+        why = f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down {reference_batch / eff:g}x; "
+        if model_params is not None and model_params < SMALL_MODEL_PARAMS:
+            lr = recipe
+            why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
+        else:
+            lr = recipe * math.sqrt(eff / reference_batch)
+            why += f"Adam's lr follows sqrt(batch): {recipe:.3g} x sqrt({eff}/{reference_batch})"
+        out.append(Adaptation("lr", linear, lr, why))
+        cfg.lr = lr
+    return out
 
 
 def epoch_loader(ds: Dataset, batch_size: int, accum_iter: int, num_workers: int, seed: int, dist: DistInfo,
@@ -279,9 +385,13 @@ class TrainingJob(ABC):
     name = "train"  # progress-bar label
     eval_before_training = False  # also evaluate at step 0
     best: dict[str, float] | None = None  # the evaluation of the selected checkpoint, for jobs that select one
+    reference_batch: int | None = None  # the effective batch the default blr was tuned at (see adapt_to_data)
 
     def __init__(self, cfg: TrainOptions) -> None:
-        self.cfg = cfg
+        # the job adapts defaults to the data (adapt_to_data): it works on a copy, the caller's config is untouched
+        self.cfg = copy.copy(cfg)
+        self.adapted: list[Adaptation] = []  # defaults changed to fit the data (build() may add its own)
+        self.warnings: list[str] = []  # said on stderr and logged once the run has finished (on_main_finished)
         self.device = torch.device("cpu")
         self.dist = DistInfo()
         self.model: nn.Module = nn.Identity()
@@ -345,6 +455,8 @@ class TrainResult:
     model: nn.Module | None = None  # the trained model (this rank's copy)
     stopped: bool = False  # stopped early (signal or stop_after); resume to finish
     interrupted: bool = False  # stopped by SIGINT / SIGTERM
+    adapted: list[Adaptation] = field(default_factory=list)  # defaults changed to fit the data
+    warnings: list[str] = field(default_factory=list)  # what the finished run warned about (rank 0)
 
     @property
     def finished(self) -> bool:
@@ -384,6 +496,10 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
         self.model, train_set = job.build()
         job.model = self.model
+        self.n_train = len(train_set)  # type: ignore[arg-type]
+        # before the loader and the plan, which follow the adapted batch, warmup and lr
+        params = sum(p.numel() for p in self.model.parameters())
+        job.adapted += adapt_to_data(cfg, self.n_train, dist.world_size, job.reference_batch, params)
         self.sampler, self.loader, spe = epoch_loader(train_set, cfg.batch_size, cfg.accum_iter, cfg.num_workers,
                                                       cfg.seed, dist, device)
         eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
@@ -418,7 +534,8 @@ class _Trainer:
         out = self.job.output_dir
         if self.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, out / "config.yaml")
+            # the resolved values are the adapted ones; the comment says which were adapted and why
+            save_config(self.cfg, out / "config.yaml", adaptation_block(self.job.adapted, self.n_train))
             key, arch = self.job.architecture()
             (out / f"{key}.json").write_text(json.dumps(arch, indent=2))
         barrier(self.dist)
@@ -428,6 +545,12 @@ class _Trainer:
         self.train_model = wrap_for_training(self.model, self.cfg.compile, self.dist, self.device)
         self.log = RunLog(self.job.output_dir, self.dist.is_main, self.step)
         if self.dist.is_main:
+            block = adaptation_block(self.job.adapted, self.n_train)
+            if block:
+                print(block, flush=True)
+                if self.step == 0:
+                    self.log.write({"type": "adapted", "step": 0, "train_images": self.n_train,
+                                    "changes": [a.to_dict() for a in self.job.adapted]})
             print(self.job.announce(), flush=True)
             if self.step == 0 and self.job.eval_before_training:
                 self._evaluate(0, "eval before training")
@@ -437,10 +560,22 @@ class _Trainer:
         finally:
             self.log.close()
         self.result.step, self.result.model, self.result.best = self.step, self.model, self.job.best
+        self.result.adapted = list(self.job.adapted)
         if not self.result.stopped and self.dist.is_main:
             self.job.on_main_finished()
+            self._warn(self.job.warnings)
         barrier(self.dist)  # the exports exist for every rank before any rank goes on (experiments chain stages)
         return self.result
+
+    def _warn(self, messages: list[str]) -> None:
+        """Say each warning on stderr, where it is not lost among the progress lines, and keep it in the log."""
+        if not messages:
+            return
+        with open(self.log.path, "a") as f:  # the training log is closed by now: append to its file
+            for m in messages:
+                print(f"dmae {self.job.name}: WARNING: {m}", file=sys.stderr, flush=True)
+                f.write(json.dumps({"type": "warning", "step": self.step, "message": m}) + "\n")
+        self.result.warnings = list(messages)
 
     def _loop(self) -> None:
         cfg, total = self.cfg, self.plan.total_steps

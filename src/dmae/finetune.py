@@ -30,13 +30,17 @@ from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, corrupt_batch
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, num_classes_of
-from dmae.engine import Built, TrainingJob, TrainOptions, TrainResult, train
+from dmae.engine import Adaptation, Built, TrainingJob, TrainOptions, TrainResult, train
 from dmae.losses import consistency_loss, default_mu, rs_loss
 from dmae.models.classifier import ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.runtime import autocast
 
 VAL_SPLIT_SEED = 20230201  # the held-out part of the training set is the same for every run
+# A default --val-size holds out this share of the training set, at most the default (5000): ImageNet's 5000 of
+# 1.28M is 0.4%, but 5000 of a 2000-image folder is everything.
+VAL_FRACTION = 0.1
+FINETUNE_REFERENCE_BATCH = 1024  # the effective batch of the paper's fine-tuning recipe, which its blr is for
 
 
 @dataclass
@@ -184,6 +188,36 @@ def noisy_accuracy(model: nn.Module, data: Dataset, sigma: float, seed: int, bat
     return correct / max(n, 1)
 
 
+def near_chance(accuracy: float, num_classes: int, n: int) -> tuple[bool, float]:
+    """Whether an accuracy (a fraction, measured on ``n`` images) is near chance ``1/C``; also the threshold.
+
+    Near chance means below ``1/C + margin`` with ``margin = max(min(1/C, 0.1), 3 sqrt(p (1 - p) / n))``, ``p = 1/C``:
+    at most twice chance (chance + 10 points for C < 10, where twice chance would be most of the scale), and never
+    within three binomial standard errors of chance, which a guessing classifier reaches on a small held-out set.
+    Ten classes: below 20%; two: below 60% (on >= 225 images); 1000: below 0.2% (plus the noise of n).
+    """
+    p = 1.0 / max(num_classes, 1)
+    margin = max(min(p, 0.1), 3.0 * (p * (1 - p) / max(n, 1)) ** 0.5)
+    return accuracy < p + margin, p + margin
+
+
+def adapt_val_size(cfg: FinetuneConfig, n_images: int) -> list[Adaptation]:
+    """A default ``--val-size`` fitted to a training set of ``n_images``: :data:`VAL_FRACTION` of it, at most the
+    default; changes ``cfg`` in place. A given one is kept (:func:`split_train_val` refuses one that leaves no
+    training image).
+
+    Returns:
+        The adaptation made, if any.
+    """
+    want = min(cfg.val_size, int(VAL_FRACTION * n_images))
+    if cfg.given("val_size") or want == cfg.val_size:
+        return []
+    change = Adaptation("val_size", cfg.val_size, want, f"{VAL_FRACTION:.0%} of the {n_images} training images, "
+                                                        f"at most {cfg.val_size}")
+    cfg.val_size = want
+    return [change]
+
+
 def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
     """A fixed split of ``n`` training indices: (train, held-out validation of ``val_size``).
 
@@ -191,7 +225,8 @@ def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
         ValueError: ``val_size`` leaves no training image.
     """
     if val_size >= n:
-        raise ValueError(f"--val-size {val_size} leaves no training images out of {n}")
+        raise ValueError(f"--val-size {val_size} leaves no training images out of {n}; give a smaller --val-size "
+                         f"(or leave it out: the default holds out {VAL_FRACTION:.0%})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
     return sorted(order[val_size:]), sorted(order[:val_size])
 
@@ -211,28 +246,33 @@ class FinetuneJob(TrainingJob):
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         super().__init__(cfg)
-        self.cfg: FinetuneConfig = cfg
+        self.cfg: FinetuneConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
         self.name = "linprobe" if cfg.linprobe else "finetune"
-        self.info = dataset_info(cfg.data)
+        # linear probing's LARS takes its lr per layer from the trust ratio: its blr is left as given
+        self.reference_batch = None if cfg.linprobe else FINETUNE_REFERENCE_BATCH
+        self.info = dataset_info(cfg.data, cfg.data_root)  # a grey ImageFolder says 1 channel
         self.m = cfg.num_noise if cfg.method == "cr" else 1
         self.mixup_fn: Any = None
+        self.last_evals: list[dict[str, float]] = []  # this call's evaluations (rank 0)
 
     def build(self) -> Built:
         cfg, info = self.cfg, self.info
         probe = build_dataset(cfg.data, "train", cfg.data_root, None, cfg.download)
         self.num_classes = num_classes_of(probe)
+        self.adapted += adapt_val_size(cfg, len(probe))  # type: ignore[arg-type]
         train_idx, val_idx = split_train_val(len(probe), cfg.val_size)  # type: ignore[arg-type]
         pool = "token" if cfg.linprobe else "avg"
         model, self.init_report = ckpt.load_classifier(cfg.init, self.num_classes, pool, 0.0 if cfg.linprobe else cfg.drop_path,
                                                        cfg.model, cfg.img_size, data=info)
-        img_size = model.config.encoder.img_size
+        img_size, chans = model.config.encoder.img_size, model.config.encoder.in_chans
         train_tf = _finetune_transform(info, True, img_size, cfg.randaug)
-        train_ds: Dataset = Subset(build_dataset(cfg.data, "train", cfg.data_root, train_tf), train_idx)
+        train_ds: Dataset = Subset(build_dataset(cfg.data, "train", cfg.data_root, train_tf, channels=chans), train_idx)
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
         eval_tf = build_transform(info, False, img_size)
-        self.val_ds = Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf), val_idx) if val_idx else None
-        self.test_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf)
+        self.val_ds = (Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf, channels=chans), val_idx)
+                       if val_idx else None)
+        self.test_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf, channels=chans)
         self.sizes = (len(train_ds), len(val_idx))
         if cfg.linprobe:
             freeze_encoder(model)
@@ -263,6 +303,14 @@ class FinetuneJob(TrainingJob):
     def architecture(self) -> tuple[str, dict[str, Any]]:
         return "classifier_config", self.model.config.to_dict()  # type: ignore[union-attr]
 
+    def _recorded_sigma(self) -> dict[str, str]:
+        """The training noise in the weights' metadata (``trained_sigma``: sigma, or [low, high] for a range), so a
+        file copied away from its run folder still warns when certified at another sigma."""
+        import json
+
+        noise = self.cfg.noise
+        return {"trained_sigma": json.dumps(list(noise) if isinstance(noise, tuple) else float(noise))}
+
     def announce(self) -> str:
         cfg, p = self.cfg, self.plan
         assert p is not None
@@ -276,7 +324,7 @@ class FinetuneJob(TrainingJob):
             line += f"\nweights from {cfg.init}: {self.init_report.summary()}"
         return line
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
         ev: dict[str, float] = {}
@@ -294,7 +342,8 @@ class FinetuneJob(TrainingJob):
         if self.val_ds is None or (self.best is not None and row[key] <= self.best[key]):
             return ""  # never selected on the test set
         self.best = {k: v for k, v in row.items() if k != "step"}
-        ckpt.save_export(self.model, self.output_dir / "model_best.safetensors", {"epoch": str(round(row["epoch"]))})
+        ckpt.save_export(self.model, self.output_dir / "model_best.safetensors",
+                         {"epoch": str(round(row["epoch"])), **self._recorded_sigma()})
         return " (best so far)"
 
     def state(self) -> dict[str, Any]:
@@ -305,10 +354,47 @@ class FinetuneJob(TrainingJob):
 
     def on_main_finished(self) -> None:
         out = self.output_dir
-        ckpt.save_export(self.model, out / "model_last.safetensors")
+        ckpt.save_export(self.model, out / "model_last.safetensors", self._recorded_sigma())
         if self.best is not None:
             print(f"done: best epoch {self.best['epoch']:.0f} -> {out / 'model_best.safetensors'}; "
                   f"last -> {out / 'model_last.safetensors'}", flush=True)
+        warning = self.chance_warning()
+        if warning:
+            self.warnings.append(warning)
+
+    def chance_warning(self) -> str | None:
+        """A warning when the run's accuracy under noise stayed near chance (:func:`near_chance`), else None.
+
+        The accuracy is the selected checkpoint's on the held-out images at the first evaluation sigma (the best
+        the run reached), or without a held-out set the last evaluation's on the test split.
+        """
+        cfg, s = self.cfg, self.cfg.sigmas_to_eval[0]
+        if self.best is not None:
+            acc, where = self.best[f"val_acc@{s:g}"], f"held-out accuracy (best epoch, {self.sizes[1]} training images)"
+            n = min(self.sizes[1], cfg.eval_images or self.sizes[1])
+        else:
+            rows = [r for r in self.last_evals if f"test_acc@{s:g}" in r]
+            if not rows:
+                return None
+            acc, where = rows[-1][f"test_acc@{s:g}"], "test accuracy (no held-out images)"
+            n = min(len(self.test_ds), cfg.eval_images or len(self.test_ds))  # type: ignore[arg-type]
+        is_near, threshold = near_chance(acc, self.num_classes, n)
+        if not is_near:
+            return None
+        p = self.plan
+        assert p is not None
+        return (f"{where} under noise (sigma={s:g}) is {100 * acc:.1f}%, near chance ({100 / self.num_classes:.1f}% for "
+                f"{self.num_classes} classes; below {100 * threshold:.1f}%): this classifier has learned almost nothing "
+                "and certifying it would certify chance. Likely causes: too little training "
+                f"({p.total_steps} steps at lr {p.lr:.3g}: raise --epochs or --lr / --blr), noise too strong for the "
+                "data (--sigma), --init weights that do not fit these images (other data, channels or size), or "
+                "too few held-out images to tell (--val-size).")
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The per-epoch accuracies under noise (:meth:`_evaluate`), kept for :meth:`chance_warning`."""
+        ev = self._evaluate(step)
+        self.last_evals.append(ev)
+        return ev
 
 
 def finetune(cfg: FinetuneConfig) -> TrainResult:
@@ -324,5 +410,5 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
 
 FinetuneResult = TrainResult  # what finetune() returns; .best is the selected checkpoint's evaluation
 
-__all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "LinprobeConfig", "build_finetune_optimizer",
-           "build_linprobe_optimizer", "finetune", "freeze_encoder", "noisy_accuracy", "split_train_val"]
+__all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "LinprobeConfig", "adapt_val_size", "build_finetune_optimizer",
+           "build_linprobe_optimizer", "finetune", "freeze_encoder", "near_chance", "noisy_accuracy", "split_train_val"]

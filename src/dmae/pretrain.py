@@ -28,6 +28,7 @@ from dmae.runtime import autocast
 # Parameters that get no weight decay besides 1-D ones (biases, norms); positions are fixed anyway.
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 EVAL_SEED_OFFSET = 12345  # held-out reconstructions are scored under noise and masks of seed + this
+PRETRAIN_REFERENCE_BATCH = 4096  # the effective batch of the paper's pretraining recipe, which its blr is for
 
 
 @dataclass
@@ -104,11 +105,12 @@ class PretrainJob(TrainingJob):
 
     name = "pretrain"
     eval_before_training = True
+    reference_batch = PRETRAIN_REFERENCE_BATCH
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
-        self.cfg: PretrainConfig = cfg
-        self.info = dataset_info(cfg.data)
+        self.cfg: PretrainConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
+        self.info = dataset_info(cfg.data, cfg.data_root)  # a grey ImageFolder says 1 channel
         self.mcfg = resolve_model_config(cfg, self.info)
         self.init_report: ckpt.LoadReport | None = None
         self.eval_images: torch.Tensor | None = None
@@ -116,7 +118,7 @@ class PretrainJob(TrainingJob):
     def build(self) -> Built:
         cfg, info = self.cfg, self.info
         train_ds: Dataset = build_dataset(cfg.data, "train", cfg.data_root, build_transform(info, True, self.mcfg.img_size),
-                                          cfg.download)
+                                          cfg.download, channels=self.mcfg.in_chans)
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
         model = DenoisingMaskedAutoencoder(self.mcfg)
@@ -157,7 +159,8 @@ class PretrainJob(TrainingJob):
         cfg = self.cfg
         if self.eval_images is None:
             eval_ds = build_dataset(cfg.data, self.info.splits[1], cfg.data_root,
-                                    build_transform(self.info, False, self.mcfg.img_size), cfg.download)
+                                    build_transform(self.info, False, self.mcfg.img_size), cfg.download,
+                                    channels=self.mcfg.in_chans)
             k = min(cfg.eval_images, len(eval_ds))  # type: ignore[arg-type]
             self.eval_images = torch.stack([eval_ds[i][0] for i in range(k)])
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
