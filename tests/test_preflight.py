@@ -109,8 +109,11 @@ def test_cli_warns_on_another_sigma_and_refuses_a_confidence_level(classifier_ru
 def test_cli_shows_our_warnings_like_its_errors():
     from dmae.cli import _format_warning
 
+    from dmae.runtime import DmaeWarning
+
     fmt = _format_warning("certify")
-    assert fmt(UserWarning("sigma 1 is not ..."), UserWarning, "x.py", 3) == "dmae certify: warning: sigma 1 is not ...\n"
+    assert fmt(DmaeWarning("sigma 1 is not ..."), DmaeWarning, "x.py", 3) == "dmae certify: warning: sigma 1 is not ...\n"
+    assert "x.py:3: UserWarning: torch says" in fmt(UserWarning("torch says"), UserWarning, "x.py", 3)
     assert "DeprecationWarning" in fmt(DeprecationWarning("old"), DeprecationWarning, "x.py", 3)
 
 
@@ -142,3 +145,10 @@ def test_a_loaded_classifier_carries_its_training_sigma_into_smooth(classifier_r
     assert load_classifier(alone, 10, pool=None)[0].trained_sigma == [0.0, 0.75]
     save_export(model, alone)
     assert load_classifier(alone, 10, pool=None)[0].trained_sigma is None
+
+
+def test_a_mismatched_log_at_a_later_sigma_is_refused_before_the_first_sigma_is_certified(classifier_run, tmp_path):
+    run_certification(_cfg(classifier_run, tmp_path, sigma=(0.5,), skip=5000))
+    with pytest.raises(ValueError, match=r"certify_sigma0.5.tsv was written with other settings \(n: 100 -> 50\)"):
+        run_certification(_cfg(classifier_run, tmp_path, sigma=(0.25, 0.5), n=50, skip=5000))
+    assert not (tmp_path / "certify_sigma0.25.tsv").exists()

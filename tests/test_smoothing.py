@@ -131,7 +131,7 @@ def test_arguments_and_range_warning():
     with pytest.raises(ValueError, match="sigma must be a number >= 0"):
         Smooth(model, 3, -1.0)
     smooth = Smooth(model, 3, 0.25, seed=0)
-    x = torch.rand(1, 4, 4)
+    x = torch.linspace(0, 1, 16).view(1, 4, 4)
     with pytest.raises(ValueError, match="n0 must be an integer >= 1, got 0"):
         smooth.certify(x, 0, 100, 0.001, 10)
     with pytest.raises(ValueError, match="n must be an integer >= 1, got 0"):
@@ -140,7 +140,7 @@ def test_arguments_and_range_warning():
         smooth.predict(x, 10, 0.001, 0)
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\), got 1.0"):
         smooth.predict(x, 10, 1.0, 10)
-    with pytest.raises(ValueError, match=r"image\(s\) \[-\d+\] have pixels in \[-2.\d+, 2.\d+\], outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"image\(s\) \[-\d+\] have pixels in \[-2.5, 2.5\], outside \[0, 1\]"):
         smooth.certify((x - 0.5) / 0.2, 10, 20, 0.001, 10)
     assert math.isfinite(smooth.certify(x, 10, 20, 0.001, 10)[1])
 
@@ -315,7 +315,7 @@ def test_a_model_in_training_mode_is_certified_in_eval_mode_and_left_bit_identic
     net = SmallBNNet()
     net.body[4].eval()  # a submodule the user left in eval mode must stay so
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.warns(UserWarning, match=r"training mode \(BatchNorm2d, .*call model.eval\(\)"):
+    with pytest.warns(UserWarning, match=r"training mode \(BatchNorm2d\): it is certified in eval mode.*call model.eval\(\)"):
         in_train = Smooth(net, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running stats, num_batches_tracked
     assert net.training and net.body[1].training and not net.body[4].training
@@ -362,3 +362,9 @@ def test_a_sigma_other_than_the_recorded_training_sigma_warns():
         Smooth(model, 3, 0.5)
         model.trained_sigma = 0.25
         Smooth(model, 3, 0.25)
+
+
+def test_a_plain_function_is_a_base_classifier_too():
+    smooth = Smooth(lambda x: torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 3).float(), 3,
+                    0.25, seed=0, device="cpu")
+    assert smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.001, 50)[0] == 0

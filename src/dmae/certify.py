@@ -509,6 +509,8 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task, sigmas = prepare(cfg, mode, device, dist)
+        for sigma in sigmas:  # a log of other settings at any sigma is refused before the first sigma is spent
+            check_settings(log_path(task, sigma), settings(task, sigma))
         task.out.mkdir(parents=True, exist_ok=True)
         return [_run_sigma(task, sigma) for sigma in sigmas]
 

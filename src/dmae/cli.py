@@ -216,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _format_warning(command: str) -> Any:
     """Our own warnings (a mistake caught before it gives a wrong answer) read like the errors, without a
     source line; other libraries' warnings keep Python's format."""
+    from dmae.runtime import DmaeWarning
+
     default = warnings.formatwarning
 
     def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
-        if category is UserWarning:
+        if issubclass(category, DmaeWarning):
             return f"dmae {command}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 

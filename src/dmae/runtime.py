@@ -91,6 +91,10 @@ def derive_seed(seed: int, *keys: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+class DmaeWarning(UserWarning):
+    """A mistake dmae caught before it would give a wrong answer (the CLI prints these like its errors)."""
+
+
 def warn_user(message: str) -> None:
     """``warnings.warn`` attributed to the first caller outside dmae, torch and contextlib (the user's line),
     however deep inside the library the mistake is noticed."""
@@ -102,4 +106,4 @@ def warn_user(message: str) -> None:
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level + 1)
+    warnings.warn(message, DmaeWarning, stacklevel=level + 1)

@@ -34,7 +34,7 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     Equals the ``alpha`` quantile of Beta(n_a, n - n_a + 1); 0 when ``n_a = 0``.
 
     Raises:
-        ValueError: alpha outside (0, 1), or not 0 <= n_a <= n with n >= 1.
+        ValueError: alpha outside (0, 1/2), or not 0 <= n_a <= n with n >= 1.
     """
     check_alpha(alpha)
     if n < 1 or not (0 <= n_a <= n):

@@ -219,7 +219,7 @@ class UnionBoundCP(_Looks):
     1934, at each look; the union bound over looks as in Horvath et al., ICLR 2022).
 
     Raises:
-        ValueError: alpha or upper_alpha outside (0, 1), n_max or first not an integer >= 1, ratio <= 1,
+        ValueError: alpha or upper_alpha outside (0, 1/2), n_max or first not an integer >= 1, ratio <= 1,
             final_share outside [0, 1) (0 = equal shares), or bad ``looks``.
     """
 
@@ -334,7 +334,7 @@ class BettingMixture(_Looks):
     uniform mixture restricted to alternatives above p).
 
     Raises:
-        ValueError: alpha or upper_alpha outside (0, 1), n_max or first not an integer >= 1, ratio <= 1,
+        ValueError: alpha or upper_alpha outside (0, 1/2), n_max or first not an integer >= 1, ratio <= 1,
             prior not a finite number > 0, final_share outside [0, 1), or bad ``looks``.
     """
 

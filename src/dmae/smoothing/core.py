@@ -266,11 +266,15 @@ class Smooth:
         active, BatchNorm normalizing by batch statistics, so one image's votes depend on the others in its
         batch) and would change the model (BatchNorm running statistics). Warns once per smoother.
         """
+        if not isinstance(self.base_classifier, nn.Module):  # a plain function has no mode
+            yield
+            return
         modes = [(m, m.training) for m in self.base_classifier.modules()]
         if any(t for _, t in modes) and not self._warned_train:
             self._warned_train = True
-            kinds = sorted({type(m).__name__ for m, t in modes if t}, key=lambda n: ("Norm" not in n and "Drop" not in n, n))
-            names = kinds[:4] + (["..."] if len(kinds) > 4 else [])
+            kinds = sorted({type(m).__name__ for m, t in modes if t})
+            telling = [k for k in kinds if "Norm" in k or "Drop" in k]  # the usual layers that differ in eval mode
+            names = (telling or kinds)[:4] + (["..."] if len(telling or kinds) > 4 else [])
             warn_user(f"the base classifier is in training mode ({', '.join(names)}): it is certified in eval "
                       "mode and restored to training mode afterwards; call model.eval() before smoothing it")
         self.base_classifier.eval()

@@ -246,6 +246,8 @@ class SoundSmooth(Smooth):
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None,
                  precision: str = "auto", device: torch.device | str | None = None, levels: int = LEVELS) -> None:
         super().__init__(base_classifier, num_classes, sigma, seed=seed, precision=precision, device=device)
+        if self.device.type not in ("cpu", "cuda"):  # randint's exact uniformity over 2^62 is shown for these only
+            raise ValueError(f"sound certification runs on cpu or cuda, got device {self.device}")
         self.levels = levels
         self.noise = discrete_gaussian(self.sigma, levels)
         self._values: dict[torch.dtype, torch.Tensor] = {}
