@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_reference import SmallCNN  # noqa: E402  (the reference CNN itself, not a copy)
+from cnn_reference import SmallCNN, train  # noqa: E402  (the reference CNN and its recipe, not copies)
 
-from dmae.corrupt import noisy_copies  # noqa: E402
 from dmae.data import build_dataset, build_transform, dataset_info  # noqa: E402
 from dmae.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val  # noqa: E402
-from dmae.losses import consistency_loss, rs_loss  # noqa: E402
 
 
 def make_folder(root: Path, train_images: int = 2000, val_images: int = 1000) -> Path:
@@ -72,34 +70,6 @@ def run_stage(args: list[str], log: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"dmae {args[0]} failed (exit {proc.returncode}); see {log}")
     return seconds, cpu
-
-
-def train_cnn(model: torch.nn.Module, ds: Dataset, method: str, sigma: float, seconds: float, seed: int) -> dict:
-    """``cnn_reference.train``'s recipe on ``ds`` for ``seconds`` of this process's CPU time (one thread: the dmae
-    stages' budget; AdamW lr 2e-3, weight decay 0.05, cosine over the steps the budget allows from the speed of the
-    first 20 steps, batch 128)."""
-    torch.manual_seed(seed)
-    loader = DataLoader(ds, batch_size=128, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed + 1)
-    m = 2 if method == "cr" else 1
-    step, total, t0 = 0, None, time.process_time()
-    model.train()
-    while True:
-        for x, y in loader:
-            if total is None and step == 20:
-                total = max(21, int(seconds / ((time.process_time() - t0) / 20)))
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total - 20)
-            logits = model(noisy_copies(x, sigma, m, gen)).view(m, x.shape[0], -1)
-            loss = (consistency_loss(logits, y, 2.0, 0.5) if m > 1 else rs_loss(logits[0], y)).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if total is not None:
-                sched.step()
-            step += 1
-            if total is not None and step >= total:
-                return {"steps": step, "seconds": time.process_time() - t0}
 
 
 def main() -> None:
@@ -149,7 +119,8 @@ def main() -> None:
             train_all = build_dataset("folder", "train", root, tf)
             train_idx, val_idx = split_train_val(len(train_all), 200)  # the dmae run's split (seed VAL_SPLIT_SEED)
             model = SmallCNN()
-            stats = train_cnn(model, Subset(train_all, train_idx), args.cnn_method, args.sigma, c_pre + c_ft, 0)
+            stats = train(model, args.cnn_method, args.sigma, (c_pre + c_ft) / 60, 0, Subset(train_all, train_idx),
+                          clock=time.process_time)  # the dmae stages' budget is CPU time
             model.eval()
             # the seeds of dmae's per-epoch evaluation (seed + 1 held-out, seed + 2 test), its default seed 0
             held = noisy_accuracy(model, Subset(train_all, val_idx), args.sigma, 1, precision="fp32")

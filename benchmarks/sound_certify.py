@@ -86,7 +86,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{a:.1f} %" for a in acc[name]) + f" | {abstain:.1f} % | "
               f"{passes / seconds[name]:.0f} |")
     same = sum(s[1] == t[1] for s, t in zip(rows["standard"], rows["sound"]))
-    print(f"\nsound - standard: " + ", ".join(f"{a - s:+.1f} points at r = {r:g}"
+    print("\nsound - standard: " + ", ".join(f"{a - s:+.1f} points at r = {r:g}"
                                               for r, s, a in zip(RADII, acc["standard"], acc["sound"]))
           + f"; passes/s ratio {seconds['standard'] / seconds['sound']:.3f}; "
           f"same prediction on {same} of {len(indices)}")

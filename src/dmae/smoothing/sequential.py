@@ -32,7 +32,7 @@ from torch import nn
 from dmae.smoothing.bounds import check_certify_budget
 from dmae.smoothing.confseq import (ConfidenceSequence, check_futility, geometric_looks, make_sequence, radius_or_zero,
                                     refute_ceiling, threshold)
-from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth, chunk_seed
+from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth
 
 FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
 # beta of the futility rule (confseq.projected_lower): the most samples saved for at most ~1 target lost in 300
