@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -369,8 +370,15 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
     head = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     two = _write(tmp_path / "two_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0), (1, 1, 1, 0.5, 2, 0)])
     with pytest.raises(ReportError, match=rf"{two}:3: radius 0.5, correct 2: a certified radius is a finite number "
-                                          "and correct is 0 or 1"):
+                                          ">= 0 and correct is 0 or 1"):
         read_log(two)
+    # rows that contradict themselves (another tool's log): counted as nothing, refused with the line
+    for name, row, why in (("wrong", (7, 3, 5, 0.9, 1, 0), "label 3, predict 5, radius 0.9, correct 1"),
+                           ("abstain", (8, 3, -1, 0.7, 0, 0), "label 3, predict -1, radius 0.7, correct 0"),
+                           ("neg", (6, 4, 4, -0.3, 1, 0), "radius -0.3, correct 1: a certified radius is a finite")):
+        bad = _write(tmp_path / f"{name}_sigma0.5.tsv", [(0, 1, 1, 0.5, 1, 0), row])
+        with pytest.raises(ReportError, match=rf"{bad}:3: {re.escape(why)}"):
+            read_log(bad)
     with pytest.raises(ReportError, match=r"nan_sigma0.25.tsv:2: radius nan"):
         read_log(_write(tmp_path / "nan_sigma0.25.tsv", [(0, 1, 1, "nan", 1, 0)]))
     with pytest.raises(ReportError, match=r"x_sigma0.25.tsv:3: idx column"):

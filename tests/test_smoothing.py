@@ -339,12 +339,14 @@ def test_non_floating_images_are_refused_naming_the_dtype(dtype):
         smooth.predict(x, 100, 0.001, 50)
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.95, 0.999])
+@pytest.mark.parametrize("alpha", [0.95, 0.999])
 def test_alpha_given_as_a_confidence_level_is_refused(alpha):
     smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
     with pytest.raises(ValueError, match=rf"alpha must be in \(0, 0.5\), got {alpha}; alpha is the failure probability, "
                                          rf"not a confidence level: for {alpha} confidence give alpha {1 - alpha:.6g}"):
         smooth.certify(torch.rand(1, 4, 4), 10, 100, alpha, 50)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\), got 0.5$"):  # no hint where 1 - alpha = alpha
+        smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.5, 50)
 
 
 def test_a_sigma_other_than_the_recorded_training_sigma_warns():
@@ -368,3 +370,11 @@ def test_a_plain_function_is_a_base_classifier_too():
     smooth = Smooth(lambda x: torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 3).float(), 3,
                     0.25, seed=0, device="cpu")
     assert smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.001, 50)[0] == 0
+
+
+def test_batchnorm_without_running_statistics_is_refused():
+    net = SmallBNNet()
+    net.body[1] = nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics even in eval mode
+    with pytest.raises(ValueError, match=r"module body.1 \(BatchNorm2d, track_running_stats=False\) normalizes every "
+                                         r"batch by its own statistics"):
+        Smooth(net.eval(), 10, 0.25, seed=0).certify(torch.rand(1, 8, 8), 10, 100, 0.001, 50)

@@ -98,6 +98,24 @@ def test_thresholds_are_the_exact_integer_parts():
     assert inner and all(d.thresholds[i] + d.thresholds[d.size - 1 - i] == q - 1 for i in inner)
 
 
+def test_a_small_sigma_builds_fast_and_exactly():
+    """Thresholds reach 1 / sigma + 8 standard deviations (the table covers every pixel + noise); above the mean
+    they come from the tail Phi(-z), so sigma 0.01 (z up to 108) needs no precision of the order of -log2(1 - t_i)."""
+    import time
+
+    start = time.perf_counter()
+    d = DiscreteGaussian(0.01)
+    assert time.perf_counter() - start < 5.0
+    q = 2**62
+    for i in (3, d.size // 2 - 1, d.size // 2, d.size // 2 + 5, d.size // 2 + 50, d.size // 2 + 130, d.size - 1):
+        z = (2 * (d.low + i) + 1) / (2 * 255 * 0.01)  # only to choose the precision
+        with mpmath.workprec(int(0.73 * z**2) + 300):  # enough bits to resolve 1 - t_i ~ exp(-z^2 / 2)
+            t = mpmath.ncdf(mpmath.mpf(2 * (d.low + i) + 1) / (2 * 255 * mpmath.mpf(0.01)))
+            assert d.thresholds[i] == int(mpmath.floor(t * q)), i
+            assert d._digit(i, 1) == int(mpmath.floor(t * q * q)) % q, i
+    assert d.thresholds[-1] == q - 1
+
+
 def _binned_chisquare(counts: np.ndarray, probs: np.ndarray) -> float:
     """Chi-square p-value with cells of expected count < 5 pooled into their neighbours (tails)."""
     expected = probs * counts.sum()

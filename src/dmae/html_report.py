@@ -212,6 +212,8 @@ def certification_section(logs: list[CertLog], paths: list[Path], radii: tuple[f
     total = sum(x for x in passes if x is not None)
     fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes)]
     saved = sum(x for x in fixed if x is not None)
+    if all(x is None for x in passes):
+        return "".join(lines) + "<p>Forward passes: unknown (the logs do not say their n0 / n)</p>"
     lines.append(f"<p>Forward passes in all: {total:,}" + (" (some logs do not say)" if None in passes else "")
                  + (f"; fixed-n CERTIFY with the sequential logs' n_max as n would have drawn {saved:,} "
                     f"({saved / total:.1f}x more)" if total and saved > total else "") + "</p>")

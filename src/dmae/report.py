@@ -180,9 +180,14 @@ def read_log(path: str | Path) -> CertLog:
         except ValueError as e:
             raise LogError(f"{path}:{n}: {e}") from e
         # ACR weighs radii by ``correct`` and accuracy counts ``correct == 1``: any other value makes them disagree
-        if not np.isfinite(rows[-1][2]) or rows[-1][3] not in (0, 1):
+        label, pred, r, correct = rows[-1]
+        if not np.isfinite(r) or r < 0 or correct not in (0, 1):
             raise LogError(f"{path}:{n}: {radius} {f[col[radius]]}, correct {f[col['correct']]}: a certified radius "
-                           "is a finite number and correct is 0 or 1")
+                           "is a finite number >= 0 and correct is 0 or 1")
+        if correct != int(pred == label) or (pred == -1 and r != 0):  # the row contradicts itself: count nothing
+            raise LogError(f"{path}:{n}: label {label}, predict {pred}, {radius} {f[col[radius]]}, correct {correct}: "
+                           "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
+                           "radius 0")
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
     n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
     meta = read_meta(path)

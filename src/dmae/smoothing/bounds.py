@@ -21,7 +21,7 @@ def check_alpha(alpha: float) -> float:
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 0.5):
         hint = ""
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.5 <= alpha < 1.0:
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.5 < alpha < 1.0:
             hint = (f"; alpha is the failure probability, not a confidence level: for {alpha:g} confidence "
                     f"give alpha {1 - alpha:.6g}")
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}{hint}")

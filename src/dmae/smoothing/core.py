@@ -270,6 +270,7 @@ class Smooth:
             yield
             return
         modes = [(m, m.training) for m in self.base_classifier.modules()]
+        check_row_independent(self.base_classifier)
         if any(t for _, t in modes) and not self._warned_train:
             self._warned_train = True
             kinds = sorted({type(m).__name__ for m, t in modes if t})
@@ -325,6 +326,23 @@ def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tupl
                          f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
                          "Normalize: the model's first layer normalizes), because sigma and every radius are "
                          "measured in [0, 1] pixel units")
+
+
+def check_row_independent(model: nn.Module) -> None:
+    """Refuse a base classifier whose answer for one input depends on the other inputs of its batch even in eval
+    mode: BatchNorm without running statistics (``track_running_stats=False``) normalizes by each batch's own.
+    CERTIFY's bound needs independent votes, one per noisy sample, and rows that do not depend on ``batch_size``.
+
+    Raises:
+        ValueError: naming the module.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(f"module {name or type(m).__name__} ({type(m).__name__}, track_running_stats=False) "
+                             "normalizes every batch by its own statistics, even in eval mode: one noisy sample's "
+                             "class would depend on the others in its batch, and the certificate's bound (independent "
+                             "votes) would not hold; give it running statistics (e.g. estimate them on training data "
+                             "with track_running_stats=True) before smoothing it")
 
 
 def check_trained_sigma(model: nn.Module, sigma: float) -> None:

@@ -104,12 +104,15 @@ class DiscreteGaussian:
         while True:
             with mpmath.workprec(prec):
                 z = self._boundary(i)
-                y = mpmath.ldexp(mpmath.ncdf(z), scale_bits)
+                # above the mean t_i = 1 - Phi(-z): compute the tail, which mpmath gives to a relative error, so that
+                # far tails (z ~ 1 / sigma + 8 for small sigma) need no precision of the order of -log2(1 - t_i)
+                upper = z > 0
+                y = mpmath.ldexp(mpmath.ncdf(-z if upper else z), scale_bits)
                 f = mpmath.floor(y)
                 # relative error bound: a few ulps, times z^2 (erfc's condition number at z / sqrt 2), generously
                 err = y * (64 + 4 * z * z) * mpmath.ldexp(1, -prec)
-                if y - f > err and f + 1 - y > err:
-                    return int(f)
+                if y - f > err and f + 1 - y > err:  # y is no integer: floor(2^s - y) = 2^s - floor(y) - 1
+                    return (1 << scale_bits) - int(f) - 1 if upper else int(f)
             prec *= 2
 
     def _digit(self, i: int, k: int) -> int:
@@ -214,8 +217,9 @@ def check_grid(images: torch.Tensor, indices: Sequence[int], levels: int = LEVEL
     off = [(int(i), d) for i, d in zip(indices, dist) if d > tolerance]
     if off:
         worst = ", ".join(f"image {i}: {d:.3g}" for i, d in off[:10])
-        raise ValueError(f"sound certification needs images on the {levels}-level grid (every pixel k/{levels}, as "
-                         f"ToTensor gives 8-bit images), within {tolerance:g}; largest distance to the grid: {worst}. "
+        made = " (ToTensor of 8-bit images gives it)" if levels == LEVELS else ""
+        raise ValueError(f"sound certification needs images on the {levels}-level grid (every pixel k/{levels}"
+                         f"{made}), within {tolerance:g}; largest distance to the grid: {worst}. "
                          f"Resized, interpolated or normalized images are not on it: certify the quantized image "
                          f"(x * {levels}).round() / {levels}, or use the standard (unsound) mode")
     bad = [int(i) for i, o in zip(indices, outside) if o]
