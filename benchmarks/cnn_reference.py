@@ -6,7 +6,7 @@ as for every dmae model) is trained on Fashion-MNIST for a fixed wall-clock budg
 
 - ``--method rs``: cross-entropy on noisy inputs (Gaussian data augmentation, Cohen et al., ICML 2019), or
 - ``--method cr``: consistency regularization over m = 2 noise copies (Jeong & Shin, NeurIPS 2020; the loss of
-  ``dmae.losses.consistency_loss`` with lambda = 2, mu = 0.5),
+  ``dmae.training.losses.consistency_loss`` with lambda = 2, mu = 0.5),
 
 AdamW, lr 2e-3 with a cosine schedule over the number of steps the budget allows (measured on the first 20
 steps), batch 128. Then it reports its accuracy under one noise draw on the first ``--eval-images`` test images
@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dmae.certlog import CERTIFY_HEADER, SEQUENTIAL_HEADER, format_row
+from dmae.certification.log import CERTIFY_HEADER, SEQUENTIAL_HEADER, format_row
 from dmae.corrupt import noisy_copies
 from dmae.data import build_dataset, build_transform, dataset_info
-from dmae.finetune import noisy_accuracy
-from dmae.losses import consistency_loss, rs_loss
+from dmae.training.finetune import noisy_accuracy
+from dmae.training.losses import consistency_loss, rs_loss
 from dmae.models.preprocess import InputAdapter
-from dmae.report import read_log, summarize
+from dmae.reporting.report import read_log, summarize
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
 

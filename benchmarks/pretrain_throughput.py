@@ -18,9 +18,9 @@ import time
 import torch
 
 from dmae.corrupt import add_gaussian_noise, random_masking
-from dmae.losses import reconstruction_loss
 from dmae.models import create_model
-from dmae.pretrain import build_optimizer
+from dmae.training.losses import reconstruction_loss
+from dmae.training.pretrain import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring, most specific first.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),

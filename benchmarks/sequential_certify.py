@@ -35,7 +35,7 @@ RADII = dataset_info("fashion-mnist").radii
 
 def _finetune(run: Path, sigma: float, init: str) -> None:
     from dmae import config as C
-    from dmae.finetune import FinetuneConfig, finetune
+    from dmae.training.finetune import FinetuneConfig, finetune
 
     values = C.load_values(C.preset_path("finetune", "demo"), FinetuneConfig)
     cfg = C.build_config(FinetuneConfig, values, {"init": init, "sigma": sigma, "output_dir": str(run),

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnn_reference import SmallCNN, train  # noqa: E402  (the reference CNN and its recipe, not copies)
 
 from dmae.data import build_dataset, build_transform, dataset_info  # noqa: E402
-from dmae.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val  # noqa: E402
+from dmae.training.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val  # noqa: E402
 
 
 def make_folder(root: Path, train_images: int = 2000, val_images: int = 1000) -> Path:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
-from dmae.engine import TrainResult
-from dmae.finetune import FinetuneConfig, LinprobeConfig, finetune, noisy_accuracy
-from dmae.pretrain import PretrainConfig, pretrain
+from dmae.training.engine import TrainResult
+from dmae.training.finetune import FinetuneConfig, LinprobeConfig, finetune, noisy_accuracy
+from dmae.training.pretrain import PretrainConfig, pretrain
 
 MODEL = "dmae_vit_micro_patch4_dec64d2b"
 

@@ -21,9 +21,9 @@ import torch
 
 import dmae
 from dmae import config as C
-from dmae.demo import SHIPPED_DIR, SHIPPED_FILES, preset_differences
-from dmae.external import file_sha256
-from dmae.pretrain import PretrainConfig
+from dmae.models.external import file_sha256
+from dmae.training.pretrain import PretrainConfig
+from dmae.workflows.demo import SHIPPED_DIR, SHIPPED_FILES, preset_differences
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 # Tests are deterministic and small; one thread per op keeps timings stable next to torchrun workers.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -65,3 +66,41 @@ def classifier_run(tmp_path_factory):
     save_export(model, run / "model_best.safetensors")
     (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "fashion-mnist"}))
     return run
+
+
+# toy base classifiers, shared by the smoothing and certification tests
+class Linear2(nn.Module):
+    """f(x) = 1 if w . x + b > 0 else 0, on [1, 2, 2] images; ||w|| = 1."""
+
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.register_buffer("w", w / w.norm())
+        self.b = b
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([-z, z], dim=1)
+
+
+class Constant(nn.Module):
+    def __init__(self, k: int, c: int) -> None:
+        super().__init__()
+        self.k, self.c = k, c
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.k)
+        out[:, self.c] = 1.0
+        return out
+
+
+class AlwaysNaN(nn.Module):
+    """The reference code certifies this as class 0 at the largest radius n allows: argmax of NaN is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 3), float("nan"))

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from dmae.pretrain import PretrainConfig, pretrain
+from dmae.training.pretrain import PretrainConfig, pretrain
 
 out = sys.argv[1]
 torch.set_num_threads(1)

@@ -7,14 +7,14 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from dmae.certify import CertifyConfig
+from dmae.certification.runner import CertifyConfig
 from dmae.config import (Options, add_dataclass_arguments, build_config, default, field_meta, list_presets,
                          load_values, option, preset_path, save_config, to_dict)
-from dmae.demo import DemoConfig
-from dmae.engine import TrainOptions
-from dmae.finetune import FinetuneConfig, LinprobeConfig
-from dmae.pretrain import PretrainConfig
-from dmae.report import ReportConfig
+from dmae.workflows.demo import DemoConfig
+from dmae.training.engine import TrainOptions
+from dmae.training.finetune import FinetuneConfig, LinprobeConfig
+from dmae.training.pretrain import PretrainConfig
+from dmae.reporting.report import ReportConfig
 
 from conftest import PICO
 

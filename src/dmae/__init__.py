@@ -7,8 +7,8 @@ first layer resizes and normalizes. So a noise level ``sigma`` means the same th
 __version__ = "0.1.0"
 
 from dmae.corrupt import Masking, add_gaussian_noise, patchify, random_masking, unpatchify  # noqa: E402
-from dmae.losses import reconstruction_loss  # noqa: E402
 from dmae.models import DenoisingMaskedAutoencoder, DMAEConfig, create_model, list_models  # noqa: E402
+from dmae.training.losses import reconstruction_loss  # noqa: E402
 
 __all__ = [
     "DMAEConfig",

@@ -24,6 +24,7 @@ from torch import nn
 from dmae.models.classifier import ClassifierConfig, ViTClassifier
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.data import DatasetInfo
+from dmae.errors import DmaeError
 from dmae.models.registry import get_preset, list_models, model_config, model_config_for_data
 
 FORMAT = "dmae-checkpoint-v1"
@@ -37,8 +38,15 @@ POSITION_KEYS = ("pos_embed", "decoder_pos_embed")
 RUN_FILES = ("model.safetensors", "model_best.safetensors", "model_last.safetensors", "checkpoint.pt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DmaeError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names file and keys."""
+
+
+def read_provenance(folder: Path) -> dict[str, Any] | None:
+    """A run folder's ``PROVENANCE.json`` (command, seed, threads, times, sha256) when it is a copy of a shipped
+    checkpoint; None for a run made here."""
+    path = Path(folder) / "PROVENANCE.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

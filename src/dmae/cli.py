@@ -46,22 +46,22 @@ def _train_exit(result: Any) -> int:
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
     """`dmae pretrain`: 0 when done or stopped by --stop-after, 130 when interrupted."""
-    from dmae.pretrain import PretrainConfig, pretrain
+    from dmae.training.pretrain import PretrainConfig, pretrain
 
     return _train_exit(pretrain(_resolve("pretrain", PretrainConfig, ns)))
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
     """`dmae finetune` / `dmae linprobe`: exit status as for pretraining."""
-    from dmae.finetune import FinetuneConfig, LinprobeConfig, finetune
+    from dmae.training.finetune import FinetuneConfig, LinprobeConfig, finetune
 
     return _train_exit(finetune(_resolve(ns.command, LinprobeConfig if ns.command == "linprobe" else FinetuneConfig, ns)))
 
 
 def cmd_certify(ns: argparse.Namespace) -> int:
     """`dmae certify` / `dmae predict`, then (certify) the report of the logs written."""
-    from dmae.certify import CertifyConfig, estimate_certification, run_certification
-    from dmae.report import report
+    from dmae.certification.runner import CertifyConfig, estimate_certification, run_certification
+    from dmae.reporting.report import report
 
     cfg = _resolve(ns.command, CertifyConfig, ns)
     if cfg.estimate:
@@ -76,9 +76,8 @@ def cmd_certify(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     """`dmae report`: the table, and the Markdown / CSV / PNG files asked for."""
-    from dmae.report import ReportConfig, report
-
-    from dmae.html_report import discover, log_groups, write_html_report
+    from dmae.reporting.html_report import discover, log_groups, write_html_report
+    from dmae.reporting.report import ReportConfig, report
 
     cfg = _resolve("report", ReportConfig, ns)
     cfg.validate()
@@ -99,7 +98,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_visualize(ns: argparse.Namespace) -> int:
     """`dmae visualize`: the reconstruction figure."""
-    from dmae.visualize import VisualizeConfig, visualize
+    from dmae.reporting.visualize import VisualizeConfig, visualize
 
     print(f"wrote {visualize(_resolve('visualize', VisualizeConfig, ns))}")
     return 0
@@ -107,7 +106,7 @@ def cmd_visualize(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     """`dmae demo`: the end-to-end job."""
-    from dmae.demo import DemoConfig, run_demo
+    from dmae.workflows.demo import DemoConfig, run_demo
 
     cfg = _resolve("demo", DemoConfig, ns)
     cfg.validate()
@@ -118,7 +117,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def cmd_experiment(ns: argparse.Namespace) -> int:
     """`dmae experiment NAME`: run (or resume) a whole experiment; `--dry-run` describes it."""
-    from dmae.experiments import ExperimentConfig, describe, load_experiment, run_experiment
+    from dmae.workflows.experiments import ExperimentConfig, describe, load_experiment, run_experiment
 
     cfg = _resolve("experiment", ExperimentConfig, ns)
     cfg.validate()
@@ -133,7 +132,7 @@ def cmd_experiment(ns: argparse.Namespace) -> int:
 
 def cmd_experiments(ns: argparse.Namespace) -> int:
     """`dmae experiments`: the shipped experiments with their stages and GPU-hour estimates."""
-    from dmae.experiments import describe, list_experiments, load_experiment
+    from dmae.workflows.experiments import describe, list_experiments, load_experiment
 
     for name in list_experiments():
         print(describe(load_experiment(name)) + "\n")
@@ -157,13 +156,13 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
     """(name, help, description, config class, handler, takes --config) of every subcommand."""
-    from dmae.certify import CertifyConfig
-    from dmae.demo import DemoConfig
-    from dmae.experiments import ExperimentConfig, ExperimentsConfig
-    from dmae.finetune import FinetuneConfig, LinprobeConfig
-    from dmae.pretrain import PretrainConfig
-    from dmae.report import ReportConfig
-    from dmae.visualize import VisualizeConfig
+    from dmae.certification.runner import CertifyConfig
+    from dmae.reporting.report import ReportConfig
+    from dmae.reporting.visualize import VisualizeConfig
+    from dmae.training.finetune import FinetuneConfig, LinprobeConfig
+    from dmae.training.pretrain import PretrainConfig
+    from dmae.workflows.demo import DemoConfig
+    from dmae.workflows.experiments import ExperimentConfig, ExperimentsConfig
 
     layers = " Options come from the defaults, then --config, then (with --resume) the run's saved config, then the flags given."
     cert = "CERTIFY each image: class and certified l2 radius, one TSV row per image"
@@ -234,10 +233,10 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dmae`` command; returns the exit status (2: bad input, 130: interrupted, resumable)."""
-    from dmae.certlog import LogError
+    from dmae.certification.log import LogError
     from dmae.checkpoint import CheckpointError
     from dmae.data import DataError
-    from dmae.demo import StageInterrupted
+    from dmae.errors import StageInterrupted
 
     ns = build_parser().parse_args(argv)
     previous_format, warnings.formatwarning = warnings.formatwarning, _format_warning(ns.command)

@@ -149,7 +149,7 @@ class Options:
 
     An instance remembers which options were set explicitly (:meth:`given`): those passed to the constructor,
     which is how :func:`build_config` passes a preset file's values and the flags given. Defaults that a run
-    adapts to its data (:mod:`dmae.engine`) are only the ones left unset.
+    adapts to its data (:mod:`dmae.training.engine`) are only the ones left unset.
     """
 
     _given: frozenset[str] = frozenset()

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
+from dmae.errors import DmaeError
 from dmae.runtime import derive_seed
 
 # ImageNet's channel statistics: the normalization of official checkpoints, which do not store theirs.
@@ -78,7 +79,7 @@ FASHION_MNIST_FILES = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(DmaeError, RuntimeError):
     """A data set could not be found or read; the message says what was looked for where."""
 
 

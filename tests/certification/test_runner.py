@@ -1,0 +1,152 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmae.certification.runner import CertifyConfig, run_certification
+from dmae.certification.log import CERTIFY_HEADER, read_rows
+from dmae.checkpoint import CheckpointError, load_classifier, save_export
+from dmae.cli import main
+
+from conftest import kill_after_rows, run_torchrun
+
+HERE = Path(__file__).parent
+
+
+def _cfg(run, out, **over):
+    kw = dict(checkpoint=str(run), n0=20, n=300, alpha=0.001, skip=500, batch=128, seed=0, output_dir=str(out),
+              device="cpu", progress=False)
+    kw.update(over)
+    return CertifyConfig(**kw)
+
+
+def _rows_without_time(path: Path) -> list[list[str]]:
+    lines = path.read_text().splitlines()
+    return [ln.split("\t")[:-1] for ln in lines]
+
+
+def test_certify_writes_the_common_format(classifier_run, tmp_path):
+    [res] = run_certification(_cfg(classifier_run, tmp_path))
+    lines = res.path.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert res.rows_total == 20 and len(lines) == 21  # 10,000 test images, every 500th
+    idx = [int(ln.split("\t")[0]) for ln in lines[1:]]
+    assert idx == list(range(0, 10_000, 500))
+    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+    # n = 9 cannot clear 1/2 at alpha = 0.001: every image abstains, so both kinds of row are checked below
+    with pytest.warns(UserWarning, match="cannot certify any radius"):
+        [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
+    rows = [ln.split("\t") for p in (res.path, abstained.path) for ln in p.read_text().splitlines()[1:]]
+    kinds = set()
+    for i, label, pred, radius, correct, t in rows:
+        assert int(correct) == int(int(pred) == int(label))
+        # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
+        assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), (pred, radius)
+        kinds.add(int(pred) == -1)
+    assert kinds == {True, False}
+
+
+def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
+    ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000, skip=1000))[0].path
+    for b in (7, 64, 333):
+        other = run_certification(_cfg(classifier_run, tmp_path / f"b{b}", batch=b, skip=1000))[0].path
+        assert _rows_without_time(other) == _rows_without_time(ref)
+
+
+def test_predict_rows(classifier_run, tmp_path):
+    [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
+    lines = res.path.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 6
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, tmp_path):
+    full = run_certification(_cfg(classifier_run, tmp_path / "full", n=1000, skip=625))[0].path
+    out = tmp_path / "killed"
+    target = out / "certify_sigma0.25.tsv"
+    kill_after_rows(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "1000", "--skip", "625",
+                     "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"], target, 4)
+    partial = read_rows(target, CERTIFY_HEADER)
+    assert 3 <= len(partial) < 16, "the run was not interrupted part-way"
+    with open(target, "a") as f:
+        f.write("9999\t3\t3\t0.12")  # a torn last line, as a crash mid-write leaves
+    res = run_certification(_cfg(classifier_run, out, n=1000, skip=625))[0]
+    assert res.rows_added == 16 - len(partial) and res.rows_total == 16
+    assert _rows_without_time(res.path) == _rows_without_time(full)
+
+
+def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
+    run_certification(_cfg(classifier_run, tmp_path, max=3))
+    res = run_certification(_cfg(classifier_run, tmp_path, max=8))[0]
+    assert res.rows_added == 5 and res.rows_total == 8
+    with pytest.raises(ValueError, match=r"written with other settings \(n: 300 -> 400\)"):
+        run_certification(_cfg(classifier_run, tmp_path, n=400))
+
+
+def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
+    single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
+    out = tmp_path / "two"
+    run_torchrun(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--num-samples", "300", "--skip", "500",
+                  "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"])
+    merged = out / "certify_sigma0.25.tsv"
+    assert _rows_without_time(merged) == _rows_without_time(single)
+    assert not list(out.glob("*.rank*"))
+
+
+def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
+    base = ["certify", "--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    for args, msg in ((["--sigma", "0"], "sigma must be > 0, got 0.0"), (["--alpha", "1.5"], "alpha must be in (0, 0.5), got 1.5"),
+                      (["--n0", "0"], "--n0 must be >= 1, got 0"), (["--n", "0"], "--n must be >= 1, got 0"),
+                      (["--batch", "0"], "--batch must be >= 1, got 0")):
+        assert main(base + args) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["certify", "--checkpoint", str(tmp_path / "none.safetensors"), "--sigma", "0.25"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a 10-class classifier cannot certify a 3-class data set
+    from PIL import Image
+    import numpy as np
+
+    for c in ("a", "b", "c"):
+        d = tmp_path / "folder" / "val" / c
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(d / "0.png")
+    with pytest.raises(CheckpointError, match="classifies 10 classes, the data set has 3"):
+        run_certification(_cfg(classifier_run, tmp_path / "o", data="folder", data_root=str(tmp_path / "folder")))
+
+
+# ----------------------------------------------------------------------------- never certify what was not computed
+def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, capsys):
+    bad = tmp_path / "nan_run"
+    model, _ = load_classifier(classifier_run / "model_best.safetensors", 10)
+    with torch.no_grad():
+        model.head.weight[3, 0] = float("nan")
+    bad.mkdir()
+    save_export(model, bad / "model_best.safetensors")
+    argv = ["certify", "--checkpoint", str(bad), "--sigma", "0.25", "--n0", "10", "--n", "100", "--max", "2",
+            "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "head.weight" in err
+    assert not (tmp_path / "out" / "certify_sigma0.25.tsv").exists()
+
+
+def test_resume_refuses_replaced_weights_and_other_data(classifier_run, tmp_path):
+    """Rows of two models (or two data sets) must never share a file: the weights' content is compared, not the path."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((classifier_run / "config.yaml").read_text())
+    (run / "model_best.safetensors").write_bytes((classifier_run / "model_best.safetensors").read_bytes())
+    run_certification(_cfg(run, tmp_path / "out", max=3))
+    other, _ = load_classifier(run / "model_best.safetensors", 10)
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    save_export(other, run / "model_best.safetensors")  # same path, other weights
+    with pytest.raises(ValueError, match="written with other settings \\(weights_sha256: "):
+        run_certification(_cfg(run, tmp_path / "out", max=8))
+    assert len(read_rows(tmp_path / "out" / "certify_sigma0.25.tsv", CERTIFY_HEADER)) == 3  # nothing appended
+
+
+def test_budget_warnings_when_n_cannot_reach_alpha(classifier_run, tmp_path):
+    with pytest.warns(UserWarning, match="n=9 cannot certify any radius at alpha=0.001"):
+        run_certification(_cfg(classifier_run, tmp_path / "c", n=9, max=1))
+    with pytest.warns(UserWarning, match="n=10 can never return a class at alpha=0.001"):
+        run_certification(_cfg(classifier_run, tmp_path / "p", n=10, max=1), mode="predict")
