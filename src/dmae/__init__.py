@@ -11,10 +11,12 @@ from dmae.models import DenoisingMaskedAutoencoder, DMAEConfig, create_model, li
 from dmae.training.losses import reconstruction_loss  # noqa: E402
 
 __all__ = [
+    "CertifyResult",
     "DMAEConfig",
     "DenoisingMaskedAutoencoder",
     "Masking",
     "add_gaussian_noise",
+    "certify",
     "create_model",
     "list_models",
     "patchify",
@@ -22,3 +24,13 @@ __all__ = [
     "reconstruction_loss",
     "unpatchify",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``dmae.certify`` / ``dmae.CertifyResult`` (:mod:`dmae.api`), imported on first use: ``import dmae`` stays
+    light, and the certification and reporting layers load only when asked for."""
+    if name in ("certify", "CertifyResult"):
+        from dmae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dmae' has no attribute {name!r}")

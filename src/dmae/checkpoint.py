@@ -121,9 +121,14 @@ def weights_digest(path: str | os.PathLike) -> str:
     Raises:
         CheckpointError: see :func:`read_weights`.
     """
+    return state_dict_digest(read_weights(path)[0])
+
+
+def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values in key order (:func:`weights_digest` of a file
+    is this of its weights, so a module and its saved file agree)."""
     import hashlib
 
-    sd, _ = read_weights(path)
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()

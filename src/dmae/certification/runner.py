@@ -17,6 +17,7 @@ checked against), :func:`merge_rank_files`, :func:`certify_images` (the loop), :
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -168,6 +169,11 @@ class CertifyTask:
     trained_sigma: float | list[float] | None = None  # what the classifier was trained at (a range: [low, high])
 
 
+def standard_radii(data: str) -> tuple[float, ...]:
+    """The radii a data set's papers report (its registry entry); CIFAR-10's for a data set of the user's own."""
+    return dataset_info(data).radii if data in DATASET_NAMES else (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def selected_indices(n_images: int, skip: int, maximum: int | None) -> Iterable[int]:
     """The image indices a run with ``skip`` and ``max`` covers."""
     idx = range(0, n_images, skip)
@@ -205,12 +211,91 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, img_size),
                        channels=model.preprocess.in_chans)  # a grey folder for a grey model, colour for colour
     planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
+    mode, header = _mode_header(cfg, mode)
+    task = CertifyTask(cfg=cfg, mode=mode, header=header, checkpoint=path, weights_sha256=digest, model=model,
+                       num_classes=num_classes, dataset=ds, split=split, planned=planned,
+                       data_fingerprint=fingerprint(ds), out=Path(cfg.output_dir), device=device, dist=dist,
+                       trained_sigma=trained)
+    return task, tuple(float(s) for s in sigmas)
+
+
+def _mode_header(cfg: CertifyConfig, mode: str) -> tuple[str, tuple[str, ...]]:
+    """The log's mode (``certify`` with ``--sequential`` is ``sequential``) and its TSV header."""
     if mode == "certify" and cfg.sequential:
         mode = "sequential"
-    header = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
-    task = CertifyTask(cfg, mode, header, path, digest, model, num_classes, ds, split, planned,
-                       fingerprint(ds), Path(cfg.output_dir), device, dist, trained)
-    return task, tuple(float(s) for s in sigmas)
+    return mode, {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
+
+
+def module_task(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo,
+                num_classes: int | None = None) -> CertifyTask:
+    """The task of a user's own ``model`` (any ``nn.Module`` or function mapping [0, 1] images ``[B, C, H, W]`` to
+    logits ``[B, K]``, on ``device``) over any map-style ``dataset`` of ``(image [C, H, W], label)`` pairs: what
+    :func:`prepare` builds from a checkpoint and a data-set name, with the weights fingerprinted from the module's
+    state dict and the data from the data set (so a log resumes, or refuses, exactly as the CLI's). The model is
+    neither moved nor changed.
+
+    Raises:
+        ValueError: an empty data set, items that are not (tensor image [C, H, W], label), or fewer than 2 classes.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the data set is empty")
+    x, _ = dataset[0]
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        raise ValueError(f"data set items must be (image, label) with image a [C, H, W] tensor of [0, 1] pixels, got "
+                         f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}")
+    k = num_classes if num_classes is not None else _output_classes(model, x, device)
+    mode, header = _mode_header(cfg, mode)
+    digest = ckpt.state_dict_digest(model.state_dict()) if isinstance(model, nn.Module) else "unknown (a function)"
+    return CertifyTask(cfg=cfg, mode=mode, header=header, checkpoint=Path(f"<{type(model).__name__}>"),
+                       weights_sha256=digest, model=model, num_classes=k, dataset=dataset, split=cfg.split or "custom",
+                       planned=list(selected_indices(len(dataset), cfg.skip, cfg.max)),
+                       data_fingerprint=fingerprint(dataset), out=Path(cfg.output_dir), device=device, dist=dist,
+                       trained_sigma=getattr(model, "trained_sigma", None))
+
+
+def _output_classes(model: Any, x: torch.Tensor, device: torch.device) -> int:
+    """The class count a model's logits have, from one clean forward pass (in eval mode, modes restored)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    for m, _ in modes:
+        m.training = False
+    try:
+        with torch.no_grad():
+            logits = model(x.unsqueeze(0).to(device))
+    finally:
+        for m, t in modes:
+            m.training = t
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"the model returned {tuple(logits.shape)} for one image, expected logits [1, K] with K >= 2")
+    return int(logits.shape[1])
+
+
+def certify_module(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify",
+                   num_classes: int | None = None) -> list[CertifyRun]:
+    """:func:`run_certification` for a model and data set of the user's own (see :func:`module_task`): the same
+    checks, probe, logs, resumption and torchrun sharding. ``cfg.checkpoint`` only names the model in the JSON;
+    ``cfg.data`` names the data set; ``cfg.sigma`` is required; ``cfg.device`` must be the model's device.
+
+    Raises:
+        ValueError: a bad option, no sigma, an existing log written with other settings, a bad data set.
+    """
+    # every option is checked as the CLI's; the data set's name is the caller's own (no registry entry to check)
+    _validate(cfg if cfg.data in DATASET_NAMES else dataclasses.replace(cfg, data=DATASET_NAMES[0]), mode)
+    if not cfg.sigma:
+        raise ValueError("give sigma: a model of your own records no training sigma to default to")
+
+    def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
+        task = module_task(model, dataset, cfg, mode, device, dist, num_classes)
+        return _run_task(task, tuple(float(s) for s in cfg.sigma))  # type: ignore[union-attr]
+
+    return launch(job, cfg.device)
+
+
+def _run_task(task: CertifyTask, sigmas: tuple[float, ...]) -> list[CertifyRun]:
+    """Every sigma of a task, in order; every sigma's log is checked before the first sample is spent."""
+    for sigma in sigmas:
+        check_settings(log_path(task, sigma), settings(task, sigma))
+    task.out.mkdir(parents=True, exist_ok=True)
+    return [_run_sigma(task, sigma) for sigma in sigmas]
 
 
 def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:
@@ -265,7 +350,7 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
     """``--sequential``'s settings: targets default to the data set's standard radii, n_max to --n."""
     cfg = task.cfg
-    radii = tuple(cfg.radii) if cfg.radii else dataset_info(cfg.data).radii
+    radii = tuple(cfg.radii) if cfg.radii else standard_radii(cfg.data)
     return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii,
                               cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default",
                               cfg.stop_on_wrong_guess,
@@ -509,13 +594,11 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task, sigmas = prepare(cfg, mode, device, dist)
-        for sigma in sigmas:  # a log of other settings at any sigma is refused before the first sigma is spent
-            check_settings(log_path(task, sigma), settings(task, sigma))
-        task.out.mkdir(parents=True, exist_ok=True)
-        return [_run_sigma(task, sigma) for sigma in sigmas]
+        return _run_task(task, sigmas)
 
     return launch(job, cfg.device)
 
 
-__all__ = ["CertifyConfig", "CertifyRun", "CertifyTask", "certify_images", "claim_log", "estimate_certification",
+__all__ = ["CertifyConfig", "CertifyRun", "CertifyTask", "certify_images", "certify_module", "claim_log",
+           "estimate_certification", "module_task",
            "merge_rank_files", "prepare", "run_certification", "selected_indices", "settings"]
