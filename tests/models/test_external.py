@@ -56,6 +56,7 @@ def reference_logits(net: torch.nn.Module, x: torch.Tensor, size: int, mean, std
 
 def test_parse_model_name():
     assert MODEL_SOURCES == ("timm", "torchvision")
+    assert parse_model_name("models.py:Net") == ("python", "models.py:Net")
     assert parse_model_name("timm:resnet18") == ("timm", "resnet18")
     assert parse_model_name("torchvision:resnet18") == ("torchvision", "resnet18")
     assert parse_model_name("resnet18") == ("timm", "resnet18")
@@ -63,7 +64,7 @@ def test_parse_model_name():
     assert parse_model_name("timm:resnet18.a1_in1k") == ("timm", "resnet18.a1_in1k")
 
 
-@pytest.mark.parametrize("spec", ["keras:resnet18", "hf-hub:timm/resnet18", "timm:", "torchvision: ", ""])
+@pytest.mark.parametrize("spec", ["hf-hub:timm/resnet18", "timm:", "torchvision: ", "", "mynets:bad-name"])
 def test_parse_model_name_rejects(spec):
     with pytest.raises(ValueError) as e:
         parse_model_name(spec)
@@ -252,3 +253,45 @@ def test_certify_a_timm_model_by_name_matches_smoothing_it_directly(tmp_path, ca
     capsys.readouterr()
     assert main(["certify", "--checkpoint", str(weights), "--input-size", "32", "--device", "cpu"]) == 2
     assert "--input-size 32 is only used with --model" in capsys.readouterr().err
+
+
+def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys):
+    """`--model file.py:Class` (and `module.path:Class`) builds the user's own network, called with the arguments it
+    takes; the weights still load with no code run; bad names are errors that name them."""
+    import json
+    import sys
+
+    from dmae.cli import main
+
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self, num_classes, in_chans=3):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * 28 * 28, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+        "def not_a_module():\n"
+        "    return 3\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from mynets import TinyNet
+
+        weights = tmp_path / "tiny.safetensors"
+        save(TinyNet(10, 1).state_dict(), weights)
+        base = ["certify", "--checkpoint", str(weights), "--sigma", "0.25", "--n0", "10", "--n", "50", "--skip",
+                "5000", "--device", "cpu", "--no-progress", "--input-mean", "0", "--input-std", "1"]
+        for i, spec in enumerate((f"{tmp_path / 'mynets.py'}:TinyNet", "mynets:TinyNet")):
+            assert main(base + ["--model", spec, "--output-dir", str(tmp_path / f"o{i}")]) == 0
+            meta = json.loads((tmp_path / f"o{i}" / "certify_sigma0.25.json").read_text())
+            assert meta["model"] == spec and meta["images"] == 2
+        assert parse_model_name("mynets:TinyNet") == ("python", "mynets:TinyNet")
+        capsys.readouterr()
+        for spec, why in (("mynets:Nope", "mynets has no class or function 'Nope'"),
+                          ("mynets:not_a_module", "not_a_module(...) returned int, not an nn.Module"),
+                          ("no_such_module_x:Net", "cannot import no_such_module_x")):
+            assert main(base + ["--model", spec, "--output-dir", str(tmp_path / "bad")]) == 2
+            assert why in capsys.readouterr().err
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mynets", None)

@@ -73,8 +73,10 @@ class CertifyConfig(Options):
     checkpoint: Optional[str] = option(None, "a fine-tuning run folder, model_best/model_last.safetensors, or a classifier "
                                        "checkpoint; with --model, that architecture's weights file")
     model: Optional[str] = option(None, "certify another classifier: a timm or torchvision architecture "
-                                  "(timm:NAME, torchvision:NAME; a bare NAME is timm) whose weights --checkpoint gives "
-                                  "(.safetensors, or a state dict read with weights_only)")
+                                  "(timm:NAME, torchvision:NAME; a bare NAME is timm) or your own "
+                                  "(module.path:Factory or file.py:Factory, called with whichever of num_classes, "
+                                  "in_chans, img_size it takes) whose weights --checkpoint gives (.safetensors, or a "
+                                  "state dict read with weights_only)")
     input_size: Optional[int] = option(None, "--model: the side the network takes (default: the data set's); images "
                                        "are noised at their own size, then resized inside the model", low=1)
     input_mean: Optional[tuple[float, ...]] = option(None, "--model: per-channel mean the network was trained to "

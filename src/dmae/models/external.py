@@ -27,12 +27,14 @@ from dmae.checkpoint import CheckpointError, extract_state_dict, safe_load
 from dmae.models.preprocess import InputAdapter
 
 MODEL_SOURCES = ("timm", "torchvision")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # What torchvision's reference training scripts (and timm's default) normalize ImageNet inputs with.
 _SHOWN = 4  # keys named per kind of mismatch in an error message
 
 
 def parse_model_name(spec: str) -> tuple[str, str]:
-    """``'timm:resnet18'`` -> ``('timm', 'resnet18')``; ``'torchvision:resnet18'`` -> ``('torchvision', 'resnet18')``.
+    """``'timm:resnet18'`` -> ``('timm', 'resnet18')``; ``'torchvision:resnet18'`` -> ``('torchvision', 'resnet18')``;
+    ``'mypackage.models:SmallCNN'`` or ``'models.py:SmallCNN'`` -> ``('python', spec)`` (the user's own code).
 
     A bare name means timm. The source prefix is case-insensitive; the name is kept as given (timm accepts
     pretrained tags such as ``resnet18.a1_in1k``; the tag only matters for downloads, which dmae never does).
@@ -44,6 +46,11 @@ def parse_model_name(spec: str) -> tuple[str, str]:
     source, sep, name = text.partition(":")
     if not sep:
         source, name = "timm", text
+    if sep and source.strip().lower() not in MODEL_SOURCES and (source.endswith(".py") or _DOTTED.match(source)):
+        if not _DOTTED.match(name.strip()):
+            raise ValueError(f"model {spec!r}: after the module or file comes the name of a class or function in it, "
+                             "e.g. 'mypackage.models:SmallCNN' or 'models.py:SmallCNN'")
+        return "python", text  # an architecture of the user's own code
     source, name = source.strip().lower(), name.strip()
     if source not in MODEL_SOURCES:
         raise ValueError(f"model {spec!r}: unknown source {source!r} (use one of {', '.join(MODEL_SOURCES)}, "
@@ -126,6 +133,8 @@ def _create(source: str, name: str, num_classes: int, img_size: int, in_chans: i
     Raises:
         ValueError: an unknown name, with close names.
     """
+    if source == "python":
+        return _create_python(name, num_classes, img_size, in_chans)
     if source == "timm":
         import timm
 
@@ -147,6 +156,42 @@ def _create(source: str, name: str, num_classes: int, img_size: int, in_chans: i
         if size_kw not in str(e):
             raise
         return build(name, **kw)  # a size-agnostic network (CNNs): its constructor takes no size
+
+
+def _create_python(spec: str, num_classes: int, img_size: int, in_chans: int) -> nn.Module:
+    """``module.path:factory`` or ``file.py:factory``: the user's own architecture, built by calling the class or
+    function with whichever of ``num_classes``, ``in_chans``, ``img_size`` it takes. This imports (runs) the named
+    module, the user's own code, as ``import`` would; the weights still come from ``--checkpoint`` with no code.
+
+    Raises:
+        ValueError: the module or file cannot be imported, has no such name, or the factory returns no module.
+    """
+    import importlib
+    import importlib.util
+    import inspect
+
+    where, _, attr = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            file = Path(where).resolve()
+            loaded = importlib.util.spec_from_file_location(file.stem, file)
+            if loaded is None or loaded.loader is None or not file.is_file():
+                raise FileNotFoundError(f"no such file {file}")
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (ImportError, FileNotFoundError, SyntaxError) as e:
+        raise ValueError(f"--model {spec}: cannot import {where}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {where} has no class or function {attr!r}")
+    offered = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+    params = inspect.signature(factory).parameters
+    net = factory(**{k: v for k, v in offered.items() if k in params})
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {spec}: {attr}(...) returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def read_external_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
