@@ -296,6 +296,9 @@ class Table:
             body.append(cells)
         return head, body
 
+    def __str__(self) -> str:
+        return self.text()
+
     def text(self) -> str:
         """The table as aligned plain text (accuracies and abstention in %)."""
         head, body = self.cells()
