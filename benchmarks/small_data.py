@@ -30,26 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from cnn_reference import SmallCNN, train  # noqa: E402  (the reference CNN and its recipe, not copies)
+from finetune_on_imagefolder import write_folder  # noqa: E402  (the example's Fashion-MNIST ImageFolder)
 
 from dmae.data import build_dataset, build_transform, dataset_info  # noqa: E402
 from dmae.training.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val  # noqa: E402
-
-
-def make_folder(root: Path, train_images: int = 2000, val_images: int = 1000) -> Path:
-    """Write the first ``train_images`` Fashion-MNIST training images (and ``val_images`` test images) as grey
-    PNGs in ImageFolder layout under ``root``; returns ``root``."""
-    for split, src, n in (("train", "train", train_images), ("val", "test", val_images)):
-        ds = build_dataset("fashion-mnist", src)
-        for i in range(n):
-            d = root / split / f"{int(ds.targets[i]):02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(ds.images[i, 0].numpy(), mode="L").save(d / f"{i:05d}.png")
-    return root
 
 
 def run_stage(args: list[str], log: Path) -> tuple[float, float]:
@@ -89,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.folder or tmp)
         if not (root / "train").is_dir():
-            make_folder(root)
+            write_folder(root, 2000, 1000)
         pre, ft = out / "pretrain", out / "finetune"
         for d in (pre, ft):  # a fresh run each time (the folder name is the benchmark's own)
             if d.exists():
