@@ -439,6 +439,25 @@ def _classifier_encoder(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
     return mcfg
 
 
+def _fresh_classifier(model: str | None, num_classes: int, pool: str | None, drop_path: float, img_size: int | None,
+                      stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
+                      data: DatasetInfo | None) -> ViTClassifier:
+    """:func:`load_classifier` without a checkpoint: preset ``model`` randomly initialised, fitted to ``data``.
+
+    Raises:
+        ValueError: no ``model``.
+    """
+    if model is None:
+        raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
+    if data is not None:
+        mcfg = model_config_for_data(model, data, img_size)
+    else:
+        mcfg = model_config(model, img_size=img_size)
+        if stats is not None and len(stats[0]) == mcfg.in_chans:
+            mcfg = model_config(model, img_size=img_size, mean=stats[0], std=stats[1])
+    return ViTClassifier(ClassifierConfig(mcfg, num_classes, pool or "avg", drop_path))
+
+
 def load_classifier(
     path: str | os.PathLike | None,
     num_classes: int,
@@ -467,15 +486,7 @@ def load_classifier(
     if data is not None:
         stats = (data.mean, data.std)
     if path is None:
-        if model is None:
-            raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
-        if data is not None:
-            mcfg = model_config_for_data(model, data, img_size)
-        else:
-            mcfg = model_config(model, img_size=img_size)
-            if stats is not None and len(stats[0]) == mcfg.in_chans:
-                mcfg = model_config(model, img_size=img_size, mean=stats[0], std=stats[1])
-        return ViTClassifier(ClassifierConfig(mcfg, num_classes, pool or "avg", drop_path)), LoadReport()
+        return _fresh_classifier(model, num_classes, pool, drop_path, img_size, stats, data), LoadReport()
 
     sd, cfg = read_weights(path)
     head = _head_classes(sd)

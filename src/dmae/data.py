@@ -360,7 +360,16 @@ def build_dataset(
             return CIFAR10(str(base), train=(split == "train"), transform=transform, download=download)
         except RuntimeError as e:
             raise DataError(f"cifar10 in {base}: {e}") from e
-    # imagenet / folder: ImageFolder
+    return _image_folder(name, info, split, root, transform, channels)
+
+
+def _image_folder(name: str, info: DatasetInfo, split: str, root: str | os.PathLike | None,
+                  transform: Callable | None, channels: int | None) -> Dataset:
+    """``imagenet`` / ``folder``: the ImageFolder ``root/split``, read as 1 or 3 channels (see :func:`build_dataset`).
+
+    Raises:
+        DataError: no ``root`` or ``root/split``, not an ImageFolder, an ``imagenet`` folder without 1000 classes.
+    """
     from torchvision.datasets import ImageFolder
 
     if root is None:
