@@ -8,6 +8,9 @@ cannot be told is an error naming what was asked for.
 from __future__ import annotations
 
 import contextlib
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,10 +101,6 @@ class DmaeWarning(UserWarning):
 def warn_user(message: str) -> None:
     """``warnings.warn`` attributed to the first caller outside dmae, torch and contextlib (the user's line),
     however deep inside the library the mistake is noticed."""
-    import sys
-    import warnings
-    from pathlib import Path
-
     inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(inside):

@@ -71,7 +71,8 @@ class Probe:
 
     def text(self) -> str:
         """One line: ``probe (100 images, sigma 0.25): clean accuracy 87.0%, under noise 85.0% (chance 10.0%)``."""
-        return (f"probe ({self.images} image{'s' if self.images != 1 else ''}, sigma {self.sigma:g}): clean accuracy {self.clean_accuracy:.1%}, "
+        images = f"{self.images} image{'s' if self.images != 1 else ''}"
+        return (f"probe ({images}, sigma {self.sigma:g}): clean accuracy {self.clean_accuracy:.1%}, "
                 f"under noise {self.noisy_accuracy:.1%} (chance {self.chance:.1%})")
 
     def to_dict(self) -> dict[str, float | int]:
@@ -89,8 +90,7 @@ def accuracy_probe(smooth: Smooth, images: torch.Tensor, indices: Sequence[int],
 
     Raises:
         ValueError: no images, ``indices`` / ``labels`` of another length, a label outside [0, num_classes),
-            or what :meth:`Smooth.classify`
-            raises; images that :func:`~dmae.smoothing.core.check_images` refuses.
+            what :meth:`Smooth.classify` raises, or images that :func:`~dmae.smoothing.core.check_images` refuses.
     """
     if images.shape[0] == 0 or len(indices) != images.shape[0] or len(labels) != images.shape[0]:
         raise ValueError(f"the probe needs images with one index and one label each, got {images.shape[0]} images, "

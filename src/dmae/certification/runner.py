@@ -11,12 +11,15 @@ weights, the data and its transform) is compared first. Under ``torchrun`` each 
 world-size-th remaining image into its own ``.rank{r}`` file; rank 0 merges them into the main file in
 index order at the end (a later single-process run also picks up rank files left by an interrupted one).
 
-The steps: :func:`prepare` (checkpoint, model, data), :func:`settings` / :func:`claim_log` (what the file is
-checked against), :func:`merge_rank_files`, :func:`certify_images` (the loop), :func:`run_certification`.
+The steps: :func:`prepare` (checkpoint, model, data; :func:`module_task` for a model and data set of the
+caller's own), :func:`settings` / :func:`claim_log` (what the file is checked against), :func:`run_probe`,
+:func:`merge_rank_files`, :func:`certify_images` (the loop); :func:`run_certification` and
+:func:`certify_module` (the Python API's path) share :func:`_run_task`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -38,6 +41,7 @@ from dmae.certification.estimate import CostEstimate, estimate_cost, pilot_posit
 from dmae.certification.preflight import PROBE_IMAGES, Probe, accuracy_probe
 from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, SoundSmooth, check_alpha
+from dmae.smoothing.core import eval_mode
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
 
@@ -173,7 +177,7 @@ class CertifyTask:
 
 def standard_radii(data: str) -> tuple[float, ...]:
     """The radii a data set's papers report (its registry entry); CIFAR-10's for a data set of the user's own."""
-    return dataset_info(data).radii if data in DATASET_NAMES else (0.0, 0.25, 0.5, 0.75, 1.0)
+    return dataset_info(data if data in DATASET_NAMES else "cifar10").radii
 
 
 def selected_indices(n_images: int, skip: int, maximum: int | None) -> Iterable[int]:
@@ -257,15 +261,8 @@ def module_task(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: str, d
 
 def _output_classes(model: Any, x: torch.Tensor, device: torch.device) -> int:
     """The class count a model's logits have, from one clean forward pass (in eval mode, modes restored)."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    for m, _ in modes:
-        m.training = False
-    try:
-        with torch.no_grad():
-            logits = model(x.unsqueeze(0).to(device))
-    finally:
-        for m, t in modes:
-            m.training = t
+    with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext(), torch.no_grad():
+        logits = model(x.unsqueeze(0).to(device))
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"the model returned {tuple(logits.shape)} for one image, expected logits [1, K] with K >= 2")
     return int(logits.shape[1])

@@ -269,21 +269,16 @@ class Smooth:
         if not isinstance(self.base_classifier, nn.Module):  # a plain function has no mode
             yield
             return
-        modes = [(m, m.training) for m in self.base_classifier.modules()]
         check_row_independent(self.base_classifier)
-        if any(t for _, t in modes) and not self._warned_train:
+        training = sorted({type(m).__name__ for m in self.base_classifier.modules() if m.training})
+        if training and not self._warned_train:
             self._warned_train = True
-            kinds = sorted({type(m).__name__ for m, t in modes if t})
-            telling = [k for k in kinds if "Norm" in k or "Drop" in k]  # the usual layers that differ in eval mode
-            names = (telling or kinds)[:4] + (["..."] if len(telling or kinds) > 4 else [])
+            telling = [k for k in training if "Norm" in k or "Drop" in k]  # the usual layers that differ in eval mode
+            names = (telling or training)[:4] + (["..."] if len(telling or training) > 4 else [])
             warn_user(f"the base classifier is in training mode ({', '.join(names)}): it is certified in eval "
                       "mode and restored to training mode afterwards; call model.eval() before smoothing it")
-        self.base_classifier.eval()
-        try:
+        with eval_mode(self.base_classifier):
             yield
-        finally:
-            for m, t in modes:  # set each flag itself: train(t) would also reset the children
-                m.training = t
 
     def _check_inputs(self, images: torch.Tensor, indices: Sequence[int]) -> None:
         """Refuse non-floating images, non-finite pixels and pixels outside ``input_range`` (default [0, 1]).
@@ -294,6 +289,18 @@ class Smooth:
             ValueError: naming the dtype, or the image indices and the range their pixels span.
         """
         check_images(images, indices, self.input_range)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside, every submodule's own ``training`` flag restored after (also on an error)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, t in modes:  # set each flag itself: train(t) would also reset the children
+            m.training = t
 
 
 def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
