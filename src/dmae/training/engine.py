@@ -58,8 +58,8 @@ MAX_DROPPED_FRACTION = 0.25
 # lr the paper's recipe gives ViT-B at batch 1024.
 SMALL_MODEL_PARAMS = 5_000_000
 
-__all__ = ["RESUMABLE_OPTIONS", "Adaptation", "RunLog", "adapt_to_data", "adaptation_block", "RunOptions", "StopFlag", "TrainOptions", "TrainResult", "TrainingJob",
-           "build_scheduler", "check_resumable", "check_run_folder", "epoch_loader", "step_seed", "train",
+__all__ = ["RESUMABLE_OPTIONS", "Adaptation", "RunLog", "adapt_to_data", "adaptation_block", "RunOptions", "StopFlag",
+           "TrainOptions", "TrainResult", "TrainingJob", "build_scheduler", "check_resumable", "check_run_folder", "epoch_loader", "step_seed", "train",
            "wrap_for_training", "default"]
 
 
