@@ -20,15 +20,15 @@ import time
 
 import numpy as np
 import torch
+from pretrain_throughput import peak_tflops
 
 from dmae.checkpoint import load_classifier
 from dmae.smoothing import Smooth
 
-from pretrain_throughput import peak_tflops  # noqa: E402  (same folder)
 
-
-def reference_counts(model: torch.nn.Module, x: torch.Tensor, num: int, batch: int, sigma: float, k: int,
-                     precision: str) -> np.ndarray:
+def reference_counts(
+    model: torch.nn.Module, x: torch.Tensor, num: int, batch: int, sigma: float, k: int, precision: str
+) -> np.ndarray:
     """The reference sampling loop, written plainly."""
     counts = np.zeros(k, dtype=int)
     remaining = num
@@ -81,16 +81,22 @@ def main() -> None:
     smooth.sample_counts(x, list(range(args.images)), args.n, args.batch).counts.cpu()  # one host read, as CERTIFY does
     engine_s = time.perf_counter() - t0
     passes = args.images * args.n
-    res = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "img_size": c.img_size, "batch": args.batch, "precision": precision,
-           "compile": args.compile,
-           "engine_passes_per_s": round(passes / engine_s, 1)}
+    res = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "img_size": c.img_size,
+        "batch": args.batch,
+        "precision": precision,
+        "compile": args.compile,
+        "engine_passes_per_s": round(passes / engine_s, 1),
+    }
     if not args.skip_reference:
         reference_counts(model, x[0:1], min(args.n, args.batch), args.batch, args.sigma, args.num_classes, precision)
         sync()
         t0 = time.perf_counter()
         for i in range(args.images):
-            reference_counts(model, x[i: i + 1], args.n, args.batch, args.sigma, args.num_classes, precision)
+            reference_counts(model, x[i : i + 1], args.n, args.batch, args.sigma, args.num_classes, precision)
         ref_s = time.perf_counter() - t0
         res["reference_passes_per_s"] = round(passes / ref_s, 1)
         res["speedup"] = round(ref_s / engine_s, 2)

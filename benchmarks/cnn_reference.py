@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader
 from dmae.certification.log import CERTIFY_HEADER, SEQUENTIAL_HEADER, format_row
 from dmae.corrupt import noisy_copies
 from dmae.data import build_dataset, build_transform, dataset_info
-from dmae.training.finetune import noisy_accuracy
-from dmae.training.losses import consistency_loss, rs_loss
 from dmae.models.preprocess import InputAdapter
 from dmae.reporting.report import read_log, summarize
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, sequence_for
+from dmae.training.finetune import noisy_accuracy
+from dmae.training.losses import consistency_loss, rs_loss
 
 
 class SmallCNN(nn.Module):
@@ -70,8 +70,15 @@ def _to_tensor():
     return build_transform(dataset_info("fashion-mnist"), False, 28)
 
 
-def train(model: nn.Module, method: str, sigma: float, minutes: float, seed: int, ds: Any = None,
-          clock: Callable[[], float] = time.perf_counter) -> dict:
+def train(
+    model: nn.Module,
+    method: str,
+    sigma: float,
+    minutes: float,
+    seed: int,
+    ds: Any = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Train on ``ds`` (default: Fashion-MNIST's training set) for ``minutes`` of ``clock`` (wall time; pass
     ``time.process_time`` for CPU time): AdamW lr 2e-3, weight decay 0.05, batch 128, cosine over the steps the
     budget allows from the speed of the first 20. Returns steps, seconds and the mean of the last 50 losses."""
@@ -114,17 +121,31 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
         header, path = SEQUENTIAL_HEADER, out / f"sequential_sigma{sigma:g}.tsv"
         settings = SequentialSettings(100, n_max, 0.001, "targets", info.radii)
         cs = sequence_for(settings)  # recorded as dmae certify records it, so the two logs' protocols compare
-        protocol |= {"mode": "sequential", "n": None, "n_max": n_max, "sequential": "targets", "radii": list(info.radii),
-                     "sequence": f"{cs!r} looks={list(cs.looks)}"}
+        protocol |= {
+            "mode": "sequential",
+            "n": None,
+            "n_max": n_max,
+            "sequential": "targets",
+            "radii": list(info.radii),
+            "sequence": f"{cs!r} looks={list(cs.looks)}",
+        }
         certs = SequentialCertifier(smooth, settings).certify_batch(x, idx, 2000)
-        rows = [format_row(header, i, y, c.prediction, c.radius, 0.0, c.n_samples, c.radius_continuous)
-                for i, y, c in zip(idx, labels, certs)]
+        rows = [
+            format_row(header, i, y, c.prediction, c.radius, 0.0, c.n_samples, c.radius_continuous)
+            for i, y, c in zip(idx, labels, certs)
+        ]
     else:
         header, path = CERTIFY_HEADER, out / f"certify_sigma{sigma:g}.tsv"
-        certs = [c for s in range(0, len(idx), 2) for c in smooth.certify_batch(x[s:s + 2], idx[s:s + 2], 100, n, 0.001, 2200)]
+        certs = [
+            c
+            for s in range(0, len(idx), 2)
+            for c in smooth.certify_batch(x[s : s + 2], idx[s : s + 2], 100, n, 0.001, 2200)
+        ]
         rows = [format_row(header, i, y, c.prediction, c.radius, 0.0) for i, y, c in zip(idx, labels, certs)]
     path.write_text("\t".join(header) + "\n" + "".join(rows))
-    path.with_suffix(".json").write_text(json.dumps({"sigma": sigma, "data": "fashion-mnist", "skip": skip, **protocol}))
+    path.with_suffix(".json").write_text(
+        json.dumps({"sigma": sigma, "data": "fashion-mnist", "skip": skip, **protocol})
+    )
     return path
 
 
@@ -155,14 +176,20 @@ def main() -> None:
         need += [f"args.{k}" for k in ("method", "sigma", "seed", "minutes") if k not in trained.get("args", {})]
         if need:
             raise SystemExit(f"{Path(args.load) / 'result.json'} lacks {', '.join(need)}: not a result of this script")
-        for key in ("method", "sigma", "seed"):  # certifying under another noise level than trained is a different experiment
+        for key in (
+            "method",
+            "sigma",
+            "seed",
+        ):  # certifying under another noise level than trained is a different experiment
             if trained["args"][key] != getattr(args, key):
                 raise SystemExit(f"--{key} {getattr(args, key)} differs from the loaded run's {trained['args'][key]}")
         model.load_state_dict(load_file(str(Path(args.load) / "model.safetensors")))
         # a run certified from a loaded one keeps the training time of the run that trained it
         minutes = trained.get("trained_minutes", trained["args"]["minutes"])
-        stats = {k: trained[k] for k in ("steps", "seconds", "final_loss")} | {"loaded_from": str(args.load),
-                                                                              "trained_minutes": minutes}
+        stats = {k: trained[k] for k in ("steps", "seconds", "final_loss")} | {
+            "loaded_from": str(args.load),
+            "trained_minutes": minutes,
+        }
     else:
         stats = train(model, args.method, args.sigma, args.minutes, args.seed)
     model.eval()
@@ -173,12 +200,17 @@ def main() -> None:
     t0 = time.perf_counter()
     log = certify(model, args.sigma, args.skip, args.n, args.n_max, out)
     cert_s = time.perf_counter() - t0
-    print(f"CNN ({params / 1e6:.2f}M parameters), {args.method.upper()} at sigma={args.sigma}: {stats['steps']} steps "
-          f"of 128 in {stats['seconds'] / 60:.1f} min; accuracy under noise on {args.eval_images} test images "
-          f"{100 * acc:.2f}%; certification {cert_s:.0f} s")
+    print(
+        f"CNN ({params / 1e6:.2f}M parameters), {args.method.upper()} at sigma={args.sigma}: {stats['steps']} steps "
+        f"of 128 in {stats['seconds'] / 60:.1f} min; accuracy under noise on {args.eval_images} test images "
+        f"{100 * acc:.2f}%; certification {cert_s:.0f} s"
+    )
     print(summarize([read_log(log)]).text())
-    (out / "result.json").write_text(json.dumps({"params": params, **stats, "noisy_accuracy": acc,
-                                                 "certify_seconds": cert_s, "args": vars(args)}, indent=2))
+    (out / "result.json").write_text(
+        json.dumps(
+            {"params": params, **stats, "noisy_accuracy": acc, "certify_seconds": cert_s, "args": vars(args)}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,11 @@ ALPHA, N_MAX, N0 = 0.001, 10_000, 100
 def _settings() -> dict[str, tuple[object, float | None]]:
     looks = chunk_looks(N_MAX)
     default = SequentialSettings(N0, N_MAX, ALPHA)
-    return {"before": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), None),
-            "futility": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), 0.01),
-            "default": (sequence_for(default), default.futility)}
+    return {
+        "before": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), None),
+        "futility": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), 0.01),
+        "default": (sequence_for(default), default.futility),
+    }
 
 
 def _run(cs, counts: np.ndarray, taus: list[float], futility: float | None) -> tuple[int, np.ndarray]:
@@ -77,14 +79,18 @@ def band(streams: int, sigma: float, radius: float, offsets: list[float], seed: 
     tau = threshold(radius, sigma)
     rng = np.random.default_rng(seed)
     names = list(_settings())
-    print(f"\nsigma={sigma}, r={radius} (threshold {tau:.4f}), {streams} streams per p_A: fixed-n certifies / "
-          "lost by each setting (mean estimation samples)")
+    print(
+        f"\nsigma={sigma}, r={radius} (threshold {tau:.4f}), {streams} streams per p_A: fixed-n certifies / "
+        "lost by each setting (mean estimation samples)"
+    )
     print("| p_A - threshold | fixed-n certifies | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for off in (o for o in offsets if tau + o <= 1.0):
         res = _compare(_streams(rng, tau + off, streams), [tau])
         fixed = res[names[0]][1][0]
-        print(f"| {off:+.3f} | {fixed} | " + " | ".join(f"{res[n][2][0]} lost ({res[n][0]:,.0f})" for n in names) + " |")
+        print(
+            f"| {off:+.3f} | {fixed} | " + " | ".join(f"{res[n][2][0]} lost ({res[n][0]:,.0f})" for n in names) + " |"
+        )
 
 
 def replay(path: Path, reps: int, seed: int) -> None:
@@ -96,9 +102,11 @@ def replay(path: Path, reps: int, seed: int) -> None:
         res = _compare(streams, taus)
         print(f"\nsigma={r['sigma']}: {len(streams)} streams ({reps} per image) at the p_A measured on {r['run']}")
         for name, (samples, fixed, lost) in res.items():
-            print(f"  {name:9s} {N0 + samples:7,.0f} samples per image ({(N0 + N_MAX) / (N0 + samples):.2f}x fewer than "
-                  "fixed-n); targets fixed-n certifies / lost: "
-                  + ", ".join(f"r={x:g}: {f}/{lo}" for x, f, lo in zip(radii, fixed, lost)))
+            print(
+                f"  {name:9s} {N0 + samples:7,.0f} samples per image ({(N0 + N_MAX) / (N0 + samples):.2f}x fewer than "
+                "fixed-n); targets fixed-n certifies / lost: "
+                + ", ".join(f"r={x:g}: {f}/{lo}" for x, f, lo in zip(radii, fixed, lost))
+            )
 
 
 def main() -> None:

@@ -23,8 +23,16 @@ from dmae.training.losses import reconstruction_loss
 from dmae.training.pretrain import build_optimizer
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring, most specific first.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
-                    ("L40S", 362.0), ("A10G", 70.0), ("RTX 4090", 165.2))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.2),
+)
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -57,8 +65,12 @@ def main() -> None:
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
-    model = create_model(args.model, img_size=args.img_size, in_chans=args.in_chans,
-                         **({"mean": (0.5,) * args.in_chans, "std": (0.5,) * args.in_chans} if args.in_chans else {})).to(device)
+    model = create_model(
+        args.model,
+        img_size=args.img_size,
+        in_chans=args.in_chans,
+        **({"mean": (0.5,) * args.in_chans, "std": (0.5,) * args.in_chans} if args.in_chans else {}),
+    ).to(device)
     c = model.config
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.05)
     fwd = torch.compile(model) if args.compile else model
@@ -102,9 +114,17 @@ def main() -> None:
     sync()
     dt = time.perf_counter() - t0
     ips = args.batch * args.steps / dt
-    res = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "img_size": c.img_size, "batch": args.batch, "precision": precision,
-           "compile": args.compile, "images_per_s": round(ips, 1), "step_ms": round(1000 * dt / args.steps, 2)}
+    res = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "img_size": c.img_size,
+        "batch": args.batch,
+        "precision": precision,
+        "compile": args.compile,
+        "images_per_s": round(ips, 1),
+        "step_ms": round(1000 * dt / args.steps, 2),
+    }
     if flops:
         res["gflop_per_image"] = round(flops / args.batch / 1e9, 3)
         achieved = flops * args.steps / dt / 1e12

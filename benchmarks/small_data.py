@@ -34,11 +34,11 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from cnn_reference import SmallCNN, train  # noqa: E402  (the reference CNN and its recipe, not copies)
-from finetune_on_imagefolder import write_folder  # noqa: E402  (the example's Fashion-MNIST ImageFolder)
+from cnn_reference import SmallCNN, train
+from finetune_on_imagefolder import write_folder
 
-from dmae.data import build_dataset, build_transform, dataset_info  # noqa: E402
-from dmae.training.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val  # noqa: E402
+from dmae.data import build_dataset, build_transform, dataset_info
+from dmae.training.finetune import VAL_SPLIT_SEED, noisy_accuracy, split_train_val
 
 
 def run_stage(args: list[str], log: Path) -> tuple[float, float]:
@@ -50,8 +50,9 @@ def run_stage(args: list[str], log: Path) -> tuple[float, float]:
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "dmae", *args, "--no-progress"], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmae", *args, "--no-progress"], env=env, capture_output=True, text=True
+    )
     seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     log.write_text(proc.stdout + proc.stderr)
@@ -86,38 +87,77 @@ def main() -> None:
 
                 shutil.rmtree(d)
         data = ["--data", "folder", "--data-root", str(root)]
-        (t_pre, c_pre) = run_stage(["pretrain", "--model", args.model, *data, "--epochs", str(args.pretrain_epochs),
-                           "--output-dir", str(pre)], out / "pretrain.txt")
-        (t_ft, c_ft) = run_stage(["finetune", *data, "--init", str(pre), "--sigma", str(args.sigma), "--epochs",
-                          str(args.epochs), "--output-dir", str(ft)], out / "finetune.txt")
+        (t_pre, c_pre) = run_stage(
+            ["pretrain", "--model", args.model, *data, "--epochs", str(args.pretrain_epochs), "--output-dir", str(pre)],
+            out / "pretrain.txt",
+        )
+        (t_ft, c_ft) = run_stage(
+            [
+                "finetune",
+                *data,
+                "--init",
+                str(pre),
+                "--sigma",
+                str(args.sigma),
+                "--epochs",
+                str(args.epochs),
+                "--output-dir",
+                str(ft),
+            ],
+            out / "finetune.txt",
+        )
         rows = [json.loads(ln) for ln in (ft / "log.jsonl").read_text().splitlines()]
         evals = [r for r in rows if r["type"] == "eval"]
         key = f"val_acc@{args.sigma:g}"
         best = max(evals, key=lambda r: r[key])
-        result = {"pretrain_seconds": t_pre, "finetune_seconds": t_ft, "pretrain_cpu_seconds": c_pre,
-                  "finetune_cpu_seconds": c_ft, "best_epoch": best["epoch"],
-                  "heldout_acc": best[key], "val_folder_acc": best[f"test_acc@{args.sigma:g}"],
-                  "last_heldout_acc": evals[-1][key]}
-        print(f"dmae: pretrain {c_pre:.0f} + finetune {c_ft:.0f} CPU-s = {(c_pre + c_ft) / 60:.2f} CPU-min "
-              f"(wall {(t_pre + t_ft) / 60:.2f} min); accuracy under "
-              f"sigma={args.sigma} noise: held-out {100 * best[key]:.1f}% (200 training images, best epoch "
-              f"{best['epoch']:.0f}), val/ {100 * result['val_folder_acc']:.1f}% (1,000 images)", flush=True)
+        result = {
+            "pretrain_seconds": t_pre,
+            "finetune_seconds": t_ft,
+            "pretrain_cpu_seconds": c_pre,
+            "finetune_cpu_seconds": c_ft,
+            "best_epoch": best["epoch"],
+            "heldout_acc": best[key],
+            "val_folder_acc": best[f"test_acc@{args.sigma:g}"],
+            "last_heldout_acc": evals[-1][key],
+        }
+        print(
+            f"dmae: pretrain {c_pre:.0f} + finetune {c_ft:.0f} CPU-s = {(c_pre + c_ft) / 60:.2f} CPU-min "
+            f"(wall {(t_pre + t_ft) / 60:.2f} min); accuracy under "
+            f"sigma={args.sigma} noise: held-out {100 * best[key]:.1f}% (200 training images, best epoch "
+            f"{best['epoch']:.0f}), val/ {100 * result['val_folder_acc']:.1f}% (1,000 images)",
+            flush=True,
+        )
         if not args.no_cnn:
             info = dataset_info("folder", root)
             tf = build_transform(info, False, 28)
             train_all = build_dataset("folder", "train", root, tf)
             train_idx, val_idx = split_train_val(len(train_all), 200)  # the dmae run's split (seed VAL_SPLIT_SEED)
             model = SmallCNN()
-            stats = train(model, args.cnn_method, args.sigma, (c_pre + c_ft) / 60, 0, Subset(train_all, train_idx),
-                          clock=time.process_time)  # the dmae stages' budget is CPU time
+            stats = train(
+                model,
+                args.cnn_method,
+                args.sigma,
+                (c_pre + c_ft) / 60,
+                0,
+                Subset(train_all, train_idx),
+                clock=time.process_time,
+            )  # the dmae stages' budget is CPU time
             model.eval()
             # the seeds of dmae's per-epoch evaluation (seed + 1 held-out, seed + 2 test), its default seed 0
             held = noisy_accuracy(model, Subset(train_all, val_idx), args.sigma, 1, precision="fp32")
             val = noisy_accuracy(model, build_dataset("folder", "val", root, tf), args.sigma, 2, precision="fp32")
-            result |= {"cnn_method": args.cnn_method, "cnn_steps": stats["steps"], "cnn_seconds": stats["seconds"],
-                       "cnn_heldout_acc": held, "cnn_val_folder_acc": val}
-            print(f"CNN reference ({args.cnn_method.upper()}, {stats['steps']} steps of 128 in {stats['seconds']:.0f} CPU-s): "
-                  f"held-out {100 * held:.1f}%, val/ {100 * val:.1f}%", flush=True)
+            result |= {
+                "cnn_method": args.cnn_method,
+                "cnn_steps": stats["steps"],
+                "cnn_seconds": stats["seconds"],
+                "cnn_heldout_acc": held,
+                "cnn_val_folder_acc": val,
+            }
+            print(
+                f"CNN reference ({args.cnn_method.upper()}, {stats['steps']} steps of 128 in {stats['seconds']:.0f} CPU-s): "
+                f"held-out {100 * held:.1f}%, val/ {100 * val:.1f}%",
+                flush=True,
+            )
         result["val_split_seed"] = VAL_SPLIT_SEED
         (out / "result.json").write_text(json.dumps(result, indent=2))
 

@@ -52,8 +52,10 @@ def main() -> None:
     ds = build_dataset(args.data, split, args.data_root, build_transform(info, False, model.config.encoder.img_size))
     indices = list(range(0, len(ds), args.skip))[: args.max]
     kw = dict(seed=args.seed, precision=args.precision, device=device)
-    modes = {"standard": Smooth(model, num_classes, args.sigma, **kw),
-             "sound": SoundSmooth(model, num_classes, args.sigma, **kw)}
+    modes = {
+        "standard": Smooth(model, num_classes, args.sigma, **kw),
+        "sound": SoundSmooth(model, num_classes, args.sigma, **kw),
+    }
     warm = torch.stack([ds[indices[0]][0]])
     for smooth in modes.values():  # threshold tables, allocator and kernels warmed outside the timing
         smooth.certify_batch(warm, [-1], args.n0, min(args.n, 200), args.alpha, args.batch)
@@ -61,35 +63,44 @@ def main() -> None:
     seconds = {m: 0.0 for m in modes}
     rows: dict[str, list[tuple[int, int, float]]] = {m: [] for m in modes}  # (label, prediction, radius)
     for b, start in enumerate(range(0, len(indices), args.block)):
-        idx = indices[start: start + args.block]
+        idx = indices[start : start + args.block]
         images = torch.stack([ds[i][0] for i in idx])
         labels = [ds[i][1] for i in idx]
-        for name in (list(modes) if b % 2 == 0 else list(modes)[::-1]):
+        for name in list(modes) if b % 2 == 0 else list(modes)[::-1]:
             t0 = time.perf_counter()
             certs = modes[name].certify_batch(images, idx, args.n0, args.n, args.alpha, args.batch)
             seconds[name] += time.perf_counter() - t0
             rows[name] += [(y, c.prediction, c.radius) for y, c in zip(labels, certs)]
         done = start + len(idx)
-        print(f"{done}/{len(indices)} images: " + ", ".join(
-            f"{m} {(args.n0 + args.n) * done / seconds[m]:.0f} passes/s" for m in modes), flush=True)
+        print(
+            f"{done}/{len(indices)} images: "
+            + ", ".join(f"{m} {(args.n0 + args.n) * done / seconds[m]:.0f} passes/s" for m in modes),
+            flush=True,
+        )
 
     passes = (args.n0 + args.n) * len(indices)
-    print(f"\n{path}: {len(indices)} {args.data} {split} images (every {args.skip}th), n0 = {args.n0}, n = {args.n}, "
-          f"alpha = {args.alpha}, sigma = {args.sigma}, batch {args.batch}, {device}, precision {args.precision}, "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(
+        f"\n{path}: {len(indices)} {args.data} {split} images (every {args.skip}th), n0 = {args.n0}, n = {args.n}, "
+        f"alpha = {args.alpha}, sigma = {args.sigma}, batch {args.batch}, {device}, precision {args.precision}, "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
     print("| mode | " + " | ".join(f"r = {r:g}" for r in RADII) + " | abstain | passes/s |")
     print("|---|" + "---|" * (len(RADII) + 2))
     acc = {}
     for name, rs in rows.items():
         acc[name] = [100.0 * sum(p == y and rad >= r for y, p, rad in rs) / len(rs) for r in RADII]
         abstain = 100.0 * sum(p == Smooth.ABSTAIN for _, p, _ in rs) / len(rs)
-        print(f"| {name} | " + " | ".join(f"{a:.1f} %" for a in acc[name]) + f" | {abstain:.1f} % | "
-              f"{passes / seconds[name]:.0f} |")
+        print(
+            f"| {name} | " + " | ".join(f"{a:.1f} %" for a in acc[name]) + f" | {abstain:.1f} % | "
+            f"{passes / seconds[name]:.0f} |"
+        )
     same = sum(s[1] == t[1] for s, t in zip(rows["standard"], rows["sound"]))
-    print("\nsound - standard: " + ", ".join(f"{a - s:+.1f} points at r = {r:g}"
-                                              for r, s, a in zip(RADII, acc["standard"], acc["sound"]))
-          + f"; passes/s ratio {seconds['standard'] / seconds['sound']:.3f}; "
-          f"same prediction on {same} of {len(indices)}")
+    print(
+        "\nsound - standard: "
+        + ", ".join(f"{a - s:+.1f} points at r = {r:g}" for r, s, a in zip(RADII, acc["standard"], acc["sound"]))
+        + f"; passes/s ratio {seconds['standard'] / seconds['sound']:.3f}; "
+        f"same prediction on {same} of {len(indices)}"
+    )
 
 
 if __name__ == "__main__":

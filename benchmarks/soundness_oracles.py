@@ -54,7 +54,9 @@ def main() -> None:
             s = SequentialSettings(N0, N_MAX, ALPHA, mode, RADII, epsilon=0.02, sequence=sequence)
             res = [rates(s, p, args.trials, seed=100 + j) for j, p in enumerate(ps)]
             naive = sum(r[1] for r in res) / len(res)
-            print(f"| {sequence} | {mode} | " + " | ".join(f"{r[0]:.3f}" for r in res) + f" | {naive:.2f} |", flush=True)
+            print(
+                f"| {sequence} | {mode} | " + " | ".join(f"{r[0]:.3f}" for r in res) + f" | {naive:.2f} |", flush=True
+            )
 
 
 if __name__ == "__main__":

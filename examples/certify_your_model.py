@@ -25,9 +25,18 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Flatten(), nn.Linear(32 * 7 * 7, num_classes))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 1, 28, 28] in [0, 1]
         return self.body((x - 0.286) / 0.353)
@@ -66,8 +75,17 @@ def main(argv: list[str] | None = None) -> dmae.CertifyResult:
     train(model, Subset(build_dataset("fashion-mnist", "train"), range(args.train_images)), args.steps, sigma=0.25)
     test = build_dataset("fashion-mnist", "test")  # (image [1, 28, 28] in [0, 1], label)
 
-    result = dmae.certify(model, test, sigma=0.25, n0=100, n_max=args.n_max, sequential="targets",
-                          skip=args.skip, max_images=args.max_images, log_dir=Path(args.out) / "certs")
+    result = dmae.certify(
+        model,
+        test,
+        sigma=0.25,
+        n0=100,
+        n_max=args.n_max,
+        sequential="targets",
+        skip=args.skip,
+        max_images=args.max_images,
+        log_dir=Path(args.out) / "certs",
+    )
     print(result.table())
     print("report:", result.html(Path(args.out) / "report.html"))
     return result

@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from certify_your_model import SmallCNN, train  # noqa: E402  (the first example's model and training)
+from certify_your_model import SmallCNN, train
 
-import dmae  # noqa: E402
-from dmae.data import build_dataset  # noqa: E402
-from dmae.reporting.report import compare  # noqa: E402
+import dmae
+from dmae.data import build_dataset
+from dmae.reporting.report import compare
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -39,8 +39,16 @@ def main(argv: list[str] | None = None) -> str:
         torch.manual_seed(0)
         model = SmallCNN()
         train(model, data, steps, sigma=0.25)
-        result = dmae.certify(model, test, sigma=0.25, n_max=args.n_max, sequential="targets", skip=args.skip,
-                              max_images=args.max_images, log_dir=Path(args.out) / name)
+        result = dmae.certify(
+            model,
+            test,
+            sigma=0.25,
+            n_max=args.n_max,
+            sequential="targets",
+            skip=args.skip,
+            max_images=args.max_images,
+            log_dir=Path(args.out) / name,
+        )
         log = result.logs[0]
         log.name = f"{name} ({steps} steps)"  # how the comparison names each side (default: the file's stem)
         logs.append(log)

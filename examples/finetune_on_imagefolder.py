@@ -42,15 +42,36 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     # without a folder: the first test images as val/ (the first 20 already hold all 10 classes)
-    root = Path(args.data_root) if args.data_root else write_folder(out / "folder", args.train_images,
-                                                                     max(20, args.train_images // 4))
+    root = (
+        Path(args.data_root)
+        if args.data_root
+        else write_folder(out / "folder", args.train_images, max(20, args.train_images // 4))
+    )
 
-    run = finetune(FinetuneConfig(init=str(SHIPPED_DIR / "model.safetensors"), data="folder", data_root=str(root),
-                                  sigma=0.25, epochs=args.epochs, output_dir=str(out / "finetune"), progress=False))
+    run = finetune(
+        FinetuneConfig(
+            init=str(SHIPPED_DIR / "model.safetensors"),
+            data="folder",
+            data_root=str(root),
+            sigma=0.25,
+            epochs=args.epochs,
+            output_dir=str(out / "finetune"),
+            progress=False,
+        )
+    )
     print("held-out accuracy under noise:", run.best)
-    [log] = run_certification(CertifyConfig(checkpoint=str(out / "finetune"), data="folder", data_root=str(root),
-                                            split="val", n0=100, n=args.n, output_dir=str(out / "certs"),
-                                            progress=False))
+    [log] = run_certification(
+        CertifyConfig(
+            checkpoint=str(out / "finetune"),
+            data="folder",
+            data_root=str(root),
+            split="val",
+            n0=100,
+            n=args.n,
+            output_dir=str(out / "certs"),
+            progress=False,
+        )
+    )
     print("certification log:", log.path)
 
 

@@ -18,11 +18,23 @@ PICO = "dmae_vit_pico_patch4_dec32d1b"
 @pytest.fixture
 def tiny_pretrain_kwargs(tmp_path):
     """Options for a pretraining run of a few seconds on 256 Fashion-MNIST images."""
-    return dict(model=PICO, data="fashion-mnist", train_subset=256, batch_size=32, epochs=2, warmup_epochs=0.5,
-                lr=1e-3, eval_images=32, log_every=2, progress=False, device="cpu", output_dir=str(tmp_path / "run"))
+    return dict(
+        model=PICO,
+        data="fashion-mnist",
+        train_subset=256,
+        batch_size=32,
+        epochs=2,
+        warmup_epochs=0.5,
+        lr=1e-3,
+        eval_images=32,
+        log_every=2,
+        progress=False,
+        device="cpu",
+        output_dir=str(tmp_path / "run"),
+    )
 
 
-def kill_after_rows(args: list[str], log: "os.PathLike", rows: int, timeout: float = 120.0) -> None:
+def kill_after_rows(args: list[str], log: os.PathLike, rows: int, timeout: float = 120.0) -> None:
     """Run ``python -m dmae ARGS`` and SIGKILL it once ``log`` holds ``rows`` lines (header included)."""
     import signal
     import subprocess
@@ -30,8 +42,12 @@ def kill_after_rows(args: list[str], log: "os.PathLike", rows: int, timeout: flo
     import time
     from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-m", "dmae", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmae", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log, deadline = Path(log), time.time() + timeout
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < rows):
         time.sleep(0.02)
@@ -44,8 +60,17 @@ def run_torchrun(args: list[str], nproc: int = 2) -> Any:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "dmae",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "dmae",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc

@@ -17,7 +17,9 @@ class MyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - 0.5) / 0.25)
@@ -36,8 +38,9 @@ def _rows(path):
 def test_the_readme_snippet_certifies_resumes_and_reports(tmp_path):
     model, data = MyCNN().eval(), _data()
     # the snippet (README, "Python API"): at most 10 lines after imports and the model
-    result = dmae.certify(model, data, sigma=0.25, n0=100, n_max=1000, sequential="targets",
-                          log_dir=tmp_path / "certs", max_images=6)
+    result = dmae.certify(
+        model, data, sigma=0.25, n0=100, n_max=1000, sequential="targets", log_dir=tmp_path / "certs", max_images=6
+    )
     print(result.table())
     result.html(tmp_path / "report.html")
     # the end of the snippet
@@ -51,7 +54,8 @@ def test_the_readme_snippet_certifies_resumes_and_reports(tmp_path):
     again = dmae.certify(model, data, sigma=0.25, n0=100, n_max=1000, sequential="targets", log_dir=tmp_path / "certs")
     lines = tsv.read_text().splitlines()
     assert len(again.logs[0].idx) == 12 and [ln.split("\t")[:4] for ln in lines[:7]] == [
-        ln.split("\t")[:4] for ln in first]
+        ln.split("\t")[:4] for ln in first
+    ]
     # another model's weights never mix into the log
     other = MyCNN().eval()
     with torch.no_grad():
@@ -62,16 +66,37 @@ def test_the_readme_snippet_certifies_resumes_and_reports(tmp_path):
 
 def test_the_api_and_the_cli_write_the_same_rows(classifier_run, tmp_path):
     kw = dict(n0=20, n=200, alpha=0.001, skip=1000, seed=3)
-    [cli] = run_certification(CertifyConfig(checkpoint=str(classifier_run), sigma=(0.25,), batch=128,
-                                            output_dir=str(tmp_path / "cli"), device="cpu", progress=False, **kw))
+    [cli] = run_certification(
+        CertifyConfig(
+            checkpoint=str(classifier_run),
+            sigma=(0.25,),
+            batch=128,
+            output_dir=str(tmp_path / "cli"),
+            device="cpu",
+            progress=False,
+            **kw,
+        )
+    )
     model, _ = load_classifier(classifier_run, 10, pool=None)
     info = dataset_info("fashion-mnist")
     test = build_dataset("fashion-mnist", "test", None, build_transform(info, False, model.config.encoder.img_size))
-    api = dmae.certify(model.eval(), test, sigma=0.25, batch_size=77, log_dir=tmp_path / "api", skip=kw["skip"],
-                       n0=kw["n0"], n=kw["n"], alpha=kw["alpha"], seed=kw["seed"])
+    api = dmae.certify(
+        model.eval(),
+        test,
+        sigma=0.25,
+        batch_size=77,
+        log_dir=tmp_path / "api",
+        skip=kw["skip"],
+        n0=kw["n0"],
+        n=kw["n"],
+        alpha=kw["alpha"],
+        seed=kw["seed"],
+    )
     assert _rows(api.paths[0]) == _rows(cli.path) and len(_rows(cli.path)) == 11
-    assert api.logs[0].meta["weights_sha256"] == cli.path.with_suffix(".json").read_text().split(
-        '"weights_sha256": "')[1].split('"')[0]  # the module's state dict and its saved file agree
+    assert (
+        api.logs[0].meta["weights_sha256"]
+        == cli.path.with_suffix(".json").read_text().split('"weights_sha256": "')[1].split('"')[0]
+    )  # the module's state dict and its saved file agree
 
 
 def test_bad_inputs_are_named():
@@ -81,5 +106,6 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"\[C, H, W\] tensor of \[0, 1\] pixels, got ndarray"):
         dmae.certify(model, [(torch.rand(1, 8, 8).numpy(), 0)], sigma=0.25, n=100)
     with pytest.raises(ValueError, match="floating-point tensor"):
-        dmae.certify(model, TensorDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2)), sigma=0.25,
-                     n=100)
+        dmae.certify(
+            model, TensorDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2)), sigma=0.25, n=100
+        )

@@ -9,12 +9,22 @@ import torch
 import yaml
 from torch import nn
 
-from dmae.checkpoint import (RUN_FILES, CheckpointError, atomic_save, load_classifier, load_dmae,
-                             load_state_dict, read_weights, resolve_checkpoint, run_config, safe_load, save_export,
-                             weights_digest)
-from dmae.models import create_model
-
 from conftest import PICO
+from dmae.checkpoint import (
+    RUN_FILES,
+    CheckpointError,
+    atomic_save,
+    load_classifier,
+    load_dmae,
+    load_state_dict,
+    read_weights,
+    resolve_checkpoint,
+    run_config,
+    safe_load,
+    save_export,
+    weights_digest,
+)
+from dmae.models import create_model
 
 UNSAFE_ADVICE = ("weights_only", "will likely succeed")  # PyTorch's advice to turn the safe loader off
 
@@ -90,8 +100,12 @@ def test_weights_digest_follows_the_weights_not_the_file(tmp_path):
     assert weights_digest(tmp_path / "a.safetensors") != d
     # names, dtypes and shapes count too, even where the bytes are the same
     base = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
-    variants = [base, {"a2": torch.zeros(2, 3), "b": torch.ones(4)}, {"a": torch.zeros(3, 2), "b": torch.ones(4)},
-                {"a": torch.zeros(2, 3, dtype=torch.int32), "b": torch.ones(4)}]
+    variants = [
+        base,
+        {"a2": torch.zeros(2, 3), "b": torch.ones(4)},
+        {"a": torch.zeros(3, 2), "b": torch.ones(4)},
+        {"a": torch.zeros(2, 3, dtype=torch.int32), "b": torch.ones(4)},
+    ]
     for i, sd in enumerate(variants):
         atomic_save(sd, tmp_path / f"v{i}.pt")
     assert len({weights_digest(tmp_path / f"v{i}.pt") for i in range(4)}) == 4
@@ -113,12 +127,15 @@ def test_atomic_save_replaces_and_leaves_no_temp_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the safe loader
-@pytest.mark.parametrize("text", [
-    "not a checkpoint\n",
-    "{\"model\": 1}\n",
-    "seed: 0\nsigma: 0.25\n",  # a YAML config given as a checkpoint: the unpickler raised IndexError
-    "hello world\n",  # ... and KeyError
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not a checkpoint\n",
+        '{"model": 1}\n',
+        "seed: 0\nsigma: 0.25\n",  # a YAML config given as a checkpoint: the unpickler raised IndexError
+        "hello world\n",  # ... and KeyError
+    ],
+)
 def test_text_file_is_not_a_checkpoint(tmp_path, text):
     f = tmp_path / "x.pth"
     f.write_text(text)
@@ -187,8 +204,9 @@ def test_load_state_dict_checks_values_shapes_and_keys():
     partial = {k: v for k, v in sd.items() if k != "1.bias"}
     with pytest.raises(CheckpointError, match=r"1 missing keys \['1.bias'\], 1 unexpected keys \['extra.w'\]"):
         load_state_dict(model, {**partial, "extra.w": torch.zeros(1)}, "c.pt")
-    report = load_state_dict(model, {**partial, "extra.w": torch.zeros(1)}, "c.pt", allow_missing=("1.",),
-                             allow_unexpected=("extra.",))
+    report = load_state_dict(
+        model, {**partial, "extra.w": torch.zeros(1)}, "c.pt", allow_missing=("1.",), allow_unexpected=("extra.",)
+    )
     assert report.missing == ["1.bias"] and report.unexpected == ["extra.w"]
     assert torch.equal(model.state_dict()["0.weight"], sd["0.weight"])
     assert torch.equal(model.state_dict()["1.bias"], before["1.bias"])

@@ -5,12 +5,22 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import PICO
 from dmae.cli import main
 
-from conftest import PICO
-
-TINY = ["--model", PICO, "--train-subset", "128", "--batch-size", "32", "--eval-images", "16", "--no-progress",
-        "--device", "cpu"]
+TINY = [
+    "--model",
+    PICO,
+    "--train-subset",
+    "128",
+    "--batch-size",
+    "32",
+    "--eval-images",
+    "16",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_models_lists_presets_and_configs(capsys):
@@ -22,8 +32,19 @@ def test_models_lists_presets_and_configs(capsys):
 
 def test_every_option_has_help():
     out = subprocess.run([sys.executable, "-m", "dmae", "pretrain", "--help"], capture_output=True, text=True).stdout
-    for flag in ("--sigma", "--mask-ratio", "--loss", "--norm-pix-loss", "--blr", "--accum-iter", "--resume",
-                 "--stop-after", "--init", "--betas", "--precision"):
+    for flag in (
+        "--sigma",
+        "--mask-ratio",
+        "--loss",
+        "--norm-pix-loss",
+        "--blr",
+        "--accum-iter",
+        "--resume",
+        "--stop-after",
+        "--init",
+        "--betas",
+        "--precision",
+    ):
         assert flag in out
     assert "(default: 0.75)" in out
     out = subprocess.run([sys.executable, "-m", "dmae", "experiment", "--help"], capture_output=True, text=True).stdout
@@ -37,9 +58,24 @@ def test_every_option_has_help():
 def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
     """`dmae report LOG | head -1`: the reader stops early; dmae ends quietly (exit 0, no traceback)."""
     log = tmp_path / "certify_sigma0.25.tsv"
-    log.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in range(5)))
-    p = subprocess.Popen([sys.executable, "-m", "dmae", "report", str(log), str(log), str(log), "--radii",
-                          *[str(r / 100) for r in range(200)]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in range(5))
+    )
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dmae",
+            "report",
+            str(log),
+            str(log),
+            str(log),
+            "--radii",
+            *[str(r / 100) for r in range(200)],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()  # the reader is gone before dmae writes
     err = p.stderr.read().decode()
     assert p.wait() == 0 and "Traceback" not in err, err
@@ -60,12 +96,15 @@ def test_pretrain_preset_then_flags_then_resume_then_visualize(tmp_path, capsys)
     assert w > 300 and h > 200
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
-    (["--sigma", "-0.5"], "sigma must be a number >= 0 (std of the noise in [0, 1] pixel units), got -0.5"),
-    (["--model", "vit_nope"], "unknown model 'vit_nope'"),
-    (["--config", "no_such_preset"], "unknown pretrain preset 'no_such_preset'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
+        (["--sigma", "-0.5"], "sigma must be a number >= 0 (std of the noise in [0, 1] pixel units), got -0.5"),
+        (["--model", "vit_nope"], "unknown model 'vit_nope'"),
+        (["--config", "no_such_preset"], "unknown pretrain preset 'no_such_preset'"),
+    ],
+)
 def test_bad_options_exit_2_with_the_value(tmp_path, capsys, args, message):
     assert main(["pretrain", *TINY, "--output-dir", str(tmp_path / "r"), *args]) == 2
     assert message in capsys.readouterr().err
@@ -126,28 +165,43 @@ def test_every_option_of_every_command_passes_through_torchrun():
     assert parser.parse_args(["visualize", "--num-images", "2"]).num == 2
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["certify", "--checkpoint", "x", "--sigma", "inf"], "--sigma must be a finite number, got inf"),
-    (["certify", "--checkpoint", "x", "--sigma", "nan"], "sigma must be > 0, got nan"),
-    (["certify", "--checkpoint", "x", "--alpha", "nan"], "alpha must be in (0, 0.5), got nan"),
-    (["predict", "--checkpoint", "x", "--n", "-5"], "--n must be >= 1, got -5"),
-    (["report", "r.tsv", "--radii", "-1"], "--radii must be >= 0, got -1.0"),
-    (["report", "r.tsv", "--radii", "nan"], "--radii must be >= 0, got nan"),
-    (["visualize", "--checkpoint", "x", "--num", "0"], "--num must be >= 1, got 0"),
-    (["visualize", "--checkpoint", "x", "--sigma", "inf"], "sigma must be a number >= 0"),
-    (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["pretrain", "--blr", "inf"], "--blr must be a finite number, got inf"),
-    (["pretrain", "--lr", "-1"], "--lr must be > 0, got -1.0"),
-    (["pretrain", "--sigma", "inf"], "sigma must be a number >= 0"),
-    (["pretrain", "--betas", "0.9", "1.5"], "--betas must be in [0, 1), got 1.5"),
-    (["pretrain", "--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
-    (["finetune", "--model", PICO, "--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
-    (["finetune", "--model", PICO, "--drop-path", "nan"], "--drop-path must be a finite number, got nan"),
-    (["finetune", "--model", PICO, "--sigma-range", "0", "inf"], "--sigma-range must be a finite number, got inf"),
-    (["finetune", "--model", PICO, "--sigma-range", "0.5", "0.2"], "sigma range must satisfy"),
-    (["finetune", "--model", PICO, "--eval-sigmas", "0.25", "-1"], "sigma must be a number >= 0"),
-    (["linprobe", "--model", PICO, "--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["certify", "--checkpoint", "x", "--sigma", "inf"], "--sigma must be a finite number, got inf"),
+        (["certify", "--checkpoint", "x", "--sigma", "nan"], "sigma must be > 0, got nan"),
+        (["certify", "--checkpoint", "x", "--alpha", "nan"], "alpha must be in (0, 0.5), got nan"),
+        (["predict", "--checkpoint", "x", "--n", "-5"], "--n must be >= 1, got -5"),
+        (["report", "r.tsv", "--radii", "-1"], "--radii must be >= 0, got -1.0"),
+        (["report", "r.tsv", "--radii", "nan"], "--radii must be >= 0, got nan"),
+        (["visualize", "--checkpoint", "x", "--num", "0"], "--num must be >= 1, got 0"),
+        (["visualize", "--checkpoint", "x", "--sigma", "inf"], "sigma must be a number >= 0"),
+        (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["pretrain", "--blr", "inf"], "--blr must be a finite number, got inf"),
+        (["pretrain", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+        (["pretrain", "--sigma", "inf"], "sigma must be a number >= 0"),
+        (["pretrain", "--betas", "0.9", "1.5"], "--betas must be in [0, 1), got 1.5"),
+        (["pretrain", "--clip-grad", "0"], "--clip-grad must be > 0, got 0.0"),
+        (["finetune", "--model", PICO, "--layer-decay", "0"], "--layer-decay must be in (0, 1], got 0.0"),
+        (["finetune", "--model", PICO, "--drop-path", "nan"], "--drop-path must be a finite number, got nan"),
+        (["finetune", "--model", PICO, "--sigma-range", "0", "inf"], "--sigma-range must be a finite number, got inf"),
+        (["finetune", "--model", PICO, "--sigma-range", "0.5", "0.2"], "sigma range must satisfy"),
+        (["finetune", "--model", PICO, "--eval-sigmas", "0.25", "-1"], "sigma must be a number >= 0"),
+        (["linprobe", "--model", PICO, "--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    ],
+)
 def test_every_numeric_option_is_checked_for_finiteness_and_range(tmp_path, capsys, argv, message):
-    assert main([*argv, *(["--output-dir", str(tmp_path / "o")] if argv[0] in ("pretrain", "finetune", "linprobe", "certify", "predict", "demo") else [])]) == 2
+    assert (
+        main(
+            [
+                *argv,
+                *(
+                    ["--output-dir", str(tmp_path / "o")]
+                    if argv[0] in ("pretrain", "finetune", "linprobe", "certify", "predict", "demo")
+                    else []
+                ),
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err

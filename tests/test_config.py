@@ -2,21 +2,31 @@
 
 import argparse
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
 
+from conftest import PICO
 from dmae.certification.runner import CertifyConfig
-from dmae.config import (Options, add_dataclass_arguments, build_config, default, field_meta, list_presets,
-                         load_values, option, preset_path, save_config, to_dict)
-from dmae.workflows.demo import DemoConfig
+from dmae.config import (
+    Options,
+    add_dataclass_arguments,
+    build_config,
+    default,
+    field_meta,
+    list_presets,
+    load_values,
+    option,
+    preset_path,
+    save_config,
+    to_dict,
+)
+from dmae.reporting.report import ReportConfig
 from dmae.training.engine import TrainOptions
 from dmae.training.finetune import FinetuneConfig, LinprobeConfig
 from dmae.training.pretrain import PretrainConfig
-from dmae.reporting.report import ReportConfig
-
-from conftest import PICO
+from dmae.workflows.demo import DemoConfig
 
 
 def _even(v):
@@ -32,13 +42,13 @@ class Toy(Options):
     prob: float = option(0.5, "strictly inside", low=0, high=1, low_open=True, high_open=True)
     cap: float = option(1.0, "at most one", high=1)
     betas: tuple[float, float] = option((0.9, 0.95), "a pair", low=0, high=1, high_open=True)
-    sigmas: Optional[tuple[float, ...]] = option(None, "one or more", low=0)
+    sigmas: tuple[float, ...] | None = option(None, "one or more", low=0)
     mode: Literal["a", "b"] = option("a", "the mode")
     name: str = option("x", "a name", choices=("x", "y"))
     even: int = option(2, "an even number", check=_even)
     n: int = option(5, "samples", low=1, aliases=("--num-samples",))
     switch: bool = option(True, "a switch")
-    limit: Optional[int] = option(None, "an optional count", low=1)
+    limit: int | None = option(None, "an optional count", low=1)
 
     def check_combination(self):
         if self.epochs == 13:
@@ -118,31 +128,34 @@ def test_linprobe_redefines_defaults_but_keeps_help_and_bounds():
 
 
 # ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("over,message", [
-    ({"rate": float("nan")}, "--rate must be a finite number, got nan"),
-    ({"rate": float("inf")}, "--rate must be a finite number, got inf"),
-    ({"cap": float("-inf")}, "--cap must be a finite number, got -inf"),
-    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
-    ({"ratio": 1.0}, "--ratio must be in [0, 1), got 1.0"),
-    ({"ratio": -0.1}, "--ratio must be in [0, 1), got -0.1"),
-    ({"prob": 0.0}, "--prob must be in (0, 1), got 0.0"),
-    ({"rate": 0.0}, "--rate must be > 0, got 0.0"),
-    ({"cap": 1.5}, "--cap must be <= 1, got 1.5"),
-    ({"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
-    ({"epochs": True}, "--epochs must be an integer, got True"),
-    ({"rate": "1"}, "--rate must be a number, got '1'"),
-    ({"epochs": None}, "--epochs needs a value"),
-    ({"betas": (0.9, 1.0)}, "--betas must be in [0, 1), got 1.0"),
-    ({"betas": (0.9,)}, "--betas takes 2 values, got [0.9]"),
-    ({"sigmas": ()}, "--sigmas needs at least one value"),
-    ({"sigmas": (0.25, float("nan"))}, "--sigmas must be a finite number, got nan"),
-    ({"sigmas": (0.25, -1.0)}, "--sigmas must be >= 0, got -1.0"),
-    ({"mode": "c"}, "--mode must be one of a, b; got 'c'"),
-    ({"name": "z"}, "--name must be one of x, y; got 'z'"),
-    ({"even": 3}, "not an even number: 3"),
-    ({"limit": 0}, "--limit must be >= 1, got 0"),
-    ({"epochs": 13}, "unlucky --epochs"),  # the cross-field check runs after the field checks
-])
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"rate": float("nan")}, "--rate must be a finite number, got nan"),
+        ({"rate": float("inf")}, "--rate must be a finite number, got inf"),
+        ({"cap": float("-inf")}, "--cap must be a finite number, got -inf"),
+        ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+        ({"ratio": 1.0}, "--ratio must be in [0, 1), got 1.0"),
+        ({"ratio": -0.1}, "--ratio must be in [0, 1), got -0.1"),
+        ({"prob": 0.0}, "--prob must be in (0, 1), got 0.0"),
+        ({"rate": 0.0}, "--rate must be > 0, got 0.0"),
+        ({"cap": 1.5}, "--cap must be <= 1, got 1.5"),
+        ({"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
+        ({"epochs": True}, "--epochs must be an integer, got True"),
+        ({"rate": "1"}, "--rate must be a number, got '1'"),
+        ({"epochs": None}, "--epochs needs a value"),
+        ({"betas": (0.9, 1.0)}, "--betas must be in [0, 1), got 1.0"),
+        ({"betas": (0.9,)}, "--betas takes 2 values, got [0.9]"),
+        ({"sigmas": ()}, "--sigmas needs at least one value"),
+        ({"sigmas": (0.25, float("nan"))}, "--sigmas must be a finite number, got nan"),
+        ({"sigmas": (0.25, -1.0)}, "--sigmas must be >= 0, got -1.0"),
+        ({"mode": "c"}, "--mode must be one of a, b; got 'c'"),
+        ({"name": "z"}, "--name must be one of x, y; got 'z'"),
+        ({"even": 3}, "not an even number: 3"),
+        ({"limit": 0}, "--limit must be >= 1, got 0"),
+        ({"epochs": 13}, "unlucky --epochs"),  # the cross-field check runs after the field checks
+    ],
+)
 def test_validate_names_the_flag_and_the_value(over, message):
     with pytest.raises(ValueError) as e:
         Toy(**over).validate()
@@ -152,29 +165,43 @@ def test_validate_names_the_flag_and_the_value(over, message):
 def test_valid_values_pass():
     """Values on the closed side of each bound, ints for floats, and every choice are accepted."""
     Toy().validate()
-    Toy(epochs=1, ratio=0.0, prob=0.999, cap=1, rate=1e-9, betas=(0.0, 0.5), sigmas=(0, 1.5), mode="b", name="y",
-        even=4, limit=3).validate()
+    Toy(
+        epochs=1,
+        ratio=0.0,
+        prob=0.999,
+        cap=1,
+        rate=1e-9,
+        betas=(0.0, 0.5),
+        sigmas=(0, 1.5),
+        mode="b",
+        name="y",
+        even=4,
+        limit=3,
+    ).validate()
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (PretrainConfig(blr=float("nan")), "--blr must be a finite number, got nan"),
-    (PretrainConfig(lr=float("inf")), "--lr must be a finite number, got inf"),
-    (PretrainConfig(epochs=0), "--epochs must be >= 1, got 0"),
-    (PretrainConfig(betas=(0.9, 1.0)), "--betas must be in [0, 1), got 1.0"),
-    (PretrainConfig(loss="none"), "--loss must be one of all, masked; got 'none'"),
-    (PretrainConfig(warmup_epochs=float("nan")), "--warmup-epochs must be a finite number, got nan"),
-    (FinetuneConfig(model=PICO, layer_decay=0.0), "--layer-decay must be in (0, 1], got 0.0"),
-    (FinetuneConfig(model=PICO, drop_path=1.0), "--drop-path must be in [0, 1), got 1.0"),
-    (FinetuneConfig(model=PICO, sigma_range=(0.0, float("inf"))), "--sigma-range must be a finite number, got inf"),
-    (FinetuneConfig(model=PICO, eval_sigmas=(0.25, float("nan"))), "sigma must be a number >= 0"),
-    (FinetuneConfig(), "give --init (pretrained weights) or --model"),
-    (CertifyConfig(checkpoint="x", n=0), "--n must be >= 1, got 0"),
-    (CertifyConfig(checkpoint="x", sigma=(0.25, float("inf"))), "--sigma must be a finite number, got inf"),
-    (CertifyConfig(checkpoint="x", batch=1.5), "--batch must be an integer, got 1.5"),
-    (CertifyConfig(), "--checkpoint is required"),
-    (ReportConfig(files=("a.tsv",), radii=(0.5, float("inf"))), "--radii must be a finite number, got inf"),
-    (DemoConfig(epochs=0), "--epochs must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (PretrainConfig(blr=float("nan")), "--blr must be a finite number, got nan"),
+        (PretrainConfig(lr=float("inf")), "--lr must be a finite number, got inf"),
+        (PretrainConfig(epochs=0), "--epochs must be >= 1, got 0"),
+        (PretrainConfig(betas=(0.9, 1.0)), "--betas must be in [0, 1), got 1.0"),
+        (PretrainConfig(loss="none"), "--loss must be one of all, masked; got 'none'"),
+        (PretrainConfig(warmup_epochs=float("nan")), "--warmup-epochs must be a finite number, got nan"),
+        (FinetuneConfig(model=PICO, layer_decay=0.0), "--layer-decay must be in (0, 1], got 0.0"),
+        (FinetuneConfig(model=PICO, drop_path=1.0), "--drop-path must be in [0, 1), got 1.0"),
+        (FinetuneConfig(model=PICO, sigma_range=(0.0, float("inf"))), "--sigma-range must be a finite number, got inf"),
+        (FinetuneConfig(model=PICO, eval_sigmas=(0.25, float("nan"))), "sigma must be a number >= 0"),
+        (FinetuneConfig(), "give --init (pretrained weights) or --model"),
+        (CertifyConfig(checkpoint="x", n=0), "--n must be >= 1, got 0"),
+        (CertifyConfig(checkpoint="x", sigma=(0.25, float("inf"))), "--sigma must be a finite number, got inf"),
+        (CertifyConfig(checkpoint="x", batch=1.5), "--batch must be an integer, got 1.5"),
+        (CertifyConfig(), "--checkpoint is required"),
+        (ReportConfig(files=("a.tsv",), radii=(0.5, float("inf"))), "--radii must be a finite number, got inf"),
+        (DemoConfig(epochs=0), "--epochs must be >= 1, got 0"),
+    ],
+)
 def test_real_configs_validate(cfg, message):
     with pytest.raises(ValueError) as e:
         cfg.validate()
@@ -185,10 +212,35 @@ def test_real_configs_validate(cfg, message):
 def test_flags_from_the_declaration():
     p = _parser(Toy)
     assert vars(p.parse_args([])) == {}  # nothing given: presets are not overridden by defaults
-    ns = p.parse_args(["--epochs", "3", "--num-samples", "7", "--no-switch", "--betas", "0.1", "0.2",
-                       "--sigmas", "0.1", "0.2", "0.3", "--mode", "b", "--limit", "none"])
-    assert vars(ns) == {"epochs": 3, "n": 7, "switch": False, "betas": [0.1, 0.2], "sigmas": [0.1, 0.2, 0.3],
-                        "mode": "b", "limit": None}
+    ns = p.parse_args(
+        [
+            "--epochs",
+            "3",
+            "--num-samples",
+            "7",
+            "--no-switch",
+            "--betas",
+            "0.1",
+            "0.2",
+            "--sigmas",
+            "0.1",
+            "0.2",
+            "0.3",
+            "--mode",
+            "b",
+            "--limit",
+            "none",
+        ]
+    )
+    assert vars(ns) == {
+        "epochs": 3,
+        "n": 7,
+        "switch": False,
+        "betas": [0.1, 0.2],
+        "sigmas": [0.1, 0.2, 0.3],
+        "mode": "b",
+        "limit": None,
+    }
     assert p.parse_args(["--n", "4", "--switch", "--limit", "9"]).__dict__ == {"n": 4, "switch": True, "limit": 9}
     acts = _actions(Toy)
     assert isinstance(acts["switch"], argparse.BooleanOptionalAction)
@@ -288,6 +340,7 @@ def test_given_tells_set_options_from_defaults(tmp_path):
     assert built.given("warmup_epochs") and built.given("epochs") and not built.given("lr")
     assert Toy(20).given("epochs") and not Toy(20).given("ratio")  # positional arguments too
     import copy
+
     assert copy.deepcopy(cfg).given("epochs") and not copy.deepcopy(cfg).given("warmup_epochs")
     with pytest.raises(KeyError, match="no option 'epoch'"):
         cfg.given("epoch")

@@ -1,10 +1,17 @@
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 from timm.data import Mixup
 
-from dmae.corrupt import add_gaussian_noise, corrupt_batch, noisy_copies, patchify, random_masking, sample_sigma, unpatchify
+from dmae.corrupt import (
+    add_gaussian_noise,
+    corrupt_batch,
+    noisy_copies,
+    patchify,
+    random_masking,
+    sample_sigma,
+    unpatchify,
+)
 
 
 @pytest.mark.parametrize("L,ratio", [(49, 0.75), (196, 0.75), (64, 0.5), (16, 0.0), (10, 0.8)])

@@ -5,8 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dmae.data import (DataError, FashionMNIST, SeededDataset, ShardedEpochSampler, build_dataset, build_transform,
-                       dataset_info, find_fashion_mnist, read_idx)
+from dmae.data import (
+    DataError,
+    FashionMNIST,
+    SeededDataset,
+    ShardedEpochSampler,
+    build_dataset,
+    build_transform,
+    dataset_info,
+    find_fashion_mnist,
+    read_idx,
+)
 
 
 def test_fashion_mnist_is_found_and_in_unit_range():
@@ -16,7 +25,7 @@ def test_fashion_mnist_is_found_and_in_unit_range():
     assert len(train) == 60_000 and len(test) == 10_000
     x, y = train[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
     assert isinstance(y, int) and 0 <= y < 10
     assert sorted(torch.unique(test.targets).tolist()) == list(range(10))
 
@@ -69,7 +78,7 @@ def test_image_folder_crops_to_unit_range_tensors(tmp_path):
     info = dataset_info("folder")
     ds = build_dataset("folder", "val", tmp_path, build_transform(info, False, 32))
     x, y = ds[1]
-    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and y == 1
+    assert x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1 and y == 1
     tr = build_dataset("folder", "train", tmp_path, build_transform(info, True, 32))
     assert tr[0][0].shape == (3, 32, 32)
 
@@ -84,7 +93,7 @@ def test_sampler_shards_are_disjoint_and_resume_skips_exactly():
     s.set_epoch(2)
     full = list(s)
     s.set_epoch(2, start_batch=3)
-    assert list(s) == full[3 * b:] and len(s) == len(full) - 3 * b
+    assert list(s) == full[3 * b :] and len(s) == len(full) - 3 * b
     s.set_epoch(3)
     assert list(s) != full  # a new order every epoch
     with pytest.raises(ValueError, match="too few"):
@@ -171,7 +180,11 @@ def test_small_folder_images_are_not_cropped(tmp_path):
     assert torch.equal(tr[0], png) or torch.equal(tr[0], png.flip(-1))  # flipped or not, never cropped
     # photos (larger than SMALL_IMAGE_SIDE) still get the crop recipe
     big = _folder(tmp_path / "big", mode="RGB", side=80)
-    assert build_dataset("folder", "val", big, build_transform(dataset_info("folder", big), False, 32))[0][0].shape == (3, 32, 32)
+    assert build_dataset("folder", "val", big, build_transform(dataset_info("folder", big), False, 32))[0][0].shape == (
+        3,
+        32,
+        32,
+    )
 
 
 def test_certify_prepare_line_with_a_grey_model(tmp_path):

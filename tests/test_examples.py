@@ -16,8 +16,9 @@ def _examples_importable(monkeypatch):
 def test_certify_your_model(tmp_path):
     import certify_your_model
 
-    result = certify_your_model.main(["--out", str(tmp_path), "--train-images", "256", "--steps", "20", "--skip",
-                                      "2000", "--n-max", "200"])
+    result = certify_your_model.main(
+        ["--out", str(tmp_path), "--train-images", "256", "--steps", "20", "--skip", "2000", "--n-max", "200"]
+    )
     assert result.logs[0].idx.tolist() == [0, 2000, 4000, 6000, 8000]
     assert str(result.table()).splitlines()[0].split()[:3] == ["log", "sigma", "images"]  # print() shows the table
     assert (tmp_path / "certs" / "sequential_sigma0.25.tsv").is_file() and (tmp_path / "report.html").is_file()
@@ -36,7 +37,8 @@ def test_finetune_on_imagefolder(tmp_path, capsys):
 def test_compare_two_classifiers(tmp_path):
     import compare_two_classifiers
 
-    text = compare_two_classifiers.main(["--out", str(tmp_path), "--train-images", "256", "--steps", "5", "20",
-                                         "--skip", "2000", "--n-max", "200"])
+    text = compare_two_classifiers.main(
+        ["--out", str(tmp_path), "--train-images", "256", "--steps", "5", "20", "--skip", "2000", "--n-max", "200"]
+    )
     assert "5 images" in text and "ACR" in text, text
     assert sys.modules["certify_your_model"].SmallCNN  # the second example reuses the first's model

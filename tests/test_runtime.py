@@ -14,8 +14,18 @@ def test_derive_seed_is_a_pure_function_of_its_arguments():
     assert derive_seed(0, 1, 2, 3) == derive_seed(0, 1, 2, 3)
     base = derive_seed(7, 10, 20, 30)
     # changing any one argument changes the seed
-    assert len({base, derive_seed(8, 10, 20, 30), derive_seed(7, 11, 20, 30), derive_seed(7, 10, 21, 30),
-                derive_seed(7, 10, 20, 31)}) == 5
+    assert (
+        len(
+            {
+                base,
+                derive_seed(8, 10, 20, 30),
+                derive_seed(7, 11, 20, 30),
+                derive_seed(7, 10, 21, 30),
+                derive_seed(7, 10, 20, 31),
+            }
+        )
+        == 5
+    )
     # the keys are ordered and their count matters: no (a, b) / (b, a) or trailing-zero collisions
     assert derive_seed(7, 1, 2) != derive_seed(7, 2, 1)
     assert len({derive_seed(7), derive_seed(7, 0), derive_seed(7, 0, 0)}) == 3

@@ -6,9 +6,9 @@ first layer resizes and normalizes. So a noise level ``sigma`` means the same th
 
 __version__ = "0.1.0"
 
-from dmae.corrupt import Masking, add_gaussian_noise, patchify, random_masking, unpatchify  # noqa: E402
-from dmae.models import DenoisingMaskedAutoencoder, DMAEConfig, create_model, list_models  # noqa: E402
-from dmae.training.losses import reconstruction_loss  # noqa: E402
+from dmae.corrupt import Masking, add_gaussian_noise, patchify, random_masking, unpatchify
+from dmae.models import DenoisingMaskedAutoencoder, DMAEConfig, create_model, list_models
+from dmae.training.losses import reconstruction_loss
 
 __all__ = [
     "CertifyResult",

@@ -10,9 +10,10 @@ resumption, sharding under ``torchrun``. The result gives the certified-accuracy
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from torch import nn
 
@@ -49,12 +50,28 @@ class CertifyResult:
         return Path(path)
 
 
-def certify(model: nn.Module, dataset: Any, *, sigma: float | Sequence[float], n0: int = 100, n: int = 100_000,
-            alpha: float = 0.001, sequential: Literal["targets", "continuous"] | None = None,
-            n_max: int | None = None, radii: Sequence[float] | None = None, batch_size: int = 1000, seed: int = 0,
-            skip: int = 1, max_images: int | None = None, sound: bool = False, num_classes: int | None = None,
-            log_dir: str | Path | None = None, data_name: str = "custom", precision: str = "auto",
-            progress: bool = False) -> CertifyResult:
+def certify(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    sigma: float | Sequence[float],
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    sequential: Literal["targets", "continuous"] | None = None,
+    n_max: int | None = None,
+    radii: Sequence[float] | None = None,
+    batch_size: int = 1000,
+    seed: int = 0,
+    skip: int = 1,
+    max_images: int | None = None,
+    sound: bool = False,
+    num_classes: int | None = None,
+    log_dir: str | Path | None = None,
+    data_name: str = "custom",
+    precision: str = "auto",
+    progress: bool = False,
+) -> CertifyResult:
     """Certify ``model`` (any ``nn.Module`` mapping [0, 1] images ``[B, C, H, W]`` to logits ``[B, K]``; its first
     layer normalizes) on every ``skip``-th image of ``dataset`` (any map-style data set of ``(image [C, H, W] in
     [0, 1], label)``), at each ``sigma``.
@@ -82,12 +99,26 @@ def certify(model: nn.Module, dataset: Any, *, sigma: float | Sequence[float], n
     sigmas = (float(sigma),) if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
     kept = Path(log_dir) if log_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="dmae-certify-") as scratch:
-        cfg = CertifyConfig(checkpoint=f"<{type(model).__name__}>", data=data_name, sigma=sigmas, n0=n0, n=n,
-                            alpha=alpha, skip=skip, max=max_images, batch=batch_size, seed=seed,
-                            output_dir=str(kept or scratch), device=str(module_device(model)), precision=precision,
-                            progress=progress, sequential=sequential, n_max=n_max,
-                            radii=tuple(radii) if radii is not None and sequential == "targets" else None,
-                            sound=sound)  # type: ignore[arg-type]
+        cfg = CertifyConfig(
+            checkpoint=f"<{type(model).__name__}>",
+            data=data_name,
+            sigma=sigmas,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            skip=skip,
+            max=max_images,
+            batch=batch_size,
+            seed=seed,
+            output_dir=str(kept or scratch),
+            device=str(module_device(model)),
+            precision=precision,
+            progress=progress,
+            sequential=sequential,
+            n_max=n_max,
+            radii=tuple(radii) if radii is not None and sequential == "targets" else None,
+            sound=sound,
+        )  # type: ignore[arg-type]
         runs = certify_module(model, dataset, cfg, "certify", num_classes)
         logs = [read_log(r.path) for r in runs]
     return CertifyResult(logs, [r.path for r in runs] if kept else None)

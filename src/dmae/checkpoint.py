@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmae.models.classifier import ClassifierConfig, ViTClassifier
-from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.data import DatasetInfo
 from dmae.errors import DmaeError
+from dmae.models.classifier import ClassifierConfig, ViTClassifier
+from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, list_models, model_config, model_config_for_data
 
 FORMAT = "dmae-checkpoint-v1"
@@ -63,8 +63,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return p / name
         raise CheckpointError(f"run folder {p} holds none of {', '.join(RUN_FILES)}")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist (give a weights file or a run folder holding one of "
-                              f"{', '.join(RUN_FILES)})")
+        raise CheckpointError(
+            f"checkpoint {p} does not exist (give a weights file or a run folder holding one of {', '.join(RUN_FILES)})"
+        )
     return p
 
 
@@ -169,8 +170,18 @@ def safe_load(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     # text or garbage makes the weights-only unpickler fail in many ways (IndexError / KeyError among them)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
-            KeyError, TypeError, AttributeError) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
 
 
@@ -184,8 +195,10 @@ def _why_unreadable(path: Path, error: BaseException) -> str:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found or "Weights only load failed" in text:
             what = f" ({found.group(1)})" if found else ""
-            return (f"it holds Python objects{what} that a weights-only load does not allow; dmae reads only tensors "
-                    "and plain containers and never runs code from a file (re-save the state dict alone)")
+            return (
+                f"it holds Python objects{what} that a weights-only load does not allow; dmae reads only tensors "
+                "and plain containers and never runs code from a file (re-save the state dict alone)"
+            )
         return f"a truncated or corrupt PyTorch file ({type(error).__name__})"
     return "not a PyTorch checkpoint (neither a zip archive nor a pickle), nor a .safetensors file"
 
@@ -206,7 +219,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>") -> di
                 break
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: no state dict found (expected {{'model': state_dict}} or a state dict)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
 @dataclass
@@ -261,8 +274,13 @@ def fit_positions(saved: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor,
     return fitted.to(saved.dtype), f"learned {old}x{old} positions resampled to {new}x{new} (bicubic)"
 
 
-def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "<checkpoint>",
-                    allow_missing: tuple[str, ...] = (), allow_unexpected: tuple[str, ...] = ()) -> LoadReport:
+def load_state_dict(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike = "<checkpoint>",
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: tuple[str, ...] = (),
+) -> LoadReport:
     """Load ``sd`` into ``model``, checking shapes and reporting missing/unexpected keys.
 
     Args:
@@ -296,8 +314,10 @@ def load_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str 
         )
     bad = [k for k, v in to_load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values {bad[:8]} (a diverged run?); "
-                              "nothing computed from them could be trusted")
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensors hold NaN or infinite values {bad[:8]} (a diverged run?); "
+            "nothing computed from them could be trusted"
+        )
     model.load_state_dict(to_load, strict=False)
     return report
 
@@ -386,7 +406,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return extract_state_dict(obj, path), cfg
 
 
-def load_dmae(path: str | os.PathLike, model: str | None = None, **overrides: Any) -> tuple[DenoisingMaskedAutoencoder, LoadReport]:
+def load_dmae(
+    path: str | os.PathLike, model: str | None = None, **overrides: Any
+) -> tuple[DenoisingMaskedAutoencoder, LoadReport]:
     """Build a DMAE from a checkpoint: its own config if it has one, else ``model`` or the preset its shapes match.
 
     Encoder-only files (MAE's public ones) load with the decoder keys missing (randomly initialised; the report
@@ -420,8 +442,13 @@ def _head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
     return None
 
 
-def _classifier_encoder(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], cfg: dict[str, Any] | None,
-                        model: str | None, stats: tuple[tuple[float, ...], tuple[float, ...]] | None) -> DMAEConfig:
+def _classifier_encoder(
+    path: str | os.PathLike,
+    sd: Mapping[str, torch.Tensor],
+    cfg: dict[str, Any] | None,
+    model: str | None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> DMAEConfig:
     """The encoder architecture of a file: its own configuration, else ``model`` or the preset its shapes match
     (with ``stats`` as mean / std when the channel counts agree: official files store none)."""
     if cfg is not None and "classifier_config" in cfg:
@@ -439,9 +466,15 @@ def _classifier_encoder(path: str | os.PathLike, sd: Mapping[str, torch.Tensor],
     return mcfg
 
 
-def _fresh_classifier(model: str | None, num_classes: int, pool: str | None, drop_path: float, img_size: int | None,
-                      stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
-                      data: DatasetInfo | None) -> ViTClassifier:
+def _fresh_classifier(
+    model: str | None,
+    num_classes: int,
+    pool: str | None,
+    drop_path: float,
+    img_size: int | None,
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
+    data: DatasetInfo | None,
+) -> ViTClassifier:
     """:func:`load_classifier` without a checkpoint: preset ``model`` randomly initialised, fitted to ``data``.
 
     Raises:

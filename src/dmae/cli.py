@@ -8,8 +8,9 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import dmae
 from dmae import config as C
@@ -55,7 +56,9 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     """`dmae finetune` / `dmae linprobe`: exit status as for pretraining."""
     from dmae.training.finetune import FinetuneConfig, LinprobeConfig, finetune
 
-    return _train_exit(finetune(_resolve(ns.command, LinprobeConfig if ns.command == "linprobe" else FinetuneConfig, ns)))
+    return _train_exit(
+        finetune(_resolve(ns.command, LinprobeConfig if ns.command == "linprobe" else FinetuneConfig, ns))
+    )
 
 
 def cmd_certify(ns: argparse.Namespace) -> int:
@@ -88,8 +91,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
         print(f"\n{label}")
         report([found[i] for i in members], cfg.radii)
     if cfg.html:
-        write_html_report(cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title, paired=cfg.compare,
-                          radii=cfg.radii)
+        write_html_report(
+            cfg.html, list(cfg.files), list(cfg.run_dir or ()), cfg.title, paired=cfg.compare, radii=cfg.radii
+        )
     for label, path in (("markdown", cfg.markdown), ("csv", cfg.csv), ("plot", cfg.plot), ("html", cfg.html)):
         if path:
             print(f"wrote {label}: {path}")
@@ -110,8 +114,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
     cfg = _resolve("demo", DemoConfig, ns)
     cfg.validate()
-    run_demo(Path(cfg.output_dir), epochs=cfg.epochs, device=cfg.device, progress=cfg.progress,
-             from_scratch=cfg.from_scratch)
+    run_demo(
+        Path(cfg.output_dir), epochs=cfg.epochs, device=cfg.device, progress=cfg.progress, from_scratch=cfg.from_scratch
+    )
     return 0
 
 
@@ -169,37 +174,83 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
     pred = "PREDICT each image: the smoothed class or abstain, one TSV row per image"
     resumes = ". Re-running the same command resumes; torchrun shards the images."
     return [
-        ("pretrain", "pretrain a DMAE (or MAE: --sigma 0 --loss masked)", "Pretrain a denoising masked autoencoder." + layers,
-         PretrainConfig, cmd_pretrain, True),
-        ("finetune", "fine-tune an encoder into a robust base classifier (CR or RS)",
-         "Fine-tune a pretrained encoder (or a random one, --model) into the base classifier of a Gaussian-smoothed "
-         "model: consistency regularization (--method cr) or noisy cross-entropy (--method rs), at one sigma or a "
-         "per-sample range." + layers, FinetuneConfig, cmd_finetune, True),
-        ("linprobe", "linear probe under noise: frozen encoder, BatchNorm + Linear head, LARS",
-         "Linear probing of a frozen encoder under noise (the paper's Table 4 recipe)." + layers, LinprobeConfig,
-         cmd_finetune, True),
+        (
+            "pretrain",
+            "pretrain a DMAE (or MAE: --sigma 0 --loss masked)",
+            "Pretrain a denoising masked autoencoder." + layers,
+            PretrainConfig,
+            cmd_pretrain,
+            True,
+        ),
+        (
+            "finetune",
+            "fine-tune an encoder into a robust base classifier (CR or RS)",
+            "Fine-tune a pretrained encoder (or a random one, --model) into the base classifier of a Gaussian-smoothed "
+            "model: consistency regularization (--method cr) or noisy cross-entropy (--method rs), at one sigma or a "
+            "per-sample range." + layers,
+            FinetuneConfig,
+            cmd_finetune,
+            True,
+        ),
+        (
+            "linprobe",
+            "linear probe under noise: frozen encoder, BatchNorm + Linear head, LARS",
+            "Linear probing of a frozen encoder under noise (the paper's Table 4 recipe)." + layers,
+            LinprobeConfig,
+            cmd_finetune,
+            True,
+        ),
         ("certify", cert, cert + resumes, CertifyConfig, cmd_certify, True),
         ("predict", pred, pred + resumes, CertifyConfig, cmd_certify, True),
-        ("report", "certified-accuracy tables and curves from certification TSVs",
-         "Certified accuracy at the standard radii, ACR and abstention per log, plus the best sigma per radius.",
-         ReportConfig, cmd_report, False),
-        ("visualize", "write the original | noisy | masked | reconstruction figure",
-         "The reconstruction figure of a pretrained (or official) DMAE / MAE checkpoint.", VisualizeConfig,
-         cmd_visualize, False),
-        ("experiment", "run one of the paper's experiments end to end (pretrain -> fine-tune -> certify -> report)",
-         "Run (or resume) a shipped experiment or an experiment YAML: every stage in order, skipping finished ones, "
-         "then a report per comparison in OUT/report.md.", ExperimentConfig, cmd_experiment, False),
-        ("experiments", "list the shipped experiments with their GPU-hour estimates",
-         "The paper's experiments as shipped configs: stages, estimates, torchrun commands.", ExperimentsConfig,
-         cmd_experiments, False),
-        ("demo", "the end-to-end demo on Fashion-MNIST (CPU, a few minutes)",
-         "Pretrain, fine-tune, certify and report on Fashion-MNIST; re-running resumes.", DemoConfig, cmd_demo, False),
+        (
+            "report",
+            "certified-accuracy tables and curves from certification TSVs",
+            "Certified accuracy at the standard radii, ACR and abstention per log, plus the best sigma per radius.",
+            ReportConfig,
+            cmd_report,
+            False,
+        ),
+        (
+            "visualize",
+            "write the original | noisy | masked | reconstruction figure",
+            "The reconstruction figure of a pretrained (or official) DMAE / MAE checkpoint.",
+            VisualizeConfig,
+            cmd_visualize,
+            False,
+        ),
+        (
+            "experiment",
+            "run one of the paper's experiments end to end (pretrain -> fine-tune -> certify -> report)",
+            "Run (or resume) a shipped experiment or an experiment YAML: every stage in order, skipping finished ones, "
+            "then a report per comparison in OUT/report.md.",
+            ExperimentConfig,
+            cmd_experiment,
+            False,
+        ),
+        (
+            "experiments",
+            "list the shipped experiments with their GPU-hour estimates",
+            "The paper's experiments as shipped configs: stages, estimates, torchrun commands.",
+            ExperimentsConfig,
+            cmd_experiments,
+            False,
+        ),
+        (
+            "demo",
+            "the end-to-end demo on Fashion-MNIST (CPU, a few minutes)",
+            "Pretrain, fine-tune, certify and report on Fashion-MNIST; re-running resumes.",
+            DemoConfig,
+            cmd_demo,
+            False,
+        ),
     ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dmae`` parser: one subcommand per job, its flags built from the job's typed config."""
-    parser = argparse.ArgumentParser(prog="dmae", description="Certifiably robust classifiers with Denoising Masked Autoencoders.")
+    parser = argparse.ArgumentParser(
+        prog="dmae", description="Certifiably robust classifiers with Denoising Masked Autoencoders."
+    )
     parser.add_argument("--version", action="version", version=f"dmae {dmae.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_, description, cls, func, takes_config in _commands():
@@ -219,7 +270,9 @@ def _format_warning(command: str) -> Any:
 
     default = warnings.formatwarning
 
-    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    def fmt(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
         if issubclass(category, DmaeWarning):
             return f"dmae {command}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
@@ -249,10 +302,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 0
     except KeyboardInterrupt:
-        print(f"\ndmae {ns.command}: interrupted; what was done is saved: run the same command again to resume",
-              file=sys.stderr)
+        print(
+            f"\ndmae {ns.command}: interrupted; what was done is saved: run the same command again to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, DataError, FloatingPointError, LogError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        CheckpointError,
+        DataError,
+        FloatingPointError,
+        LogError,
+    ) as e:
         print(f"dmae {ns.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageInterrupted as e:

@@ -28,9 +28,19 @@ C = TypeVar("C")
 _INHERIT = "inherit"
 
 
-def option(default: Any, help: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, choices: Sequence[Any] | None = None, check: Callable[[Any], Any] | None = None,
-           aliases: tuple[str, ...] = (), positional: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: Sequence[Any] | None = None,
+    check: Callable[[Any], Any] | None = None,
+    aliases: tuple[str, ...] = (),
+    positional: bool = False,
+) -> Any:
     """A dataclass field with its help line (shown by ``--help``) and what values it accepts.
 
     Args:
@@ -42,9 +52,17 @@ def option(default: Any, help: str, *, low: float | None = None, high: float | N
         aliases: further flags for the option (``--num-samples`` for ``--n``).
         positional: a positional command-line argument instead of a flag.
     """
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "choices": tuple(choices) if choices is not None else None, "check": check, "aliases": aliases,
-            "positional": positional}
+    meta = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": tuple(choices) if choices is not None else None,
+        "check": check,
+        "aliases": aliases,
+        "positional": positional,
+    }
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -261,7 +279,9 @@ def preset_path(command: str, name_or_path: str) -> Path:
         return p
     shipped = resources.files("dmae") / "configs" / command / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        raise ValueError(f"unknown {command} preset {name_or_path!r}; shipped presets: {', '.join(list_presets(command))}")
+        raise ValueError(
+            f"unknown {command} preset {name_or_path!r}; shipped presets: {', '.join(list_presets(command))}"
+        )
     return Path(str(shipped))
 
 

@@ -48,7 +48,9 @@ def check_mask_ratio(mask_ratio: float) -> float:
     return float(mask_ratio)
 
 
-def add_gaussian_noise(x: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def add_gaussian_noise(
+    x: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Return ``x + eta`` with ``eta ~ N(0, sigma^2 I)``, drawn on ``x``'s device, not clipped.
 
     The Gaussian corruption of randomized smoothing (Cohen et al., ICML 2019) and of DMAE's pretraining
@@ -93,7 +95,11 @@ class Masking(NamedTuple):
 
 
 def random_masking(
-    n: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    n: int,
+    num_patches: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Masking:
     """Per-sample random masking: keep the first ``int(L * (1 - ratio))`` of a random permutation.
 
@@ -182,8 +188,12 @@ def check_sigma_range(low: float, high: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def sample_sigma(n: int, sigma: float | tuple[float, float], generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> float | torch.Tensor:
+def sample_sigma(
+    n: int,
+    sigma: float | tuple[float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> float | torch.Tensor:
     """A fixed noise level, or one level per sample drawn from ``U[low, high]`` (one model for many sigmas).
 
     Returns:
@@ -197,7 +207,9 @@ def sample_sigma(n: int, sigma: float | tuple[float, float], generator: torch.Ge
     return check_sigma(sigma)
 
 
-def noisy_copies(x: torch.Tensor, noise: float | tuple[float, float], m: int, generator: torch.Generator) -> torch.Tensor:
+def noisy_copies(
+    x: torch.Tensor, noise: float | tuple[float, float], m: int, generator: torch.Generator
+) -> torch.Tensor:
     """``m`` independently noised copies of an (already mixed) batch ``[B, C, H, W]``, copy-major: ``[m * B, C, H, W]``.
 
     With a noise range ``(low, high)``, each image draws one sigma from U[low, high], shared by its copies
@@ -223,8 +235,15 @@ class NoisyBatch(NamedTuple):
     noisy: torch.Tensor
 
 
-def corrupt_batch(x: torch.Tensor, y: torch.Tensor, noise: float | tuple[float, float], m: int,
-                  generator: torch.Generator, mixup_fn: Any = None, seed: int = 0) -> NoisyBatch:
+def corrupt_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    noise: float | tuple[float, float],
+    m: int,
+    generator: torch.Generator,
+    mixup_fn: Any = None,
+    seed: int = 0,
+) -> NoisyBatch:
     """Mix (timm's mixup/cutmix, if any; it mixes ``x`` in place) and *then* add ``m`` noise draws per image.
 
     The official fine-tuning code noises first and mixes after, which shrinks the noise std to

@@ -20,10 +20,10 @@ import dataclasses
 import gzip
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +65,9 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), ("train", "test")),
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), ("train", "test")),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val"),
-                            (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)),
+    "imagenet": DatasetInfo(
+        "imagenet", 1000, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val"), (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+    ),
     "folder": DatasetInfo("folder", None, 3, None, IMAGENET_MEAN, IMAGENET_STD, ("train", "val")),
 }
 
@@ -102,8 +103,9 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> DatasetInf
     return info
 
 
-def folder_channels(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"),
-                    probe: int = FOLDER_PROBE_IMAGES) -> int:
+def folder_channels(
+    root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val"), probe: int = FOLDER_PROBE_IMAGES
+) -> int:
     """The channel count of an ImageFolder's images: 1 when every probed image is grey, else 3.
 
     Reads only the headers of up to ``probe`` images of the first split of ``splits`` that exists under ``root``:
@@ -124,8 +126,11 @@ def folder_channels(root: str | os.PathLike, splits: tuple[str, ...] = ("train",
             return 3
         per_class = max(1, -(-probe // len(classes)))  # ceil: a few-class folder is probed deeper
         picked = classes[:: max(1, len(classes) // probe)][:probe]
-        files = [f for c in picked
-                 for f in sorted(p for p in c.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())[:per_class]]
+        files = [
+            f
+            for c in picked
+            for f in sorted(p for p in c.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())[:per_class]
+        ]
         if not files:
             return 3
         for path in files:
@@ -163,7 +168,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file (bad magic {data[:4].hex()})")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
@@ -216,7 +221,9 @@ class FashionMNIST(Dataset):
 
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
-    def __init__(self, root: str | os.PathLike | None, split: str, transform: Callable | None = None, download: bool = False) -> None:
+    def __init__(
+        self, root: str | os.PathLike | None, split: str, transform: Callable | None = None, download: bool = False
+    ) -> None:
         if split not in FASHION_MNIST_FILES:
             raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
         try:
@@ -281,19 +288,30 @@ class FolderTransform:
         self.native = T.Compose([T.ToTensor()] + ([T.RandomHorizontalFlip()] if train else []))
         if train:
             scale = (0.2, 1.0) if recipe == "pretrain" else (0.08, 1.0)
-            self.crop = T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic),
-                                   T.RandomHorizontalFlip(), T.ToTensor()])
+            self.crop = T.Compose(
+                [
+                    T.RandomResizedCrop(img_size, scale=scale, interpolation=bicubic),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                ]
+            )
         else:
-            self.crop = T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic),
-                                   T.CenterCrop(img_size), T.ToTensor()])
+            self.crop = T.Compose(
+                [
+                    T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic),
+                    T.CenterCrop(img_size),
+                    T.ToTensor(),
+                ]
+            )
 
     def __call__(self, img: Any) -> torch.Tensor:
         w, h = img.size
         return (self.native if w == h <= SMALL_IMAGE_SIDE else self.crop)(img)
 
     def __repr__(self) -> str:
-        return (f"FolderTransform(small square images (<= {SMALL_IMAGE_SIDE} px): {self.native!r}; "
-                f"others: {self.crop!r})")
+        return (
+            f"FolderTransform(small square images (<= {SMALL_IMAGE_SIDE} px): {self.native!r}; others: {self.crop!r})"
+        )
 
 
 class _FolderLoader:
@@ -312,8 +330,10 @@ class _FolderLoader:
         with open(path, "rb") as f:
             img = Image.open(f)
             if self.strict and img.mode not in GREY_MODES:
-                raise DataError(f"{path} is a {img.mode} image, but its folder was read as grey (its first images "
-                                "are); make the folder all grey or all colour")
+                raise DataError(
+                    f"{path} is a {img.mode} image, but its folder was read as grey (its first images "
+                    "are); make the folder all grey or all colour"
+                )
             return img.convert(self.mode)
 
 
@@ -355,7 +375,9 @@ def build_dataset(
 
         base = Path(root) if root else default_data_root()
         if not download and not (base / "cifar-10-batches-py").is_dir():
-            raise DataError(f"cifar10: no {base / 'cifar-10-batches-py'} (torchvision layout); pass --data-root or --download")
+            raise DataError(
+                f"cifar10: no {base / 'cifar-10-batches-py'} (torchvision layout); pass --data-root or --download"
+            )
         try:
             return CIFAR10(str(base), train=(split == "train"), transform=transform, download=download)
         except RuntimeError as e:
@@ -363,8 +385,14 @@ def build_dataset(
     return _image_folder(name, info, split, root, transform, channels)
 
 
-def _image_folder(name: str, info: DatasetInfo, split: str, root: str | os.PathLike | None,
-                  transform: Callable | None, channels: int | None) -> Dataset:
+def _image_folder(
+    name: str,
+    info: DatasetInfo,
+    split: str,
+    root: str | os.PathLike | None,
+    transform: Callable | None,
+    channels: int | None,
+) -> Dataset:
     """``imagenet`` / ``folder``: the ImageFolder ``root/split``, read as 1 or 3 channels (see :func:`build_dataset`).
 
     Raises:
@@ -376,7 +404,9 @@ def _image_folder(name: str, info: DatasetInfo, split: str, root: str | os.PathL
         raise DataError(f"{name}: pass --data-root, a directory with {'/'.join(info.splits)}/<class>/<image> inside")
     d = Path(root) / split
     if not d.is_dir():
-        raise DataError(f"{name}: no directory {d} (expected ImageFolder layout {root}/{{{','.join(info.splits)}}}/<class>/<image>)")
+        raise DataError(
+            f"{name}: no directory {d} (expected ImageFolder layout {root}/{{{','.join(info.splits)}}}/<class>/<image>)"
+        )
     # the folder's own channel count decides for 3-channel and unknown models (same probe for every split)
     grey_images = name == "folder" and folder_channels(root) == 1
     loader = _FolderLoader("L" if channels == 1 or grey_images else "RGB", strict=grey_images and channels != 1)
@@ -385,7 +415,9 @@ def _image_folder(name: str, info: DatasetInfo, split: str, root: str | os.PathL
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {d} is not an ImageFolder ({e})") from e
     if name == "imagenet" and len(ds.classes) != 1000:
-        raise DataError(f"imagenet: {d} has {len(ds.classes)} class folders, expected 1000 (use 'folder' for other sets)")
+        raise DataError(
+            f"imagenet: {d} has {len(ds.classes)} class folders, expected 1000 (use 'folder' for other sets)"
+        )
     return ds
 
 
@@ -465,8 +497,16 @@ class ShardedEpochSampler(Sampler):
         ValueError: (from the constructor) ``n`` images give no full batch per rank after that rounding.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, multiple_of: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        multiple_of: int = 1,
+    ) -> None:
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         per_rank_batches = n // (batch_size * world_size)
@@ -489,8 +529,8 @@ class ShardedEpochSampler(Sampler):
         else:
             order = torch.arange(self.n)
         total = self.batches_per_epoch * self.batch_size * self.world_size
-        mine = order[:total][self.rank:: self.world_size]
-        for idx in mine[self.start_batch * self.batch_size:].tolist():
+        mine = order[:total][self.rank :: self.world_size]
+        for idx in mine[self.start_batch * self.batch_size :].tolist():
             yield self.epoch, idx
 
     def __len__(self) -> int:

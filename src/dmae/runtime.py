@@ -68,7 +68,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     Raises:
         ValueError: ``precision`` is not ``'auto'``, ``'bf16'`` or ``'fp32'`` (from :func:`use_bf16`).
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, precision) else contextlib.nullcontext()
+    return (
+        torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, precision) else contextlib.nullcontext()
+    )
 
 
 def _mix64(x: int) -> int:

@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import AlwaysNaN, Constant
 from dmae.certification.estimate import estimate_cost, pilot_positions
 from dmae.certification.runner import CertifyConfig, estimate_certification, run_certification
 from dmae.cli import main
 from dmae.reporting.report import read_log
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings, oracle_certificates
-
-from conftest import AlwaysNaN, Constant
 
 SETTINGS = dict(n0=20, n_max=3000, alpha=0.001, radii=(0.0, 0.25, 0.5, 0.75, 1.0))
 
@@ -22,9 +21,15 @@ def test_oracle_at_p_one_costs_what_a_constant_classifier_costs():
     same sample with the same certificate (targets and continuous)."""
     for mode in ("targets", "continuous"):
         s = SequentialSettings(mode=mode, **SETTINGS)
-        [real] = SequentialCertifier(Smooth(Constant(10, 3), 10, 0.5, seed=0), s).certify_batch(torch.rand(1, 1, 4, 4), [0], 500)
+        [real] = SequentialCertifier(Smooth(Constant(10, 3), 10, 0.5, seed=0), s).certify_batch(
+            torch.rand(1, 1, 4, 4), [0], 500
+        )
         [oracle] = oracle_certificates(s, 0.5, [1.0])
-        assert (oracle.n_samples, oracle.radius, oracle.radius_continuous) == (real.n_samples, real.radius, real.radius_continuous)
+        assert (oracle.n_samples, oracle.radius, oracle.radius_continuous) == (
+            real.n_samples,
+            real.radius,
+            real.radius_continuous,
+        )
 
 
 def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut():
@@ -39,8 +44,12 @@ def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut()
     many = oracle_certificates(s, 0.25, probs)
     assert all(c.prediction == Smooth.ABSTAIN for c in many[:10])  # p_A < 1/2: nothing certifies
     assert sum(c.prediction == 1 for c in many[10:]) >= 8
-    short = oracle_certificates(SequentialSettings(**SETTINGS, stop_on_wrong_guess=True), 0.25,
-                                np.array([[0.9, 0.1], [0.9, 0.1]]), labels=[0, 1])
+    short = oracle_certificates(
+        SequentialSettings(**SETTINGS, stop_on_wrong_guess=True),
+        0.25,
+        np.array([[0.9, 0.1], [0.9, 0.1]]),
+        labels=[0, 1],
+    )
     assert short[0].n_samples > 20 and not short[0].wrong_guess and short[1].wrong_guess and short[1].n_samples == 20
     with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(rows summing to 1\), got \[1.5\]"):
         oracle_certificates(s, 0.25, [1.5])
@@ -59,12 +68,18 @@ def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly
     s = SequentialSettings(**SETTINGS)
     x = torch.rand(4, 1, 4, 4)
     est = estimate_cost(smooth, "sequential", x, [0, 1, 2, 3], [3, 3, 3, 3], 50, 0, 20, 3000, 500, s)
-    actual = sum(c.n_samples for c in SequentialCertifier(smooth, s).certify_batch(torch.rand(50, 1, 4, 4), list(range(50)), 1000))
+    actual = sum(
+        c.n_samples
+        for c in SequentialCertifier(smooth, s).certify_batch(torch.rand(50, 1, 4, 4), list(range(50)), 1000)
+    )
     assert est.passes_min <= actual <= est.passes_max and est.passes_max == 50 * 3020
     assert est.passes_expected == actual  # p_A = 1 everywhere: the pilot's oracles are exact
     assert est.probe_passes == 4 * 1000 and est.probe_seconds > 0 and "expected about" in est.text()
     fixed = estimate_cost(smooth, "certify", x, [0, 1, 2, 3], [3] * 4, 50, 7, 20, 3000, 500)
-    assert fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020 and "already in the log" in fixed.text()
+    assert (
+        fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020
+        and "already in the log" in fixed.text()
+    )
 
 
 def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
@@ -79,13 +94,39 @@ def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
 
 def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classifier_run, tmp_path, capsys):
     out = tmp_path / "est"
-    argv = ["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "500", "--skip", "1000", "--batch", "256",
-            "--output-dir", str(out), "--device", "cpu", "--no-progress", "--estimate"]
+    argv = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--n0",
+        "20",
+        "--n",
+        "500",
+        "--skip",
+        "1000",
+        "--batch",
+        "256",
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--estimate",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "10 image(s) to certify" in text and "5,200 forward passes" in text and not out.exists()
-    cfg = dict(checkpoint=str(classifier_run), n0=20, n=500, skip=1000, max=4, batch=256, output_dir=str(out),
-               device="cpu", progress=False)
+    cfg = dict(
+        checkpoint=str(classifier_run),
+        n0=20,
+        n=500,
+        skip=1000,
+        max=4,
+        batch=256,
+        output_dir=str(out),
+        device="cpu",
+        progress=False,
+    )
     run_certification(CertifyConfig(**cfg))  # 4 of the 10 images certified
     [est] = estimate_certification(CertifyConfig(**{**cfg, "max": None, "estimate": True}))
     assert (est.images, est.done, est.passes_max) == (6, 4, 6 * 520)

@@ -2,8 +2,15 @@
 
 import pytest
 
-from dmae.certification.log import (CERTIFY_HEADER, PREDICT_HEADER, LogError, format_row, read_log_rows, read_rows,
-                                    write_rows)
+from dmae.certification.log import (
+    CERTIFY_HEADER,
+    PREDICT_HEADER,
+    LogError,
+    format_row,
+    read_log_rows,
+    read_rows,
+    write_rows,
+)
 
 HEAD = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 
@@ -24,8 +31,14 @@ def test_format_row():
     assert format_row(PREDICT_HEADER, 7, 2, 2, 0.9, 0.25) == "7\t2\t2\t1\t0.2500\n"
     # a row reads back under its header
     fields = format_row(CERTIFY_HEADER, 4, 1, 1, 0.5, 2.0).split()
-    assert dict(zip(CERTIFY_HEADER, fields)) == {"idx": "4", "label": "1", "predict": "1", "radius": "0.500000",
-                                                 "correct": "1", "time": "2.0000"}
+    assert dict(zip(CERTIFY_HEADER, fields)) == {
+        "idx": "4",
+        "label": "1",
+        "predict": "1",
+        "radius": "0.500000",
+        "correct": "1",
+        "time": "2.0000",
+    }
 
 
 def test_torn_last_line(tmp_path):
@@ -92,8 +105,9 @@ def test_a_dropped_or_kept_last_line_is_reported(tmp_path):
     torn = _log(tmp_path, HEAD + rows + "2\t3\t3\t0.1", "torn.tsv")
     log = read_log_rows(torn)
     assert len(log.rows) == 2 and log.lines == (2, 3)
-    assert log.notices == (f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): "
-                           "not counted",)
+    assert log.notices == (
+        f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): not counted",
+    )
     whole = _log(tmp_path, HEAD + rows + "2\t3\t3\t0.100000\t1\t1.0000", "whole.tsv")
     assert read_log_rows(whole).notices == (f"{whole}:4: the last line has no newline; counted (it has all 6 fields)",)
     assert read_log_rows(_log(tmp_path, HEAD + rows, "ok.tsv")).notices == ()
@@ -107,15 +121,24 @@ def test_unique_images_counts_a_repeated_row_once_and_refuses_two_results(tmp_pa
     refused, naming the file, the idx, both lines and the column."""
     from dmae.certification.log import unique_images
 
-    f = _log(tmp_path, HEAD + "0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n0\t1\t1\t0.500000\t1\t9.9\n"
-             "2\t3\t-1\t0.0\t0\t0.1\n1\t2\t2\t0.3\t1\t0.2\n0\t1\t1\t0.5\t1\t0.3\n", "dup.tsv")
+    f = _log(
+        tmp_path,
+        HEAD + "0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n0\t1\t1\t0.500000\t1\t9.9\n"
+        "2\t3\t-1\t0.0\t0\t0.1\n1\t2\t2\t0.3\t1\t0.2\n0\t1\t1\t0.5\t1\t0.3\n",
+        "dup.tsv",
+    )
     log, counts = unique_images(f, read_log_rows(f))
     assert [r[0] for r in log.rows] == ["0", "1", "2"] and counts == [3, 2, 1] and log.lines == (2, 3, 5)
-    assert log.notices == (f"{f}: 3 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping "
-                           "shards concatenated): each image counted once",)
+    assert log.notices == (
+        f"{f}: 3 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping "
+        "shards concatenated): each image counted once",
+    )
     g = _log(tmp_path, HEAD + "0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n0\t1\t1\t0.45\t1\t0.1\n", "two.tsv")
-    with pytest.raises(LogError, match=rf"{g}: idx 0 appears on lines 2 and 4 with different results "
-                                       r"\(radius 0.5 vs 0.45\)"):
+    with pytest.raises(
+        LogError,
+        match=rf"{g}: idx 0 appears on lines 2 and 4 with different results "
+        r"\(radius 0.5 vs 0.45\)",
+    ):
         unique_images(g, read_log_rows(g))
     no_idx = _log(tmp_path, "label predict radius correct\n1 1 0.5 1\n1 1 0.5 1\n", "noidx.tsv")
     log, counts = unique_images(no_idx, read_log_rows(no_idx))  # nothing names the images: rows kept as they are

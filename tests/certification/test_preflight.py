@@ -39,8 +39,9 @@ def test_probe_measures_clean_and_noisy_accuracy_and_is_reproducible():
     assert probe.clean_accuracy == 1.0 and probe.noisy_accuracy >= 0.9 and probe.images == 50
     assert probe.concerns() == []
     # wrong input layer: the model normalizes by the data set's statistics it was not trained with
-    wrong = accuracy_probe(Smooth(Templates(t, mean=0.5, std=0.05).eval(), 10, 0.25, seed=0), images,
-                           list(range(50)), labels)
+    wrong = accuracy_probe(
+        Smooth(Templates(t, mean=0.5, std=0.05).eval(), 10, 0.25, seed=0), images, list(range(50)), labels
+    )
     assert wrong.clean_accuracy == 0.2  # everything darker than 0.5 is class 0, the rest class 9
     [concern] = wrong.concerns()
     assert "clean accuracy on 50 images" in concern and "--input-mean / --input-std" in concern
@@ -55,8 +56,9 @@ def test_probe_measures_clean_and_noisy_accuracy_and_is_reproducible():
 
 def test_probe_concerns_thresholds():
     ok = Probe(100, 10, 0.25, 0.9, 0.85)
-    assert ok.concerns() == [] and ok.text() == ("probe (100 images, sigma 0.25): clean accuracy 90.0%, under "
-                                                 "noise 85.0% (chance 10.0%)")
+    assert ok.concerns() == [] and ok.text() == (
+        "probe (100 images, sigma 0.25): clean accuracy 90.0%, under noise 85.0% (chance 10.0%)"
+    )
     assert len(Probe(100, 10, 0.25, 0.20, 0.20).concerns()) == 1  # twice chance: near chance
     assert Probe(100, 10, 0.25, 0.21, 0.21).concerns() == []
     assert len(Probe(100, 2, 0.25, 0.64, 0.64).concerns()) == 1  # two classes: within 15 points of chance
@@ -70,15 +72,27 @@ def test_probe_refuses_mismatched_inputs():
     smooth = Smooth(Templates(_templates()).eval(), 10, 0.25, seed=0)
     with pytest.raises(ValueError, match="2 images, 2 indices and 1 labels"):
         accuracy_probe(smooth, torch.rand(2, 1, 8, 8), [0, 1], [0])
-    with pytest.raises(ValueError, match=r"label\(s\) outside the classifier's 10 classes \(image, label\): \[\(1, 10\)\]"):
+    with pytest.raises(
+        ValueError, match=r"label\(s\) outside the classifier's 10 classes \(image, label\): \[\(1, 10\)\]"
+    ):
         accuracy_probe(smooth, torch.rand(2, 1, 8, 8), [0, 1], [0, 10])
     with pytest.raises(ValueError, match="got dtype torch.uint8"):
         accuracy_probe(smooth, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [0, 1], [0, 1])
 
 
 def _cfg(run, out, **over):
-    kw = dict(checkpoint=str(run), n0=20, n=100, alpha=0.001, skip=500, batch=128, seed=0, output_dir=str(out),
-              device="cpu", progress=False)
+    kw = dict(
+        checkpoint=str(run),
+        n0=20,
+        n=100,
+        alpha=0.001,
+        skip=500,
+        batch=128,
+        seed=0,
+        output_dir=str(out),
+        device="cpu",
+        progress=False,
+    )
     kw.update(over)
     return CertifyConfig(**kw)
 
@@ -94,25 +108,42 @@ def test_certification_json_records_the_probe_and_the_training_sigma(classifier_
 
 
 def test_cli_warns_on_another_sigma_and_refuses_a_confidence_level(classifier_run, tmp_path, capsys):
-    args = ["certify", "--checkpoint", str(classifier_run), "--n0", "10", "--n", "50", "--skip", "2000",
-            "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    args = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--n0",
+        "10",
+        "--n",
+        "50",
+        "--skip",
+        "2000",
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     with pytest.warns(UserWarning, match=r"sigma 1 is not the sigma the classifier was trained at \(0.25\)"):
         assert main(args + ["--sigma", "1.0"]) == 0
     assert json.loads((tmp_path / "certify_sigma1.json").read_text())["trained_sigma"] == 0.25
     assert main(args + ["--alpha", "0.999"]) == 2
     err = capsys.readouterr().err
-    assert ("dmae certify: error: alpha must be in (0, 0.5), got 0.999; alpha is the failure probability, not a "
-            "confidence level: for 0.999 confidence give alpha 0.001") in err
+    assert (
+        "dmae certify: error: alpha must be in (0, 0.5), got 0.999; alpha is the failure probability, not a "
+        "confidence level: for 0.999 confidence give alpha 0.001"
+    ) in err
     assert not (tmp_path / "certify_sigma0.25.tsv").exists()  # refused before anything was written
 
 
 def test_cli_shows_our_warnings_like_its_errors():
     from dmae.cli import _format_warning
-
     from dmae.runtime import DmaeWarning
 
     fmt = _format_warning("certify")
-    assert fmt(DmaeWarning("sigma 1 is not ..."), DmaeWarning, "x.py", 3) == "dmae certify: warning: sigma 1 is not ...\n"
+    assert (
+        fmt(DmaeWarning("sigma 1 is not ..."), DmaeWarning, "x.py", 3) == "dmae certify: warning: sigma 1 is not ...\n"
+    )
     assert "x.py:3: UserWarning: torch says" in fmt(UserWarning("torch says"), UserWarning, "x.py", 3)
     assert "DeprecationWarning" in fmt(DeprecationWarning("old"), DeprecationWarning, "x.py", 3)
 

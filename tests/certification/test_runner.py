@@ -3,19 +3,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmae.certification.runner import CertifyConfig, run_certification
+from conftest import kill_after_rows, run_torchrun
 from dmae.certification.log import CERTIFY_HEADER, read_rows
+from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
 from dmae.cli import main
-
-from conftest import kill_after_rows, run_torchrun
 
 HERE = Path(__file__).parent
 
 
 def _cfg(run, out, **over):
-    kw = dict(checkpoint=str(run), n0=20, n=300, alpha=0.001, skip=500, batch=128, seed=0, output_dir=str(out),
-              device="cpu", progress=False)
+    kw = dict(
+        checkpoint=str(run),
+        n0=20,
+        n=300,
+        alpha=0.001,
+        skip=500,
+        batch=128,
+        seed=0,
+        output_dir=str(out),
+        device="cpu",
+        progress=False,
+    )
     kw.update(over)
     return CertifyConfig(**kw)
 
@@ -63,8 +72,28 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
     full = run_certification(_cfg(classifier_run, tmp_path / "full", n=1000, skip=625))[0].path
     out = tmp_path / "killed"
     target = out / "certify_sigma0.25.tsv"
-    kill_after_rows(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--n", "1000", "--skip", "625",
-                     "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"], target, 4)
+    kill_after_rows(
+        [
+            "certify",
+            "--checkpoint",
+            str(classifier_run),
+            "--n0",
+            "20",
+            "--n",
+            "1000",
+            "--skip",
+            "625",
+            "--batch",
+            "128",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        target,
+        4,
+    )
     partial = read_rows(target, CERTIFY_HEADER)
     assert 3 <= len(partial) < 16, "the run was not interrupted part-way"
     with open(target, "a") as f:
@@ -85,25 +114,56 @@ def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
-    run_torchrun(["certify", "--checkpoint", str(classifier_run), "--n0", "20", "--num-samples", "300", "--skip", "500",
-                  "--batch", "128", "--output-dir", str(out), "--device", "cpu", "--no-progress"])
+    run_torchrun(
+        [
+            "certify",
+            "--checkpoint",
+            str(classifier_run),
+            "--n0",
+            "20",
+            "--num-samples",
+            "300",
+            "--skip",
+            "500",
+            "--batch",
+            "128",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     merged = out / "certify_sigma0.25.tsv"
     assert _rows_without_time(merged) == _rows_without_time(single)
     assert not list(out.glob("*.rank*"))
 
 
 def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
-    base = ["certify", "--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
-    for args, msg in ((["--sigma", "0"], "sigma must be > 0, got 0.0"), (["--alpha", "1.5"], "alpha must be in (0, 0.5), got 1.5"),
-                      (["--n0", "0"], "--n0 must be >= 1, got 0"), (["--n", "0"], "--n must be >= 1, got 0"),
-                      (["--batch", "0"], "--batch must be >= 1, got 0")):
+    base = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    for args, msg in (
+        (["--sigma", "0"], "sigma must be > 0, got 0.0"),
+        (["--alpha", "1.5"], "alpha must be in (0, 0.5), got 1.5"),
+        (["--n0", "0"], "--n0 must be >= 1, got 0"),
+        (["--n", "0"], "--n must be >= 1, got 0"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+    ):
         assert main(base + args) == 2
         assert msg in capsys.readouterr().err
     assert main(["certify", "--checkpoint", str(tmp_path / "none.safetensors"), "--sigma", "0.25"]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a 10-class classifier cannot certify a 3-class data set
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     for c in ("a", "b", "c"):
         d = tmp_path / "folder" / "val" / c
@@ -121,8 +181,24 @@ def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, 
         model.head.weight[3, 0] = float("nan")
     bad.mkdir()
     save_export(model, bad / "model_best.safetensors")
-    argv = ["certify", "--checkpoint", str(bad), "--sigma", "0.25", "--n0", "10", "--n", "100", "--max", "2",
-            "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    argv = [
+        "certify",
+        "--checkpoint",
+        str(bad),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "10",
+        "--n",
+        "100",
+        "--max",
+        "2",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "NaN or infinite" in err and "head.weight" in err

@@ -71,13 +71,16 @@ def test_parse_model_name_rejects(spec):
     assert repr(spec) in str(e.value)
 
 
-@pytest.mark.parametrize("suffix,wrap,prefix", [
-    (".safetensors", "plain", ""),
-    (".safetensors", "plain", "module."),
-    (".pt", "plain", ""),
-    (".pt", "model", "module."),
-    (".pth", "state_dict", ""),
-])
+@pytest.mark.parametrize(
+    "suffix,wrap,prefix",
+    [
+        (".safetensors", "plain", ""),
+        (".safetensors", "plain", "module."),
+        (".pt", "plain", ""),
+        (".pt", "model", "module."),
+        (".pth", "state_dict", ""),
+    ],
+)
 def test_timm_weights_load_and_match_reference(tmp_path, suffix, wrap, prefix):
     net = timm_net()
     path = tmp_path / f"w{suffix}"
@@ -113,8 +116,9 @@ def test_torchvision_grey_input_expanded_and_resized(tmp_path):
     path = tmp_path / "sq.pt"
     torch.save(net.state_dict(), path)
     torch.manual_seed(3)
-    model, digest = build_external_classifier("torchvision:squeezenet1_1", path, 10, img_size=32, in_chans=1,
-                                              mean=[0.3], std=[0.35])
+    model, digest = build_external_classifier(
+        "torchvision:squeezenet1_1", path, 10, img_size=32, in_chans=1, mean=[0.3], std=[0.35]
+    )
     assert model.in_chans == 3 and model.preprocess.in_chans == 3 and model.source == "torchvision"
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     x = torch.rand(4, 1, 28, 28)
@@ -129,8 +133,9 @@ def test_unknown_architecture_lists_close_names(tmp_path):
         build_external_classifier("timm:resnet18x", tmp_path / "w.pt", 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
     assert "'resnet18x'" in str(e.value) and "resnet18" in str(e.value).replace("'resnet18x'", "")
     with pytest.raises(ValueError) as e:
-        build_external_classifier("torchvision:squeezenet1_2", tmp_path / "w.pt", 10, img_size=32, in_chans=3,
-                                  mean=MEAN, std=STD)
+        build_external_classifier(
+            "torchvision:squeezenet1_2", tmp_path / "w.pt", 10, img_size=32, in_chans=3, mean=MEAN, std=STD
+        )
     assert "'squeezenet1_2'" in str(e.value) and "squeezenet1_1" in str(e.value)
 
 
@@ -229,9 +234,34 @@ def test_certify_a_timm_model_by_name_matches_smoothing_it_directly(tmp_path, ca
 
     weights = tmp_path / "net.safetensors"
     save(timm_net(in_chans=1).state_dict(), weights)
-    argv = ["certify", "--model", f"timm:{TIMM}", "--checkpoint", str(weights), "--input-size", "32", "--input-mean",
-            "0.3", "--input-std", "0.35", "--sigma", "0.25", "--n0", "10", "--n", "100", "--skip", "2500",
-            "--batch", "500", "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    argv = [
+        "certify",
+        "--model",
+        f"timm:{TIMM}",
+        "--checkpoint",
+        str(weights),
+        "--input-size",
+        "32",
+        "--input-mean",
+        "0.3",
+        "--input-std",
+        "0.35",
+        "--sigma",
+        "0.25",
+        "--n0",
+        "10",
+        "--n",
+        "100",
+        "--skip",
+        "2500",
+        "--batch",
+        "500",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     rows = read_rows(tmp_path / "out" / "certify_sigma0.25.tsv", CERTIFY_HEADER)
     assert sorted(rows) == [0, 2500, 5000, 7500]
@@ -245,9 +275,21 @@ def test_certify_a_timm_model_by_name_matches_smoothing_it_directly(tmp_path, ca
     meta = json.loads((tmp_path / "out" / "certify_sigma0.25.json").read_text())
     assert meta["model"] == f"timm:{TIMM}" and "img_size=32" in meta["input_layer"] and "0.3" in meta["input_layer"]
     assert meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    cfg = CertifyConfig(model=f"timm:{TIMM}", checkpoint=str(weights), input_size=32, input_mean=(0.5,), input_std=(0.35,),
-                        sigma=(0.25,), n0=10, n=100, skip=2500, batch=500, output_dir=str(tmp_path / "out"),
-                        device="cpu", progress=False)
+    cfg = CertifyConfig(
+        model=f"timm:{TIMM}",
+        checkpoint=str(weights),
+        input_size=32,
+        input_mean=(0.5,),
+        input_std=(0.35,),
+        sigma=(0.25,),
+        n0=10,
+        n=100,
+        skip=2500,
+        batch=500,
+        output_dir=str(tmp_path / "out"),
+        device="cpu",
+        progress=False,
+    )
     with pytest.raises(ValueError, match="input_layer: "):
         run_certification(cfg)
     capsys.readouterr()
@@ -272,24 +314,45 @@ def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys)
         "    def forward(self, x):\n"
         "        return self.body(x)\n"
         "def not_a_module():\n"
-        "    return 3\n")
+        "    return 3\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         from mynets import TinyNet
 
         weights = tmp_path / "tiny.safetensors"
         save(TinyNet(10, 1).state_dict(), weights)
-        base = ["certify", "--checkpoint", str(weights), "--sigma", "0.25", "--n0", "10", "--n", "50", "--skip",
-                "5000", "--device", "cpu", "--no-progress", "--input-mean", "0", "--input-std", "1"]
+        base = [
+            "certify",
+            "--checkpoint",
+            str(weights),
+            "--sigma",
+            "0.25",
+            "--n0",
+            "10",
+            "--n",
+            "50",
+            "--skip",
+            "5000",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--input-mean",
+            "0",
+            "--input-std",
+            "1",
+        ]
         for i, spec in enumerate((f"{tmp_path / 'mynets.py'}:TinyNet", "mynets:TinyNet")):
             assert main(base + ["--model", spec, "--output-dir", str(tmp_path / f"o{i}")]) == 0
             meta = json.loads((tmp_path / f"o{i}" / "certify_sigma0.25.json").read_text())
             assert meta["model"] == spec and meta["images"] == 2
         assert parse_model_name("mynets:TinyNet") == ("python", "mynets:TinyNet")
         capsys.readouterr()
-        for spec, why in (("mynets:Nope", "mynets has no class or function 'Nope'"),
-                          ("mynets:not_a_module", "not_a_module(...) returned int, not an nn.Module"),
-                          ("no_such_module_x:Net", "cannot import no_such_module_x")):
+        for spec, why in (
+            ("mynets:Nope", "mynets has no class or function 'Nope'"),
+            ("mynets:not_a_module", "not_a_module(...) returned int, not an nn.Module"),
+            ("no_such_module_x:Net", "cannot import no_such_module_x"),
+        ):
             assert main(base + ["--model", spec, "--output-dir", str(tmp_path / "bad")]) == 2
             assert why in capsys.readouterr().err
     finally:

@@ -3,13 +3,12 @@ import argparse
 import pytest
 import torch
 
+from conftest import PICO
 from dmae.checkpoint import CheckpointError, load_dmae, load_state_dict
 from dmae.corrupt import random_masking
 from dmae.models import DMAEConfig, create_model, get_preset, list_models
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
-
-from conftest import PICO
 
 OFFICIAL = ["dmae_vit_base_patch16_dec512d8b", "dmae_vit_large_patch16_dec512d8b"]
 
@@ -25,7 +24,14 @@ def official_keys(depth: int, decoder_depth: int) -> list[str]:
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     block = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in wb]
     keys += [f"blocks.{i}.{b}" for i in range(depth) for b in block]
-    keys += ["norm.weight", "norm.bias", "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias"]
+    keys += [
+        "norm.weight",
+        "norm.bias",
+        "mask_token",
+        "decoder_pos_embed",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+    ]
     keys += [f"decoder_blocks.{i}.{b}" for i in range(decoder_depth) for b in block]
     keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
     return keys
@@ -98,7 +104,9 @@ def test_sincos_positions_formula():
     for r in range(gh):
         for c in range(gw):
             row = pe[0, 1 + r * gw + c].double()
-            expected = torch.cat([torch.sin(c * omega), torch.cos(c * omega), torch.sin(r * omega), torch.cos(r * omega)])
+            expected = torch.cat(
+                [torch.sin(c * omega), torch.cos(c * omega), torch.sin(r * omega), torch.cos(r * omega)]
+            )
             assert torch.allclose(row, expected, atol=1e-6)
 
 
@@ -128,8 +136,16 @@ def _official_file(tmp_path, sd, name="checkpoint.pth"):
     """A training checkpoint in the official layout, args as an argparse.Namespace."""
     path = tmp_path / name
     args = argparse.Namespace(model="dmae_vit_base_patch16_dec512d8b", mask_ratio=0.75, norm_pix_loss=True, blr=1.5e-4)
-    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1099, "scaler": {"scale": 65536.0},
-                "args": args}, path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 1099,
+            "scaler": {"scale": 65536.0},
+            "args": args,
+        },
+        path,
+    )
     return path
 
 

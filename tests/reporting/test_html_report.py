@@ -19,11 +19,23 @@ def _run_folder(classifier_run, tmp_path):
     """A run folder as `dmae demo` leaves it: a pretraining and a fine-tuning run (config + log), a reconstruction
     figure, and fixed-n and sequential certification logs."""
     out = tmp_path / "run"
-    for name, rows in (("pretrain", [{"type": "eval", "step": 0, "epoch": 0.0, "mse": 0.3},
-                                     {"type": "train", "step": 2, "epoch": 0.5, "loss": 1.2, "img_per_s": 50.0},
-                                     {"type": "eval", "step": 4, "epoch": 1.0, "mse": 0.05}]),
-                       ("finetune", [{"type": "train", "step": 2, "epoch": 0.5, "loss": 2.0, "img_per_s": 40.0},
-                                     {"type": "eval", "step": 4, "epoch": 1.0, "val_acc@0.25": 0.5}])):
+    for name, rows in (
+        (
+            "pretrain",
+            [
+                {"type": "eval", "step": 0, "epoch": 0.0, "mse": 0.3},
+                {"type": "train", "step": 2, "epoch": 0.5, "loss": 1.2, "img_per_s": 50.0},
+                {"type": "eval", "step": 4, "epoch": 1.0, "mse": 0.05},
+            ],
+        ),
+        (
+            "finetune",
+            [
+                {"type": "train", "step": 2, "epoch": 0.5, "loss": 2.0, "img_per_s": 40.0},
+                {"type": "eval", "step": 4, "epoch": 1.0, "val_acc@0.25": 0.5},
+            ],
+        ),
+    ):
         (out / name).mkdir(parents=True)
         (out / name / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "seed": 0, "stage": name}))
         (out / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -34,16 +46,23 @@ def _run_folder(classifier_run, tmp_path):
     # a fixed-n log with every kind of row (the tiny classifier alone says one class everywhere)
     rows = [(0, 9, 9, 0.61), (1, 2, 2, 0.12), (2, 1, -1, 0.0), (3, 1, 1, 0.33), (4, 4, 6, 0.2), (5, 5, -1, 0.0)]
     log = out / "certify" / "certify_sigma0.25.tsv"
-    log.write_text("\t".join(CERTIFY_HEADER) + "\n" + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1) for i, y, p, r in rows))
-    log.with_suffix(".json").write_text(json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test",
-                                                    "sigma": 0.25, "n0": 100, "n": 1000}))
+    log.write_text(
+        "\t".join(CERTIFY_HEADER) + "\n" + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1) for i, y, p, r in rows)
+    )
+    log.with_suffix(".json").write_text(
+        json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test", "sigma": 0.25, "n0": 100, "n": 1000})
+    )
     return out
 
 
 def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path):
     out = _run_folder(classifier_run, tmp_path)
     found = discover([], [out])
-    assert [p.name for p in found.training] == ["pretrain", "finetune"] and len(found.logs) == 2 and len(found.figures) == 1
+    assert (
+        [p.name for p in found.training] == ["pretrain", "finetune"]
+        and len(found.logs) == 2
+        and len(found.figures) == 1
+    )
     page = build_html(found, "test run")
     for section in SECTIONS:
         assert f'<h2 id="{section}">' in page, section
@@ -57,7 +76,11 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
     assert page.count("<h3>") >= 2 and "(certify)</h3>" in page and "(sequential)</h3>" in page
     assert "certify_sigma0.25" in page and "sequential_sigma0.25" in page and "samples/img" in page
     seq = read_log(out / "certify" / "sequential_sigma0.25.tsv")
-    assert f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page and "torch" in page and "stage: finetune" in page
+    assert (
+        f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page
+        and "torch" in page
+        and "stage: finetune" in page
+    )
     spent, fixed = 6 * 1100 + int(seq.n_samples.sum()), 6 * 1100 + len(seq) * (20 + 500)  # the samples saved
     assert fixed > spent and f"would have drawn {fixed:,} ({fixed / spent:.1f}x more)" in page
     for kind in ("certified", "abstained", "misclassified"):
@@ -99,8 +122,12 @@ def test_compare_puts_the_paired_tables_in_the_page(classifier_run, tmp_path, ca
     for suffix in (".tsv", ".json"):
         shutil.copy(out / "certify" / f"sequential_sigma0.25{suffix}", other / f"sequential_sigma0.25{suffix}")
     page = tmp_path / "cmp.html"
-    assert main(["report", str(out / "certify" / "sequential_sigma0.25.tsv"), str(other), "--compare",
-                 "--html", str(page)]) == 0
+    assert (
+        main(
+            ["report", str(out / "certify" / "sequential_sigma0.25.tsv"), str(other), "--compare", "--html", str(page)]
+        )
+        == 0
+    )
     text = page.read_text()
     assert '<h2 id="paired">Paired comparisons</h2>' in text and "<th>McNemar p</th>" in text
     assert "A = run/certify/sequential_sigma0.25 (sigma 0.25) vs B = run_b/certify/sequential_sigma0.25" in text
@@ -116,8 +143,11 @@ def test_a_bare_tsv_renders_every_section_without_a_raw_error(tmp_path, capsys):
     rows = [(0, 1, 1, 0.5), (1, 2, 2, 0.3), (2, 3, -1, 0.0), (3, 3, 4, 0.2)]
     logs = []
     for f in (tmp_path / "run" / "mine_sigma0.5.tsv", tmp_path / "theirs_sigma0.25.tsv"):
-        f.write_text("\t".join(CERTIFY_HEADER) + "\n" + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1)
-                                                                for i, y, p, r in rows))
+        f.write_text(
+            "\t".join(CERTIFY_HEADER)
+            + "\n"
+            + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1) for i, y, p, r in rows)
+        )
         logs.append(str(f))
     page = tmp_path / "p.html"
     for args in ([*logs, "--compare"], [logs[1], "--run-dir", str(tmp_path / "run")]):
@@ -126,8 +156,10 @@ def test_a_bare_tsv_renders_every_section_without_a_raw_error(tmp_path, capsys):
         assert "Error" not in text and "KeyError" not in text
         for section in SECTIONS:
             assert f'<h2 id="{section}">' in text, section
-        assert ("images unavailable: no data set recorded (mine_sigma0.5.json beside the log does not exist); the "
-                "rows cannot be matched to images") in text
+        assert (
+            "images unavailable: no data set recorded (mine_sigma0.5.json beside the log does not exist); the "
+            "rows cannot be matched to images"
+        ) in text
         assert f"{logs[0]}: no settings recorded (no mine_sigma0.5.json beside it)" in text
     assert "have no protocol record" in capsys.readouterr().out
 
@@ -139,15 +171,22 @@ def test_examples_and_training_curves_say_what_they_leave_out(tmp_path):
     from dmae.reporting.html_report import training_section
 
     log = tmp_path / "certify_sigma0.25.tsv"
-    log.write_text("\t".join(CERTIFY_HEADER) + "\n" + format_row(CERTIFY_HEADER, 99999, 42, 42, 0.5, 0.1)
-                   + format_row(CERTIFY_HEADER, 3, 42, 42, 0.4, 0.1))
-    log.with_suffix(".json").write_text(json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test",
-                                                    "sigma": 0.25}))
+    log.write_text(
+        "\t".join(CERTIFY_HEADER)
+        + "\n"
+        + format_row(CERTIFY_HEADER, 99999, 42, 42, 0.5, 0.1)
+        + format_row(CERTIFY_HEADER, 3, 42, 42, 0.4, 0.1)
+    )
+    log.with_suffix(".json").write_text(
+        json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test", "sigma": 0.25})
+    )
     page = build_html(discover([log], []))
     assert "#99999: no such image in a data set of 10000" in page and "#3 42 -> 42, r = 0.400" in page
     run = tmp_path / "ft"
     run.mkdir()
-    (run / "log.jsonl").write_text('{"type": "train", "step": 1, "loss": 2.0}\n{"type": "train", "step": 2}\n'
-                                   '[1, 2]\n{"type": "eval", "step": 2, "val_acc": 0.5}\n{"type": "tra')
+    (run / "log.jsonl").write_text(
+        '{"type": "train", "step": 1, "loss": 2.0}\n{"type": "train", "step": 2}\n'
+        '[1, 2]\n{"type": "eval", "step": 2, "val_acc": 0.5}\n{"type": "tra'
+    )
     html = training_section([run])
     assert f"{run / 'log.jsonl'}: line(s) 3, 5 not read (not a JSON record" in html

@@ -15,8 +15,16 @@ def _write(path, rows, header="idx\tlabel\tpredict\tradius\tcorrect\ttime"):
 
 def test_certified_accuracy_acr_and_abstention(tmp_path):
     # 5 images: radii 0.9 (correct), 0.3 (correct), 0.6 (wrong class), abstain, 0.0 (correct, radius 0)
-    p = _write(tmp_path / "certify_sigma0.25.tsv", [(0, 1, 1, 0.9, 1, 0.1), (1, 2, 2, 0.3, 1, 0.1), (2, 3, 4, 0.6, 0, 0.1),
-                                                     (3, 5, -1, 0.0, 0, 0.1), (4, 7, 7, 0.0, 1, 0.1)])
+    p = _write(
+        tmp_path / "certify_sigma0.25.tsv",
+        [
+            (0, 1, 1, 0.9, 1, 0.1),
+            (1, 2, 2, 0.3, 1, 0.1),
+            (2, 3, 4, 0.6, 0, 0.1),
+            (3, 5, -1, 0.0, 0, 0.1),
+            (4, 7, 7, 0.0, 1, 0.1),
+        ],
+    )
     log = read_log(p)
     assert log.sigma == 0.25 and len(log) == 5
     assert [log.certified_accuracy(r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.6, 0.4, 0.2, 0.0]
@@ -39,7 +47,10 @@ def test_reads_logs_of_other_tools_and_cli_outputs(tmp_path, capsys):
     p = _write(tmp_path / "noise_0.50", [(0, 3, 3, 0.512, 1, "0:00:01.234567"), (20, 1, -1, 0.0, 0, "0:00:01.1")])
     assert read_log(p).sigma == 0.5
     md, csv, png = tmp_path / "t.md", tmp_path / "t.csv", tmp_path / "c.png"
-    assert main(["report", str(p), "--radii", "0", "0.5", "--markdown", str(md), "--csv", str(csv), "--plot", str(png)]) == 0
+    assert (
+        main(["report", str(p), "--radii", "0", "0.5", "--markdown", str(md), "--csv", str(csv), "--plot", str(png)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "r=0.5" in out and "50.0" in out
     assert md.read_text().startswith("| log |") and csv.read_text().startswith("log,sigma")
@@ -63,11 +74,14 @@ def test_paired_comparison_on_a_hand_computed_case(tmp_path):
     exact McNemar p is the two-sided binomial tail of 8 of 10: 2 * 56 / 1024."""
     a_rows = [(i, i % 3, i % 3, 0.6 if i < 8 else 0.1, 1, 0) for i in range(10)]
     b_rows = [(9 - i, (9 - i) % 3, (9 - i) % 3, 0.7 if 9 - i >= 8 else 0.2, 1, 0) for i in range(10)]  # another order
-    c = compare(read_log(_write(tmp_path / "a_sigma0.25.tsv", a_rows)),
-                read_log(_write(tmp_path / "b_sigma0.25.tsv", b_rows)), radii=(0.0, 0.5))
+    c = compare(
+        read_log(_write(tmp_path / "a_sigma0.25.tsv", a_rows)),
+        read_log(_write(tmp_path / "b_sigma0.25.tsv", b_rows)),
+        radii=(0.0, 0.5),
+    )
     assert c.images == 10 and c.acc_a == [1.0, 0.8] and c.acc_b == [1.0, 0.2]
     assert c.diff[0] == 0.0 and c.se[0] == 0.0 and c.p[0] == 1.0
-    assert c.diff[1] == pytest.approx(0.6) and c.se[1] == pytest.approx(((8 * 0.16 + 2 * 2.56) / 9) ** 0.5 / 10 ** 0.5)
+    assert c.diff[1] == pytest.approx(0.6) and c.se[1] == pytest.approx(((8 * 0.16 + 2 * 2.56) / 9) ** 0.5 / 10**0.5)
     assert c.p[1] == pytest.approx(2 * 56 / 1024)
     assert c.acr_diff == pytest.approx((8 * 0.6 + 2 * 0.1 - 8 * 0.2 - 2 * 0.7) / 10)
     assert "| r=0.5 | 80.0 | 20.0 | +60.0 |" in c.markdown()
@@ -81,19 +95,28 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
         compare(read_log(a), read_log(b))
     with pytest.raises(ReportError, match=r"give idx 20 different labels \(2 and 3\)"):
         compare(read_log(a), read_log(c))
-    dup = _write(tmp_path / "d_sigma0.25.tsv", [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)]
-                 + [(5, 1, 1, 0.1, 1, 0)] * 3)
-    with pytest.raises(ReportError, match=r"d_sigma0.25.tsv: idx 0 appears on lines 2 and 3 with different results "
-                                          r"\(radius 0.4 vs 0.1\)"):  # two certificates of one image: refused
+    dup = _write(
+        tmp_path / "d_sigma0.25.tsv",
+        [(0, 1, 1, 0.4, 1, 0), (0, 1, 1, 0.1, 1, 0), (20, 2, 2, 0.2, 1, 0)] + [(5, 1, 1, 0.1, 1, 0)] * 3,
+    )
+    with pytest.raises(
+        ReportError,
+        match=r"d_sigma0.25.tsv: idx 0 appears on lines 2 and 3 with different results "
+        r"\(radius 0.4 vs 0.1\)",
+    ):  # two certificates of one image: refused
         read_log(dup)
     twice = dataclasses.replace(read_log(a), idx=np.array([0, 0]))  # a log built by hand, not read: compare checks
     with pytest.raises(ReportError, match="a_sigma0.25: idx 0 appears 2 times"):
         compare(twice, twice)
-    no_idx = _write(tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
+    no_idx = _write(
+        tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect"
+    )
     with pytest.raises(ReportError, match="a_sigma0.25 names its images .* e_sigma0.25 does not"):
         compare(read_log(a), read_log(no_idx))
     assert compare(read_log(no_idx), read_log(no_idx)).diff == [0.0] * 5  # no idx on either side: row order
-    swapped = _write(tmp_path / "f_sigma0.25.tsv", [(2, 2, 0.4, 1), (1, 1, 0.2, 1)], header="label\tpredict\tradius\tcorrect")
+    swapped = _write(
+        tmp_path / "f_sigma0.25.tsv", [(2, 2, 0.4, 1), (1, 1, 0.2, 1)], header="label\tpredict\tradius\tcorrect"
+    )
     with pytest.raises(ReportError, match=r"give row 1 different labels \(1 and 2\)"):
         compare(read_log(no_idx), read_log(swapped))
     longer = _write(tmp_path / "g_sigma0.25.tsv", [(1, 1, 0.4, 1)] * 3, header="label\tpredict\tradius\tcorrect")
@@ -133,12 +156,17 @@ def test_comparison_names_tell_the_two_sides_apart(tmp_path, capsys):
         files.append(str(f))
     assert main(["report", *files, "--compare"]) == 0
     out = capsys.readouterr().out
-    assert ("A = run_a/certify/certify_sigma0.25 (sigma 0.25) vs B = run_b/certify/certify_sigma0.25 (sigma 0.5), "
-            "the same 4 images (difference A - B):") in out
+    assert (
+        "A = run_a/certify/certify_sigma0.25 (sigma 0.25) vs B = run_b/certify/certify_sigma0.25 (sigma 0.5), "
+        "the same 4 images (difference A - B):"
+    ) in out
     from dmae.reporting.report import distinct_names
-    assert distinct_names([files[0], files[0], files[1]]) == ["run_a/certify/certify_sigma0.25#1",
-                                                              "run_a/certify/certify_sigma0.25#2",
-                                                              "run_b/certify/certify_sigma0.25"]
+
+    assert distinct_names([files[0], files[0], files[1]]) == [
+        "run_a/certify/certify_sigma0.25#1",
+        "run_a/certify/certify_sigma0.25#2",
+        "run_b/certify/certify_sigma0.25",
+    ]
     # the reference scripts' logs have no extension: sigma_0.25 and sigma_0.50 are two names, not two sigma_0
     assert distinct_names(["ref/sigma_0.25", "ref/sigma_0.50"]) == ["sigma_0.25", "sigma_0.50"]
 
@@ -151,16 +179,25 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     from dmae.reporting.report import curves_figure
 
     rows = [(i, i % 3, i % 3, 0.3, 1, 0) for i in range(4)]
-    meta = {"sigma": 0.25, "data": "fashion-mnist", "mode": "certify", "n0": 100, "n": 1000, "alpha": 0.001,
-            "weights_sha256": "ab" * 32}
+    meta = {
+        "sigma": 0.25,
+        "data": "fashion-mnist",
+        "mode": "certify",
+        "n0": 100,
+        "n": 1000,
+        "alpha": 0.001,
+        "weights_sha256": "ab" * 32,
+    }
     logs = {}
     for name, change in (("a", {}), ("b", {"alpha": 0.01, "n": 10000}), ("c", {"weights_sha256": "cd" * 32})):
         (tmp_path / name).mkdir()
         logs[name] = _write(tmp_path / name / "certify_sigma0.25.tsv", rows)
         logs[name].with_suffix(".json").write_text(json.dumps({**meta, **change}))
     ab = compare(read_log(logs["a"]), read_log(logs["b"]))
-    assert ab.notes[0] == ("the certification protocols differ (n 1000 vs 10000; alpha 0.001 vs 0.01): the "
-                           "difference mixes the classifiers with the protocols")
+    assert ab.notes[0] == (
+        "the certification protocols differ (n 1000 vs 10000; alpha 0.001 vs 0.01): the "
+        "difference mixes the classifiers with the protocols"
+    )
     assert "both logs certify the same weights (sha256 abababababab...)" in ab.notes
     assert compare(read_log(logs["a"]), read_log(logs["c"])).notes == []
     bare = _write(tmp_path / "bare_sigma0.25.tsv", rows)
@@ -168,14 +205,16 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     bare.with_suffix(".json").write_text('{"sigma": 0.25}')  # a record without any certification setting
     assert "bare_sigma0.25 has no protocol record" in compare(read_log(logs["a"]), read_log(bare)).notes[0]
     bare.with_suffix(".json").write_text(json.dumps({**meta, "weights_sha256": "ef" * 32, "stop_on_wrong_guess": True}))
-    assert compare(read_log(logs["a"]), read_log(bare)).notes == ["certify_sigma0.25 does not record "
-                                                                  "stop_on_wrong_guess: not checked"]
+    assert compare(read_log(logs["a"]), read_log(bare)).notes == [
+        "certify_sigma0.25 does not record stop_on_wrong_guess: not checked"
+    ]
     (tmp_path / "two").mkdir()
     for sigma in ("0.25", "0.5"):
         _write(tmp_path / "two" / f"certify_sigma{sigma}.tsv", rows)
     assert main(["report", str(tmp_path / "two"), str(tmp_path / "a"), "--compare"]) == 2
     assert "two holds 2 logs (certify_sigma0.25.tsv, certify_sigma0.5.tsv); give the logs to compare as files" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     # a folder stands for its logs; --compare writes the comparisons as CSV too, and no best row
     out_csv = tmp_path / "t.csv"
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--compare", "--csv", str(out_csv)]) == 0
@@ -199,9 +238,14 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     lg_c = read_log(_write(tmp_path / "z_sigma0.5.tsv", rows))
     lg_c.name = "C"  # different sigma, but compared (best=False): two classifiers, so named
     assert curves_figure([lg_a, lg_c], best=False).axes[0].get_legend_handles_labels()[1] == [
-        "A, sigma = 0.25", "C, sigma = 0.5"]
+        "A, sigma = 0.25",
+        "C, sigma = 0.5",
+    ]
     assert curves_figure([lg_a, lg_c]).axes[0].get_legend_handles_labels()[1] == [
-        "sigma = 0.25", "sigma = 0.5", "best sigma"]
+        "sigma = 0.25",
+        "sigma = 0.5",
+        "best sigma",
+    ]
 
 
 def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
@@ -219,8 +263,28 @@ def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
     assert len(lg) == 4 and lg.certified_accuracy(0.0) == 0.5 and lg.acr == pytest.approx(0.2)
     assert list(lg.rows_in_file) == [2, 2, 1, 1]
     md, csv, png, page = (tmp_path / n for n in ("t.md", "t.csv", "t.png", "t.html"))
-    assert main(["report", str(dup), str(clean), "--compare", "--radii", "0", "0.25", "--markdown", str(md),
-                 "--csv", str(csv), "--plot", str(png), "--html", str(page)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(dup),
+                str(clean),
+                "--compare",
+                "--radii",
+                "0",
+                "0.25",
+                "--markdown",
+                str(md),
+                "--csv",
+                str(csv),
+                "--plot",
+                str(png),
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"dup_sigma0.25 +0.25 +4 +50.0 +50.0", out) and "66.7" not in out
     note = "2 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping shards concatenated)"
@@ -244,8 +308,25 @@ def test_radii_reach_every_output(tmp_path, capsys):
     radii = ["0", "0.5", "1", "1.5", "2", "3"]
     heads = "".join(f"<th>r={r}</th>" for r in radii)
     outs = {n: tmp_path / n for n in ("t.md", "t.csv", "t.png", "t.html", "run.html", "cmp.html")}
-    assert main(["report", str(log), "--radii", *radii, "--markdown", str(outs["t.md"]), "--csv", str(outs["t.csv"]),
-                 "--plot", str(outs["t.png"]), "--html", str(outs["t.html"])]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(log),
+                "--radii",
+                *radii,
+                "--markdown",
+                str(outs["t.md"]),
+                "--csv",
+                str(outs["t.csv"]),
+                "--plot",
+                str(outs["t.png"]),
+                "--html",
+                str(outs["t.html"]),
+            ]
+        )
+        == 0
+    )
     assert main(["report", "--run-dir", str(tmp_path / "run"), "--radii", *radii, "--html", str(outs["run.html"])]) == 0
     assert main(["report", str(log), str(other), "--compare", "--radii", *radii, "--html", str(outs["cmp.html"])]) == 0
     out = capsys.readouterr().out
@@ -265,8 +346,9 @@ def test_radii_reach_every_output(tmp_path, capsys):
 def test_a_torn_last_line_is_reported(tmp_path, capsys):
     """A torn last line was dropped without a word: the report says which file and line it did not count."""
     torn = tmp_path / "torn_sigma0.25.tsv"
-    torn.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n"
-                    "2\t3\t3\t0.4")  # no newline: a crash mid-write
+    torn.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n1\t2\t2\t0.3\t1\t0.1\n2\t3\t3\t0.4"
+    )  # no newline: a crash mid-write
     md, page = tmp_path / "t.md", tmp_path / "t.html"
     assert main(["report", str(torn), "--markdown", str(md), "--html", str(page)]) == 0
     note = f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): not counted"
@@ -280,8 +362,11 @@ def _sequential(path, rows, meta):
 
     from dmae.certification.log import SEQUENTIAL_HEADER, format_row
 
-    path.write_text("\t".join(SEQUENTIAL_HEADER) + "\n" + "".join(
-        format_row(SEQUENTIAL_HEADER, i, y, p, r, 0.1, n, rc) for i, y, p, r, n, rc in rows))
+    path.write_text(
+        "\t".join(SEQUENTIAL_HEADER)
+        + "\n"
+        + "".join(format_row(SEQUENTIAL_HEADER, i, y, p, r, 0.1, n, rc) for i, y, p, r, n, rc in rows)
+    )
     path.with_suffix(".json").write_text(json.dumps(meta))
     return path
 
@@ -293,15 +378,26 @@ def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_pat
     import json
     import math
 
-    meta = {"sigma": 0.25, "data": "fashion-mnist", "split": "test", "n0": 100, "alpha": 0.001,
-            "weights_sha256": "ab" * 32, "model": None, "input_layer": None, "radii": None}
+    meta = {
+        "sigma": 0.25,
+        "data": "fashion-mnist",
+        "split": "test",
+        "n0": 100,
+        "alpha": 0.001,
+        "weights_sha256": "ab" * 32,
+        "model": None,
+        "input_layer": None,
+        "radii": None,
+    }
     fixed = [(i, i % 10, i % 10, 0.6 + 0.01 * i, 1, 0) for i in range(8)]
     (tmp_path / "f").mkdir()
     fix = _write(tmp_path / "f" / "certify_sigma0.25.tsv", fixed)
     fix.with_suffix(".json").write_text(json.dumps({**meta, "mode": "certify", "n": 10000, "n_max": None}))
-    seq = _sequential(tmp_path / "sequential_sigma0.25.tsv",
-                      [(i, y, p, 0.5, 2000, r - 0.084) for i, y, p, r, _, _ in fixed],
-                      {**meta, "mode": "sequential", "n": None, "n_max": 10000, "sequential": "targets"})
+    seq = _sequential(
+        tmp_path / "sequential_sigma0.25.tsv",
+        [(i, y, p, 0.5, 2000, r - 0.084) for i, y, p, r, _, _ in fixed],
+        {**meta, "mode": "sequential", "n": None, "n_max": 10000, "sequential": "targets"},
+    )
     t = summarize([read_log(seq)], radii=(0.0, 0.5))
     assert "ACR (continuous)" in t.cells()[0] and t.csv().splitlines()[1].endswith(",radius_continuous")
     assert summarize([read_log(fix)]).cells()[0][-2:] == ["ACR", "abstain"]
@@ -313,8 +409,10 @@ def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_pat
     c = compare(read_log(seq), read_log(fix), radii=(0.0, 0.5))
     assert c.diff == [0.0, 0.0] and c.acr_label is None and math.isnan(c.acr_diff) and math.isnan(c.acr_se)
     assert ["ACR (not comparable)", f"{c.acr_a:.3f}", f"{c.acr_b:.3f}", "-", "-", "-"] == c.cells()[1][-1]
-    assert any(n.startswith("ACR not compared: the ACR of sequential_sigma0.25 averages the continuous radius")
-               for n in c.notes)
+    assert any(
+        n.startswith("ACR not compared: the ACR of sequential_sigma0.25 averages the continuous radius")
+        for n in c.notes
+    )
     assert c.csv_rows()[-1][5:] == ["acr (different radii)", f"{c.acr_a:.6f}", f"{c.acr_b:.6f}", "", "", ""]
     assert main(["report", str(seq), str(fix), "--compare"]) == 0
     assert "+0.084" not in capsys.readouterr().out  # the gap that was called a difference between classifiers
@@ -331,9 +429,21 @@ def test_a_comparison_names_every_setting_that_differs(tmp_path, monkeypatch):
     import dmae.certification.runner
 
     rows = [(i, i % 3, i % 3, 0.3, 1, 0) for i in range(4)]
-    meta = {"sigma": 0.25, "data": "fashion-mnist", "split": "test", "mode": "certify", "n0": 100, "n": 1000,
-            "alpha": 0.001, "weights_sha256": "ab" * 32, "model": "timm:resnet18", "trained_sigma": 0.25,
-            "input_layer": "Preprocess(mean=(0.5,), std=(0.5,))", "probe": {"clean": 0.9}, "sound": False}
+    meta = {
+        "sigma": 0.25,
+        "data": "fashion-mnist",
+        "split": "test",
+        "mode": "certify",
+        "n0": 100,
+        "n": 1000,
+        "alpha": 0.001,
+        "weights_sha256": "ab" * 32,
+        "model": "timm:resnet18",
+        "trained_sigma": 0.25,
+        "input_layer": "Preprocess(mean=(0.5,), std=(0.5,))",
+        "probe": {"clean": 0.9},
+        "sound": False,
+    }
 
     def log(name, **change):
         (tmp_path / name).mkdir()
@@ -343,25 +453,34 @@ def test_a_comparison_names_every_setting_that_differs(tmp_path, monkeypatch):
 
     a = log("a")
     notes = compare(a, log("b", input_layer="Preprocess(mean=(0,), std=(1,))", probe={"clean": 0.1})).notes
-    assert notes == ["both logs load the same checkpoint file (sha256 abababababab...) but the classifiers differ "
-                     "(input_layer Preprocess(mean=(0.5,), std=(0.5,)) vs Preprocess(mean=(0,), std=(1,))): the "
-                     "difference measures that, not the weights"]
+    assert notes == [
+        "both logs load the same checkpoint file (sha256 abababababab...) but the classifiers differ "
+        "(input_layer Preprocess(mean=(0.5,), std=(0.5,)) vs Preprocess(mean=(0,), std=(1,))): the "
+        "difference measures that, not the weights"
+    ]
     assert not any("the same weights" in n for n in notes)
     notes = compare(a, log("c", weights_sha256="cd" * 32, model="timm:vit_tiny", trained_sigma=[0.0, 0.75])).notes
-    assert notes == ["the classifiers also differ in model timm:resnet18 vs timm:vit_tiny; trained_sigma 0.25 vs "
-                     "[0.0, 0.75]"]
-    assert compare(a, log("d", split="train")).notes[0].startswith("the logs record different images (split test vs "
-                                                                   "train)")
+    assert notes == [
+        "the classifiers also differ in model timm:resnet18 vs timm:vit_tiny; trained_sigma 0.25 vs [0.0, 0.75]"
+    ]
+    assert (
+        compare(a, log("d", split="train"))
+        .notes[0]
+        .startswith("the logs record different images (split test vs train)")
+    )
     assert "(sound False vs True)" in compare(a, log("e", sound=True)).notes[0]
     runner = dmae.certification.runner
     monkeypatch.setattr(runner, "ROW_SETTINGS", runner.ROW_SETTINGS + ("quantize",))
-    assert compare(a, log("f", quantize=8)).notes == ["both logs certify the same weights (sha256 abababababab...)",
-                                                      "certify_sigma0.25 does not record quantize: not checked"]
+    assert compare(a, log("f", quantize=8)).notes == [
+        "both logs certify the same weights (sha256 abababababab...)",
+        "certify_sigma0.25 does not record quantize: not checked",
+    ]
     assert compare(a, log("g")).notes == ["both logs certify the same weights (sha256 abababababab...)"]
     half = _write(tmp_path / "h_sigma0.5.tsv", rows)  # a best-sigma row over two protocols says so
     half.with_suffix(".json").write_text(json.dumps({**meta, "sigma": 0.5, "n": 100000}))
-    assert summarize([a, read_log(half)]).notes == ["note: the best row takes, per radius, the best of logs certified "
-                                                    "with different protocols (n 1000 vs 100000)"]
+    assert summarize([a, read_log(half)]).notes == [
+        "note: the best row takes, per radius, the best of logs certified with different protocols (n 1000 vs 100000)"
+    ]
 
 
 def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
@@ -370,13 +489,18 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
     JSONDecodeError), and rank files of an unmerged distributed run beside the log (their rows are not in it)."""
     head = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     two = _write(tmp_path / "two_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0), (1, 1, 1, 0.5, 2, 0)])
-    with pytest.raises(ReportError, match=rf"{two}:3: radius 0.5, correct 2: a certified radius is a finite number "
-                                          ">= 0 and correct is 0 or 1"):
+    with pytest.raises(
+        ReportError,
+        match=rf"{two}:3: radius 0.5, correct 2: a certified radius is a finite number "
+        ">= 0 and correct is 0 or 1",
+    ):
         read_log(two)
     # rows that contradict themselves (another tool's log): counted as nothing, refused with the line
-    for name, row, why in (("wrong", (7, 3, 5, 0.9, 1, 0), "label 3, predict 5, radius 0.9, correct 1"),
-                           ("abstain", (8, 3, -1, 0.7, 0, 0), "label 3, predict -1, radius 0.7, correct 0"),
-                           ("neg", (6, 4, 4, -0.3, 1, 0), "radius -0.3, correct 1: a certified radius is a finite")):
+    for name, row, why in (
+        ("wrong", (7, 3, 5, 0.9, 1, 0), "label 3, predict 5, radius 0.9, correct 1"),
+        ("abstain", (8, 3, -1, 0.7, 0, 0), "label 3, predict -1, radius 0.7, correct 0"),
+        ("neg", (6, 4, 4, -0.3, 1, 0), "radius -0.3, correct 1: a certified radius is a finite"),
+    ):
         bad = _write(tmp_path / f"{name}_sigma0.5.tsv", [(0, 1, 1, 0.5, 1, 0), row])
         with pytest.raises(ReportError, match=rf"{bad}:3: {re.escape(why)}"):
             read_log(bad)
@@ -385,8 +509,11 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
     with pytest.raises(ReportError, match=r"x_sigma0.25.tsv:3: idx column"):
         read_log(_write(tmp_path / "x_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0), ("a", 1, 1, 0.5, 1, 0)]))
     ok = _write(tmp_path / "ok_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0)])
-    for text, why in (("{not json", "is not readable JSON"), ("[0.25]", "holds a JSON list, expected an object"),
-                      ('{"sigma": "0.25"}', "sigma '0.25' is not a number")):
+    for text, why in (
+        ("{not json", "is not readable JSON"),
+        ("[0.25]", "holds a JSON list, expected an object"),
+        ('{"sigma": "0.25"}', "sigma '0.25' is not a number"),
+    ):
         ok.with_suffix(".json").write_text(text)
         assert main(["report", str(ok)]) == 2
         assert f"{ok.with_suffix('.json')}" in capsys.readouterr().err
@@ -395,5 +522,7 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
     ok.with_suffix(".json").unlink()
     (tmp_path / "ok_sigma0.25.tsv.rank1").write_text(head + "\n1\t1\t1\t0.5\t1\t0\n")
     assert main(["report", str(ok)]) == 0
-    assert (f"ok_sigma0.25.tsv.rank1 beside {ok} hold rows of a distributed run not merged into it yet"
-            in capsys.readouterr().out)
+    assert (
+        f"ok_sigma0.25.tsv.rank1 beside {ok} hold rows of a distributed run not merged into it yet"
+        in capsys.readouterr().out
+    )

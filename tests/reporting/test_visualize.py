@@ -1,9 +1,8 @@
 import torch
 
+from conftest import PICO
 from dmae.models import create_model
 from dmae.reporting.visualize import reconstruct, save_figure
-
-from conftest import PICO
 
 
 def test_reconstruct_views_and_figure(tmp_path):

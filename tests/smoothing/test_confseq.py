@@ -10,9 +10,21 @@ from scipy.integrate import quad
 from scipy.stats import beta, binom, norm
 
 from dmae.smoothing.bounds import lower_confidence_bound, radius_ceiling
-from dmae.smoothing.confseq import (DEFAULT_KIND, BettingMixture, ConfidenceSequence, Decision, DecisionTable,
-                                    UnionBoundCP, continuous_gap, decide, geometric_looks, make_sequence,
-                                    projected_lower, radius_from_lower, threshold)
+from dmae.smoothing.confseq import (
+    DEFAULT_KIND,
+    BettingMixture,
+    ConfidenceSequence,
+    Decision,
+    DecisionTable,
+    UnionBoundCP,
+    continuous_gap,
+    decide,
+    geometric_looks,
+    make_sequence,
+    projected_lower,
+    radius_from_lower,
+    threshold,
+)
 
 KINDS = ["union", "betting"]
 
@@ -99,8 +111,9 @@ def test_betting_capital_matches_its_defining_expectation():
     from dmae.smoothing.confseq import _mixture_log_capital
 
     for k, t, b, p in [(5, 10, 0.5, 0.3), (90, 100, 1.0, 0.8), (100, 100, 0.5, 0.97), (999, 1000, 2.0, 0.99)]:
-        direct = quad(lambda u: b * (1 - u) ** (b - 1) * (1 + u * (1 - p) / p) ** k * (1 - u) ** (t - k), 0, 1,
-                      limit=200)[0]
+        direct = quad(
+            lambda u: b * (1 - u) ** (b - 1) * (1 + u * (1 - p) / p) ** k * (1 - u) ** (t - k), 0, 1, limit=200
+        )[0]
         assert math.exp(_mixture_log_capital(p, k, t, b)) == pytest.approx(direct, rel=1e-8)
     cs = BettingMixture(0.01, 1000, prior=0.5, final_share=0.0)
     for k, t in [(60, 64), (700, 1000), (1000, 1000)]:
@@ -124,8 +137,10 @@ def test_bounds_are_monotone_and_bracket_the_mean(kind):
         assert all(0.0 <= lo < 1.0 and 0.0 < up <= 1.0 for lo, up in zip(lows, ups))
 
 
-@pytest.mark.parametrize("kind,options", [("union", {}), ("union", {"final_share": 0.0}), ("betting", {}),
-                                          ("union", {"final_share": 0.01, "ratio": 1.5})])
+@pytest.mark.parametrize(
+    "kind,options",
+    [("union", {}), ("union", {"final_share": 0.0}), ("betting", {}), ("union", {"final_share": 0.01, "ratio": 1.5})],
+)
 def test_reachable_lower_is_the_best_any_later_look_can_give(kind, options):
     cs = make_sequence(kind, 0.001, 3000, **options)
     for j in (0, len(cs.looks) // 3, len(cs.looks) - 1):

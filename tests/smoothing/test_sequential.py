@@ -1,19 +1,17 @@
 """Sequential CERTIFY (dmae.smoothing.sequential): sound like fixed-n CERTIFY, reproducible like it, and cheaper."""
 
-
 import pytest
 import torch
 from scipy.stats import norm
 from torch import nn
 
+from conftest import AlwaysNaN, Constant, Linear2, kill_after_rows, run_torchrun
 from dmae.certification.log import SEQUENTIAL_HEADER, read_rows
 from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.cli import main
 from dmae.reporting.report import read_log, summarize
 from dmae.smoothing import Smooth
 from dmae.smoothing.sequential import SequentialCertifier, SequentialSettings
-
-from conftest import AlwaysNaN, Constant, Linear2, kill_after_rows, run_torchrun
 
 
 def _certifier(model, k, sigma, seed=0, **settings):
@@ -32,8 +30,9 @@ def test_certified_radius_exceeds_the_exact_radius_at_most_alpha_of_the_time(mod
     x = torch.tensor([0.8, 0.2, 0.1, 0.5]).view(1, 1, 2, 2)
     d = float(x.flatten() @ model.w)
     radii = (0.0, 0.9 * d, d, 1.1 * d)  # targets just below, at and above the exact radius
-    certs = _certifier(model, 2, sigma, seed=7, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02
-                       ).certify_batch(x.expand(trials, -1, -1, -1), list(range(trials)), batch_size=4096)
+    certs = _certifier(
+        model, 2, sigma, seed=7, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02
+    ).certify_batch(x.expand(trials, -1, -1, -1), list(range(trials)), batch_size=4096)
     wrong = sum(c.prediction != Smooth.ABSTAIN and (c.prediction != 1 or c.radius_continuous > d) for c in certs)
     assert wrong <= 80, f"{wrong} of {trials} certificates wrong at alpha={alpha}"  # binomial(600, 0.1) > 80: p < 0.005
     assert sum(c.prediction == 1 for c in certs) > 0.9 * trials  # it certifies
@@ -85,15 +84,44 @@ def _rows_without_time(path):
 
 
 def _cfg(run, out, **over):
-    kw = dict(checkpoint=str(run), n0=20, n=2000, alpha=0.001, skip=1000, batch=256, seed=0, output_dir=str(out),
-              device="cpu", progress=False, sequential="targets")
+    kw = dict(
+        checkpoint=str(run),
+        n0=20,
+        n=2000,
+        alpha=0.001,
+        skip=1000,
+        batch=256,
+        seed=0,
+        output_dir=str(out),
+        device="cpu",
+        progress=False,
+        sequential="targets",
+    )
     kw.update(over)
     return CertifyConfig(**kw)
 
 
 def test_cli_rows_keep_the_standard_columns_first_and_report_samples(classifier_run, tmp_path, capsys):
-    argv = ["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--n-max", "2000",
-            "--skip", "1000", "--batch", "256", "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    argv = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--sequential",
+        "targets",
+        "--n0",
+        "20",
+        "--n-max",
+        "2000",
+        "--skip",
+        "1000",
+        "--batch",
+        "256",
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     path = tmp_path / "sequential_sigma0.25.tsv"
@@ -115,9 +143,30 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
     # killed mid-run, then the same command: the rows of one uninterrupted run
     out = tmp_path / "killed"
     target = out / "sequential_sigma0.25.tsv"
-    kill_after_rows(["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20", "--n", "2000",
-                     "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu", "--no-progress"],
-                    target, 3)
+    kill_after_rows(
+        [
+            "certify",
+            "--checkpoint",
+            str(classifier_run),
+            "--sequential",
+            "targets",
+            "--n0",
+            "20",
+            "--n",
+            "2000",
+            "--skip",
+            "1000",
+            "--batch",
+            "256",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        target,
+        3,
+    )
     partial = read_rows(target, SEQUENTIAL_HEADER)
     assert 2 <= len(partial) < 10, "the run was not interrupted part-way"
     res = run_certification(_cfg(classifier_run, out))[0]
@@ -129,9 +178,28 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
-    run_torchrun(["certify", "--checkpoint", str(classifier_run), "--sequential", "targets", "--n0", "20",
-                  "--num-samples", "2000", "--skip", "1000", "--batch", "256", "--output-dir", str(out), "--device", "cpu",
-                  "--no-progress"])
+    run_torchrun(
+        [
+            "certify",
+            "--checkpoint",
+            str(classifier_run),
+            "--sequential",
+            "targets",
+            "--n0",
+            "20",
+            "--num-samples",
+            "2000",
+            "--skip",
+            "1000",
+            "--batch",
+            "256",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert (_rows_without_time(out / "sequential_sigma0.25.tsv")) == (_rows_without_time(single))
 
 
@@ -188,13 +256,19 @@ def test_nan_during_estimation_abstains_and_duplicates_are_refused():
 
 def test_options_that_would_do_nothing_are_errors(classifier_run, tmp_path, capsys):
     base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
-    for argv, message in ((["certify", "--n-max", "5000"], "--n-max 5000 is only used with --sequential"),
-                          (["certify", "--sequential", "targets", "--epsilon", "0.1"],
-                           "--epsilon 0.1 is only used with --sequential continuous"),
-                          (["certify", "--sequential", "continuous", "--radii", "0", "0.5"],
-                           "--radii (0.0, 0.5) is only used with --sequential targets"),
-                          (["certify", "--sequential", "targets", "--radii", "-1"], "--radii must be finite numbers >= 0, got -1.0"),
-                          (["predict", "--sequential", "targets"], "--sequential targets is a mode of certify, not of predict")):
+    for argv, message in (
+        (["certify", "--n-max", "5000"], "--n-max 5000 is only used with --sequential"),
+        (
+            ["certify", "--sequential", "targets", "--epsilon", "0.1"],
+            "--epsilon 0.1 is only used with --sequential continuous",
+        ),
+        (
+            ["certify", "--sequential", "continuous", "--radii", "0", "0.5"],
+            "--radii (0.0, 0.5) is only used with --sequential targets",
+        ),
+        (["certify", "--sequential", "targets", "--radii", "-1"], "--radii must be finite numbers >= 0, got -1.0"),
+        (["predict", "--sequential", "targets"], "--sequential targets is a mode of certify, not of predict"),
+    ):
         assert main([*argv, *base]) == 2
         assert message in capsys.readouterr().err
 
@@ -205,8 +279,11 @@ def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_p
     assert len(log) == 10 and (log.radius >= 0).all()
     rows = [ln.split("\t") for ln in res.path.read_text().splitlines()[1:]]
     assert all(r[3] == r[7] for r in rows)  # continuous mode: radius is the continuous radius
-    for over, what in (({"epsilon": 0.1}, "epsilon: 0.05 -> 0.1"), ({"sequence": "union"}, "sequence: "),
-                       ({"sequential": "targets", "epsilon": None}, "sequential: 'continuous' -> 'targets'")):
+    for over, what in (
+        ({"epsilon": 0.1}, "epsilon: 0.05 -> 0.1"),
+        ({"sequence": "union"}, "sequence: "),
+        ({"sequential": "targets", "epsilon": None}, "sequential: 'continuous' -> 'targets'"),
+    ):
         with pytest.raises(ValueError, match=what):
             run_certification(_cfg(classifier_run, tmp_path, **{"sequential": "continuous", "epsilon": 0.05, **over}))
 
@@ -243,11 +320,22 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
     del old["stop_on_wrong_guess"]
     legacy.write_text(json.dumps(old))
     assert run_certification(_cfg(classifier_run, tmp_path / "full", skip=500))[0].rows_added == 0
-    assert "--stop-on-wrong-guess" in summarize([short]).text() and "--stop-on-wrong-guess" not in summarize([full]).text()
+    assert (
+        "--stop-on-wrong-guess" in summarize([short]).text() and "--stop-on-wrong-guess" not in summarize([full]).text()
+    )
     with pytest.raises(ValueError, match=r"other settings \(stop_on_wrong_guess: True -> None\)"):
         run_certification(_cfg(classifier_run, tmp_path / "short", skip=500))
-    argv = ["certify", "--checkpoint", str(classifier_run), "--stop-on-wrong-guess", "--output-dir", str(tmp_path),
-            "--device", "cpu", "--no-progress"]
+    argv = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--stop-on-wrong-guess",
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 2 and "--stop-on-wrong-guess True is only used with --sequential" in capsys.readouterr().err
 
 
@@ -273,10 +361,16 @@ def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
             if c.prediction != Smooth.ABSTAIN:
                 wrong += c.prediction != 0 or p == 0.5 or c.radius_continuous > true_radius or c.radius > true_radius
             t = c.n_samples - 20
-            naive += t > 0 and (c.n_a / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / t, 1 - 1e-12)) > true_radius))
-        assert wrong <= alpha * trials + slack, f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong at alpha={alpha}"
+            naive += t > 0 and (
+                c.n_a / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / t, 1 - 1e-12)) > true_radius)
+            )
+        assert wrong <= alpha * trials + slack, (
+            f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong at alpha={alpha}"
+        )
     total = trials * len(ps)
-    assert naive > alpha * total + 3 * (total * alpha) ** 0.5, f"the point-estimate certifier was wrong only {naive} times: no power"
+    assert naive > alpha * total + 3 * (total * alpha) ** 0.5, (
+        f"the point-estimate certifier was wrong only {naive} times: no power"
+    )
 
 
 def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classifier_run, tmp_path, capsys):
@@ -299,8 +393,18 @@ def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classif
     assert json.loads(res.path.with_suffix(".json").read_text())["futility"] is None
     with pytest.raises(ValueError, match=r"other settings \(futility: None -> 0.01\)"):
         run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000))
-    argv = ["certify", "--checkpoint", str(classifier_run), "--futility", "0.05", "--output-dir", str(tmp_path),
-            "--device", "cpu", "--no-progress"]
+    argv = [
+        "certify",
+        "--checkpoint",
+        str(classifier_run),
+        "--futility",
+        "0.05",
+        "--output-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 2 and "--futility 0.05 is only used with --sequential" in capsys.readouterr().err
     assert main([*argv[:3], "--sequential", "targets", "--futility", "1", *argv[5:]]) == 2
     assert "--futility must be in [0, 0.5] (0 turns the rule off), got 1.0" in capsys.readouterr().err

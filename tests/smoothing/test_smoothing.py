@@ -8,9 +8,16 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from dmae.smoothing import CHUNK, SequentialCertifier, SequentialSettings, Smooth, chunk_seed, lower_confidence_bound, radius_ceiling
-
 from conftest import AlwaysNaN, Constant, Linear2  # toy classifiers shared with the certification tests
+from dmae.smoothing import (
+    CHUNK,
+    SequentialCertifier,
+    SequentialSettings,
+    Smooth,
+    chunk_seed,
+    lower_confidence_bound,
+    radius_ceiling,
+)
 
 
 class CoinFlip(nn.Module):
@@ -25,7 +32,9 @@ class CoinFlip(nn.Module):
         return torch.stack([-z, z], dim=1)
 
 
-@pytest.mark.parametrize("n_a,n,alpha", [(1, 1, 0.001), (990, 1000, 0.001), (50, 100, 0.05), (7, 10, 0.3), (99_990, 100_000, 0.001)])
+@pytest.mark.parametrize(
+    "n_a,n,alpha", [(1, 1, 0.001), (990, 1000, 0.001), (50, 100, 0.05), (7, 10, 0.3), (99_990, 100_000, 0.001)]
+)
 def test_lower_bound_is_the_clopper_pearson_beta_quantile(n_a, n, alpha):
     p = lower_confidence_bound(n_a, n, alpha)
     assert p == pytest.approx(beta.ppf(alpha, n_a, n - n_a + 1), rel=1e-12)
@@ -220,6 +229,7 @@ def test_sample_counts_match_a_plain_reference_loop():
 
 # ----------------------------------------------------------------------------- never certify what was not computed
 
+
 def test_nan_logits_abstain_in_certify_and_predict():
     smooth = Smooth(AlwaysNaN(), 3, 0.25, seed=0)
     x = torch.rand(2, 1, 4, 4)
@@ -266,8 +276,9 @@ class SmallBNNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
-                                  nn.Linear(4 * 6 * 6, 10))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 6 * 6, 10)
+        )
         with torch.no_grad():  # running statistics far from any batch's, so train and eval mode disagree
             self.body[1].running_mean.fill_(3.0)
             self.body[1].running_var.fill_(9.0)
@@ -281,7 +292,9 @@ def test_a_model_in_training_mode_is_certified_in_eval_mode_and_left_bit_identic
     net = SmallBNNet()
     net.body[4].eval()  # a submodule the user left in eval mode must stay so
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.warns(UserWarning, match=r"training mode \(BatchNorm2d\): it is certified in eval mode.*call model.eval\(\)"):
+    with pytest.warns(
+        UserWarning, match=r"training mode \(BatchNorm2d\): it is certified in eval mode.*call model.eval\(\)"
+    ):
         in_train = Smooth(net, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running stats, num_batches_tracked
     assert net.training and net.body[1].training and not net.body[4].training
@@ -308,8 +321,11 @@ def test_non_floating_images_are_refused_naming_the_dtype(dtype):
 @pytest.mark.parametrize("alpha", [0.95, 0.999])
 def test_alpha_given_as_a_confidence_level_is_refused(alpha):
     smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
-    with pytest.raises(ValueError, match=rf"alpha must be in \(0, 0.5\), got {alpha}; alpha is the failure probability, "
-                                         rf"not a confidence level: for {alpha} confidence give alpha {1 - alpha:.6g}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"alpha must be in \(0, 0.5\), got {alpha}; alpha is the failure probability, "
+        rf"not a confidence level: for {alpha} confidence give alpha {1 - alpha:.6g}",
+    ):
         smooth.certify(torch.rand(1, 4, 4), 10, 100, alpha, 50)
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\), got 0.5$"):  # no hint where 1 - alpha = alpha
         smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.5, 50)
@@ -333,14 +349,22 @@ def test_a_sigma_other_than_the_recorded_training_sigma_warns():
 
 
 def test_a_plain_function_is_a_base_classifier_too():
-    smooth = Smooth(lambda x: torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 3).float(), 3,
-                    0.25, seed=0, device="cpu")
+    smooth = Smooth(
+        lambda x: torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 3).float(),
+        3,
+        0.25,
+        seed=0,
+        device="cpu",
+    )
     assert smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.001, 50)[0] == 0
 
 
 def test_batchnorm_without_running_statistics_is_refused():
     net = SmallBNNet()
     net.body[1] = nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics even in eval mode
-    with pytest.raises(ValueError, match=r"module body.1 \(BatchNorm2d, track_running_stats=False\) normalizes every "
-                                         r"batch by its own statistics"):
+    with pytest.raises(
+        ValueError,
+        match=r"module body.1 \(BatchNorm2d, track_running_stats=False\) normalizes every "
+        r"batch by its own statistics",
+    ):
         Smooth(net.eval(), 10, 0.25, seed=0).certify(torch.rand(1, 8, 8), 10, 100, 0.001, 50)

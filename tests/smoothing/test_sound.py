@@ -245,8 +245,10 @@ def test_images_off_the_grid_are_refused_naming_them():
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         smooth.certify_batch(x * 2, [7, 8, 9], 10, 100, 0.001, 64)
     x[1, 0, 0, 1] = 128 / 255 + 3e-7  # float rounding of a grid value: snapped, certified as that image
-    assert smooth.certify_batch(x, [7, 8, 9], 10, 100, 0.001, 64)[1] == \
-        smooth.certify_batch(torch.round(x * 255) / 255, [7, 8, 9], 10, 100, 0.001, 64)[1]
+    assert (
+        smooth.certify_batch(x, [7, 8, 9], 10, 100, 0.001, 64)[1]
+        == smooth.certify_batch(torch.round(x * 255) / 255, [7, 8, 9], 10, 100, 0.001, 64)[1]
+    )
     with pytest.raises(ValueError, match="levels must be an integer >= 1"):
         SoundSmooth(Linear2(torch.ones(4), 0.0), 2, 0.25, levels=0)
 
@@ -290,8 +292,9 @@ def test_wrong_certificates_stay_within_alpha(target):
 
     seq_trials = 300
     settings = SequentialSettings(n0=n0, n_max=1000, alpha=alpha, mode="continuous", epsilon=0.02)
-    seq = SequentialCertifier(smooth, settings).certify_batch(x.expand(seq_trials, -1, -1, -1),
-                                                              list(range(10_000, 10_000 + seq_trials)), 5000)
+    seq = SequentialCertifier(smooth, settings).certify_batch(
+        x.expand(seq_trials, -1, -1, -1), list(range(10_000, 10_000 + seq_trials)), 5000
+    )
     wrong = sum(c.prediction == 1 or (c.prediction == 0 and c.radius > exact_radius) for c in seq)
     slack = 3 * math.sqrt(seq_trials * alpha * (1 - alpha))
     assert wrong <= alpha * seq_trials + slack, f"{wrong} of {seq_trials} sequential certificates wrong"
@@ -304,8 +307,19 @@ def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(class
     from dmae.certification.runner import CertifyConfig, run_certification
 
     def cfg(**over):
-        kw = dict(checkpoint=str(classifier_run), n0=20, n=100, alpha=0.001, skip=2000, batch=64, seed=0,
-                  output_dir=str(tmp_path), device="cpu", progress=False, sound=True)
+        kw = dict(
+            checkpoint=str(classifier_run),
+            n0=20,
+            n=100,
+            alpha=0.001,
+            skip=2000,
+            batch=64,
+            seed=0,
+            output_dir=str(tmp_path),
+            device="cpu",
+            progress=False,
+            sound=True,
+        )
         return CertifyConfig(**{**kw, **over})
 
     [res] = run_certification(cfg())

@@ -14,9 +14,21 @@ from torch.utils.data import TensorDataset
 from dmae.checkpoint import safe_load
 from dmae.config import build_config, load_values
 from dmae.distributed import DistInfo
-from dmae.training.engine import (RESUMABLE_OPTIONS, Built, RunLog, StopFlag, TrainingJob, TrainOptions,
-                                  build_scheduler, check_finite_parameters, check_resumable, check_run_folder,
-                                  epoch_loader, step_seed, train)
+from dmae.training.engine import (
+    RESUMABLE_OPTIONS,
+    Built,
+    RunLog,
+    StopFlag,
+    TrainingJob,
+    TrainOptions,
+    build_scheduler,
+    check_finite_parameters,
+    check_resumable,
+    check_run_folder,
+    epoch_loader,
+    step_seed,
+    train,
+)
 
 W_TRUE = torch.tensor([1.0, -2.0, 0.5, 3.0])
 
@@ -63,8 +75,17 @@ class Regression(TrainingJob):
 
 def _cfg(out, **over):
     # 64 points / batch 8 = 8 steps per epoch, 2 epochs = 16 steps; 4 warmup steps
-    kw = dict(device="cpu", progress=False, output_dir=str(out), batch_size=8, epochs=2, warmup_epochs=0.5,
-              lr=0.05, min_lr=0.001, log_every=3)
+    kw = dict(
+        device="cpu",
+        progress=False,
+        output_dir=str(out),
+        batch_size=8,
+        epochs=2,
+        warmup_epochs=0.5,
+        lr=0.05,
+        min_lr=0.001,
+        log_every=3,
+    )
     return TrainOptions(**{**kw, **over})
 
 
@@ -248,8 +269,9 @@ def test_check_resumable_names_every_difference():
     saved = {"lr": 0.1, "seed": 0, "log_every": 20, "output_dir": "a"}
     check_resumable(saved, {"lr": 0.1, "seed": 0, "log_every": 5, "output_dir": "b"}, RESUMABLE_OPTIONS, Path("c.pt"))
     with pytest.raises(ValueError) as e:
-        check_resumable(saved, {"lr": 0.2, "seed": 1, "log_every": 5, "output_dir": "a", "new": 1},
-                        RESUMABLE_OPTIONS, Path("c.pt"))
+        check_resumable(
+            saved, {"lr": 0.2, "seed": 1, "log_every": 5, "output_dir": "a", "new": 1}, RESUMABLE_OPTIONS, Path("c.pt")
+        )
     assert "cannot resume c.pt" in str(e.value)
     assert "lr: 0.1 -> 0.2, seed: 0 -> 1, new: None -> 1" in str(e.value) and "log_every" not in str(e.value)
 
@@ -344,7 +366,6 @@ def test_epoch_loader_shards_and_counts_whole_accumulation_cycles():
 # ----------------------------------------------------------------------------- defaults fitted to the data
 def test_adapt_to_data_fits_batch_warmup_and_lr_only_where_not_given():
     from dmae.training.engine import adapt_to_data
-
     from dmae.training.finetune import FinetuneConfig
 
     # issue 19: 1,800 images, `--epochs 3` and the fine-tuning recipe's defaults (warmup 5, blr 5e-4 for batch 1024)

@@ -6,26 +6,45 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from conftest import PICO
 from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, safe_load
 from dmae.cli import main
 from dmae.training.engine import build_scheduler
 from dmae.training.finetune import FinetuneConfig, LinprobeConfig, build_finetune_optimizer, finetune
 from dmae.training.pretrain import PretrainConfig, pretrain
 
-from conftest import PICO
-
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(PretrainConfig(model=PICO, train_subset=256, batch_size=64, epochs=1, eval_images=16, progress=False,
-                            device="cpu", output_dir=str(out)))
+    pretrain(
+        PretrainConfig(
+            model=PICO,
+            train_subset=256,
+            batch_size=64,
+            epochs=1,
+            eval_images=16,
+            progress=False,
+            device="cpu",
+            output_dir=str(out),
+        )
+    )
     return out
 
 
 def _ft(tmp_path, name="ft", **over):
-    kw = dict(train_subset=256, val_size=200, batch_size=32, epochs=2, warmup_epochs=0.5, eval_images=64,
-              log_every=2, progress=False, device="cpu", output_dir=str(tmp_path / name))
+    kw = dict(
+        train_subset=256,
+        val_size=200,
+        batch_size=32,
+        epochs=2,
+        warmup_epochs=0.5,
+        eval_images=64,
+        log_every=2,
+        progress=False,
+        device="cpu",
+        output_dir=str(tmp_path / name),
+    )
     kw.update(over)
     cls = LinprobeConfig if kw.pop("linprobe_cfg", False) else FinetuneConfig
     return finetune(cls(**kw))
@@ -36,12 +55,30 @@ def test_layer_decay_scales_follow_the_rule():
     model, _ = load_classifier(None, 10, model=PICO)  # depth 2
     decay, depth = 0.65, 2
     opt = build_finetune_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=decay)
-    scale = {n: g["lr_scale"] for g in opt.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
-    layer = {"cls_token": 0, "pos_embed": 0, "patch_embed.proj.weight": 0, "blocks.0.attn.qkv.weight": 1,
-             "blocks.1.mlp.fc2.bias": 2, "fc_norm.weight": depth + 1, "head.weight": depth + 1, "head.bias": depth + 1}
+    scale = {
+        n: g["lr_scale"]
+        for g in opt.param_groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    layer = {
+        "cls_token": 0,
+        "pos_embed": 0,
+        "patch_embed.proj.weight": 0,
+        "blocks.0.attn.qkv.weight": 1,
+        "blocks.1.mlp.fc2.bias": 2,
+        "fc_norm.weight": depth + 1,
+        "head.weight": depth + 1,
+        "head.bias": depth + 1,
+    }
     for name, lyr in layer.items():
         assert scale[name] == pytest.approx(decay ** (depth + 1 - lyr)), name
-    wd = {n: g["weight_decay"] for g in opt.param_groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    wd = {
+        n: g["weight_decay"]
+        for g in opt.param_groups
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
     assert wd["cls_token"] == wd["pos_embed"] == wd["blocks.0.norm1.weight"] == wd["head.bias"] == 0.0
     assert wd["blocks.0.attn.qkv.weight"] == wd["head.weight"] == 0.05
     # the scheduler applies each group's scale exactly once
@@ -54,8 +91,16 @@ def test_layer_decay_scales_follow_the_rule():
 # ----------------------------------------------------------------------------- official checkpoints
 def _official(tmp_path, model: nn.Module, name: str):
     path = tmp_path / name
-    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 99, "scaler": {},
-                "args": argparse.Namespace(model="vit_base_patch16", global_pool=True)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "epoch": 99,
+            "scaler": {},
+            "args": argparse.Namespace(model="vit_base_patch16", global_pool=True),
+        },
+        path,
+    )
     return path
 
 
@@ -73,8 +118,9 @@ def test_official_finetuned_checkpoint_loads_whole(tmp_path):
 
 
 def test_official_linear_probe_checkpoint_loads_whole(tmp_path):
-    ref = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
-                                 global_pool="token", num_classes=10)
+    ref = VisionTransformer(
+        img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, global_pool="token", num_classes=10
+    )
     ref.head = nn.Sequential(nn.BatchNorm1d(32, affine=False, eps=1e-6), ref.head)  # as the linear-probe code does
     keys = set(ref.state_dict())
     assert {"head.0.running_mean", "head.1.weight", "norm.weight"} <= keys
@@ -138,8 +184,23 @@ def test_linprobe_trains_only_the_head(tmp_path, pretrained):
 
 
 def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
-    small = ["--train-subset", "128", "--val-size", "100", "--batch-size", "32", "--epochs", "1", "--eval-images", "32",
-             "--no-progress", "--device", "cpu", "--init", str(pretrained / "model.safetensors")]
+    small = [
+        "--train-subset",
+        "128",
+        "--val-size",
+        "100",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--eval-images",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--init",
+        str(pretrained / "model.safetensors"),
+    ]
     assert main(["finetune", "--config", "fashion_mnist_cr", *small, "--output-dir", str(tmp_path / "f")]) == 0
     assert main(["linprobe", "--config", "fashion_mnist", *small, "--output-dir", str(tmp_path / "l")]) == 0
     out = capsys.readouterr().out
@@ -151,10 +212,38 @@ def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
 # ----------------------------------------------------------------------------- loading and data (field faults)
 def test_init_takes_a_run_folder_like_certify_and_visualize(tmp_path, pretrained, capsys):
     """`dmae finetune --config fashion_mnist_cr --init RUN_FOLDER`, as the README shows it."""
-    small = ["--train-subset", "64", "--val-size", "100", "--batch-size", "32", "--epochs", "1", "--eval-images", "16",
-             "--warmup-epochs", "0.5", "--no-progress", "--device", "cpu"]
-    assert main(["finetune", "--config", "fashion_mnist_cr", "--init", str(pretrained), *small,
-                 "--output-dir", str(tmp_path / "f")]) == 0
+    small = [
+        "--train-subset",
+        "64",
+        "--val-size",
+        "100",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--eval-images",
+        "16",
+        "--warmup-epochs",
+        "0.5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        main(
+            [
+                "finetune",
+                "--config",
+                "fashion_mnist_cr",
+                "--init",
+                str(pretrained),
+                *small,
+                "--output-dir",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     assert f"weights from {pretrained}" in capsys.readouterr().out
     assert main(["finetune", "--init", str(tmp_path / "empty"), *small, "--output-dir", str(tmp_path / "g")]) == 2
     assert "--init" in capsys.readouterr().err
@@ -165,8 +254,8 @@ def test_init_takes_a_run_folder_like_certify_and_visualize(tmp_path, pretrained
 
 
 def test_small_presets_follow_an_rgb_folder(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("val", 4)):
@@ -175,8 +264,18 @@ def test_small_presets_follow_an_rgb_folder(tmp_path):
             d.mkdir(parents=True)
             for i in range(n // 2):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    res = _ft(tmp_path, model=PICO, data="folder", data_root=str(tmp_path / "data"), img_size=28, val_size=8,
-              train_subset=None, batch_size=16, epochs=1, eval_images=4)
+    res = _ft(
+        tmp_path,
+        model=PICO,
+        data="folder",
+        data_root=str(tmp_path / "data"),
+        img_size=28,
+        val_size=8,
+        train_subset=None,
+        batch_size=16,
+        epochs=1,
+        eval_images=4,
+    )
     assert res.finished and res.model.config.encoder.in_chans == 3
 
 
@@ -241,14 +340,33 @@ def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path,
     # came as 3 channels to a 1-channel model
     root = _grey_folder(tmp_path / "data")
     out = tmp_path / "ft"
-    argv = ["finetune", "--data", "folder", "--data-root", str(root), "--init", str(pretrained), "--sigma", "0.25",
-            "--epochs", "3", "--output-dir", str(out), "--device", "cpu", "--no-progress"]
+    argv = [
+        "finetune",
+        "--data",
+        "folder",
+        "--data-root",
+        str(root),
+        "--init",
+        str(pretrained),
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "3",
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "adapted to 108 training images" in printed
-    for line in ("--val-size 5000 -> 12 (10% of the 120 training images", "--warmup-epochs 5 -> 0.3 (10% of 3 epochs",
-                 "--batch-size 64 -> 54 (44 of 108 images would be left out",
-                 "--lr 0.000105 -> 0.002 (blr 0.0005 x 54 / 256 scales the recipe's batch-1024 lr down"):
+    for line in (
+        "--val-size 5000 -> 12 (10% of the 120 training images",
+        "--warmup-epochs 5 -> 0.3 (10% of 3 epochs",
+        "--batch-size 64 -> 54 (44 of 108 images would be left out",
+        "--lr 0.000105 -> 0.002 (blr 0.0005 x 54 / 256 scales the recipe's batch-1024 lr down",
+    ):
         assert line in printed
     import yaml
 
@@ -259,8 +377,12 @@ def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path,
     model, _ = load_classifier(out / "model_best.safetensors", 2)
     assert model.config.encoder.in_chans == 1
     # an option given is never adapted, and a given one that cannot fit is refused naming the flag
-    assert main(argv[:-5] + ["--output-dir", str(tmp_path / "ft2"), "--val-size", "200", "--device", "cpu",
-                             "--no-progress"]) == 2
+    assert (
+        main(
+            argv[:-5] + ["--output-dir", str(tmp_path / "ft2"), "--val-size", "200", "--device", "cpu", "--no-progress"]
+        )
+        == 2
+    )
     assert "--val-size 200 leaves no training images out of 120; give a smaller --val-size" in capsys.readouterr().err
 
 
@@ -270,11 +392,24 @@ def test_a_run_that_stays_near_chance_says_so_loudly_and_records_it(tmp_path, ca
     from dmae.training.finetune import near_chance
 
     root = _grey_folder(tmp_path / "data", train=100, val=10, random_labels=True)
-    res = finetune(FinetuneConfig(model=PICO, data="folder", data_root=str(root), sigma=0.25, epochs=1, val_size=40,
-                                  progress=False, device="cpu", output_dir=str(tmp_path / "ft")))
+    res = finetune(
+        FinetuneConfig(
+            model=PICO,
+            data="folder",
+            data_root=str(root),
+            sigma=0.25,
+            epochs=1,
+            val_size=40,
+            progress=False,
+            device="cpu",
+            output_dir=str(tmp_path / "ft"),
+        )
+    )
     assert len(res.warnings) == 1 and "near chance (50.0% for 2 classes" in res.warnings[0]
     err = capsys.readouterr().err
-    assert "dmae finetune: WARNING: held-out accuracy (best epoch, 40 training images) under noise (sigma=0.25) is" in err
+    assert (
+        "dmae finetune: WARNING: held-out accuracy (best epoch, 40 training images) under noise (sigma=0.25) is" in err
+    )
     assert "raise --epochs or --lr / --blr" in err and "--sigma" in err
     rows = [json.loads(ln) for ln in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     assert [r["message"] for r in rows if r["type"] == "warning"] == res.warnings

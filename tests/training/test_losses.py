@@ -78,7 +78,9 @@ def test_consistency_loss_m4_and_batch_mean():
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
     # two distinct copies repeated twice (m=4) give the m=2 loss: the terms are means over copies
     two = logits[:2]
-    assert consistency_loss(torch.cat([two, two]), y).total.item() == pytest.approx(consistency_loss(two, y).total.item(), rel=1e-6)
+    assert consistency_loss(torch.cat([two, two]), y).total.item() == pytest.approx(
+        consistency_loss(two, y).total.item(), rel=1e-6
+    )
     # identical copies: no disagreement, so the KL term is zero
     same = consistency_loss(logits[:1].expand(4, -1, -1), y)
     assert same.kl.item() == pytest.approx(0.0, abs=1e-7)
@@ -113,7 +115,9 @@ def test_rs_loss_is_cross_entropy_on_noisy_inputs():
 def test_soft_targets_and_default_mu():
     logits = torch.randn(4, 3)
     y = torch.tensor([0, 2, 1, 1])
-    assert cross_entropy(logits, F.one_hot(y, 3).float()).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert cross_entropy(logits, F.one_hot(y, 3).float()).item() == pytest.approx(
+        F.cross_entropy(logits, y).item(), rel=1e-6
+    )
     assert (default_mu(0.25), default_mu(0.5), default_mu(1.0)) == (0.5, 0.5, 0.1)
     with pytest.raises(ValueError, match=r"logits \[m, B, K\]"):
         consistency_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PICO
 from dmae.checkpoint import load_dmae, safe_load
 from dmae.models import create_model
 from dmae.training.engine import build_scheduler
 from dmae.training.pretrain import PretrainConfig, build_optimizer, pretrain
-
-from conftest import PICO
 
 
 def _run(kw, **over):
@@ -33,8 +32,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_pretrain_kwargs, tmp_path)
     sd_full = safe_load(tmp_path / "full" / "checkpoint.pt")["model"]
     sd_split = safe_load(Path(split) / "checkpoint.pt")["model"]
     assert all(torch.equal(sd_full[k], sd_split[k]) for k in sd_full)
-    steps = [json.loads(ln)["step"] for ln in (Path(split) / "log.jsonl").read_text().splitlines()
-             if json.loads(ln)["type"] == "train"]
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (Path(split) / "log.jsonl").read_text().splitlines()
+        if json.loads(ln)["type"] == "train"
+    ]
     assert steps == sorted(set(steps))  # nothing logged twice
 
 
@@ -50,7 +52,9 @@ def test_resume_with_gradient_accumulation(tiny_pretrain_kwargs, tmp_path):
 def test_run_folder_contents_and_learning(tiny_pretrain_kwargs, tmp_path):
     res = _run(tiny_pretrain_kwargs, epochs=3, norm_pix_loss=False)
     out = Path(res.output_dir)
-    assert {"config.yaml", "model_config.json", "checkpoint.pt", "model.safetensors", "log.jsonl", "tb"} <= {p.name for p in out.iterdir()}
+    assert {"config.yaml", "model_config.json", "checkpoint.pt", "model.safetensors", "log.jsonl", "tb"} <= {
+        p.name for p in out.iterdir()
+    }
     assert res.eval_start is not None and res.eval_end is not None
     assert res.eval_end["loss"] < res.eval_start["loss"]
     assert res.eval_end["mse"] < res.eval_start["mse"]
@@ -100,16 +104,19 @@ def test_weight_decay_groups():
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
 
-@pytest.mark.parametrize("over,message", [
-    ({"mask_ratio": 1.0}, r"mask_ratio must be in \[0, 1\).*1.0"),
-    ({"mask_ratio": -0.2}, r"mask_ratio must be in \[0, 1\).*-0.2"),
-    ({"sigma": -1.0}, r"sigma must be a number >= 0.*-1.0"),
-    ({"model": "vit_giant"}, "unknown model 'vit_giant'"),
-    ({"data": "mnist"}, "unknown data set 'mnist'"),
-    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
-    ({"warmup_epochs": 5.0, "epochs": 2}, "--warmup-epochs 5.0 exceeds --epochs 2"),
-    ({"batch_size": 1000}, "too few for batch size 1000"),
-])
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"mask_ratio": 1.0}, r"mask_ratio must be in \[0, 1\).*1.0"),
+        ({"mask_ratio": -0.2}, r"mask_ratio must be in \[0, 1\).*-0.2"),
+        ({"sigma": -1.0}, r"sigma must be a number >= 0.*-1.0"),
+        ({"model": "vit_giant"}, "unknown model 'vit_giant'"),
+        ({"data": "mnist"}, "unknown data set 'mnist'"),
+        ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+        ({"warmup_epochs": 5.0, "epochs": 2}, "--warmup-epochs 5.0 exceeds --epochs 2"),
+        ({"batch_size": 1000}, "too few for batch size 1000"),
+    ],
+)
 def test_bad_configs_fail_clearly(tiny_pretrain_kwargs, over, message):
     with pytest.raises(ValueError, match=message):
         _run(tiny_pretrain_kwargs, **over)
@@ -138,11 +145,13 @@ def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
 
     images = read_idx(root / "train-images-idx3-ubyte.gz").copy()
     images[0] = 255 - images[0]  # the same path, other data
-    header = (root / "train-images-idx3-ubyte.gz")
+    header = root / "train-images-idx3-ubyte.gz"
     raw = gzip.open(header).read()[:16]
     with gzip.open(header, "wb") as f:
         f.write(raw + np.ascontiguousarray(images).tobytes())
-    with pytest.raises(ValueError, match="the data or the --init weights differ from the saved run \\(data_fingerprint"):
+    with pytest.raises(
+        ValueError, match="the data or the --init weights differ from the saved run \\(data_fingerprint"
+    ):
         _run(tiny_pretrain_kwargs, data_root=str(root), resume=True)
 
 
@@ -158,8 +167,17 @@ def test_small_grey_folder_with_defaults(tmp_path, capsys):
             d.mkdir(parents=True)
             for i in range(30):
                 Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(d / f"{i}.png")
-    res = pretrain(PretrainConfig(model=PICO, data="folder", data_root=str(tmp_path / "data"), epochs=2,
-                                  progress=False, device="cpu", output_dir=str(tmp_path / "run")))
+    res = pretrain(
+        PretrainConfig(
+            model=PICO,
+            data="folder",
+            data_root=str(tmp_path / "data"),
+            epochs=2,
+            progress=False,
+            device="cpu",
+            output_dir=str(tmp_path / "run"),
+        )
+    )
     assert res.finished
     assert json.loads((tmp_path / "run" / "model_config.json").read_text())["in_chans"] == 1
     changes = {a.option: (a.old, a.new) for a in res.adapted}

@@ -4,13 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PICO
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
 from dmae.reporting.report import read_log
 from dmae.training.finetune import noisy_accuracy
 from dmae.workflows.demo import run_demo
-
-from conftest import PICO
 
 
 def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
@@ -18,8 +17,15 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     # enough fine-tuning (32 steps) that the classifier depends on its input, so a wrong number shows
     small_ft = {"train_subset": 1024, "val_size": 100, "batch_size": 32, "eval_images": 200, "lr": 1e-2, "epochs": 1}
     small_cert = {"n": 200, "n0": 20, "skip": 2500, "batch": 256}
-    first = run_demo(tmp_path, progress=False, device="cpu", from_scratch=True, overrides=small,
-                     finetune_overrides=small_ft, certify_overrides=small_cert)
+    first = run_demo(
+        tmp_path,
+        progress=False,
+        device="cpu",
+        from_scratch=True,
+        overrides=small,
+        finetune_overrides=small_ft,
+        certify_overrides=small_cert,
+    )
     assert first["mse_after"] < first["mse_before"]
     assert first["finetune_steps"] == 32
     # the printed accuracy is the selected classifier's, measured on the same noise
@@ -32,8 +38,11 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert (tmp_path / "finetune" / "model_best.safetensors").is_file()
     assert first["certified_images"] == 4 and (tmp_path / "certified_accuracy.png").is_file()
     log = read_log(tmp_path / "certify" / "sequential_sigma0.25.tsv")  # sequential CERTIFY, as the demo runs it
-    assert (first["certified_acc_0"], first["acr"], first["samples"]) == (log.certified_accuracy(0.0), log.acr,
-                                                                           int(log.n_samples.sum()))
+    assert (first["certified_acc_0"], first["acr"], first["samples"]) == (
+        log.certified_accuracy(0.0),
+        log.acr,
+        int(log.n_samples.sum()),
+    )
     assert first["samples"] < 4 * (20 + 200)
     out = capsys.readouterr().out
     assert "pixel MSE to the clean image" in out
@@ -42,10 +51,19 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert f"noise samples (forward passes): {first['samples']:,} in all" in out and "fixed-n CERTIFY at n=200" in out
     page = (tmp_path / "report.html").read_text()  # the run's HTML report, every section present
     assert f"report: {tmp_path / 'report.html'}" in out
-    assert all(f'<h2 id="{sec}">' in page for sec in ("certified", "training", "reconstructions", "per-image", "settings"))
+    assert all(
+        f'<h2 id="{sec}">' in page for sec in ("certified", "training", "reconstructions", "per-image", "settings")
+    )
     # a second call reuses the finished runs instead of training again
-    again = run_demo(tmp_path, progress=False, device="cpu", from_scratch=True, overrides=small,
-                     finetune_overrides=small_ft, certify_overrides=small_cert)
+    again = run_demo(
+        tmp_path,
+        progress=False,
+        device="cpu",
+        from_scratch=True,
+        overrides=small,
+        finetune_overrides=small_ft,
+        certify_overrides=small_cert,
+    )
     assert again == first
 
 
@@ -73,8 +91,9 @@ def _demo_process(out):
 
     script = DEMO_SCRIPT.format(overrides=SMALL, ft=SMALL_FT, cert=SMALL_CERT, out=str(out))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _outputs(out):
@@ -84,8 +103,11 @@ def _outputs(out):
     rows = (out / "certify" / "sequential_sigma0.25.tsv").read_text().splitlines()
     rows = [r.split("\t") for r in rows]
     time_col = rows[0].index("time")
-    return ([[v for j, v in enumerate(r) if j != time_col] for r in rows],
-            load_file(out / "pretrain" / "model.safetensors"), load_file(out / "finetune" / "model_last.safetensors"))
+    return (
+        [[v for j, v in enumerate(r) if j != time_col] for r in rows],
+        load_file(out / "pretrain" / "model.safetensors"),
+        load_file(out / "finetune" / "model_last.safetensors"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +119,20 @@ def uninterrupted(tmp_path_factory):
     return _outputs(out)
 
 
-STAGES = {"pretraining": ("pretrain/log.jsonl", 2), "fine-tuning": ("finetune/log.jsonl", 2),
-          "certification": ("certify/sequential_sigma0.25.tsv", 3)}
+STAGES = {
+    "pretraining": ("pretrain/log.jsonl", 2),
+    "fine-tuning": ("finetune/log.jsonl", 2),
+    "certification": ("certify/sequential_sigma0.25.tsv", 3),
+}
 
 
-@pytest.mark.parametrize("stage,sig", [("pretraining", "SIGINT"), ("fine-tuning", "SIGTERM"),
-                                       ("certification", "SIGTERM"), ("certification", "SIGINT")])
-def test_demo_interrupted_at_each_stage_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, uninterrupted, stage,
-                                                                                        sig):
+@pytest.mark.parametrize(
+    "stage,sig",
+    [("pretraining", "SIGINT"), ("fine-tuning", "SIGTERM"), ("certification", "SIGTERM"), ("certification", "SIGINT")],
+)
+def test_demo_interrupted_at_each_stage_resumes_to_the_numbers_of_an_uninterrupted_run(
+    tmp_path, uninterrupted, stage, sig
+):
     """A stage stopped by SIGINT or SIGTERM stops the demo (exit 130, how to resume, nothing certified from a
     half-trained model); re-running the same command resumes and ends with exactly the rows (time aside) and
     weights of an uninterrupted run."""
@@ -153,8 +181,11 @@ def test_shipped_checkpoint_is_the_run_of_the_shipped_command():
     made = C.load_values(SHIPPED_DIR / "config.yaml", PretrainConfig)
     assert preset_differences(made) == {}
     assert preset_differences({**made, "epochs": 19}) == {"epochs": (19, 20)}  # the comparison can fail
-    logged = {r["step"]: r["loss"] for r in map(json.loads, (SHIPPED_DIR / "log.jsonl").read_text().splitlines())
-              if r["type"] == "train"}
+    logged = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (SHIPPED_DIR / "log.jsonl").read_text().splitlines())
+        if r["type"] == "train"
+    }
     assert prov["epochs"] == made["epochs"] and max(logged) == made["epochs"] * 468  # 60,000 / 128 steps per epoch
     threads = torch.get_num_threads()
     torch.set_num_threads(prov["threads"])
@@ -162,11 +193,17 @@ def test_shipped_checkpoint_is_the_run_of_the_shipped_command():
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = C.build_config(PretrainConfig, made, {"output_dir": tmp, "stop_after": 50, "progress": False,
-                                                        "device": "cpu", "eval_images": 8})
+            cfg = C.build_config(
+                PretrainConfig,
+                made,
+                {"output_dir": tmp, "stop_after": 50, "progress": False, "device": "cpu", "eval_images": 8},
+            )
             pretrain(cfg)
-            again = {r["step"]: r["loss"] for r in map(json.loads, (Path(tmp) / "log.jsonl").read_text().splitlines())
-                     if r["type"] == "train"}
+            again = {
+                r["step"]: r["loss"]
+                for r in map(json.loads, (Path(tmp) / "log.jsonl").read_text().splitlines())
+                if r["type"] == "train"
+            }
     finally:
         torch.set_num_threads(threads)
     assert again

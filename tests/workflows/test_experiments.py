@@ -5,15 +5,29 @@ import pytest
 
 from dmae.certification.log import CERTIFY_HEADER, read_rows
 from dmae.cli import main
-from dmae.workflows.experiments import (ExperimentError, ExperimentOptions, gpu_hours, list_experiments,
-                                       load_experiment, run_experiment)
+from dmae.workflows.experiments import (
+    ExperimentError,
+    ExperimentOptions,
+    gpu_hours,
+    list_experiments,
+    load_experiment,
+    run_experiment,
+)
 
-PAPER = {"imagenet_vit_base", "imagenet_vit_large", "cifar10_transfer", "linprobe_dmae_vs_mae", "pretrain_epochs",
-         "rs_vs_cr", "dmae_vs_mae_finetune", "many_sigma"}
+PAPER = {
+    "imagenet_vit_base",
+    "imagenet_vit_large",
+    "cifar10_transfer",
+    "linprobe_dmae_vs_mae",
+    "pretrain_epochs",
+    "rs_vs_cr",
+    "dmae_vs_mae_finetune",
+    "many_sigma",
+}
 
 
 def test_every_paper_experiment_is_shipped_with_an_estimate_and_torchrun_commands(capsys):
-    assert PAPER <= set(list_experiments())
+    assert set(list_experiments()) >= PAPER
     for name in PAPER:
         exp = load_experiment(name)
         hours = gpu_hours(exp)
@@ -57,47 +71,94 @@ def test_rerun_skips_what_is_done_and_use_replaces_a_stage(tmp_path, capsys):
     again = run_experiment(exp, opts)
     out = capsys.readouterr().out
     assert "pretrain: done" in out and "cr_range: done" in out and "(0 new)" in out
-    assert read_rows(log, CERTIFY_HEADER) == rows and again["one model, sigma ~ U[0, 0.75]"].rows == first["one model, sigma ~ U[0, 0.75]"].rows
+    assert (
+        read_rows(log, CERTIFY_HEADER) == rows
+        and again["one model, sigma ~ U[0, 0.75]"].rows == first["one model, sigma ~ U[0, 0.75]"].rows
+    )
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "| pretrain | pretrain | 4 |" in report and "| cr_range | finetune | 4 |" in report and "val_acc@0.25" in report
+    assert (
+        "| pretrain | pretrain | 4 |" in report and "| cr_range | finetune | 4 |" in report and "val_acc@0.25" in report
+    )
     export = tmp_path / "a" / "pretrain" / "model.safetensors"
-    assert main(["experiment", "many_sigma", "--smoke", "--use", f"pretrain={export}", "--output-dir", str(tmp_path / "b"),
-                 "--device", "cpu", "--no-progress"]) == 0
-    assert not (tmp_path / "b" / "pretrain").exists() and (tmp_path / "b" / "cr_range" / "model_last.safetensors").is_file()
+    assert (
+        main(
+            [
+                "experiment",
+                "many_sigma",
+                "--smoke",
+                "--use",
+                f"pretrain={export}",
+                "--output-dir",
+                str(tmp_path / "b"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        not (tmp_path / "b" / "pretrain").exists()
+        and (tmp_path / "b" / "cr_range" / "model_last.safetensors").is_file()
+    )
     assert "pretrain: using" in capsys.readouterr().out
 
 
 def test_bad_experiments_and_options_are_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    for text, message in (("stages:\n  a: {command: finetune, init: b}\n  b: {command: pretrain}\n",
-                           "stage a refers to 'b', which is not an earlier stage"),
-                          ("stages:\n  a: {command: train}\n", "stage a has command 'train'"),
-                          ("- a\n- b\n", r"bad.yaml is not a mapping of keys \(comparisons, groups, notes, paper, "
-                           r"stages, title, torchrun\): it holds a list"),
-                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a], sigmas: ['0.25']}\n",
-                           r"stage c has sigmas \['0.25'\]; give a list of numbers > 0"),
-                          ("stages:\n  a: {command: finetune}\ncomparison:\n  - [a, a]\n",
-                           r"unknown keys \['comparison'\]; an experiment takes comparisons, groups"),
-                          ("stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n", "group 'g' names 'a', which is not a fine-tuning stage"),
-                          ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage"),
-                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, b]\n",
-                           r"comparison \['a', 'b'\] must be two different classifier stages that a certify stage "
-                           r"certifies \(a\)"),
-                          ("stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, a]\n",
-                           r"comparison \['a', 'a'\] must be two different"),
-                          ("stages:\n  a: {command: finetune}\n  b: {command: finetune}\n"
-                           "  c: {command: certify, runs: [a], set: {skip: 20}}\n  d: {command: certify, runs: [b], set: {skip: 1}}\n"
-                           "comparisons:\n  - [a, b]\n",
-                           r"comparison \[a, b\] pairs runs certified on different test images \(a by c: skip=20, max=None, "
-                           r"split=None; b by d: skip=1, max=None, split=None\)")):
+    for text, message in (
+        (
+            "stages:\n  a: {command: finetune, init: b}\n  b: {command: pretrain}\n",
+            "stage a refers to 'b', which is not an earlier stage",
+        ),
+        ("stages:\n  a: {command: train}\n", "stage a has command 'train'"),
+        (
+            "- a\n- b\n",
+            r"bad.yaml is not a mapping of keys \(comparisons, groups, notes, paper, "
+            r"stages, title, torchrun\): it holds a list",
+        ),
+        (
+            "stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a], sigmas: ['0.25']}\n",
+            r"stage c has sigmas \['0.25'\]; give a list of numbers > 0",
+        ),
+        (
+            "stages:\n  a: {command: finetune}\ncomparison:\n  - [a, a]\n",
+            r"unknown keys \['comparison'\]; an experiment takes comparisons, groups",
+        ),
+        (
+            "stages:\n  a: {command: pretrain}\ngroups:\n  g: [a]\n",
+            "group 'g' names 'a', which is not a fine-tuning stage",
+        ),
+        ("stages:\n  a: {command: pretrain}\n  c: {command: certify, runs: [a]}\n", "certifies a pretraining stage"),
+        (
+            "stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, b]\n",
+            r"comparison \['a', 'b'\] must be two different classifier stages that a certify stage "
+            r"certifies \(a\)",
+        ),
+        (
+            "stages:\n  a: {command: finetune}\n  c: {command: certify, runs: [a]}\ncomparisons:\n  - [a, a]\n",
+            r"comparison \['a', 'a'\] must be two different",
+        ),
+        (
+            "stages:\n  a: {command: finetune}\n  b: {command: finetune}\n"
+            "  c: {command: certify, runs: [a], set: {skip: 20}}\n  d: {command: certify, runs: [b], set: {skip: 1}}\n"
+            "comparisons:\n  - [a, b]\n",
+            r"comparison \[a, b\] pairs runs certified on different test images \(a by c: skip=20, max=None, "
+            r"split=None; b by d: skip=1, max=None, split=None\)",
+        ),
+    ):
         bad.write_text(text)
         with pytest.raises(ExperimentError, match=message):
             load_experiment(str(bad))
-    for argv, message in ((["experiment", "imagenet_vit_bse"], "unknown experiment 'imagenet_vit_bse'; shipped: "),
-                          (["experiment", "many_sigma", "--use", "pretrian=x"], "has no stage 'pretrian'; stages: pretrain"),
-                          (["experiment", "many_sigma", "--use", "pretrain"], "--use takes STAGE=PATH, got 'pretrain'"),
-                          (["experiment", "many_sigma", "--only", "certify", "--output-dir", str(tmp_path / "x")],
-                           "stage certify certifies cr_range, which has not produced")):
+    for argv, message in (
+        (["experiment", "imagenet_vit_bse"], "unknown experiment 'imagenet_vit_bse'; shipped: "),
+        (["experiment", "many_sigma", "--use", "pretrian=x"], "has no stage 'pretrian'; stages: pretrain"),
+        (["experiment", "many_sigma", "--use", "pretrain"], "--use takes STAGE=PATH, got 'pretrain'"),
+        (
+            ["experiment", "many_sigma", "--only", "certify", "--output-dir", str(tmp_path / "x")],
+            "stage certify certifies cr_range, which has not produced",
+        ),
+    ):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
 
@@ -116,9 +177,21 @@ def test_estimates_and_paper_recipes_at_full_scale(monkeypatch, tmp_path):
         p = training_config(exp, exp.stage("pretrain"), opts)
         f = training_config(exp, exp.stage("cr_sigma1.0"), opts)
         assert (p.batch_size, p.accum_iter) == pre and (f.batch_size, f.accum_iter) == ft
-    assert (p.model, p.epochs, p.sigma, p.loss, p.blr, p.data_root) == ("dmae_vit_base_patch16_dec512d8b", 1100, 0.25, "all",
-                                                                      1.5e-4, "/data/imagenet")
-    assert (f.sigma, f.method, f.epochs, f.layer_decay, f.init) == (1.0, "cr", 100, 0.65, str(tmp_path / "pretrain" / "model.safetensors"))
+    assert (p.model, p.epochs, p.sigma, p.loss, p.blr, p.data_root) == (
+        "dmae_vit_base_patch16_dec512d8b",
+        1100,
+        0.25,
+        "all",
+        1.5e-4,
+        "/data/imagenet",
+    )
+    assert (f.sigma, f.method, f.epochs, f.layer_decay, f.init) == (
+        1.0,
+        "cr",
+        100,
+        0.65,
+        str(tmp_path / "pretrain" / "model.safetensors"),
+    )
     [c25, c50, c100] = certify_configs(exp, exp.stage("certify"), opts)
     assert (c100.skip, c100.n0, c100.n, c100.alpha, c100.data, c100.sigma) == (50, 100, 10_000, 0.001, "imagenet", None)
     mae = load_experiment("dmae_vs_mae_finetune")
@@ -136,8 +209,8 @@ def test_repeated_use_stale_runs_and_unknown_keys(tmp_path, capsys):
     a.write_bytes(b"")
     b.write_bytes(b"")
     exp = load_experiment("linprobe_dmae_vs_mae")
-    from dmae.cli import build_parser
     from dmae import config as C
+    from dmae.cli import build_parser
 
     ns = build_parser().parse_args(["experiment", "linprobe_dmae_vs_mae", "--use", f"dmae={a}", "--use", f"mae={b}"])
     cfg = C.build_config(ExperimentConfig, {}, {k: v for k, v in vars(ns).items() if k not in ("command", "func")})
@@ -146,8 +219,12 @@ def test_repeated_use_stale_runs_and_unknown_keys(tmp_path, capsys):
         ExperimentConfig(name="linprobe_dmae_vs_mae", use=("dmae=/nowhere",)).options(exp)
     # a finished smoke stage is not taken for the full-scale one
     small = load_experiment("many_sigma")
-    run_experiment(small, ExperimentOptions(tmp_path / "x", smoke=True, device="cpu", progress=False, only=["pretrain"]))
-    with pytest.raises(ExperimentError, match=r"stage pretrain is finished but was run with other options: .*epochs: 1 -> 1100"):
+    run_experiment(
+        small, ExperimentOptions(tmp_path / "x", smoke=True, device="cpu", progress=False, only=["pretrain"])
+    )
+    with pytest.raises(
+        ExperimentError, match=r"stage pretrain is finished but was run with other options: .*epochs: 1 -> 1100"
+    ):
         run_experiment(small, ExperimentOptions(tmp_path / "x", device="cpu", progress=False, only=["pretrain"]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  a: {command: pretrain, sett: {epochs: 2}}\n")
@@ -156,8 +233,10 @@ def test_repeated_use_stale_runs_and_unknown_keys(tmp_path, capsys):
     bad.write_text("stages:\n  a: {command: pretrain, set: {epoch: 2}}\n")
     with pytest.raises(ExperimentError, match=r"stage a sets unknown options \['epoch'\] of dmae pretrain"):
         load_experiment(str(bad))
-    bad.write_text("stages:\n  a: {command: finetune, set: {sigma: 0.25, model: dmae_vit_pico_patch4_dec32d1b}}\n"
-                   "  c: {command: certify, runs: [a], set: {num_sample: 10}}\n")
+    bad.write_text(
+        "stages:\n  a: {command: finetune, set: {sigma: 0.25, model: dmae_vit_pico_patch4_dec32d1b}}\n"
+        "  c: {command: certify, runs: [a], set: {num_sample: 10}}\n"
+    )
     with pytest.raises(ExperimentError, match=r"stage c sets unknown options \['num_sample'\] of dmae certify"):
         load_experiment(str(bad))
 
@@ -181,13 +260,20 @@ def test_comparisons_say_why_they_are_missing(tmp_path):
     def log(name, sigma, idx):
         path = tmp_path / name / f"certify_sigma{sigma}.tsv"
         path.parent.mkdir(exist_ok=True)
-        path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in idx))
+        path.write_text(
+            "idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "".join(f"{i}\t1\t1\t0.3\t1\t0\n" for i in idx)
+        )
         return read_log(path)
 
     whole, part, other = log("a", 0.25, [0, 20, 40]), log("b", 0.25, [0, 20]), log("c", 0.5, [0, 20, 40])
     tables = {}
     lines = comparison_lines("a", [whole], "b", [part], tables)
-    assert not tables and "not comparable (" in lines[0] and "rerun the experiment" in lines[0] and "idx 40 is only in certify_sigma0.25" in lines[0]
+    assert (
+        not tables
+        and "not comparable (" in lines[0]
+        and "rerun the experiment" in lines[0]
+        and "idx 40 is only in certify_sigma0.25" in lines[0]
+    )
     assert "no sigma in common (a: 0.25; c: 0.5)" in comparison_lines("a", [whole], "c", [other], tables)[0]
     assert "not both certified yet" in comparison_lines("a", [whole], "d", [], tables)[0]
     assert "two certification logs at one sigma" in comparison_lines("a", [whole, whole], "c", [other], tables)[0]

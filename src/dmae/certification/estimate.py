@@ -67,17 +67,24 @@ class CostEstimate:
 
     def text(self) -> str:
         """A few lines for the terminal."""
-        head = (f"{self.mode} sigma={self.sigma:g}: {self.images:,} image(s) to certify"
-                + (f" ({self.done:,} already in the log)" if self.done else ""))
-        speed = (f"  probe: {self.probe_passes:,} forward passes in {self.probe_seconds:.1f} s on {self.device} = "
-                 f"{self.passes_per_s:,.0f} passes/s")
+        head = f"{self.mode} sigma={self.sigma:g}: {self.images:,} image(s) to certify" + (
+            f" ({self.done:,} already in the log)" if self.done else ""
+        )
+        speed = (
+            f"  probe: {self.probe_passes:,} forward passes in {self.probe_seconds:.1f} s on {self.device} = "
+            f"{self.passes_per_s:,.0f} passes/s"
+        )
         if self.passes_min == self.passes_max:
             cost = f"  {self.passes_max:,} forward passes: about {_duration(self.seconds(self.passes_max))}"
             return "\n".join([head, cost, speed])
-        lines = [head, f"  between {self.passes_min:,} and {self.passes_max:,} forward passes "
-                       f"({_duration(self.seconds(self.passes_min))} to {_duration(self.seconds(self.passes_max))})",
-                 f"  expected about {self.passes_expected:,.0f} ({_duration(self.seconds(self.passes_expected))}), from a "
-                 f"pilot of {self.pilot_images} image(s) x {self.pilot_samples:,} samples", speed]
+        lines = [
+            head,
+            f"  between {self.passes_min:,} and {self.passes_max:,} forward passes "
+            f"({_duration(self.seconds(self.passes_min))} to {_duration(self.seconds(self.passes_max))})",
+            f"  expected about {self.passes_expected:,.0f} ({_duration(self.seconds(self.passes_expected))}), from a "
+            f"pilot of {self.pilot_images} image(s) x {self.pilot_samples:,} samples",
+            speed,
+        ]
         return "\n".join(lines)
 
 
@@ -89,8 +96,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _pilot(smooth: Smooth, x: torch.Tensor, idx: list[int], num: int,
-           batch: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _pilot(
+    smooth: Smooth, x: torch.Tensor, idx: list[int], num: int, batch: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Class counts ``[P, K]`` of ``num`` noisy samples per pilot image, the non-finite samples ``[P]``, and the
     seconds they took (after a one-batch warm-up, so start-up costs do not count)."""
     smooth.sample_counts(x[:1], idx[:1], min(num, batch), batch, phase=PHASE_SELECT)
@@ -99,8 +107,19 @@ def _pilot(smooth: Smooth, x: torch.Tensor, idx: list[int], num: int,
     return out.counts.cpu().numpy(), out.non_finite.cpu().numpy(), time.perf_counter() - t0
 
 
-def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list[int], labels: list[int], todo: int,
-                  done: int, n0: int, n: int, batch: int, sequential: SequentialSettings | None = None) -> CostEstimate:
+def estimate_cost(
+    smooth: Smooth,
+    mode: str,
+    images: torch.Tensor,
+    indices: list[int],
+    labels: list[int],
+    todo: int,
+    done: int,
+    n0: int,
+    n: int,
+    batch: int,
+    sequential: SequentialSettings | None = None,
+) -> CostEstimate:
     """The cost of certifying ``todo`` images with ``smooth``; ``images [P, C, H, W]`` (named by ``indices``,
     with ``labels``) are the pilot images, a spread-out sample of those to certify.
 
@@ -115,8 +134,18 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
         if not len(indices):
             return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
         _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
-        return CostEstimate(mode, smooth.sigma, todo, done, todo * per_image, todo * per_image, float(todo * per_image),
-                            PROBE_SAMPLES * len(indices), seconds, device)
+        return CostEstimate(
+            mode,
+            smooth.sigma,
+            todo,
+            done,
+            todo * per_image,
+            todo * per_image,
+            float(todo * per_image),
+            PROBE_SAMPLES * len(indices),
+            seconds,
+            device,
+        )
     if sequential is None:
         raise ValueError("a sequential estimate needs the sequential settings")
     s = sequential
@@ -136,15 +165,20 @@ def estimate_cost(smooth: Smooth, mode: str, images: torch.Tensor, indices: list
     costs = list(s.n0 + (1.0 - in_selection) * first)
     if ok.any():
         freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
-        certs = [c for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
-                 for c in oracle_certificates(s, smooth.sigma, freq, seed=rep,
-                                              labels=[y for y, good in zip(labels, ok) if good])]
+        certs = [
+            c
+            for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
+            for c in oracle_certificates(
+                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok) if good]
+            )
+        ]
         costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
     expected = todo * float(np.mean(costs))
     if not ok.all():  # this classifier can give non-finite logits: an image may abstain right after selection
         lo = todo * s.n0
-    return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device,
-                        len(indices), num)
+    return CostEstimate(
+        mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
+    )
 
 
 def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:
@@ -154,4 +188,4 @@ def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, todo - 1, min(count, todo))})
 
 
-__all__ = ["CostEstimate", "PILOT_IMAGES", "PILOT_SAMPLES", "estimate_cost", "pilot_positions"]
+__all__ = ["PILOT_IMAGES", "PILOT_SAMPLES", "CostEstimate", "estimate_cost", "pilot_positions"]

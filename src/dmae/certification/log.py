@@ -35,8 +35,16 @@ class LogRows(NamedTuple):
     notices: tuple[str, ...] = ()
 
 
-def format_row(header: tuple[str, ...], idx: int, label: int, pred: int, radius: float, seconds: float,
-               n_samples: int = 0, radius_continuous: float = 0.0) -> str:
+def format_row(
+    header: tuple[str, ...],
+    idx: int,
+    label: int,
+    pred: int,
+    radius: float,
+    seconds: float,
+    n_samples: int = 0,
+    radius_continuous: float = 0.0,
+) -> str:
     """One row (newline included) of a CERTIFY, PREDICT or sequential CERTIFY log; ``correct`` is ``pred == label``."""
     correct = int(pred == label)
     if header == PREDICT_HEADER:
@@ -92,8 +100,10 @@ def read_log_rows(path: str | Path, need: tuple[str, ...] = (), strict_tail: boo
             numbers.append(n)
             notices.append(f"{path}:{n}: the last line has no newline; counted (it has all {len(header)} fields)")
         else:
-            notices.append(f"{path}:{n}: the last line has no newline and {len(fields)} of {len(header)} fields "
-                           "(torn by a crash mid-write?): not counted")
+            notices.append(
+                f"{path}:{n}: the last line has no newline and {len(fields)} of {len(header)} fields "
+                "(torn by a crash mid-write?): not counted"
+            )
     return LogRows(header, rows, tuple(numbers), tuple(notices))
 
 
@@ -126,16 +136,20 @@ def unique_images(path: str | Path, log: LogRows, ignore: tuple[str, ...] = ("ti
             continue
         if differ := [c for c in keep if _value(rows[k][c]) != _value(fields[c])]:
             c = differ[0]
-            raise LogError(f"{path}: idx {fields[j]} appears on lines {lines[k]} and {n} with different results "
-                           f"({log.header[c]} {rows[k][c]} vs {fields[c]}): two certificates of one image (e.g. "
-                           "logs of overlapping shards concatenated); keep one row per idx and report again")
+            raise LogError(
+                f"{path}: idx {fields[j]} appears on lines {lines[k]} and {n} with different results "
+                f"({log.header[c]} {rows[k][c]} vs {fields[c]}): two certificates of one image (e.g. "
+                "logs of overlapping shards concatenated); keep one row per idx and report again"
+            )
         counts[k] += 1
         repeated.append(fields[j])
     notices = list(log.notices)
     if repeated:
         shown = ", ".join(dict.fromkeys(repeated[:5])) + (" ..." if len(set(repeated)) > 5 else "")
-        notices.append(f"{path}: {len(repeated)} row(s) repeat an earlier row of the same image (idx {shown}; e.g. "
-                       "overlapping shards concatenated): each image counted once")
+        notices.append(
+            f"{path}: {len(repeated)} row(s) repeat an earlier row of the same image (idx {shown}; e.g. "
+            "overlapping shards concatenated): each image counted once"
+        )
     return LogRows(log.header, rows, tuple(lines), tuple(notices)), counts
 
 

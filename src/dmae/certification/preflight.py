@@ -56,24 +56,32 @@ class Probe:
             return out
         clean, noisy = self.clean_accuracy, self.noisy_accuracy
         if self.near_chance(clean):
-            out.append(f"the base classifier's clean accuracy on {self.images} images is {clean:.1%}, near chance "
-                       f"({self.chance:.1%}): check its input layer (images are [0, 1] pixels; the model must "
-                       "normalize them itself: --input-mean / --input-std), the channel order and the labels")
+            out.append(
+                f"the base classifier's clean accuracy on {self.images} images is {clean:.1%}, near chance "
+                f"({self.chance:.1%}): check its input layer (images are [0, 1] pixels; the model must "
+                "normalize them itself: --input-mean / --input-std), the channel order and the labels"
+            )
         elif self.near_chance(noisy):
-            out.append(f"the base classifier's accuracy under noise sigma={self.sigma:g} is {noisy:.1%}, near chance "
-                       f"({self.chance:.1%}; clean {clean:.1%}): was it trained at this sigma, and with this input "
-                       "layer (--input-mean / --input-std)? Certify at its training sigma")
+            out.append(
+                f"the base classifier's accuracy under noise sigma={self.sigma:g} is {noisy:.1%}, near chance "
+                f"({self.chance:.1%}; clean {clean:.1%}): was it trained at this sigma, and with this input "
+                "layer (--input-mean / --input-std)? Certify at its training sigma"
+            )
         elif noisy < clean / 2:
-            out.append(f"noise sigma={self.sigma:g} takes the accuracy from {clean:.1%} (clean) to {noisy:.1%}: "
-                       "was the classifier trained at this sigma, and with this input layer (--input-mean / "
-                       "--input-std)?")
+            out.append(
+                f"noise sigma={self.sigma:g} takes the accuracy from {clean:.1%} (clean) to {noisy:.1%}: "
+                "was the classifier trained at this sigma, and with this input layer (--input-mean / "
+                "--input-std)?"
+            )
         return out
 
     def text(self) -> str:
         """One line: ``probe (100 images, sigma 0.25): clean accuracy 87.0%, under noise 85.0% (chance 10.0%)``."""
         images = f"{self.images} image{'s' if self.images != 1 else ''}"
-        return (f"probe ({images}, sigma {self.sigma:g}): clean accuracy {self.clean_accuracy:.1%}, "
-                f"under noise {self.noisy_accuracy:.1%} (chance {self.chance:.1%})")
+        return (
+            f"probe ({images}, sigma {self.sigma:g}): clean accuracy {self.clean_accuracy:.1%}, "
+            f"under noise {self.noisy_accuracy:.1%} (chance {self.chance:.1%})"
+        )
 
     def to_dict(self) -> dict[str, float | int]:
         """What the log's JSON records under ``probe``."""
@@ -81,8 +89,9 @@ class Probe:
 
 
 @torch.no_grad()
-def accuracy_probe(smooth: Smooth, images: torch.Tensor, indices: Sequence[int], labels: Sequence[int],
-                   batch_size: int = 1000) -> Probe:
+def accuracy_probe(
+    smooth: Smooth, images: torch.Tensor, indices: Sequence[int], labels: Sequence[int], batch_size: int = 1000
+) -> Probe:
     """Clean and noisy top-1 accuracy of ``smooth``'s base classifier on ``images [I, C, H, W]`` ([0, 1] pixels)
     with their ``labels``; the noise of image ``indices[i]`` is one draw of its own probe stream, so the probe is
     reproducible from the smoother's seed and touches no certification sample. Logits that are NaN or infinite
@@ -93,11 +102,15 @@ def accuracy_probe(smooth: Smooth, images: torch.Tensor, indices: Sequence[int],
             what :meth:`Smooth.classify` raises, or images that :func:`~dmae.smoothing.core.check_images` refuses.
     """
     if images.shape[0] == 0 or len(indices) != images.shape[0] or len(labels) != images.shape[0]:
-        raise ValueError(f"the probe needs images with one index and one label each, got {images.shape[0]} images, "
-                         f"{len(indices)} indices and {len(labels)} labels")
+        raise ValueError(
+            f"the probe needs images with one index and one label each, got {images.shape[0]} images, "
+            f"{len(indices)} indices and {len(labels)} labels"
+        )
     outside = [(int(i), int(y)) for i, y in zip(indices, labels) if not 0 <= int(y) < smooth.num_classes]
     if outside:  # no class could ever be counted right: certified accuracy 0 whatever the classifier
-        raise ValueError(f"label(s) outside the classifier's {smooth.num_classes} classes (image, label): {outside[:5]}")
+        raise ValueError(
+            f"label(s) outside the classifier's {smooth.num_classes} classes (image, label): {outside[:5]}"
+        )
     smooth._check_inputs(images, indices)
     x = images.to(smooth.device)
     y = torch.as_tensor(list(labels), device=smooth.device)

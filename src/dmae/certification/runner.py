@@ -27,30 +27,50 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from dmae import checkpoint as ckpt
+from dmae.certification.estimate import CostEstimate, estimate_cost, pilot_positions
 from dmae.certification.log import CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_HEADER, format_row, read_rows, write_rows
+from dmae.certification.preflight import PROBE_IMAGES, Probe, accuracy_probe
 from dmae.config import Options, option, to_dict
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
 from dmae.distributed import DistInfo, barrier, launch
-from dmae.certification.estimate import CostEstimate, estimate_cost, pilot_positions
-from dmae.certification.preflight import PROBE_IMAGES, Probe, accuracy_probe
 from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, SoundSmooth, check_alpha
-from dmae.smoothing.core import eval_mode
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
+from dmae.smoothing.core import eval_mode
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
 
 SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
 # settings that change the rows; a resumed file must have been written with the same ones
-ROW_SETTINGS = ("mode", "data", "split", "sigma", "n0", "n", "alpha", "seed", "skip", "weights_sha256", "data_fingerprint",
-                "sequential", "n_max", "radii", "epsilon", "sequence", "stop_on_wrong_guess", "futility", "model",
-                "input_layer", "sound")
+ROW_SETTINGS = (
+    "mode",
+    "data",
+    "split",
+    "sigma",
+    "n0",
+    "n",
+    "alpha",
+    "seed",
+    "skip",
+    "weights_sha256",
+    "data_fingerprint",
+    "sequential",
+    "n_max",
+    "radii",
+    "epsilon",
+    "sequence",
+    "stop_on_wrong_guess",
+    "futility",
+    "model",
+    "input_layer",
+    "sound",
+)
 
 
 def _check_radii(radii: tuple[float, ...]) -> None:
@@ -74,31 +94,49 @@ def _check_sigmas(sigmas: tuple[float, ...]) -> None:
 class CertifyConfig(Options):
     """Every option of ``dmae certify`` and ``dmae predict``."""
 
-    checkpoint: Optional[str] = option(None, "a fine-tuning run folder, model_best/model_last.safetensors, or a classifier "
-                                       "checkpoint; with --model, that architecture's weights file")
-    model: Optional[str] = option(None, "certify another classifier: a timm or torchvision architecture "
-                                  "(timm:NAME, torchvision:NAME; a bare NAME is timm) or your own "
-                                  "(module.path:Factory or file.py:Factory, called with whichever of num_classes, "
-                                  "in_chans, img_size it takes) whose weights --checkpoint gives (.safetensors, or a "
-                                  "state dict read with weights_only)")
-    input_size: Optional[int] = option(None, "--model: the side the network takes (default: the data set's); images "
-                                       "are noised at their own size, then resized inside the model", low=1)
-    input_mean: Optional[tuple[float, ...]] = option(None, "--model: per-channel mean the network was trained to "
-                                                     "subtract, [0, 1] pixel units (default: the data set's)")
-    input_std: Optional[tuple[float, ...]] = option(None, "--model: per-channel std (default: the data set's)")
+    checkpoint: str | None = option(
+        None,
+        "a fine-tuning run folder, model_best/model_last.safetensors, or a classifier "
+        "checkpoint; with --model, that architecture's weights file",
+    )
+    model: str | None = option(
+        None,
+        "certify another classifier: a timm or torchvision architecture "
+        "(timm:NAME, torchvision:NAME; a bare NAME is timm) or your own "
+        "(module.path:Factory or file.py:Factory, called with whichever of num_classes, "
+        "in_chans, img_size it takes) whose weights --checkpoint gives (.safetensors, or a "
+        "state dict read with weights_only)",
+    )
+    input_size: int | None = option(
+        None,
+        "--model: the side the network takes (default: the data set's); images "
+        "are noised at their own size, then resized inside the model",
+        low=1,
+    )
+    input_mean: tuple[float, ...] | None = option(
+        None,
+        "--model: per-channel mean the network was trained to subtract, [0, 1] pixel units (default: the data set's)",
+    )
+    input_std: tuple[float, ...] | None = option(None, "--model: per-channel std (default: the data set's)")
     data: str = option("fashion-mnist", "data set", choices=DATASET_NAMES, check=dataset_info)
-    data_root: Optional[str] = option(None, "data set directory (default: found automatically)")
-    split: Optional[str] = option(None, "split to certify (default: the evaluation split: test or val)")
-    sigma: Optional[tuple[float, ...]] = option(None, "noise level(s), one output file each (default: the run's training sigma)",
-                                                check=_check_sigmas)
+    data_root: str | None = option(None, "data set directory (default: found automatically)")
+    split: str | None = option(None, "split to certify (default: the evaluation split: test or val)")
+    sigma: tuple[float, ...] | None = option(
+        None, "noise level(s), one output file each (default: the run's training sigma)", check=_check_sigmas
+    )
     n0: int = option(100, "CERTIFY: noise samples that select the class", low=1)
     # torchrun's parser takes a bare --n / --max for abbreviations of its own options: the aliases pass through
-    n: int = option(100_000, "noise samples that estimate (CERTIFY) or vote (PREDICT); alias --num-samples", low=1,
-                    aliases=("--num-samples",))
+    n: int = option(
+        100_000,
+        "noise samples that estimate (CERTIFY) or vote (PREDICT); alias --num-samples",
+        low=1,
+        aliases=("--num-samples",),
+    )
     alpha: float = option(0.001, "failure probability", check=check_alpha)
     skip: int = option(1, "certify every skip-th image (ImageNet protocol: 50)", low=1)
-    max: Optional[int] = option(None, "stop after this many images (after skipping); alias --max-images", low=1,
-                                aliases=("--max-images",))
+    max: int | None = option(
+        None, "stop after this many images (after skipping); alias --max-images", low=1, aliases=("--max-images",)
+    )
     batch: int = option(1000, "noise samples per forward pass", low=1)
     seed: int = option(0, "seed of all noise; with it every row is reproducible")
     output_dir: str = option("runs/certify", "where the TSV (and JSON) files go")
@@ -106,29 +144,53 @@ class CertifyConfig(Options):
     precision: Literal["auto", "bf16", "fp32"] = option("auto", "auto: bf16 autocast on GPUs, fp32 on CPUs")
     compile: bool = option(False, "torch.compile the classifier (GPUs; compiles once per batch shape)")
     progress: bool = option(True, "show a progress bar")
-    sequential: Optional[Literal["targets", "continuous"]] = option(
-        None, "sequential CERTIFY (docs/sequential.md): stop sampling an image once every target radius is "
-              "certified or refuted (targets), or once its radius is known within --epsilon (continuous)")
-    radii: Optional[tuple[float, ...]] = option(None, "--sequential targets: the target radii (default: the data "
-                                                "set's standard radii)", check=_check_radii)
-    n_max: Optional[int] = option(None, "--sequential: the most estimation samples per image (default: --n)", low=1)
-    epsilon: Optional[float] = option(None, "--sequential continuous: stop once the radius is known within this "
-                                      "(l2, [0, 1] pixel units; default 0.01)", low=0, low_open=True)
-    sequence: Optional[str] = option(None, "--sequential: the anytime-valid confidence sequence: betting (the default: "
-                                     "fewest samples in docs/sequential.md) or union (Clopper-Pearson per round, "
-                                     "alpha split over the rounds)", choices=SEQUENCE_NAMES)
-    sound: bool = option(False, "sound certification in floating point (docs/sound.md): 8-bit images, noise from the "
-                         "discretized Gaussian on the same grid drawn from random bits, so the classifier sees an exact "
-                         "function of the integer pixel + noise; images off the 8-bit grid are refused")
-    estimate: bool = option(False, "print the forward passes and the time this run would take (from a short timed "
-                            "probe of the classifier; sequential: the range and a pilot's expectation), then exit")
-    stop_on_wrong_guess: bool = option(False, "--sequential: skip estimation for images whose n0 guess is not "
-                                       "their label (they abstain; certified accuracy is unchanged, the class and "
-                                       "radius of wrong images are not; recorded in the JSON and the report)")
-    futility: Optional[float] = option(None, "--sequential: beta of the futility rule: refute a target that the last "
-                                       "look would most likely miss even at p_A's (1 - beta) upper bound (a stopping "
-                                       f"rule, never a claim; default {DEFAULT_FUTILITY}, 0 turns it off; "
-                                       "docs/sequential.md)", check=_check_futility)
+    sequential: Literal["targets", "continuous"] | None = option(
+        None,
+        "sequential CERTIFY (docs/sequential.md): stop sampling an image once every target radius is "
+        "certified or refuted (targets), or once its radius is known within --epsilon (continuous)",
+    )
+    radii: tuple[float, ...] | None = option(
+        None, "--sequential targets: the target radii (default: the data set's standard radii)", check=_check_radii
+    )
+    n_max: int | None = option(None, "--sequential: the most estimation samples per image (default: --n)", low=1)
+    epsilon: float | None = option(
+        None,
+        "--sequential continuous: stop once the radius is known within this (l2, [0, 1] pixel units; default 0.01)",
+        low=0,
+        low_open=True,
+    )
+    sequence: str | None = option(
+        None,
+        "--sequential: the anytime-valid confidence sequence: betting (the default: "
+        "fewest samples in docs/sequential.md) or union (Clopper-Pearson per round, "
+        "alpha split over the rounds)",
+        choices=SEQUENCE_NAMES,
+    )
+    sound: bool = option(
+        False,
+        "sound certification in floating point (docs/sound.md): 8-bit images, noise from the "
+        "discretized Gaussian on the same grid drawn from random bits, so the classifier sees an exact "
+        "function of the integer pixel + noise; images off the 8-bit grid are refused",
+    )
+    estimate: bool = option(
+        False,
+        "print the forward passes and the time this run would take (from a short timed "
+        "probe of the classifier; sequential: the range and a pilot's expectation), then exit",
+    )
+    stop_on_wrong_guess: bool = option(
+        False,
+        "--sequential: skip estimation for images whose n0 guess is not "
+        "their label (they abstain; certified accuracy is unchanged, the class and "
+        "radius of wrong images are not; recorded in the JSON and the report)",
+    )
+    futility: float | None = option(
+        None,
+        "--sequential: beta of the futility rule: refute a target that the last "
+        "look would most likely miss even at p_A's (1 - beta) upper bound (a stopping "
+        f"rule, never a claim; default {DEFAULT_FUTILITY}, 0 turns it off; "
+        "docs/sequential.md)",
+        check=_check_futility,
+    )
 
     def check_combination(self) -> None:
         if not self.checkpoint:
@@ -136,10 +198,20 @@ class CertifyConfig(Options):
         for name in ("input_size", "input_mean", "input_std"):
             if getattr(self, name) is not None and not self.model:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with --model")
-        only = {"radii": "targets", "epsilon": "continuous", "n_max": None, "sequence": None,
-                "stop_on_wrong_guess": None, "futility": None}
+        only = {
+            "radii": "targets",
+            "epsilon": "continuous",
+            "n_max": None,
+            "sequence": None,
+            "stop_on_wrong_guess": None,
+            "futility": None,
+        }
         for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
-            if getattr(self, name) is not None and getattr(self, name) is not False and (self.sequential is None or (mode and self.sequential != mode)):
+            if (
+                getattr(self, name) is not None
+                and getattr(self, name) is not False
+                and (self.sequential is None or (mode and self.sequential != mode))
+            ):
                 need = f"--sequential {mode}" if mode else "--sequential"
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
 
@@ -186,7 +258,9 @@ def selected_indices(n_images: int, skip: int, maximum: int | None) -> Iterable[
     return idx if maximum is None else idx[:maximum]
 
 
-def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo) -> tuple[CertifyTask, tuple[float, ...]]:
+def prepare(
+    cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo
+) -> tuple[CertifyTask, tuple[float, ...]]:
     """Load the classifier and the images to certify; the sigmas (default: the run's training sigma).
 
     Raises:
@@ -214,14 +288,28 @@ def prepare(cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo)
     if not sigmas:
         raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
     model.to(device).eval()
-    ds = build_dataset(cfg.data, split, cfg.data_root, build_transform(info, False, img_size),
-                       channels=model.preprocess.in_chans)  # a grey folder for a grey model, colour for colour
+    ds = build_dataset(
+        cfg.data, split, cfg.data_root, build_transform(info, False, img_size), channels=model.preprocess.in_chans
+    )  # a grey folder for a grey model, colour for colour
     planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
     mode, header = _mode_header(cfg, mode)
-    task = CertifyTask(cfg=cfg, mode=mode, header=header, checkpoint=path, weights_sha256=digest, model=model,
-                       num_classes=num_classes, dataset=ds, split=split, planned=planned,
-                       data_fingerprint=fingerprint(ds), out=Path(cfg.output_dir), device=device, dist=dist,
-                       trained_sigma=trained)
+    task = CertifyTask(
+        cfg=cfg,
+        mode=mode,
+        header=header,
+        checkpoint=path,
+        weights_sha256=digest,
+        model=model,
+        num_classes=num_classes,
+        dataset=ds,
+        split=split,
+        planned=planned,
+        data_fingerprint=fingerprint(ds),
+        out=Path(cfg.output_dir),
+        device=device,
+        dist=dist,
+        trained_sigma=trained,
+    )
     return task, tuple(float(s) for s in sigmas)
 
 
@@ -232,8 +320,15 @@ def _mode_header(cfg: CertifyConfig, mode: str) -> tuple[str, tuple[str, ...]]:
     return mode, {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER, "sequential": SEQUENTIAL_HEADER}[mode]
 
 
-def module_task(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: str, device: torch.device, dist: DistInfo,
-                num_classes: int | None = None) -> CertifyTask:
+def module_task(
+    model: nn.Module,
+    dataset: Any,
+    cfg: CertifyConfig,
+    mode: str,
+    device: torch.device,
+    dist: DistInfo,
+    num_classes: int | None = None,
+) -> CertifyTask:
     """The task of a user's own ``model`` (any ``nn.Module`` or function mapping [0, 1] images ``[B, C, H, W]`` to
     logits ``[B, K]``, on ``device``) over any map-style ``dataset`` of ``(image [C, H, W], label)`` pairs: what
     :func:`prepare` builds from a checkpoint and a data-set name, with the weights fingerprinted from the module's
@@ -247,16 +342,30 @@ def module_task(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: str, d
         raise ValueError("the data set is empty")
     x, _ = dataset[0]
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
-        raise ValueError(f"data set items must be (image, label) with image a [C, H, W] tensor of [0, 1] pixels, got "
-                         f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}")
+        raise ValueError(
+            f"data set items must be (image, label) with image a [C, H, W] tensor of [0, 1] pixels, got "
+            f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}"
+        )
     k = num_classes if num_classes is not None else _output_classes(model, x, device)
     mode, header = _mode_header(cfg, mode)
     digest = ckpt.state_dict_digest(model.state_dict()) if isinstance(model, nn.Module) else "unknown (a function)"
-    return CertifyTask(cfg=cfg, mode=mode, header=header, checkpoint=Path(f"<{type(model).__name__}>"),
-                       weights_sha256=digest, model=model, num_classes=k, dataset=dataset, split=cfg.split or "custom",
-                       planned=list(selected_indices(len(dataset), cfg.skip, cfg.max)),
-                       data_fingerprint=fingerprint(dataset), out=Path(cfg.output_dir), device=device, dist=dist,
-                       trained_sigma=getattr(model, "trained_sigma", None))
+    return CertifyTask(
+        cfg=cfg,
+        mode=mode,
+        header=header,
+        checkpoint=Path(f"<{type(model).__name__}>"),
+        weights_sha256=digest,
+        model=model,
+        num_classes=k,
+        dataset=dataset,
+        split=cfg.split or "custom",
+        planned=list(selected_indices(len(dataset), cfg.skip, cfg.max)),
+        data_fingerprint=fingerprint(dataset),
+        out=Path(cfg.output_dir),
+        device=device,
+        dist=dist,
+        trained_sigma=getattr(model, "trained_sigma", None),
+    )
 
 
 def _output_classes(model: Any, x: torch.Tensor, device: torch.device) -> int:
@@ -268,8 +377,13 @@ def _output_classes(model: Any, x: torch.Tensor, device: torch.device) -> int:
     return int(logits.shape[1])
 
 
-def certify_module(model: nn.Module, dataset: Any, cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify",
-                   num_classes: int | None = None) -> list[CertifyRun]:
+def certify_module(
+    model: nn.Module,
+    dataset: Any,
+    cfg: CertifyConfig,
+    mode: Literal["certify", "predict"] = "certify",
+    num_classes: int | None = None,
+) -> list[CertifyRun]:
     """:func:`run_certification` for a model and data set of the user's own (see :func:`module_task`): the same
     checks, probe, logs, resumption and torchrun sharding. ``cfg.checkpoint`` only names the model in the JSON;
     ``cfg.data`` names the data set; ``cfg.sigma`` is required; ``cfg.device`` must be the model's device.
@@ -308,21 +422,43 @@ def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn
     from dmae.models.external import build_external_classifier
 
     path = Path(cfg.checkpoint)  # type: ignore[arg-type]
-    model, digest = build_external_classifier(cfg.model, path, num_classes,  # type: ignore[arg-type]
-                                              img_size=cfg.input_size or info.size or 224, in_chans=info.channels,
-                                              mean=cfg.input_mean or info.mean, std=cfg.input_std or info.std)
+    model, digest = build_external_classifier(
+        cfg.model,
+        path,
+        num_classes,  # type: ignore[arg-type]
+        img_size=cfg.input_size or info.size or 224,
+        in_chans=info.channels,
+        mean=cfg.input_mean or info.mean,
+        std=cfg.input_std or info.std,
+    )
     return model, path, digest
 
 
 def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
     """The JSON beside a log: what produced its rows (:data:`ROW_SETTINGS` and context)."""
     cfg = task.cfg
-    return {"mode": task.mode, "checkpoint": str(task.checkpoint), "weights_sha256": task.weights_sha256,
-            "data": cfg.data, "split": task.split, "data_fingerprint": task.data_fingerprint, "sigma": sigma,
-            "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "skip": cfg.skip, "max": cfg.max,
-            "images": len(task.planned), "config": to_dict(cfg), **_sequential_settings(task),
-            "model": cfg.model, "input_layer": _input_layer(task), "trained_sigma": task.trained_sigma,
-            "sound": True if cfg.sound else None}  # None when off: logs written before --sound existed match
+    return {
+        "mode": task.mode,
+        "checkpoint": str(task.checkpoint),
+        "weights_sha256": task.weights_sha256,
+        "data": cfg.data,
+        "split": task.split,
+        "data_fingerprint": task.data_fingerprint,
+        "sigma": sigma,
+        "n0": cfg.n0,
+        "n": cfg.n,
+        "alpha": cfg.alpha,
+        "seed": cfg.seed,
+        "skip": cfg.skip,
+        "max": cfg.max,
+        "images": len(task.planned),
+        "config": to_dict(cfg),
+        **_sequential_settings(task),
+        "model": cfg.model,
+        "input_layer": _input_layer(task),
+        "trained_sigma": task.trained_sigma,
+        "sound": True if cfg.sound else None,
+    }  # None when off: logs written before --sound existed match
 
 
 def _input_layer(task: CertifyTask) -> str | None:
@@ -335,25 +471,45 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
     resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous),
     the label shortcut and the futility beta."""
     if task.mode != "sequential":
-        return {"sequential": None, "n_max": None, "radii": None, "epsilon": None, "sequence": None,
-                "stop_on_wrong_guess": None, "futility": None}
+        return {
+            "sequential": None,
+            "n_max": None,
+            "radii": None,
+            "epsilon": None,
+            "sequence": None,
+            "stop_on_wrong_guess": None,
+            "futility": None,
+        }
     s = sequential_settings(task)
     cs = sequence_for(s)
-    return {"sequential": s.mode, "n": None, "n_max": s.n_max, "sequence": f"{cs!r} looks={list(cs.looks)}",
-            "radii": list(s.radii) if s.mode == "targets" else None,
-            "epsilon": s.epsilon if s.mode == "continuous" else None,
-            # None when off: logs written before these options match
-            "stop_on_wrong_guess": s.stop_on_wrong_guess or None, "futility": s.futility}
+    return {
+        "sequential": s.mode,
+        "n": None,
+        "n_max": s.n_max,
+        "sequence": f"{cs!r} looks={list(cs.looks)}",
+        "radii": list(s.radii) if s.mode == "targets" else None,
+        "epsilon": s.epsilon if s.mode == "continuous" else None,
+        # None when off: logs written before these options match
+        "stop_on_wrong_guess": s.stop_on_wrong_guess or None,
+        "futility": s.futility,
+    }
 
 
 def sequential_settings(task: CertifyTask) -> SequentialSettings:
     """``--sequential``'s settings: targets default to the data set's standard radii, n_max to --n."""
     cfg = task.cfg
     radii = tuple(cfg.radii) if cfg.radii else standard_radii(cfg.data)
-    return SequentialSettings(cfg.n0, cfg.n_max or cfg.n, cfg.alpha, cfg.sequential or "targets", radii,
-                              cfg.epsilon if cfg.epsilon is not None else 0.01, cfg.sequence or "default",
-                              cfg.stop_on_wrong_guess,
-                              DEFAULT_FUTILITY if cfg.futility is None else (cfg.futility or None))
+    return SequentialSettings(
+        cfg.n0,
+        cfg.n_max or cfg.n,
+        cfg.alpha,
+        cfg.sequential or "targets",
+        radii,
+        cfg.epsilon if cfg.epsilon is not None else 0.01,
+        cfg.sequence or "default",
+        cfg.stop_on_wrong_guess,
+        DEFAULT_FUTILITY if cfg.futility is None else (cfg.futility or None),
+    )
 
 
 def check_settings(main_file: Path, meta: dict[str, Any]) -> None:
@@ -410,15 +566,20 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
     certified = abstained = added = 0
     with open(log_file, "a") as f:
         for start in range(0, len(todo), group):
-            idxs = todo[start: start + group]
+            idxs = todo[start : start + group]
             items = [task.dataset[i] for i in idxs]
             x = torch.stack([it[0] for it in items])
             t0 = time.perf_counter()
             if task.mode == "certify":
-                answers = [(c.prediction, c.radius, c.non_finite)
-                           for c in smooth.certify_batch(x, idxs, cfg.n0, cfg.n, cfg.alpha, cfg.batch)]
+                answers = [
+                    (c.prediction, c.radius, c.non_finite)
+                    for c in smooth.certify_batch(x, idxs, cfg.n0, cfg.n, cfg.alpha, cfg.batch)
+                ]
             else:
-                answers = [(p.prediction, 0.0, p.non_finite) for p in smooth.predict_batch(x, idxs, cfg.n, cfg.alpha, cfg.batch)]
+                answers = [
+                    (p.prediction, 0.0, p.non_finite)
+                    for p in smooth.predict_batch(x, idxs, cfg.n, cfg.alpha, cfg.batch)
+                ]
             seconds = (time.perf_counter() - t0) / len(idxs)
             for i, (_, label), (pred, radius, bad) in zip(idxs, items, answers):
                 f.write(format_row(task.header, i, int(label), pred, radius, seconds))
@@ -451,7 +612,11 @@ def _certify_sequential(task: CertifyTask, smooth: Smooth, todo: list[int], log_
     with open(log_file, "a") as f:
         for i, c in certifier.certify_stream(images(), task.cfg.batch, labels):
             now = time.perf_counter()
-            f.write(format_row(task.header, i, labels[i], c.prediction, c.radius, now - t0, c.n_samples, c.radius_continuous))
+            f.write(
+                format_row(
+                    task.header, i, labels[i], c.prediction, c.radius, now - t0, c.n_samples, c.radius_continuous
+                )
+            )
             f.flush()
             t0 = now
             if c.non_finite:
@@ -469,8 +634,12 @@ def _record_non_finite(log_file: Path, idx: int, bad: int, total: int) -> None:
     main = log_file.with_name(log_file.name.split(".rank")[0])
     with open(main.with_suffix(".nonfinite.tsv"), "a") as f:  # O_APPEND: one short line per write, safe across ranks
         f.write(f"{idx}\t{bad}\t{total}\n")
-    print(f"warning: image {idx} abstains: the base classifier gave NaN or infinite logits on {bad} of its {total} "
-          "noisy samples", file=sys.stderr, flush=True)
+    print(
+        f"warning: image {idx} abstains: the base classifier gave NaN or infinite logits on {bad} of its {total} "
+        "noisy samples",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def smoother(task: CertifyTask, sigma: float, compiled: bool = True) -> Smooth:
@@ -491,8 +660,9 @@ def run_probe(task: CertifyTask, smooth: Smooth) -> Probe:
     """
     idxs = task.planned[:PROBE_IMAGES]
     items = [task.dataset[i] for i in idxs]
-    probe = accuracy_probe(smooth, torch.stack([it[0] for it in items]), idxs, [int(it[1]) for it in items],
-                           task.cfg.batch)
+    probe = accuracy_probe(
+        smooth, torch.stack([it[0] for it in items]), idxs, [int(it[1]) for it in items], task.cfg.batch
+    )
     if task.dist.is_main:
         print(probe.text(), flush=True)
         for concern in probe.concerns():
@@ -522,7 +692,7 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
 
         bar = tqdm(total=len(todo), unit="img", dynamic_ncols=True, desc=f"{task.mode} sigma={sigma:g}")
     try:
-        added = certify_images(task, smooth, todo[dist.rank:: dist.world_size], my_file, bar)
+        added = certify_images(task, smooth, todo[dist.rank :: dist.world_size], my_file, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -575,8 +745,19 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
         if task.planned:
             run_probe(task, smooth)
         seq = sequential_settings(task) if task.mode == "sequential" else None
-        est = estimate_cost(smooth, task.mode, x, pilot, [int(it[1]) for it in items], len(todo), len(task.planned) - len(todo),
-                            cfg.n0, cfg.n, cfg.batch, seq)
+        est = estimate_cost(
+            smooth,
+            task.mode,
+            x,
+            pilot,
+            [int(it[1]) for it in items],
+            len(todo),
+            len(task.planned) - len(todo),
+            cfg.n0,
+            cfg.n,
+            cfg.batch,
+            seq,
+        )
         print(est.text(), flush=True)
         out.append(est)
     return out
@@ -598,6 +779,18 @@ def run_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = 
     return launch(job, cfg.device)
 
 
-__all__ = ["CertifyConfig", "CertifyRun", "CertifyTask", "certify_images", "certify_module", "claim_log",
-           "estimate_certification", "module_task",
-           "merge_rank_files", "prepare", "run_certification", "selected_indices", "settings"]
+__all__ = [
+    "CertifyConfig",
+    "CertifyRun",
+    "CertifyTask",
+    "certify_images",
+    "certify_module",
+    "claim_log",
+    "estimate_certification",
+    "merge_rank_files",
+    "module_task",
+    "prepare",
+    "run_certification",
+    "selected_indices",
+    "settings",
+]

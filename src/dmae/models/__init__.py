@@ -6,10 +6,10 @@ from dmae.models.preprocess import InputAdapter
 from dmae.models.registry import create_model, get_preset, list_models, model_config
 
 __all__ = [
-    "DMAEConfig",
-    "DenoisingMaskedAutoencoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "DMAEConfig",
+    "DenoisingMaskedAutoencoder",
     "InputAdapter",
     "create_model",
     "get_preset",

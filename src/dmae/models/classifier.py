@@ -50,7 +50,7 @@ class ClassifierConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
         """Rebuild from :meth:`to_dict`'s output; raises ``ValueError`` naming unknown keys."""
         return config_from_dict(cls, d, "classifier config")
 
@@ -61,9 +61,17 @@ class ViTClassifier(VisionTransformer):
     def __init__(self, config: ClassifierConfig) -> None:
         e = config.encoder
         super().__init__(
-            img_size=e.img_size, patch_size=e.patch_size, in_chans=e.in_chans, num_classes=config.num_classes,
-            global_pool=config.pool, embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
-            mlp_ratio=e.mlp_ratio, qkv_bias=True, drop_path_rate=config.drop_path,
+            img_size=e.img_size,
+            patch_size=e.patch_size,
+            in_chans=e.in_chans,
+            num_classes=config.num_classes,
+            global_pool=config.pool,
+            embed_dim=e.embed_dim,
+            depth=e.depth,
+            num_heads=e.num_heads,
+            mlp_ratio=e.mlp_ratio,
+            qkv_bias=True,
+            drop_path_rate=config.drop_path,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
         )
         self.config = config

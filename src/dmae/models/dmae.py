@@ -25,8 +25,6 @@ from dmae.data import IMAGENET_MEAN, IMAGENET_STD
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
-
-
 C = TypeVar("C")
 
 
@@ -72,16 +70,27 @@ class DMAEConfig:
     def __post_init__(self) -> None:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                     "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"model config: img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError("model config: embedding dims must be divisible by their head counts, got "
-                             f"{self.embed_dim}/{self.num_heads} and {self.decoder_embed_dim}/{self.decoder_num_heads}")
+            raise ValueError(
+                "model config: embedding dims must be divisible by their head counts, got "
+                f"{self.embed_dim}/{self.num_heads} and {self.decoder_embed_dim}/{self.decoder_num_heads}"
+            )
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise ValueError("model config: embedding dims must be divisible by 4 (2-D sin-cos positions)")
 
@@ -104,7 +113,7 @@ class DMAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DMAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DMAEConfig:
         """Rebuild from :meth:`to_dict`'s output.
 
         Raises:
@@ -136,7 +145,9 @@ class DenoisingMaskedAutoencoder(nn.Module):
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, c.embed_dim), requires_grad=False)  # fixed sin-cos
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, c.embed_dim), requires_grad=False
+        )  # fixed sin-cos
         self.blocks = nn.ModuleList(
             [Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(c.depth)]
         )
@@ -147,8 +158,10 @@ class DenoisingMaskedAutoencoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, c.decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-             for _ in range(c.decoder_depth)]
+            [
+                Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(c.decoder_depth)
+            ]
         )
         self.decoder_norm = norm_layer(c.decoder_embed_dim)
         self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans, bias=True)

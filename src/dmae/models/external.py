@@ -48,13 +48,17 @@ def parse_model_name(spec: str) -> tuple[str, str]:
         source, name = "timm", text
     if sep and source.strip().lower() not in MODEL_SOURCES and (source.endswith(".py") or _DOTTED.match(source)):
         if not _DOTTED.match(name.strip()):
-            raise ValueError(f"model {spec!r}: after the module or file comes the name of a class or function in it, "
-                             "e.g. 'mypackage.models:SmallCNN' or 'models.py:SmallCNN'")
+            raise ValueError(
+                f"model {spec!r}: after the module or file comes the name of a class or function in it, "
+                "e.g. 'mypackage.models:SmallCNN' or 'models.py:SmallCNN'"
+            )
         return "python", text  # an architecture of the user's own code
     source, name = source.strip().lower(), name.strip()
     if source not in MODEL_SOURCES:
-        raise ValueError(f"model {spec!r}: unknown source {source!r} (use one of {', '.join(MODEL_SOURCES)}, "
-                         "e.g. 'timm:resnet18' or 'torchvision:resnet18'; a bare name means timm)")
+        raise ValueError(
+            f"model {spec!r}: unknown source {source!r} (use one of {', '.join(MODEL_SOURCES)}, "
+            "e.g. 'timm:resnet18' or 'torchvision:resnet18'; a bare name means timm)"
+        )
     if not name:
         raise ValueError(f"model {spec!r}: no architecture name after the source (e.g. '{source}:resnet18')")
     return source, name
@@ -92,8 +96,18 @@ class ExternalClassifier(nn.Module):
         ValueError: (on construction) mean / std rejected, naming ``--input-mean`` / ``--input-std``.
     """
 
-    def __init__(self, net: nn.Module, *, source: str, name: str, num_classes: int, img_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        source: str,
+        name: str,
+        num_classes: int,
+        img_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
         self.preprocess = _input_adapter(img_size, in_chans, mean, std)
         self.net = net
@@ -221,12 +235,15 @@ def read_external_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _head_keys(net: nn.Module, num_classes: int) -> list[str]:
     """State-dict keys of the classifier head: the last module whose weight has ``num_classes`` outputs."""
-    head = [n for n, m in net.named_modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor)
-            and w.ndim >= 1 and w.shape[0] == num_classes]
+    head = [
+        n
+        for n, m in net.named_modules()
+        if isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.ndim >= 1 and w.shape[0] == num_classes
+    ]
     if not head:
         return []
     prefix = f"{head[-1]}." if head[-1] else ""
-    return [k for k in net.state_dict() if k.startswith(prefix) and "." not in k[len(prefix):]]
+    return [k for k in net.state_dict() if k.startswith(prefix) and "." not in k[len(prefix) :]]
 
 
 def _check_fit(net: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, spec: str, num_classes: int) -> None:
@@ -241,15 +258,19 @@ def _check_fit(net: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, spec:
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit {spec}: {len(missing)} missing keys {missing[:_SHOWN]}, "
-                              f"{len(unexpected)} unexpected keys {unexpected[:_SHOWN]} "
-                              "(weights of another architecture?)")
+        raise CheckpointError(
+            f"{path} does not fit {spec}: {len(missing)} missing keys {missing[:_SHOWN]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:_SHOWN]} "
+            "(weights of another architecture?)"
+        )
     wrong = {k: (tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and sd[k].shape != v.shape}
     head = [k for k in _head_keys(net, num_classes) if k in wrong]
     if head:
         file_classes = wrong[head[0]][0][0] if wrong[head[0]][0] else "?"
-        raise CheckpointError(f"{path} classifies {file_classes} classes ({head[0]} has shape {wrong[head[0]][0]}), "
-                              f"the data set has {num_classes}")
+        raise CheckpointError(
+            f"{path} classifies {file_classes} classes ({head[0]} has shape {wrong[head[0]][0]}), "
+            f"the data set has {num_classes}"
+        )
     if wrong:
         k, (theirs, ours) = next(iter(wrong.items()))
         hint = ""
@@ -261,13 +282,21 @@ def _check_fit(net: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, spec:
         raise CheckpointError(f"{path} does not fit {spec}: {len(wrong)} shapes differ [{listed}]{hint}")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values {bad[:8]} (a diverged run?); "
-                              "nothing certified with them could be trusted")
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensors hold NaN or infinite values {bad[:8]} (a diverged run?); "
+            "nothing certified with them could be trusted"
+        )
 
 
 def build_external_classifier(
-    spec: str, weights: str | os.PathLike, num_classes: int, *, img_size: int, in_chans: int,
-    mean: Sequence[float], std: Sequence[float],
+    spec: str,
+    weights: str | os.PathLike,
+    num_classes: int,
+    *,
+    img_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> tuple[ExternalClassifier, str]:
     """A timm / torchvision base classifier with the weights of a file, behind dmae's input layer, in eval mode.
 
@@ -297,8 +326,16 @@ def build_external_classifier(
         in_chans = 3
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    model = ExternalClassifier(_create(source, name, num_classes, img_size, in_chans), source=source, name=name,
-                               num_classes=num_classes, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    model = ExternalClassifier(
+        _create(source, name, num_classes, img_size, in_chans),
+        source=source,
+        name=name,
+        num_classes=num_classes,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+    )
     path = Path(weights)
     sd = read_external_weights(path)
     _check_fit(model.net, sd, path, f"{source}:{name}", num_classes)

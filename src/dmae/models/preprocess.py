@@ -56,7 +56,9 @@ class InputAdapter(nn.Module):
                 raise ValueError(f"model takes {self.in_chans}-channel images, got {c} channels")
         if x.shape[-2:] != (self.img_size, self.img_size):
             down = x.shape[-1] > self.img_size
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False, antialias=down)
+            x = F.interpolate(
+                x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False, antialias=down
+            )
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

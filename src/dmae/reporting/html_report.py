@@ -29,8 +29,19 @@ import numpy as np
 
 import dmae
 from dmae.reporting.figures import png_bytes, pyplot
-from dmae.reporting.report import (CertLog, compare, curves_figure, distinct_names, expand_folders, find_logs,
-                                   fixed_n_passes, forward_passes, read_log, read_meta, summarize)
+from dmae.reporting.report import (
+    CertLog,
+    compare,
+    curves_figure,
+    distinct_names,
+    expand_folders,
+    find_logs,
+    fixed_n_passes,
+    forward_passes,
+    read_log,
+    read_meta,
+    summarize,
+)
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -75,8 +86,12 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
             raise FileNotFoundError(f"no such run folder: {r}")
         found.logs += find_logs(r)
         # a folder NAME.tmp<pid> is a copy being written (or left by a killed process), not a run
-        runs_found = [p.parent for p in r.rglob("log.jsonl") if (p.parent / "config.yaml").is_file()
-                      and not any(_TMP_COPY.search(part) for part in p.parent.relative_to(r).parts)]
+        runs_found = [
+            p.parent
+            for p in r.rglob("log.jsonl")
+            if (p.parent / "config.yaml").is_file()
+            and not any(_TMP_COPY.search(part) for part in p.parent.relative_to(r).parts)
+        ]
         # pretraining runs (they export model.safetensors) first: the order a run was made in
         found.training += sorted(runs_found, key=lambda d: (not (d / "model.safetensors").is_file(), str(d)))
         found.figures += sorted(p for p in r.rglob("*.png") if "reconstruction" in p.name)
@@ -89,8 +104,10 @@ def _png(fig: Any) -> str:
 
 
 def _img(png: bytes, alt: str = "figure", cls: str = "") -> str:
-    return (f'<img alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""} '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    return (
+        f'<img alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""} '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    )
 
 
 def _table(head: list[str], body: list[list[str]]) -> str:
@@ -146,10 +163,19 @@ def training_section(runs: list[Path]) -> str:
             axes[1].legend(fontsize=7)
         last = evals[-1] if evals else {}
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
-        torn = (f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} not read (not a '
-                'JSON record: torn by a run killed while writing?)</p>') if skipped else ""
-        parts.append(f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>"
-                     + torn + _provenance(run))
+        torn = (
+            (
+                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} not read (not a '
+                "JSON record: torn by a run killed while writing?)</p>"
+            )
+            if skipped
+            else ""
+        )
+        parts.append(
+            f"<h3>{html.escape(str(run))}</h3>{_png(fig)}<p>last evaluation: {html.escape(text) or '-'}</p>"
+            + torn
+            + _provenance(run)
+        )
     return "".join(parts)
 
 
@@ -160,28 +186,45 @@ def _provenance(run: Path) -> str:
     p = read_provenance(run)
     if p is None:
         return ""
-    return (f'<p class="note">Shipped checkpoint, made by <code>{html.escape(str(p["command"]))}</code> in '
-            f'{p["cpu_minutes"]:.1f} CPU-minutes ({p["wall_minutes"]:.1f} min wall, torch {html.escape(str(p["torch"]))}); '
-            f'weights sha256 {html.escape(str(p["sha256"]))}.</p>')
+    return (
+        f'<p class="note">Shipped checkpoint, made by <code>{html.escape(str(p["command"]))}</code> in '
+        f"{p['cpu_minutes']:.1f} CPU-minutes ({p['wall_minutes']:.1f} min wall, torch {html.escape(str(p['torch']))}); "
+        f"weights sha256 {html.escape(str(p['sha256']))}.</p>"
+    )
 
 
 def settings_section(contents: RunContents) -> str:
     """The resolved config of every training run and the settings of every certification log, plus versions."""
     import torch
 
-    parts = [_table(["package", "version"], [["dmae", dmae.__version__], ["torch", torch.__version__],
-                                            ["python", platform.python_version()], ["machine", platform.machine()]])]
+    parts = [
+        _table(
+            ["package", "version"],
+            [
+                ["dmae", dmae.__version__],
+                ["torch", torch.__version__],
+                ["python", platform.python_version()],
+                ["machine", platform.machine()],
+            ],
+        )
+    ]
     for run in contents.training:
-        parts.append(f"<details><summary>{html.escape(str(run / 'config.yaml'))}</summary>"
-                     f"<pre>{html.escape((run / 'config.yaml').read_text())}</pre></details>")
+        parts.append(
+            f"<details><summary>{html.escape(str(run / 'config.yaml'))}</summary>"
+            f"<pre>{html.escape((run / 'config.yaml').read_text())}</pre></details>"
+        )
     for log in contents.logs:
         if meta := read_meta(log):
             shown = {k: v for k, v in meta.items() if k != "config"}
-            parts.append(f"<details><summary>{html.escape(str(log.with_suffix('.json')))}</summary>"
-                         f"<pre>{html.escape(json.dumps(shown, indent=1))}</pre></details>")
+            parts.append(
+                f"<details><summary>{html.escape(str(log.with_suffix('.json')))}</summary>"
+                f"<pre>{html.escape(json.dumps(shown, indent=1))}</pre></details>"
+            )
         else:
-            parts.append(f'<p class="note">{html.escape(str(log))}: no settings recorded (no '
-                         f'{html.escape(log.with_suffix(".json").name)} beside it)</p>')
+            parts.append(
+                f'<p class="note">{html.escape(str(log))}: no settings recorded (no '
+                f"{html.escape(log.with_suffix('.json').name)} beside it)</p>"
+            )
     return "".join(parts)
 
 
@@ -204,19 +247,29 @@ def certification_section(logs: list[CertLog], paths: list[Path], radii: tuple[f
     for label, members in log_groups(paths).items():
         table = summarize([logs[i] for i in members], radii)
         head, body = table.cells()
-        lines += [f"<h3>{html.escape(label)}</h3>", _table(head, body),
-                  *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
-                  _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius",
-                                     radii=table.radii))]
+        lines += [
+            f"<h3>{html.escape(label)}</h3>",
+            _table(head, body),
+            *(f'<p class="note">{html.escape(n)}</p>' for n in table.notes),
+            _png(curves_figure([logs[i] for i in members], title="certified accuracy vs radius", radii=table.radii)),
+        ]
     passes = [forward_passes(lg) for lg in logs]
     total = sum(x for x in passes if x is not None)
     fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes)]
     saved = sum(x for x in fixed if x is not None)
     if all(x is None for x in passes):
         return "".join(lines) + "<p>Forward passes: unknown (the logs do not say their n0 / n)</p>"
-    lines.append(f"<p>Forward passes in all: {total:,}" + (" (some logs do not say)" if None in passes else "")
-                 + (f"; fixed-n CERTIFY with the sequential logs' n_max as n would have drawn {saved:,} "
-                    f"({saved / total:.1f}x more)" if total and saved > total else "") + "</p>")
+    lines.append(
+        f"<p>Forward passes in all: {total:,}"
+        + (" (some logs do not say)" if None in passes else "")
+        + (
+            f"; fixed-n CERTIFY with the sequential logs' n_max as n would have drawn {saved:,} "
+            f"({saved / total:.1f}x more)"
+            if total and saved > total
+            else ""
+        )
+        + "</p>"
+    )
     return "".join(lines)
 
 
@@ -234,9 +287,11 @@ def pick_examples(lg: CertLog, k: int) -> dict[str, list[int]]:
     """Rows (positions in the log) to show: the ``k`` certified images with the largest radii, the first ``k``
     abstentions and the first ``k`` misclassified images."""
     order = np.argsort(-lg.radius, kind="stable")
-    return {"certified": [int(i) for i in order if lg.correct[i] == 1][:k],
-            "abstained": [i for i in range(len(lg)) if lg.predict[i] == -1][:k],
-            "misclassified": [i for i in range(len(lg)) if lg.predict[i] not in (-1, lg.label[i])][:k]}
+    return {
+        "certified": [int(i) for i in order if lg.correct[i] == 1][:k],
+        "abstained": [i for i in range(len(lg)) if lg.predict[i] == -1][:k],
+        "misclassified": [i for i in range(len(lg)) if lg.predict[i] not in (-1, lg.label[i])][:k],
+    }
 
 
 def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: int = 0) -> str:
@@ -270,9 +325,11 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
                 x = ds[int(lg.idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
                 pred = "abstain" if lg.predict[i] == -1 else name(int(lg.predict[i]))
-                cells.append(f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
-                             f"#{lg.idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
-                             f"r = {lg.radius[i]:.3f}</div>")
+                cells.append(
+                    f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
+                    f"#{lg.idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
+                    f"r = {lg.radius[i]:.3f}</div>"
+                )
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
     return "".join(parts)
 
@@ -294,8 +351,10 @@ def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
         raise _NoImages("the log has no idx column naming its images")
     if not lg.meta.get("data"):
         why = "lacks the key data" if lg.meta else "does not exist"
-        raise _NoImages(f"no data set recorded ({path.with_suffix('.json').name} beside the log {why}); the rows "
-                        "cannot be matched to images")
+        raise _NoImages(
+            f"no data set recorded ({path.with_suffix('.json').name} beside the log {why}); the rows "
+            "cannot be matched to images"
+        )
     info = dataset_info(lg.meta["data"])
     key = (lg.meta["data"], lg.meta.get("split") or info.splits[1], (lg.meta.get("config") or {}).get("data_root"))
     if key not in cache:
@@ -314,13 +373,21 @@ def comparison_section(logs: list[CertLog], radii: tuple[float, ...] | None = No
     parts = []
     for c in (compare(logs[0], lg, radii) for lg in logs[1:]):
         head, body = c.cells()
-        parts += [f"<h3>{html.escape(c.header())}</h3>", _table(head, body),
-                  *(f'<p class="note">Note: {html.escape(n)}</p>' for n in c.notes)]
+        parts += [
+            f"<h3>{html.escape(c.header())}</h3>",
+            _table(head, body),
+            *(f'<p class="note">Note: {html.escape(n)}</p>' for n in c.notes),
+        ]
     return "".join(parts)
 
 
-def build_html(contents: RunContents, title: str = "dmae report", examples: int = 4, paired: bool = False,
-               radii: tuple[float, ...] | None = None) -> str:
+def build_html(
+    contents: RunContents,
+    title: str = "dmae report",
+    examples: int = 4,
+    paired: bool = False,
+    radii: tuple[float, ...] | None = None,
+) -> str:
     """The whole page as a string (see the module docstring for its sections); with ``paired``, a section that
     compares every later given log with the first (:func:`comparison_section`). Tables and comparisons are at
     ``radii`` ([0, 1] pixel units; default: the data set's standard radii).
@@ -333,22 +400,32 @@ def build_html(contents: RunContents, title: str = "dmae report", examples: int 
     for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
         lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
-    paired_html = comparison_section(logs[:contents.given], radii) if paired and contents.given > 1 else ""
-    sections = [("Certified accuracy", certification_section(logs, contents.logs, radii)),
-                *([("Paired comparisons", paired_html)] if paired_html else []),
-                ("Training curves", training_section(contents.training)),
-                ("Reconstructions", figs or '<p class="note">No reconstruction figure in the inputs.</p>'),
-                ("Per-image examples", examples_section(logs, contents.logs, examples)),
-                ("Settings", settings_section(contents))]
+    paired_html = comparison_section(logs[: contents.given], radii) if paired and contents.given > 1 else ""
+    sections = [
+        ("Certified accuracy", certification_section(logs, contents.logs, radii)),
+        *([("Paired comparisons", paired_html)] if paired_html else []),
+        ("Training curves", training_section(contents.training)),
+        ("Reconstructions", figs or '<p class="note">No reconstruction figure in the inputs.</p>'),
+        ("Per-image examples", examples_section(logs, contents.logs, examples)),
+        ("Settings", settings_section(contents)),
+    ]
     body = "".join(f'<h2 id="{t.split()[0].lower()}">{t}</h2>{s}' for t, s in sections)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
-            f"</head><body><h1>{html.escape(title)}</h1><p class='note'>written {stamp} by dmae {dmae.__version__}</p>"
-            f"{body}</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1><p class='note'>written {stamp} by dmae {dmae.__version__}</p>"
+        f"{body}</body></html>"
+    )
 
 
-def write_html_report(path: str | Path, files: list[str | Path], runs: list[str | Path], title: str = "dmae report",
-                      paired: bool = False, radii: tuple[float, ...] | None = None) -> Path:
+def write_html_report(
+    path: str | Path,
+    files: list[str | Path],
+    runs: list[str | Path],
+    title: str = "dmae report",
+    paired: bool = False,
+    radii: tuple[float, ...] | None = None,
+) -> Path:
     """Write the page for ``files`` (logs) and ``runs`` (folders) to ``path`` (atomically); returns it. With
     ``paired`` (``dmae report --compare``), it includes the paired comparisons of the logs in ``files``; its
     tables are at ``radii`` (``--radii``; default: the data set's standard radii).

@@ -28,13 +28,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from dmae.certification.log import LogError, read_log_rows, unique_images
-from dmae.data import DATASETS
 from dmae.config import Options, option
+from dmae.data import DATASETS
 from dmae.reporting.figures import pyplot, write_png
 
 RADII = {name: info.radii for name, info in DATASETS.items()}  # the standard radii of each data set
@@ -54,18 +54,28 @@ def _check_radii(radii: tuple[float, ...]) -> None:
 class ReportConfig(Options):
     """Every option of ``dmae report``."""
 
-    files: tuple[str, ...] = option((), "TSVs with columns idx label predict radius correct time (one per sigma)",
-                                    positional=True)
-    radii: Optional[tuple[float, ...]] = option(None, "radii of the table (default: the data set's: ImageNet 0-3, "
-                                                "CIFAR-10 / Fashion-MNIST 0-1)", check=_check_radii)
-    markdown: Optional[str] = option(None, "also write the table as Markdown here")
-    csv: Optional[str] = option(None, "also write the table as CSV here")
-    plot: Optional[str] = option(None, "write certified accuracy vs radius as a PNG here")
-    compare: bool = option(False, "also compare every later log with the first on the same images: difference "
-                           "in certified accuracy per radius and in ACR, paired standard error, exact McNemar p")
-    run_dir: Optional[tuple[str, ...]] = option(None, "run folder(s) to report on: every certification log, training run "
-                                            "and reconstruction figure inside (a `dmae demo` or experiment folder)")
-    html: Optional[str] = option(None, "also write one self-contained HTML report here (figures embedded; opens offline)")
+    files: tuple[str, ...] = option(
+        (), "TSVs with columns idx label predict radius correct time (one per sigma)", positional=True
+    )
+    radii: tuple[float, ...] | None = option(
+        None,
+        "radii of the table (default: the data set's: ImageNet 0-3, CIFAR-10 / Fashion-MNIST 0-1)",
+        check=_check_radii,
+    )
+    markdown: str | None = option(None, "also write the table as Markdown here")
+    csv: str | None = option(None, "also write the table as CSV here")
+    plot: str | None = option(None, "write certified accuracy vs radius as a PNG here")
+    compare: bool = option(
+        False,
+        "also compare every later log with the first on the same images: difference "
+        "in certified accuracy per radius and in ACR, paired standard error, exact McNemar p",
+    )
+    run_dir: tuple[str, ...] | None = option(
+        None,
+        "run folder(s) to report on: every certification log, training run "
+        "and reconstruction figure inside (a `dmae demo` or experiment folder)",
+    )
+    html: str | None = option(None, "also write one self-contained HTML report here (figures embedded; opens offline)")
     title: str = option("dmae report", "title of the HTML report")
 
     def check_combination(self) -> None:
@@ -75,8 +85,10 @@ class ReportConfig(Options):
             if getattr(self, name) and not self.files:
                 raise ValueError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
         if self.compare and len(self.files) < 2 and not any(Path(f).is_dir() for f in self.files):
-            raise ValueError(f"--compare compares log files with the first one: give at least two, as files or "
-                             f"folders of logs (got {len(self.files)}; --run-dir folders are not compared)")
+            raise ValueError(
+                f"--compare compares log files with the first one: give at least two, as files or "
+                f"folders of logs (got {len(self.files)}; --run-dir folders are not compared)"
+            )
 
 
 @dataclass
@@ -183,12 +195,16 @@ def read_log(path: str | Path) -> CertLog:
         # ACR weighs radii by ``correct`` and accuracy counts ``correct == 1``: any other value makes them disagree
         label, pred, r, correct = rows[-1]
         if not np.isfinite(r) or r < 0 or correct not in (0, 1):
-            raise LogError(f"{path}:{n}: {radius} {f[col[radius]]}, correct {f[col['correct']]}: a certified radius "
-                           "is a finite number >= 0 and correct is 0 or 1")
+            raise LogError(
+                f"{path}:{n}: {radius} {f[col[radius]]}, correct {f[col['correct']]}: a certified radius "
+                "is a finite number >= 0 and correct is 0 or 1"
+            )
         if correct != int(pred == label) or (pred == -1 and r != 0):  # the row contradicts itself: count nothing
-            raise LogError(f"{path}:{n}: label {label}, predict {pred}, {radius} {f[col[radius]]}, correct {correct}: "
-                           "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
-                           "radius 0")
+            raise LogError(
+                f"{path}:{n}: label {label}, predict {pred}, {radius} {f[col[radius]]}, correct {correct}: "
+                "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
+                "radius 0"
+            )
     arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
     n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
     meta = read_meta(path)
@@ -201,10 +217,26 @@ def read_log(path: str | Path) -> CertLog:
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     notes = [f"note: {n}" for n in log.notices]
     if ranks := sorted(p.name for p in path.parent.glob(f"{path.name}.rank*")):
-        notes.append(f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
-                     "(running, or stopped): they are not in this report; rerun the certify command to merge them")
-    return CertLog(log_stem(path), sigma, meta.get("data"), arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2],
-                   arr[:, 3].astype(int), n_samples, skipped, idx, meta, radius, np.array(rows_in_file), notes)
+        notes.append(
+            f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
+            "(running, or stopped): they are not in this report; rerun the certify command to merge them"
+        )
+    return CertLog(
+        log_stem(path),
+        sigma,
+        meta.get("data"),
+        arr[:, 0].astype(int),
+        arr[:, 1].astype(int),
+        arr[:, 2],
+        arr[:, 3].astype(int),
+        n_samples,
+        skipped,
+        idx,
+        meta,
+        radius,
+        np.array(rows_in_file),
+        notes,
+    )
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
@@ -254,8 +286,9 @@ def _rows(lg: CertLog) -> int:
 def find_logs(folder: str | Path) -> list[Path]:
     """Every certification log under ``folder`` (``*_sigma*.tsv``), without the ``.rank{r}`` files of a running
     distributed job or the ``.nonfinite.tsv`` side files; sorted."""
-    return sorted(p for p in Path(folder).rglob("*_sigma*.tsv")
-                  if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv"))
+    return sorted(
+        p for p in Path(folder).rglob("*_sigma*.tsv") if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv")
+    )
 
 
 @dataclass
@@ -318,13 +351,20 @@ class Table:
         log column each ACR averages (``radius`` or ``radius_continuous``)."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii]
-                   + ["acr", "abstain", "samples", "acr_radius"])  # acr_radius: the column the ACR averages
+        w.writerow(
+            ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain", "samples", "acr_radius"]
+        )  # acr_radius: the column the ACR averages
         for r in self.rows:
-            w.writerow([r["name"], r["sigma"], r["images"]] + [f"{a:.6f}" for a in r["acc"]]
-                       + ["" if r["acr"] is None else f"{r['acr']:.6f}",
-                          "" if r["abstain"] is None else f"{r['abstain']:.6f}",
-                          "" if r.get("samples") is None else r["samples"], r.get("acr_radius") or ""])
+            w.writerow(
+                [r["name"], r["sigma"], r["images"]]
+                + [f"{a:.6f}" for a in r["acc"]]
+                + [
+                    "" if r["acr"] is None else f"{r['acr']:.6f}",
+                    "" if r["abstain"] is None else f"{r['abstain']:.6f}",
+                    "" if r.get("samples") is None else r["samples"],
+                    r.get("acr_radius") or "",
+                ]
+            )
         return buf.getvalue()
 
 
@@ -347,40 +387,68 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     if radii is None:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
-    rows = [{"name": lg.name, "sigma": lg.sigma, "images": len(lg), "acc": [lg.certified_accuracy(r) for r in radii],
-             "acr": lg.acr, "abstain": lg.abstain_rate, "acr_radius": lg.radius_column,
-             "samples": None if lg.n_samples is None else int(lg.n_samples.sum())}
-            for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
+    rows = [
+        {
+            "name": lg.name,
+            "sigma": lg.sigma,
+            "images": len(lg),
+            "acc": [lg.certified_accuracy(r) for r in radii],
+            "acr": lg.acr,
+            "abstain": lg.abstain_rate,
+            "acr_radius": lg.radius_column,
+            "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
+        }
+        for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))
+    ]
     notes = list(dict.fromkeys(n for lg in logs for n in lg.notes))  # a file given twice: its notes once
     kinds = {lg.radius_column for lg in logs}
     if len(kinds) > 1:
-        notes.append("note: " + acr_mix_note([lg for lg in logs if lg.radius_column == "radius_continuous"],
-                                             [lg for lg in logs if lg.radius_column == "radius"]))
+        notes.append(
+            "note: "
+            + acr_mix_note(
+                [lg for lg in logs if lg.radius_column == "radius_continuous"],
+                [lg for lg in logs if lg.radius_column == "radius"],
+            )
+        )
     if best and len(logs) > 1:
         if (why_not := best_row_refusal(logs)) is None:
-            rows.append({"name": "best", "sigma": None, "images": len(logs[0]),
-                         "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
-                         "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None, "abstain": None,
-                         "acr_radius": kinds.pop() if len(kinds) == 1 else None})
+            rows.append(
+                {
+                    "name": "best",
+                    "sigma": None,
+                    "images": len(logs[0]),
+                    "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
+                    "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
+                    "abstain": None,
+                    "acr_radius": kinds.pop() if len(kinds) == 1 else None,
+                }
+            )
             if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
-                notes.append(f"note: the best row takes, per radius, the best of logs certified with different "
-                             f"protocols ({'; '.join(dict.fromkeys(differ))})")
+                notes.append(
+                    f"note: the best row takes, per radius, the best of logs certified with different "
+                    f"protocols ({'; '.join(dict.fromkeys(differ))})"
+                )
         else:
             notes.append(f"note: no best-sigma row: {why_not}")
-    notes += [f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
-              "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
-              "unchanged, their class and radius are not those of full CERTIFY"
-              for lg in logs if lg.wrong_guess_skipped is not None]
+    notes += [
+        f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
+        "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
+        "unchanged, their class and radius are not those of full CERTIFY"
+        for lg in logs
+        if lg.wrong_guess_skipped is not None
+    ]
     return Table(tuple(radii), rows, notes)
 
 
 def acr_mix_note(continuous: list[CertLog], fixed: list[CertLog]) -> str:
     """Why ACRs of sequential logs (``continuous``) and fixed-n logs (``fixed``) are not compared."""
     names = lambda logs: ", ".join(lg.name for lg in logs)  # noqa: E731
-    return (f"the ACR of {names(continuous)} averages the continuous radius of sequential CERTIFY "
-            "(radius_continuous: sampling stops once the targets are decided, so it is smaller than the fixed-n "
-            f"radius of the same classifier), that of {names(fixed)} the Clopper-Pearson radius of fixed-n CERTIFY: "
-            "the two are not comparable, and their gap measures the protocols, not the classifiers")
+    return (
+        f"the ACR of {names(continuous)} averages the continuous radius of sequential CERTIFY "
+        "(radius_continuous: sampling stops once the targets are decided, so it is smaller than the fixed-n "
+        f"radius of the same classifier), that of {names(fixed)} the Clopper-Pearson radius of fixed-n CERTIFY: "
+        "the two are not comparable, and their gap measures the protocols, not the classifiers"
+    )
 
 
 def best_row_refusal(logs: list[CertLog]) -> str | None:
@@ -440,29 +508,43 @@ class Comparison:
         the ACR row: "acr_continuous" when both average sequential CERTIFY's continuous radius), value_a, value_b,
         difference, paired_se ("" when the two ACRs average different radii), mcnemar_p ("" for ACR)."""
         head = [self.a, self.b, self.sigma_a, self.sigma_b, self.images]
-        rows = [head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
-                for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
+        rows = [
+            head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+        ]
         name = {"ACR": "acr", "ACR (continuous)": "acr_continuous", None: "acr (different radii)"}[self.acr_label]
         diff = ["", ""] if self.acr_label is None else [f"{self.acr_diff:.6f}", f"{self.acr_se:.6f}"]
         return rows + [head + [name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
 
     def header(self) -> str:
         """The line above the table: the pair, their sigmas where known, and the number of images."""
+
         def side(name: str, sigma: float | None) -> str:
             return f"{name} (sigma {sigma:g})" if sigma is not None else name
+
         images = "the same image" if self.images == 1 else f"the same {self.images} images"
         return f"A = {side(self.a, self.sigma_a)} vs B = {side(self.b, self.sigma_b)}, {images} (difference A - B):"
 
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows as display strings: one row per radius, then ACR (accuracies in %)."""
         head = ["radius", self.a, self.b, "difference", "paired SE", "McNemar p"]
-        body = [[f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
-                for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)]
+        body = [
+            [f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+        ]
         if self.acr_label is None:  # different radii: the two values are shown, their difference is not
             body.append(["ACR (not comparable)", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", "-", "-", "-"])
         else:
-            body.append([self.acr_label, f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", f"{self.acr_diff:+.3f}",
-                         f"{self.acr_se:.3f}", "-"])
+            body.append(
+                [
+                    self.acr_label,
+                    f"{self.acr_a:.3f}",
+                    f"{self.acr_b:.3f}",
+                    f"{self.acr_diff:+.3f}",
+                    f"{self.acr_se:.3f}",
+                    "-",
+                ]
+            )
         return head, body
 
     def text(self) -> str:
@@ -470,14 +552,16 @@ class Comparison:
         head, body = self.cells()
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([self.header(), fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
-                         + [f"note: {n}" for n in self.notes])
+        return "\n".join(
+            [self.header(), fmt(head), fmt(["-" * w for w in widths])]
+            + [fmt(b) for b in body]
+            + [f"note: {n}" for n in self.notes]
+        )
 
     def markdown(self) -> str:
         """A Markdown table under a line naming the pair and the number of images."""
         head, body = self.cells()
-        lines = [self.header(), "", "| " + " | ".join(head) + " |",
-                 "|" + "---|" * len(head)]
+        lines = [self.header(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         notes = ["", *(f"Note: {n}" for n in self.notes)] if self.notes else []
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body] + notes) + "\n"
 
@@ -490,8 +574,20 @@ IMAGE_KEYS = ("data", "split", "data_fingerprint")  # which images (the rows are
 # sigma: in the comparison's header; seed: the noise draws, whose randomness the paired error already holds; skip /
 # max: which images, matched by idx; probe: a description of the classifier on a small batch, not a setting
 UNCOMPARED_KEYS = ("sigma", "seed", "skip", "max", "probe")
-PROTOCOL_KEYS = ("mode", "n0", "n", "n_max", "alpha", "sequential", "radii", "epsilon", "sequence",
-                 "stop_on_wrong_guess", "futility", "sound")
+PROTOCOL_KEYS = (
+    "mode",
+    "n0",
+    "n",
+    "n_max",
+    "alpha",
+    "sequential",
+    "radii",
+    "epsilon",
+    "sequence",
+    "stop_on_wrong_guess",
+    "futility",
+    "sound",
+)
 
 
 def protocol_keys() -> tuple[str, ...]:
@@ -516,28 +612,40 @@ def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
     protocol = protocol_keys()
     unrecorded = [lg.name for lg in (a, b) if not any(k in lg.meta for k in protocol)]
     if unrecorded:
-        return [f"{' and '.join(unrecorded)} {'has' if len(unrecorded) == 1 else 'have'} no protocol record (.json "
-                "beside the log with the certification settings): the protocols could not be checked"]
+        return [
+            f"{' and '.join(unrecorded)} {'has' if len(unrecorded) == 1 else 'have'} no protocol record (.json "
+            "beside the log with the certification settings): the protocols could not be checked"
+        ]
     notes = []
     if differ := setting_differences(a, b, protocol):
-        notes.append("the certification protocols differ (" + "; ".join(differ) + "): the difference mixes the "
-                     "classifiers with the protocols")
+        notes.append(
+            "the certification protocols differ (" + "; ".join(differ) + "): the difference mixes the "
+            "classifiers with the protocols"
+        )
     if differ := setting_differences(a, b, IMAGE_KEYS):
-        notes.append("the logs record different images (" + "; ".join(differ) + "): images with one idx in both "
-                     "may not be the same images")
+        notes.append(
+            "the logs record different images (" + "; ".join(differ) + "): images with one idx in both "
+            "may not be the same images"
+        )
     around = setting_differences(a, b, CLASSIFIER_KEYS[1:])  # what makes a classifier of the weights
     sha = a.meta.get("weights_sha256")
     same_file = bool(sha) and sha == b.meta.get("weights_sha256")
     if same_file and around:
-        notes.append(f"both logs load the same checkpoint file (sha256 {sha[:12]}...) but the classifiers differ ("
-                     + "; ".join(around) + "): the difference measures that, not the weights")
+        notes.append(
+            f"both logs load the same checkpoint file (sha256 {sha[:12]}...) but the classifiers differ ("
+            + "; ".join(around)
+            + "): the difference measures that, not the weights"
+        )
     elif around:
         notes.append("the classifiers also differ in " + "; ".join(around))
     elif same_file:
         notes.append(f"both logs certify the same weights (sha256 {sha[:12]}...)")
     for lg, other in ((a, b), (b, a)):
-        if one_sided := [k for k in protocol + CLASSIFIER_KEYS + IMAGE_KEYS
-                         if k in other.meta and k not in lg.meta and other.meta[k] is not None]:
+        if one_sided := [
+            k
+            for k in protocol + CLASSIFIER_KEYS + IMAGE_KEYS
+            if k in other.meta and k not in lg.meta and other.meta[k] is not None
+        ]:
             notes.append(f"{lg.name} does not record {', '.join(one_sided)}: not checked")
     return notes
 
@@ -551,32 +659,43 @@ def _match_images(a: CertLog, b: CertLog) -> tuple[np.ndarray, np.ndarray]:
     :func:`compare`, whose ReportErrors this raises)."""
     if (a.idx is None) != (b.idx is None):
         with_idx, without = (a, b) if a.idx is not None else (b, a)
-        raise ReportError(f"{with_idx.name} names its images (idx column) and {without.name} does not: the images "
-                          "cannot be matched")
+        raise ReportError(
+            f"{with_idx.name} names its images (idx column) and {without.name} does not: the images cannot be matched"
+        )
     if a.idx is not None and b.idx is not None:
         for lg in (a, b):  # a resumed log of another tool can repeat an image; pairing it would count it twice
             u, counts = np.unique(lg.idx, return_counts=True)
             if (counts > 1).any():
                 k = int(np.flatnonzero(counts > 1)[0])
-                raise ReportError(f"{lg.name}: idx {int(u[k])} appears {int(counts[k])} times; a "
-                                  "paired comparison needs each image once")
+                raise ReportError(
+                    f"{lg.name}: idx {int(u[k])} appears {int(counts[k])} times; a "
+                    "paired comparison needs each image once"
+                )
         ia, ib = np.argsort(a.idx), np.argsort(b.idx)
         if len(a) != len(b) or not np.array_equal(a.idx[ia], b.idx[ib]):
             only_in_a = sorted(set(a.idx.tolist()) - set(b.idx.tolist()))
-            where, missing = (a.name, only_in_a[0]) if only_in_a else (b.name, min(set(b.idx.tolist()) - set(a.idx.tolist())))
-            raise ReportError(f"{a.name} ({len(a)} images) and {b.name} ({len(b)} images) are not logs of the same "
-                              f"images (e.g. idx {missing} is only in {where}); a paired comparison needs both "
-                              "certified on the same test images")
+            where, missing = (
+                (a.name, only_in_a[0]) if only_in_a else (b.name, min(set(b.idx.tolist()) - set(a.idx.tolist())))
+            )
+            raise ReportError(
+                f"{a.name} ({len(a)} images) and {b.name} ({len(b)} images) are not logs of the same "
+                f"images (e.g. idx {missing} is only in {where}); a paired comparison needs both "
+                "certified on the same test images"
+            )
     elif len(a) != len(b):
-        raise ReportError(f"{a.name} has {len(a)} rows and {b.name} {len(b)}; without idx columns the logs must "
-                          "list the same images in the same order")
+        raise ReportError(
+            f"{a.name} has {len(a)} rows and {b.name} {len(b)}; without idx columns the logs must "
+            "list the same images in the same order"
+        )
     else:
         ia = ib = np.arange(len(a))
     if (bad := np.flatnonzero(a.label[ia] != b.label[ib])).size:
         k = int(bad[0])
         image = f"idx {int(a.idx[ia][k])}" if a.idx is not None else f"row {k + 1}"
-        raise ReportError(f"{a.name} and {b.name} give {image} different labels ({int(a.label[ia][k])} and "
-                          f"{int(b.label[ib][k])}): not the same test set")
+        raise ReportError(
+            f"{a.name} and {b.name} give {image} different labels ({int(a.label[ia][k])} and "
+            f"{int(b.label[ib][k])}): not the same test set"
+        )
     return ia, ib
 
 
@@ -624,14 +743,30 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
         notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
     nan = float("nan")
-    return Comparison(a.name, b.name, len(a), tuple(radii), acc_a, acc_b, diff, se, p, float(ra.mean()),
-                      float(rb.mean()), float((ra - rb).mean()) if same_radius else nan,
-                      _paired_se(ra - rb) if same_radius else nan, a.sigma, b.sigma, notes,
-                      a.acr_label if same_radius else None)
+    return Comparison(
+        a.name,
+        b.name,
+        len(a),
+        tuple(radii),
+        acc_a,
+        acc_b,
+        diff,
+        se,
+        p,
+        float(ra.mean()),
+        float(rb.mean()),
+        float((ra - rb).mean()) if same_radius else nan,
+        _paired_se(ra - rb) if same_radius else nan,
+        a.sigma,
+        b.sigma,
+        notes,
+        a.acr_label if same_radius else None,
+    )
 
 
-def curves_figure(logs: list[CertLog], title: str = "", best: bool = True,
-                  radii: tuple[float, ...] | None = None) -> Any:
+def curves_figure(
+    logs: list[CertLog], title: str = "", best: bool = True, radii: tuple[float, ...] | None = None
+) -> Any:
     """Certified accuracy vs radius for every log (and, with ``best``, their upper envelope where a best-sigma
     row is meaningful: :func:`best_row_refusal`): a matplotlib figure. Curves are labelled by sigma when the
     sigmas tell the logs apart, else by log name and sigma. ``radii`` (the table's, [0, 1] pixel units) are
@@ -651,7 +786,7 @@ def curves_figure(logs: list[CertLog], title: str = "", best: bool = True,
         curves.append(acc)
         sigma = f"sigma = {lg.sigma:g}" if lg.sigma is not None else ""
         label = sigma if sigma and (one_classifier or len(logs) == 1) else ", ".join(x for x in (lg.name, sigma) if x)
-        line, = ax.plot(grid, 100 * acc, label=label)
+        (line,) = ax.plot(grid, 100 * acc, label=label)
         if radii:  # the table's numbers on the curve (no label: the legend names curves, not markers)
             ax.plot(radii, [100 * lg.certified_accuracy(r) for r in radii], "o", color=line.get_color(), markersize=4)
     if one_classifier:
@@ -666,8 +801,9 @@ def curves_figure(logs: list[CertLog], title: str = "", best: bool = True,
     return fig
 
 
-def plot_curves(logs: list[CertLog], path: str | Path, title: str = "", best: bool = True,
-                radii: tuple[float, ...] | None = None) -> Path:
+def plot_curves(
+    logs: list[CertLog], path: str | Path, title: str = "", best: bool = True, radii: tuple[float, ...] | None = None
+) -> Path:
     """:func:`curves_figure` written as a PNG; returns its path.
 
     Raises:
@@ -714,14 +850,22 @@ def expand_folders(files: list[str | Path], one_log_each: bool = False) -> list[
         if not (found := find_logs(f)):
             raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
         if one_log_each and len(found) > 1:
-            raise ReportError(f"--compare: {f} holds {len(found)} logs ({', '.join(p.name for p in found[:4])}"
-                              f"{' ...' if len(found) > 4 else ''}); give the logs to compare as files")
+            raise ReportError(
+                f"--compare: {f} holds {len(found)} logs ({', '.join(p.name for p in found[:4])}"
+                f"{' ...' if len(found) > 4 else ''}); give the logs to compare as files"
+            )
         paths += found
     return paths
 
 
-def report(files: list[str | Path], radii: tuple[float, ...] | None = None, markdown: str | Path | None = None,
-           csv_path: str | Path | None = None, plot: str | Path | None = None, paired: bool = False) -> Table:
+def report(
+    files: list[str | Path],
+    radii: tuple[float, ...] | None = None,
+    markdown: str | Path | None = None,
+    csv_path: str | Path | None = None,
+    plot: str | Path | None = None,
+    paired: bool = False,
+) -> Table:
     """Read ``files`` (a folder stands for the logs in it, :func:`find_logs`), print the table, and write the
     optional Markdown / CSV / PNG outputs. With ``paired``, also print :func:`compare` of every later log against
     the first, add it to the Markdown, and write it as ``<csv stem>_paired.csv`` beside the CSV; the table then
@@ -754,8 +898,21 @@ def report(files: list[str | Path], radii: tuple[float, ...] | None = None, mark
     if csv_path and comparisons:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["a", "b", "sigma_a", "sigma_b", "images", "radius", "value_a", "value_b", "difference",
-                    "paired_se", "mcnemar_p"])
+        w.writerow(
+            [
+                "a",
+                "b",
+                "sigma_a",
+                "sigma_b",
+                "images",
+                "radius",
+                "value_a",
+                "value_b",
+                "difference",
+                "paired_se",
+                "mcnemar_p",
+            ]
+        )
         w.writerows(row for c in comparisons for row in c.csv_rows())
         Path(csv_path).with_name(Path(csv_path).stem + "_paired.csv").write_text(buf.getvalue())
     return table

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
 from dmae.checkpoint import DECODER_PREFIXES, CheckpointError, load_dmae, resolve_checkpoint, run_config
 from dmae.config import Options, option
-from dmae.reporting.figures import pyplot, write_png
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info
 from dmae.models.dmae import DenoisingMaskedAutoencoder
 from dmae.models.registry import get_preset
+from dmae.reporting.figures import pyplot, write_png
 from dmae.runtime import resolve_device
 
 
@@ -28,8 +28,15 @@ class Reconstruction(NamedTuple):
 
 
 @torch.no_grad()
-def reconstruct(model: DenoisingMaskedAutoencoder, images: torch.Tensor, sigma: float, mask_ratio: float,
-                seed: int = 0, norm_pix_loss: bool | None = None, fill: float = 0.5) -> Reconstruction:
+def reconstruct(
+    model: DenoisingMaskedAutoencoder,
+    images: torch.Tensor,
+    sigma: float,
+    mask_ratio: float,
+    seed: int = 0,
+    norm_pix_loss: bool | None = None,
+    fill: float = 0.5,
+) -> Reconstruction:
     """Corrupt ``images`` ([0, 1], ``[N, C, H, W]``) with noise and a mask and reconstruct them.
 
     A model trained with ``norm_pix_loss`` predicts each patch up to its mean and variance; those are then
@@ -79,22 +86,27 @@ def save_figure(rec: Reconstruction, path: str | Path, title: str = "") -> Path:
     return write_png(fig, path, dpi=100)
 
 
-
 @dataclass
 class VisualizeConfig(Options):
     """Every option of ``dmae visualize``; unset ones come from the run's ``config.yaml`` when there is one."""
 
-    checkpoint: Optional[str] = option(None, "a run folder, checkpoint.pt, model.safetensors or official .pth")
-    out: Optional[str] = option(None, "PNG to write (default: reconstructions.png beside the checkpoint)")
-    model: Optional[str] = option(None, "model preset, for official checkpoints whose shapes match several", check=get_preset)
-    data: Optional[str] = option(None, "data set (default: the run's, else fashion-mnist)", choices=DATASET_NAMES)
-    data_root: Optional[str] = option(None, "data set directory")
-    split: Optional[str] = option(None, "split to draw images from (default: the evaluation split)")
-    num: int = option(8, "number of images (rows); alias --num-images (under torchrun)", low=1, aliases=("--num-images",))
-    sigma: Optional[float] = option(None, "noise level (default: the run's, else 0.25)", check=check_sigma)
+    checkpoint: str | None = option(None, "a run folder, checkpoint.pt, model.safetensors or official .pth")
+    out: str | None = option(None, "PNG to write (default: reconstructions.png beside the checkpoint)")
+    model: str | None = option(
+        None, "model preset, for official checkpoints whose shapes match several", check=get_preset
+    )
+    data: str | None = option(None, "data set (default: the run's, else fashion-mnist)", choices=DATASET_NAMES)
+    data_root: str | None = option(None, "data set directory")
+    split: str | None = option(None, "split to draw images from (default: the evaluation split)")
+    num: int = option(
+        8, "number of images (rows); alias --num-images (under torchrun)", low=1, aliases=("--num-images",)
+    )
+    sigma: float | None = option(None, "noise level (default: the run's, else 0.25)", check=check_sigma)
     mask_ratio: float = option(0.75, "fraction of patches removed", check=check_mask_ratio)
     seed: int = option(0, "seed of the noise and mask")
-    norm_pix_loss: Optional[bool] = option(None, "whether the model predicts per-patch normalized pixels (default: the run's, else true)")
+    norm_pix_loss: bool | None = option(
+        None, "whether the model predicts per-patch normalized pixels (default: the run's, else true)"
+    )
     device: str = option("auto", "auto, cpu, cuda")
 
     def check_combination(self) -> None:
@@ -122,9 +134,11 @@ def visualize(cfg: VisualizeConfig) -> Path:
     net, report = load_dmae(checkpoint, cfg.model)
     no_decoder = [k for k in report.missing if k.startswith(DECODER_PREFIXES)]
     if no_decoder:  # an encoder-only file (MAE's public layout): a random decoder would draw noise
-        raise CheckpointError(f"{checkpoint} holds no decoder ({len(no_decoder)} missing keys: {', '.join(no_decoder[:4])}"
-                              f"{' ...' if len(no_decoder) > 4 else ''}); reconstructions need a full pretraining "
-                              "checkpoint (encoder and decoder), not an encoder-only file")
+        raise CheckpointError(
+            f"{checkpoint} holds no decoder ({len(no_decoder)} missing keys: {', '.join(no_decoder[:4])}"
+            f"{' ...' if len(no_decoder) > 4 else ''}); reconstructions need a full pretraining "
+            "checkpoint (encoder and decoder), not an encoder-only file"
+        )
     net.to(resolve_device(cfg.device))
     info = dataset_info(data)
     split = cfg.split or info.splits[1]

@@ -22,8 +22,10 @@ def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 0.5):
         hint = ""
         if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.5 < alpha < 1.0:
-            hint = (f"; alpha is the failure probability, not a confidence level: for {alpha:g} confidence "
-                    f"give alpha {1 - alpha:.6g}")
+            hint = (
+                f"; alpha is the failure probability, not a confidence level: for {alpha:g} confidence "
+                f"give alpha {1 - alpha:.6g}"
+            )
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}{hint}")
     return float(alpha)
 
@@ -75,9 +77,12 @@ def check_certify_budget(n: int, alpha: float) -> bool:
     """Warn (and return False) when ``n`` samples can certify no positive radius at ``alpha``, whatever the model."""
     if n >= min_certify_samples(alpha):
         return True
-    warnings.warn(f"n={n} cannot certify any radius at alpha={alpha:g}: even with every sample for one class the "
-                  f"lower bound alpha^(1/n) = {alpha ** (1 / n):.3g} <= 1/2, so every image abstains; "
-                  f"use n >= {min_certify_samples(alpha)}", stacklevel=3)
+    warnings.warn(
+        f"n={n} cannot certify any radius at alpha={alpha:g}: even with every sample for one class the "
+        f"lower bound alpha^(1/n) = {alpha ** (1 / n):.3g} <= 1/2, so every image abstains; "
+        f"use n >= {min_certify_samples(alpha)}",
+        stacklevel=3,
+    )
     return False
 
 
@@ -85,7 +90,9 @@ def check_predict_budget(n: int, alpha: float) -> bool:
     """Warn (and return False) when PREDICT with ``n`` samples can never return a class at ``alpha``."""
     if n >= min_predict_samples(alpha):
         return True
-    warnings.warn(f"n={n} can never return a class at alpha={alpha:g}: the smallest p-value n votes can give is "
-                  f"2 * 0.5^n = {2 * 0.5 ** n:.3g} > alpha, so every image abstains; use n >= {min_predict_samples(alpha)}",
-                  stacklevel=3)
+    warnings.warn(
+        f"n={n} can never return a class at alpha={alpha:g}: the smallest p-value n votes can give is "
+        f"2 * 0.5^n = {2 * 0.5**n:.3g} > alpha, so every image abstains; use n >= {min_predict_samples(alpha)}",
+        stacklevel=3,
+    )
     return False

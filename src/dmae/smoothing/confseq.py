@@ -28,12 +28,13 @@ Then the decisions the sampling engine stops on: per target radius (:func:`decid
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 import operator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from scipy.optimize import brentq
@@ -225,8 +226,16 @@ class UnionBoundCP(_Looks):
 
     kind = "union"
 
-    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 1.1, final_share: float = 0.98,
-                 upper_alpha: float | None = None, looks: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        alpha: float,
+        n_max: int,
+        first: int = 64,
+        ratio: float = 1.1,
+        final_share: float = 0.98,
+        upper_alpha: float | None = None,
+        looks: Sequence[int] | None = None,
+    ) -> None:
         self.alpha = check_alpha(alpha)
         self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
         n_max = _check_int(n_max, "n_max", 1)
@@ -245,8 +254,10 @@ class UnionBoundCP(_Looks):
         return (*([(total - last) / (m - 1)] * (m - 1)), last)
 
     def __repr__(self) -> str:
-        return (f"UnionBoundCP(alpha={self.alpha:g}, n_max={self.n_max}, looks={len(self.looks)} from "
-                f"{self.looks[0]}, final_share={self.final_share:g}, upper_alpha={self.upper_alpha:g})")
+        return (
+            f"UnionBoundCP(alpha={self.alpha:g}, n_max={self.n_max}, looks={len(self.looks)} from "
+            f"{self.looks[0]}, final_share={self.final_share:g}, upper_alpha={self.upper_alpha:g})"
+        )
 
     def _lower(self, k: int, t: int) -> float:
         k, t = self._check(k, t)
@@ -272,8 +283,13 @@ class UnionBoundCP(_Looks):
 # -------------------------------------------------------------------------------------- mixture of bets
 def _mixture_log_capital(p: float, k: int, t: int, b: float) -> float:
     """log M_t(p) for the bet fractions lam ~ Beta(1, b) (see :class:`BettingMixture`), 0 < p < 1."""
-    return (math.log(b) - k * math.log(p) - (t - k + b) * math.log1p(-p) + betaln(k + 1, t - k + b)
-            + math.log(betaincc(k + 1, t - k + b, p)))
+    return (
+        math.log(b)
+        - k * math.log(p)
+        - (t - k + b) * math.log1p(-p)
+        + betaln(k + 1, t - k + b)
+        + math.log(betaincc(k + 1, t - k + b, p))
+    )
 
 
 def _mixture_lower(k: int, t: int, b: float, log_level: float) -> float:
@@ -285,9 +301,9 @@ def _mixture_lower(k: int, t: int, b: float, log_level: float) -> float:
     def f(p: float) -> float:
         return _mixture_log_capital(p, k, t, b) - log_level
 
-    bottom = 0.5 ** 52
+    bottom = 0.5**52
     while f(bottom) < 0.0:  # only for tiny k/t: walk down until p is rejected
-        bottom *= 2.0 ** -64
+        bottom *= 2.0**-64
         if bottom < 1e-300:
             return 0.0
     root = brentq(f, bottom, top, xtol=1e-15, rtol=4 * np.finfo(float).eps)
@@ -340,9 +356,17 @@ class BettingMixture(_Looks):
 
     kind = "betting"
 
-    def __init__(self, alpha: float, n_max: int, first: int = 64, ratio: float = 1.05, prior: float = 0.5,
-                 final_share: float = 0.5, upper_alpha: float | None = None,
-                 looks: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        alpha: float,
+        n_max: int,
+        first: int = 64,
+        ratio: float = 1.05,
+        prior: float = 0.5,
+        final_share: float = 0.5,
+        upper_alpha: float | None = None,
+        looks: Sequence[int] | None = None,
+    ) -> None:
         self.alpha = check_alpha(alpha)
         self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
         n_max = _check_int(n_max, "n_max", 1)
@@ -356,9 +380,11 @@ class BettingMixture(_Looks):
         self._init_caches()
 
     def __repr__(self) -> str:
-        return (f"BettingMixture(alpha={self.alpha:g}, n_max={self.n_max}, looks={len(self.looks)} from "
-                f"{self.looks[0]}, prior={self.prior:g}, final_share={self.final_share:g}, "
-                f"upper_alpha={self.upper_alpha:g})")
+        return (
+            f"BettingMixture(alpha={self.alpha:g}, n_max={self.n_max}, looks={len(self.looks)} from "
+            f"{self.looks[0]}, prior={self.prior:g}, final_share={self.final_share:g}, "
+            f"upper_alpha={self.upper_alpha:g})"
+        )
 
     def _one_sided(self, k: int, t: int, a: float, log_level: float) -> float:
         out = _mixture_lower(k, t, self.prior, log_level)
@@ -396,8 +422,9 @@ def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> Con
     """
     name = DEFAULT_KIND if kind == "default" else ALIASES.get(kind, kind)
     if name not in SEQUENCES:
-        raise ValueError(f"unknown confidence sequence {kind!r}; available: default, "
-                         f"{', '.join(sorted([*SEQUENCES, *ALIASES]))}")
+        raise ValueError(
+            f"unknown confidence sequence {kind!r}; available: default, {', '.join(sorted([*SEQUENCES, *ALIASES]))}"
+        )
     return SEQUENCES[name](alpha, n_max, **options)
 
 
@@ -495,8 +522,9 @@ def projected_lower(cs: ConfidenceSequence, k: int, t: int, futility: float) -> 
     return cs.lower(k + min(m, more), cs.n_max)
 
 
-def decide(cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float],
-           futility: float | None = None) -> list[Decision]:
+def decide(
+    cs: ConfidenceSequence, k: int, t: int, thresholds: Sequence[float], futility: float | None = None
+) -> list[Decision]:
     """The state of each target after ``k`` of ``t`` estimation samples (``t`` a look) voted for c_hat.
 
     For the threshold tau = Phi(r / sigma) of each target radius r (see :func:`threshold`):
@@ -581,8 +609,7 @@ class DecisionTable:
     refute_upto: np.ndarray
 
     @classmethod
-    def build(cls, cs: ConfidenceSequence, thresholds: Sequence[float],
-              futility: float | None = None) -> DecisionTable:
+    def build(cls, cs: ConfidenceSequence, thresholds: Sequence[float], futility: float | None = None) -> DecisionTable:
         """Tabulate ``cs`` (and the futility rule at ``futility``, as in :func:`decide`) by bisection over k
         (about 2 log2(t) bound evaluations per look and target).
 
@@ -636,6 +663,22 @@ class DecisionTable:
         return out
 
 
-__all__ = ["ALIASES", "BettingMixture", "ConfidenceSequence", "DEFAULT_KIND", "Decision", "DecisionTable",
-           "SEQUENCES", "UnionBoundCP", "check_futility", "continuous_gap", "decide", "geometric_looks", "make_sequence",
-           "projected_lower", "radius_from_lower", "refute_ceiling", "threshold"]
+__all__ = [
+    "ALIASES",
+    "DEFAULT_KIND",
+    "SEQUENCES",
+    "BettingMixture",
+    "ConfidenceSequence",
+    "Decision",
+    "DecisionTable",
+    "UnionBoundCP",
+    "check_futility",
+    "continuous_gap",
+    "decide",
+    "geometric_looks",
+    "make_sequence",
+    "projected_lower",
+    "radius_from_lower",
+    "refute_ceiling",
+    "threshold",
+]

@@ -35,8 +35,14 @@ from torch import nn
 
 from dmae.corrupt import check_sigma
 from dmae.runtime import autocast, derive_seed, module_device, warn_user
-from dmae.smoothing.bounds import (certified_radius, check_alpha, check_certify_budget, check_predict_budget,
-                                   lower_confidence_bound, predict_pvalue)
+from dmae.smoothing.bounds import (
+    certified_radius,
+    check_alpha,
+    check_certify_budget,
+    check_predict_budget,
+    lower_confidence_bound,
+    predict_pvalue,
+)
 
 CHUNK = 100  # noise samples per seeded draw; part of the reproducibility contract
 PHASE_SELECT, PHASE_ESTIMATE, PHASE_PREDICT, PHASE_PROBE = 0, 1, 2, 3  # PROBE: the pre-flight accuracy probe
@@ -108,9 +114,16 @@ class Smooth:
 
     ABSTAIN = -1
 
-    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None,
-                 precision: str = "auto", device: torch.device | str | None = None,
-                 input_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        base_classifier: nn.Module,
+        num_classes: int,
+        sigma: float,
+        seed: int | None = None,
+        precision: str = "auto",
+        device: torch.device | str | None = None,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
         if check_sigma(sigma) <= 0:
             raise ValueError(f"sigma must be > 0 to smooth a classifier, got {sigma!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -131,7 +144,9 @@ class Smooth:
         self._budgets_checked: set[tuple[Any, int, float]] = set()
 
     # ------------------------------------------------------------------ the published API, one image
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, idx: int | None = None) -> tuple[int, float]:
+    def certify(
+        self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, idx: int | None = None
+    ) -> tuple[int, float]:
         """CERTIFY(x, n0, n, alpha): ``(class, radius)``, or ``(Smooth.ABSTAIN, 0.0)``.
 
         With probability at least ``1 - alpha`` over the noise, a returned class is g(x) and g is constant
@@ -152,8 +167,9 @@ class Smooth:
         return -self._calls
 
     # ------------------------------------------------------------------ many images
-    def certify_batch(self, images: torch.Tensor, indices: Sequence[int], n0: int, n: int, alpha: float,
-                      batch_size: int) -> list[Certificate]:
+    def certify_batch(
+        self, images: torch.Tensor, indices: Sequence[int], n0: int, n: int, alpha: float, batch_size: int
+    ) -> list[Certificate]:
         """CERTIFY for several images ``[I, C, H, W]`` at once; ``indices`` name their noise streams.
 
         Raises:
@@ -177,8 +193,9 @@ class Smooth:
                 out.append(Certificate(int(c), certified_radius(p_lower, self.sigma), int(k), p_lower))
         return out
 
-    def predict_batch(self, images: torch.Tensor, indices: Sequence[int], n: int, alpha: float,
-                      batch_size: int) -> list[Prediction]:
+    def predict_batch(
+        self, images: torch.Tensor, indices: Sequence[int], n: int, alpha: float, batch_size: int
+    ) -> list[Prediction]:
         """PREDICT for several images at once (see :meth:`certify_batch` for what it raises)."""
         _check_counts(None, n, batch_size)
         check_alpha(alpha)
@@ -193,8 +210,9 @@ class Smooth:
         return out
 
     @torch.no_grad()
-    def sample_counts(self, images: torch.Tensor, indices: Sequence[int], num: int, batch_size: int,
-                      phase: int = PHASE_ESTIMATE) -> SampleCounts:
+    def sample_counts(
+        self, images: torch.Tensor, indices: Sequence[int], num: int, batch_size: int, phase: int = PHASE_ESTIMATE
+    ) -> SampleCounts:
         """Votes of ``f(x_i + eta)`` over ``num`` noise draws per image ``[I, C, H, W]``, kept on the device.
 
         Chunks of ``CHUNK`` samples (the last one shorter) are generated from their own seeds and packed into
@@ -275,8 +293,10 @@ class Smooth:
             self._warned_train = True
             telling = [k for k in training if "Norm" in k or "Drop" in k]  # the usual layers that differ in eval mode
             names = (telling or training)[:4] + (["..."] if len(telling or training) > 4 else [])
-            warn_user(f"the base classifier is in training mode ({', '.join(names)}): it is certified in eval "
-                      "mode and restored to training mode afterwards; call model.eval() before smoothing it")
+            warn_user(
+                f"the base classifier is in training mode ({', '.join(names)}): it is certified in eval "
+                "mode and restored to training mode afterwards; call model.eval() before smoothing it"
+            )
         with eval_mode(self.base_classifier):
             yield
 
@@ -303,7 +323,9 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
-def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+def check_images(
+    images: torch.Tensor, indices: Sequence[int], input_range: tuple[float, float] | None = (0.0, 1.0)
+) -> None:
     """Images ``[I, C, H, W]`` must be floating point, finite, and (unless ``input_range`` is None) within
     ``input_range`` up to :data:`RANGE_TOLERANCE`: sigma and every radius are in [0, 1] pixel units, so a uint8
     tensor (0-255) or a normalized one (mean 0, std 1) would certify radii that mean something else.
@@ -314,7 +336,9 @@ def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tupl
     """
     if not torch.is_floating_point(images):
         hint = " (8-bit pixels: divide by 255, or use torchvision's ToTensor)" if images.dtype == torch.uint8 else ""
-        raise ValueError(f"images must be a floating-point tensor with pixels in [0, 1], got dtype {images.dtype}{hint}")
+        raise ValueError(
+            f"images must be a floating-point tensor with pixels in [0, 1], got dtype {images.dtype}{hint}"
+        )
     flat = images.flatten(1)
     finite = torch.isfinite(flat).all(dim=1)
     if input_range is None:
@@ -329,10 +353,12 @@ def check_images(images: torch.Tensor, indices: Sequence[int], input_range: tupl
     outside = [int(i) for i, ok in zip(indices, flags[1]) if not ok]
     if outside:
         lo_seen, hi_seen = float(images.min()), float(images.max())
-        raise ValueError(f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
-                         f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
-                         "Normalize: the model's first layer normalizes), because sigma and every radius are "
-                         "measured in [0, 1] pixel units")
+        raise ValueError(
+            f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
+            f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
+            "Normalize: the model's first layer normalizes), because sigma and every radius are "
+            "measured in [0, 1] pixel units"
+        )
 
 
 def check_row_independent(model: nn.Module) -> None:
@@ -345,11 +371,13 @@ def check_row_independent(model: nn.Module) -> None:
     """
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
-            raise ValueError(f"module {name or type(m).__name__} ({type(m).__name__}, track_running_stats=False) "
-                             "normalizes every batch by its own statistics, even in eval mode: one noisy sample's "
-                             "class would depend on the others in its batch, and the certificate's bound (independent "
-                             "votes) would not hold; give it running statistics (e.g. estimate them on training data "
-                             "with track_running_stats=True) before smoothing it")
+            raise ValueError(
+                f"module {name or type(m).__name__} ({type(m).__name__}, track_running_stats=False) "
+                "normalizes every batch by its own statistics, even in eval mode: one noisy sample's "
+                "class would depend on the others in its batch, and the certificate's bound (independent "
+                "votes) would not hold; give it running statistics (e.g. estimate them on training data "
+                "with track_running_stats=True) before smoothing it"
+            )
 
 
 def check_trained_sigma(model: nn.Module, sigma: float) -> None:
@@ -362,11 +390,15 @@ def check_trained_sigma(model: nn.Module, sigma: float) -> None:
     if isinstance(trained, (tuple, list)):
         lo, hi = (float(v) for v in trained)
         if not lo - 1e-9 <= sigma <= hi + 1e-9:
-            warn_user(f"sigma {sigma:g} is outside the range U[{lo:g}, {hi:g}] the classifier was trained at; "
-                      "certify at a sigma in that range")
+            warn_user(
+                f"sigma {sigma:g} is outside the range U[{lo:g}, {hi:g}] the classifier was trained at; "
+                "certify at a sigma in that range"
+            )
     elif abs(float(trained) - sigma) > 1e-9:
-        warn_user(f"sigma {sigma:g} is not the sigma the classifier was trained at ({float(trained):g}); its "
-                  f"accuracy under this noise may be near chance: certify at sigma {float(trained):g}")
+        warn_user(
+            f"sigma {sigma:g} is not the sigma the classifier was trained at ({float(trained):g}); its "
+            f"accuracy under this noise may be near chance: certify at sigma {float(trained):g}"
+        )
 
 
 class _PackedBatches:
@@ -396,7 +428,7 @@ class _PackedBatches:
         noisy, owner = torch.cat(self.noisy), torch.cat(self.owners)
         b = self.batch_size
         full = noisy.shape[0] if final else (noisy.shape[0] // b) * b
-        out = [(noisy[s: min(s + b, full)], owner[s: min(s + b, full)]) for s in range(0, full, b)]
+        out = [(noisy[s : min(s + b, full)], owner[s : min(s + b, full)]) for s in range(0, full, b)]
         keep = full < noisy.shape[0]
         self.noisy, self.owners = ([noisy[full:]], [owner[full:]]) if keep else ([], [])
         self.size = noisy.shape[0] - full

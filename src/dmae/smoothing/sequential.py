@@ -30,8 +30,15 @@ import torch
 from torch import nn
 
 from dmae.smoothing.bounds import check_certify_budget
-from dmae.smoothing.confseq import (ConfidenceSequence, check_futility, geometric_looks, make_sequence, radius_or_zero,
-                                    refute_ceiling, threshold)
+from dmae.smoothing.confseq import (
+    ConfidenceSequence,
+    check_futility,
+    geometric_looks,
+    make_sequence,
+    radius_or_zero,
+    refute_ceiling,
+    threshold,
+)
 from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth
 
 FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
@@ -155,8 +162,9 @@ class SequentialCertifier:
         self.k = smooth.num_classes
         check_certify_budget(settings.n_max, settings.alpha)
 
-    def certify_stream(self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int,
-                       labels: Mapping[int, int] | None = None) -> Iterator[tuple[int, SequentialCertificate]]:
+    def certify_stream(
+        self, items: Iterable[tuple[int, torch.Tensor]], batch_size: int, labels: Mapping[int, int] | None = None
+    ) -> Iterator[tuple[int, SequentialCertificate]]:
         """Certify ``(idx, image [C, H, W] in [0, 1])`` pairs; yields ``(idx, certificate)`` as images finish
         (not in input order). Forward batches hold ``batch_size`` samples until the stream runs dry. ``labels``
         (idx -> class, read when an image is admitted) is needed by the label shortcut only.
@@ -187,8 +195,9 @@ class SequentialCertifier:
                 active.remove(slot)
                 yield slot.idx, cert
 
-    def certify_batch(self, images: torch.Tensor, indices: Sequence[int], batch_size: int,
-                      labels: Sequence[int] | None = None) -> list[SequentialCertificate]:
+    def certify_batch(
+        self, images: torch.Tensor, indices: Sequence[int], batch_size: int, labels: Sequence[int] | None = None
+    ) -> list[SequentialCertificate]:
         """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices`` (``labels``: their classes, for
         the label shortcut); answers in input order."""
         by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels)}
@@ -312,8 +321,13 @@ class _CategoricalOracle(nn.Module):
         return nn.functional.one_hot(cls, self.k).double()
 
 
-def oracle_certificates(settings: SequentialSettings, sigma: float, probs: Sequence[float] | np.ndarray, seed: int = 0,
-                        labels: Sequence[int] | None = None) -> list[SequentialCertificate]:
+def oracle_certificates(
+    settings: SequentialSettings,
+    sigma: float,
+    probs: Sequence[float] | np.ndarray,
+    seed: int = 0,
+    labels: Sequence[int] | None = None,
+) -> list[SequentialCertificate]:
     """What sequential CERTIFY answers (and spends) on images whose noisy samples fall in each class with known
     probabilities: the real engine (selection, rounds, decisions, budget test) run on categorical oracles.
 
@@ -333,7 +347,9 @@ def oracle_certificates(settings: SequentialSettings, sigma: float, probs: Seque
     pr = np.asarray(probs, dtype=np.float64)
     pr = np.stack([pr, 1.0 - pr], axis=1) if pr.ndim == 1 else pr
     if pr.ndim != 2 or not np.all((pr >= 0) & (pr <= 1)) or not np.allclose(pr.sum(1), 1.0, atol=1e-9):
-        raise ValueError(f"probs must be probabilities in [0, 1] (rows summing to 1), got {np.asarray(probs).tolist()!r}")
+        raise ValueError(
+            f"probs must be probabilities in [0, 1] (rows summing to 1), got {np.asarray(probs).tolist()!r}"
+        )
     if labels is not None and len(labels) != len(pr):
         raise ValueError(f"{len(labels)} labels for {len(pr)} images")
     x = torch.zeros(len(pr), 1, 1, 2, dtype=torch.float64)
@@ -341,7 +357,14 @@ def oracle_certificates(settings: SequentialSettings, sigma: float, probs: Seque
     given = labels if labels is not None else pr.argmax(1).tolist()
     by_idx = {i: int(y) for i, y in enumerate(given)}
     # the oracle's "pixels" are (noise, image number), not [0, 1] pixels: no range check
-    smooth = Smooth(_CategoricalOracle(pr, sigma).eval(), pr.shape[1], sigma, seed=seed, precision="fp32",
-                    device=torch.device("cpu"), input_range=None)
+    smooth = Smooth(
+        _CategoricalOracle(pr, sigma).eval(),
+        pr.shape[1],
+        sigma,
+        seed=seed,
+        precision="fp32",
+        device=torch.device("cpu"),
+        input_range=None,
+    )
     done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
     return [done[i] for i in range(len(pr))]

@@ -189,8 +189,9 @@ class DiscreteGaussian:
                 if open_:
                     still.append((e, open_))
             pending = still
-        raise RuntimeError(f"{len(pending)} noise draws still undecided after {_MAX_LEVELS} words "
-                           "(a broken generator?)")
+        raise RuntimeError(
+            f"{len(pending)} noise draws still undecided after {_MAX_LEVELS} words (a broken generator?)"
+        )
 
     def sample(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Exact draws of the noise ``j`` in grid steps (``low .. high``), int64 of ``shape``."""
@@ -203,8 +204,9 @@ def discrete_gaussian(sigma: float, levels: int = LEVELS) -> DiscreteGaussian:
     return DiscreteGaussian(sigma, levels)
 
 
-def check_grid(images: torch.Tensor, indices: Sequence[int], levels: int = LEVELS,
-               tolerance: float = GRID_TOLERANCE) -> None:
+def check_grid(
+    images: torch.Tensor, indices: Sequence[int], levels: int = LEVELS, tolerance: float = GRID_TOLERANCE
+) -> None:
     """Images ``[I, C, H, W]`` must have every pixel within ``tolerance`` of ``k / levels``, ``0 <= k <= levels``.
 
     Raises:
@@ -218,10 +220,12 @@ def check_grid(images: torch.Tensor, indices: Sequence[int], levels: int = LEVEL
     if off:
         worst = ", ".join(f"image {i}: {d:.3g}" for i, d in off[:10])
         made = " (ToTensor of 8-bit images gives it)" if levels == LEVELS else ""
-        raise ValueError(f"sound certification needs images on the {levels}-level grid (every pixel k/{levels}"
-                         f"{made}), within {tolerance:g}; largest distance to the grid: {worst}. "
-                         f"Resized, interpolated or normalized images are not on it: certify the quantized image "
-                         f"(x * {levels}).round() / {levels}, or use the standard (unsound) mode")
+        raise ValueError(
+            f"sound certification needs images on the {levels}-level grid (every pixel k/{levels}"
+            f"{made}), within {tolerance:g}; largest distance to the grid: {worst}. "
+            f"Resized, interpolated or normalized images are not on it: certify the quantized image "
+            f"(x * {levels}).round() / {levels}, or use the standard (unsound) mode"
+        )
     bad = [int(i) for i, o in zip(indices, outside) if o]
     if bad:
         raise ValueError(f"image(s) {bad[:10]} have grid pixels outside 0 .. {levels}: pixels must lie in [0, 1]")
@@ -247,8 +251,16 @@ class SoundSmooth(Smooth):
             outside [0, 1], each named with its distance to the grid.
     """
 
-    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, seed: int | None = None,
-                 precision: str = "auto", device: torch.device | str | None = None, levels: int = LEVELS) -> None:
+    def __init__(
+        self,
+        base_classifier: nn.Module,
+        num_classes: int,
+        sigma: float,
+        seed: int | None = None,
+        precision: str = "auto",
+        device: torch.device | str | None = None,
+        levels: int = LEVELS,
+    ) -> None:
         super().__init__(base_classifier, num_classes, sigma, seed=seed, precision=precision, device=device)
         if self.device.type not in ("cpu", "cuda"):  # randint's exact uniformity over 2^62 is shown for these only
             raise ValueError(f"sound certification runs on cpu or cuda, got device {self.device}")

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -43,8 +43,22 @@ from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
 from dmae.runtime import autocast, derive_seed
 
 # Options that may change when a run is resumed; any other difference would change the trajectory.
-RESUMABLE_OPTIONS = frozenset({"output_dir", "resume", "num_workers", "progress", "log_every", "save_every",
-                               "stop_after", "device", "data_root", "download", "compile", "eval_images"})
+RESUMABLE_OPTIONS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "num_workers",
+        "progress",
+        "log_every",
+        "save_every",
+        "stop_after",
+        "device",
+        "data_root",
+        "download",
+        "compile",
+        "eval_images",
+    }
+)
 STREAM_STEP = 0x5354455020  # leading key of the per-micro-step streams (noise, masks, drop path, mixup)
 # A warmup longer than this share of the run's epochs is cut to it (unless given): the paper's recipes warm up
 # for 4-5% of their epochs, the shipped CPU presets for 10% (0.3 of 3 epochs); a 5-epoch warmup of a 3-epoch run
@@ -58,9 +72,26 @@ MAX_DROPPED_FRACTION = 0.25
 # lr the paper's recipe gives ViT-B at batch 1024.
 SMALL_MODEL_PARAMS = 5_000_000
 
-__all__ = ["RESUMABLE_OPTIONS", "Adaptation", "RunLog", "adapt_to_data", "adaptation_block", "RunOptions", "StopFlag",
-           "TrainOptions", "TrainResult", "TrainingJob", "build_scheduler", "check_resumable", "check_run_folder", "epoch_loader", "step_seed", "train",
-           "wrap_for_training", "default"]
+__all__ = [
+    "RESUMABLE_OPTIONS",
+    "Adaptation",
+    "RunLog",
+    "RunOptions",
+    "StopFlag",
+    "TrainOptions",
+    "TrainResult",
+    "TrainingJob",
+    "adapt_to_data",
+    "adaptation_block",
+    "build_scheduler",
+    "check_resumable",
+    "check_run_folder",
+    "default",
+    "epoch_loader",
+    "step_seed",
+    "train",
+    "wrap_for_training",
+]
 
 
 @dataclass
@@ -79,8 +110,9 @@ class RunOptions(Options):
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     save_every: int = option(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)", low=0)
     log_every: int = option(20, "optimizer steps between log lines", low=1)
-    stop_after: Optional[int] = option(None, "checkpoint and stop once this many optimizer steps are done (resume later)",
-                                       low=1)
+    stop_after: int | None = option(
+        None, "checkpoint and stop once this many optimizer steps are done (resume later)", low=1
+    )
     progress: bool = option(True, "show a progress bar")
 
 
@@ -89,19 +121,21 @@ class TrainOptions(RunOptions):
     """The data, schedule and optimizer options of every training job; jobs redefine the defaults."""
 
     data: str = option("fashion-mnist", "data set", choices=DATASET_NAMES, check=dataset_info)
-    data_root: Optional[str] = option(None, "data set directory (default: found automatically, see README)")
+    data_root: str | None = option(None, "data set directory (default: found automatically, see README)")
     download: bool = option(False, "download the data set when it is missing (needs internet)")
-    train_subset: Optional[int] = option(None, "use only the first N training images", low=1)
+    train_subset: int | None = option(None, "use only the first N training images", low=1)
     epochs: int = option(10, "training epochs", low=1)
     warmup_epochs: float = option(1.0, "linear warmup length in epochs (set per iteration)", low=0)
     batch_size: int = option(64, "images per process per micro-step", low=1)
     accum_iter: int = option(1, "micro-steps accumulated per optimizer step", low=1)
     blr: float = option(1.5e-4, "base learning rate: lr = blr * effective_batch / 256", low=0, low_open=True)
-    lr: Optional[float] = option(None, "absolute learning rate (overrides --blr)", low=0, low_open=True)
+    lr: float | None = option(None, "absolute learning rate (overrides --blr)", low=0, low_open=True)
     min_lr: float = option(0.0, "learning rate at the end of the cosine", low=0)
     weight_decay: float = option(0.05, "weight decay (none on biases, norms, tokens, positions)", low=0)
-    clip_grad: Optional[float] = option(None, "clip the gradient norm to this value", low=0, low_open=True)
-    init: Optional[str] = option(None, "start from these weights: a run folder or weights file of dmae, or an official one")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value", low=0, low_open=True)
+    init: str | None = option(
+        None, "start from these weights: a run folder or weights file of dmae, or an official one"
+    )
 
     def check_combination(self) -> None:
         # a default warmup longer than the run is cut to fit it when the run starts (adapt_to_data); a given one
@@ -129,8 +163,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
     # timm warns that a one-step cosine has no effect; with all-warmup runs that is expected
     logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
-                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -157,13 +198,19 @@ def adaptation_block(adapted: list[Adaptation], n_images: int) -> str:
     """The lines that tell the user what was adapted to ``n_images`` training images (empty if nothing)."""
     if not adapted:
         return ""
-    head = (f"adapted to {n_images:,} training images (defaults sized for ImageNet; give an option to keep "
-            "your own value):")
+    head = (
+        f"adapted to {n_images:,} training images (defaults sized for ImageNet; give an option to keep your own value):"
+    )
     return "\n".join([head, *(f"  {a}" for a in adapted)])
 
 
-def adapt_to_data(cfg: TrainOptions, n_images: int, world_size: int = 1, reference_batch: int | None = None,
-                  model_params: int | None = None) -> list[Adaptation]:
+def adapt_to_data(
+    cfg: TrainOptions,
+    n_images: int,
+    world_size: int = 1,
+    reference_batch: int | None = None,
+    model_params: int | None = None,
+) -> list[Adaptation]:
     """Fit the schedule's defaults to a training set of ``n_images`` images; changes ``cfg`` in place.
 
     Only options not given (:meth:`dmae.config.Options.given`) change; each change is returned, with its reason:
@@ -191,26 +238,45 @@ def adapt_to_data(cfg: TrainOptions, n_images: int, world_size: int = 1, referen
     procs = world_size
     if cfg.batch_size * cfg.accum_iter * procs > n_images and cfg.accum_iter > 1 and not cfg.given("accum_iter"):
         accum = max(1, n_images // (cfg.batch_size * procs))
-        change("accum_iter", accum, f"a step of {cfg.batch_size} x {cfg.accum_iter} x {procs} images needs more "
-                                    f"than the {n_images} training images")
+        change(
+            "accum_iter",
+            accum,
+            f"a step of {cfg.batch_size} x {cfg.accum_iter} x {procs} images needs more "
+            f"than the {n_images} training images",
+        )
     per_step = cfg.batch_size * cfg.accum_iter * procs
     full = n_images // per_step
     dropped = n_images - full * per_step
-    if not cfg.given("batch_size") and n_images >= cfg.accum_iter * procs and (full == 0 or dropped > MAX_DROPPED_FRACTION * n_images):
+    if (
+        not cfg.given("batch_size")
+        and n_images >= cfg.accum_iter * procs
+        and (full == 0 or dropped > MAX_DROPPED_FRACTION * n_images)
+    ):
         steps = -(-n_images // per_step)  # ceil: the steps an epoch would take with the tail included
         batch = n_images // (steps * cfg.accum_iter * procs)
         if getattr(cfg, "mixup", 0) > 0 or getattr(cfg, "cutmix", 0) > 0:
             batch = max(2, batch - batch % 2)  # mixup pairs the images of a batch
         if batch != cfg.batch_size:
-            why = (f"{n_images} images make no full batch of {per_step}" if full == 0 else
-                   f"{dropped} of {n_images} images would be left out of every epoch")
+            why = (
+                f"{n_images} images make no full batch of {per_step}"
+                if full == 0
+                else f"{dropped} of {n_images} images would be left out of every epoch"
+            )
             change("batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch")
     if not cfg.given("warmup_epochs") and cfg.warmup_epochs > WARMUP_FRACTION * cfg.epochs:
-        change("warmup_epochs", round(WARMUP_FRACTION * cfg.epochs, 4),
-               f"{WARMUP_FRACTION:.0%} of {cfg.epochs} epochs; the default is sized for the paper's long runs")
+        change(
+            "warmup_epochs",
+            round(WARMUP_FRACTION * cfg.epochs, 4),
+            f"{WARMUP_FRACTION:.0%} of {cfg.epochs} epochs; the default is sized for the paper's long runs",
+        )
     eff = cfg.batch_size * cfg.accum_iter * procs
-    if (reference_batch is not None and eff < reference_batch and not cfg.given("lr") and not cfg.given("blr")
-            and cfg.lr is None):
+    if (
+        reference_batch is not None
+        and eff < reference_batch
+        and not cfg.given("lr")
+        and not cfg.given("blr")
+        and cfg.lr is None
+    ):
         linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
         why = f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down {reference_batch / eff:g}x; "
         if model_params is not None and model_params < SMALL_MODEL_PARAMS:
@@ -224,8 +290,9 @@ def adapt_to_data(cfg: TrainOptions, n_images: int, world_size: int = 1, referen
     return out
 
 
-def epoch_loader(ds: Dataset, batch_size: int, accum_iter: int, num_workers: int, seed: int, dist: DistInfo,
-                 device: torch.device) -> tuple[ShardedEpochSampler, DataLoader, int]:
+def epoch_loader(
+    ds: Dataset, batch_size: int, accum_iter: int, num_workers: int, seed: int, dist: DistInfo, device: torch.device
+) -> tuple[ShardedEpochSampler, DataLoader, int]:
     """This rank's shard of every epoch, in a seeded order with seeded augmentation; also the optimizer
     steps per epoch (whole accumulation cycles only).
 
@@ -233,8 +300,14 @@ def epoch_loader(ds: Dataset, batch_size: int, accum_iter: int, num_workers: int
         ValueError: too few images for one optimizer step.
     """
     sampler = ShardedEpochSampler(len(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter)  # type: ignore[arg-type]
-    loader = DataLoader(SeededDataset(ds, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+    loader = DataLoader(
+        SeededDataset(ds, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     return sampler, loader, sampler.batches_per_epoch // accum_iter
 
 
@@ -256,7 +329,7 @@ class StopFlag:
         self.set = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -326,14 +399,17 @@ def check_run_folder(out: Path, resume: bool) -> Path:
     """
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir"
+        )
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     return ckpt_path
 
 
-def check_resumable(saved: dict[str, Any], now: dict[str, Any], resumable: frozenset[str], path: Path,
-                    what: str = "options") -> None:
+def check_resumable(
+    saved: dict[str, Any], now: dict[str, Any], resumable: frozenset[str], path: Path, what: str = "options"
+) -> None:
     """Refuse a resume whose options (other than ``resumable`` ones) differ from the saved run's.
 
     Raises:
@@ -355,8 +431,10 @@ def check_finite_parameters(model: nn.Module, step: int) -> None:
     finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()  # one host read
     bad = [n for (n, _), ok in zip(params, finite) if not ok]
     if bad:
-        raise FloatingPointError(f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "
-                                 "nothing was saved: lower the learning rate or clip gradients, then --resume")
+        raise FloatingPointError(
+            f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "
+            "nothing was saved: lower the learning rate or clip gradients, then --resume"
+        )
 
 
 # ----------------------------------------------------------------------------- what a job supplies
@@ -407,8 +485,9 @@ class TrainingJob(ABC):
         """The optimizer of ``model`` (already on the device)."""
 
     @abstractmethod
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                     seed: int) -> torch.Tensor:
+    def forward_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, seed: int
+    ) -> torch.Tensor:
         """The scalar loss of one micro-batch; ``gen`` (on the device) and ``seed`` are this micro-step's."""
 
     @abstractmethod
@@ -500,8 +579,9 @@ class _Trainer:
         # before the loader and the plan, which follow the adapted batch, warmup and lr
         params = sum(p.numel() for p in self.model.parameters())
         job.adapted += adapt_to_data(cfg, self.n_train, dist.world_size, job.reference_batch, params)
-        self.sampler, self.loader, spe = epoch_loader(train_set, cfg.batch_size, cfg.accum_iter, cfg.num_workers,
-                                                      cfg.seed, dist, device)
+        self.sampler, self.loader, spe = epoch_loader(
+            train_set, cfg.batch_size, cfg.accum_iter, cfg.num_workers, cfg.seed, dist, device
+        )
         eff_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
         total = cfg.epochs * spe
         job.plan = self.plan = Plan(spe, total, round(cfg.warmup_epochs * spe), eff_batch, cfg.learning_rate(eff_batch))
@@ -510,8 +590,10 @@ class _Trainer:
         self.scheduler = build_scheduler(self.optimizer, total, self.plan.warmup_steps, cfg.min_lr)
         # what the run's trajectory depends on beyond its options: a resume is checked against it
         init_file = ckpt.resolve_checkpoint(cfg.init) if cfg.init and Path(cfg.init).exists() else None
-        self.provenance = {"data_fingerprint": fingerprint(train_set),
-                           "init_sha256": ckpt.weights_digest(init_file) if init_file else None}
+        self.provenance = {
+            "data_fingerprint": fingerprint(train_set),
+            "init_sha256": ckpt.weights_digest(init_file) if init_file else None,
+        }
         self.step = self._resume() if cfg.resume else 0
         self.result = TrainResult(job.output_dir, self.step, total)
         self.gen = torch.Generator(device=device)
@@ -549,8 +631,14 @@ class _Trainer:
             if block:
                 print(block, flush=True)
                 if self.step == 0:
-                    self.log.write({"type": "adapted", "step": 0, "train_images": self.n_train,
-                                    "changes": [a.to_dict() for a in self.job.adapted]})
+                    self.log.write(
+                        {
+                            "type": "adapted",
+                            "step": 0,
+                            "train_images": self.n_train,
+                            "changes": [a.to_dict() for a in self.job.adapted],
+                        }
+                    )
             print(self.job.announce(), flush=True)
             if self.step == 0 and self.job.eval_before_training:
                 self._evaluate(0, "eval before training")
@@ -641,7 +729,13 @@ class _Trainer:
         at_stop_after = cfg.stop_after is not None and step >= cfg.stop_after
         if not self.dist.enabled:
             self.stop_agreed = stop.set
-        if step % cfg.log_every == 0 or end_of_epoch or step == self.plan.total_steps or at_stop_after or self.stop_agreed:
+        if (
+            step % cfg.log_every == 0
+            or end_of_epoch
+            or step == self.plan.total_steps
+            or at_stop_after
+            or self.stop_agreed
+        ):
             self._log_window()
             if self.dist.enabled:  # ranks agree on stopping only here, so all of them stop at the same step
                 flag = torch.tensor(float(stop.set), device=self.device)
@@ -660,8 +754,10 @@ class _Trainer:
             self._save()
         if self.dist.is_main:
             why = "interrupted" if self.stop_agreed else f"--stop-after {cfg.stop_after}"
-            print(f"\nstopped at step {step}/{self.plan.total_steps} ({why}); checkpoint saved, continue with --resume",
-                  flush=True)
+            print(
+                f"\nstopped at step {step}/{self.plan.total_steps} ({why}); checkpoint saved, continue with --resume",
+                flush=True,
+            )
         self.result.stopped, self.result.interrupted = True, self.stop_agreed
         return True
 
@@ -669,14 +765,24 @@ class _Trainer:
         local = torch.stack(self.window)
         mean_loss = all_reduce_mean(local.mean(), self.dist).item()
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {self.step}; the run diverged, nothing was saved: "
-                                     "lower the learning rate or clip gradients, then --resume")
+            raise FloatingPointError(
+                f"loss is {mean_loss} at step {self.step}; the run diverged, nothing was saved: "
+                "lower the learning rate or clip gradients, then --resume"
+            )
         first = self.step - len(self.window) + 1
         self.result.losses += [(first + i, v) for i, v in enumerate(local.tolist())]
         ips = len(self.window) * self.plan.effective_batch / max(time.perf_counter() - self.t_window, 1e-9)
         lr = self.optimizer.param_groups[-1]["lr"]
-        self.log.write({"type": "train", "step": self.step, "epoch": self.step / self.plan.steps_per_epoch,
-                        "loss": mean_loss, "lr": lr, "img_per_s": ips})
+        self.log.write(
+            {
+                "type": "train",
+                "step": self.step,
+                "epoch": self.step / self.plan.steps_per_epoch,
+                "loss": mean_loss,
+                "lr": lr,
+                "img_per_s": ips,
+            }
+        )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
         self.window, self.t_window = [], time.perf_counter()
@@ -699,8 +805,18 @@ class _Trainer:
         check_finite_parameters(self.model, self.step)  # on every rank, so all of them stop together
         if self.dist.is_main:
             key, arch = self.job.architecture()
-            ckpt.atomic_save({"format": ckpt.FORMAT, "model": self.model.state_dict(),
-                              "optimizer": self.optimizer.state_dict(), "step": self.step,
-                              "epoch": self.step // self.plan.steps_per_epoch, "config": to_dict(self.cfg),
-                              "provenance": self.provenance, key: arch, **self.job.state()}, self.ckpt_path)
+            ckpt.atomic_save(
+                {
+                    "format": ckpt.FORMAT,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "step": self.step,
+                    "epoch": self.step // self.plan.steps_per_epoch,
+                    "config": to_dict(self.cfg),
+                    "provenance": self.provenance,
+                    key: arch,
+                    **self.job.state(),
+                },
+                self.ckpt_path,
+            )
         barrier(self.dist)

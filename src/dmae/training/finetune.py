@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,11 +30,11 @@ from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, corrupt_batch
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, num_classes_of
-from dmae.training.engine import Adaptation, Built, TrainingJob, TrainOptions, TrainResult, train
-from dmae.training.losses import consistency_loss, default_mu, rs_loss
 from dmae.models.classifier import ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.runtime import autocast
+from dmae.training.engine import Adaptation, Built, TrainingJob, TrainOptions, TrainResult, train
+from dmae.training.losses import consistency_loss, default_mu, rs_loss
 
 VAL_SPLIT_SEED = 20230201  # the held-out part of the training set is the same for every run
 # A default --val-size holds out this share of the training set, at most the default (5000): ImageNet's 5000 of
@@ -48,35 +48,46 @@ class FinetuneConfig(TrainOptions):
     """Every option of ``dmae finetune`` (``dmae linprobe`` shares them with other defaults)."""
 
     output_dir: str = default("runs/finetune")
-    train_subset: Optional[int] = default(None, "train on only the first N images left after the held-out split")
+    train_subset: int | None = default(None, "train on only the first N images left after the held-out split")
     epochs: int = default(100)
     warmup_epochs: float = default(5.0)
     blr: float = default(5e-4)
     min_lr: float = default(1e-6)
-    init: Optional[str] = default(None, "pretrained weights: a dmae run folder or export, or an official DMAE/MAE/fine-tuned checkpoint")
-    model: Optional[str] = option(None, "model preset; needed without --init (random initialisation) or for ambiguous files",
-                                  check=get_preset)
-    img_size: Optional[int] = option(None, "model input side (default: the checkpoint's)", low=1)
+    init: str | None = default(
+        None, "pretrained weights: a dmae run folder or export, or an official DMAE/MAE/fine-tuned checkpoint"
+    )
+    model: str | None = option(
+        None, "model preset; needed without --init (random initialisation) or for ambiguous files", check=get_preset
+    )
+    img_size: int | None = option(None, "model input side (default: the checkpoint's)", low=1)
     val_size: int = option(5000, "training images held out to select the best checkpoint (never the test set)", low=0)
     method: Literal["cr", "rs"] = option("cr", "cr: consistency regularization; rs: cross-entropy on noisy inputs")
     sigma: float = option(0.25, "noise std in [0, 1] pixel units", check=check_sigma)
-    sigma_range: Optional[tuple[float, float]] = option(None, "draw sigma per sample from U[A, B] instead (overrides --sigma)",
-                                                        check=lambda r: check_sigma_range(*r))
+    sigma_range: tuple[float, float] | None = option(
+        None, "draw sigma per sample from U[A, B] instead (overrides --sigma)", check=lambda r: check_sigma_range(*r)
+    )
     num_noise: int = option(2, "noise copies per image for consistency regularization (m)", low=1)
     cr_lambda: float = option(2.0, "weight of the KL consistency term", low=0)
-    cr_mu: Optional[float] = option(None, "weight of the entropy term (default: 0.5 for sigma <= 0.5, 0.1 for sigma 1.0)",
-                                    low=0)
+    cr_mu: float | None = option(
+        None, "weight of the entropy term (default: 0.5 for sigma <= 0.5, 0.1 for sigma 1.0)", low=0
+    )
     linprobe: bool = option(False, "linear probe: frozen encoder, cls token, BatchNorm + Linear head, LARS")
-    layer_decay: float = option(0.65, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1))", low=0,
-                                low_open=True, high=1)
+    layer_decay: float = option(
+        0.65, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1))", low=0, low_open=True, high=1
+    )
     drop_path: float = option(0.1, "stochastic depth rate", low=0, high=1, high_open=True)
     label_smoothing: float = option(0.1, "label smoothing", low=0, high=1, high_open=True)
     mixup: float = option(0.0, "mixup alpha (0: off)", low=0)
     cutmix: float = option(0.0, "cutmix alpha (0: off)", low=0)
-    randaug: Optional[str] = option(None, "RandAugment policy for ImageFolder data, e.g. rand-m9-mstd0.5-inc1")
-    eval_sigmas: Optional[tuple[float, ...]] = option(None, "noise levels of the per-epoch accuracy (default: the training sigma)",
-                                                      check=lambda s: [check_sigma(v) for v in s])
-    eval_images: Optional[int] = option(None, "score at most N validation and N test images per epoch (default: all)", low=1)
+    randaug: str | None = option(None, "RandAugment policy for ImageFolder data, e.g. rand-m9-mstd0.5-inc1")
+    eval_sigmas: tuple[float, ...] | None = option(
+        None,
+        "noise levels of the per-epoch accuracy (default: the training sigma)",
+        check=lambda s: [check_sigma(v) for v in s],
+    )
+    eval_images: int | None = option(
+        None, "score at most N validation and N test images per epoch (default: all)", low=1
+    )
 
     @property
     def noise(self) -> float | tuple[float, float]:
@@ -86,7 +97,11 @@ class FinetuneConfig(TrainOptions):
     @property
     def mu(self) -> float:
         """The entropy weight: ``--cr-mu``, else the paper's for the (largest) training sigma."""
-        return self.cr_mu if self.cr_mu is not None else default_mu(self.sigma_range[1] if self.sigma_range else self.sigma)
+        return (
+            self.cr_mu
+            if self.cr_mu is not None
+            else default_mu(self.sigma_range[1] if self.sigma_range else self.sigma)
+        )
 
     @property
     def sigmas_to_eval(self) -> tuple[float, ...]:
@@ -101,7 +116,9 @@ class FinetuneConfig(TrainOptions):
     def check_combination(self) -> None:
         super().check_combination()
         if self.init is None and self.model is None:
-            raise ValueError("give --init (pretrained weights) or --model (a preset, trained from random initialisation)")
+            raise ValueError(
+                "give --init (pretrained weights) or --model (a preset, trained from random initialisation)"
+            )
         if self.init is not None and not Path(self.init).exists():
             raise FileNotFoundError(f"--init {self.init} does not exist")
         if self.sigma_range is None and self.sigma <= 0:
@@ -130,14 +147,17 @@ class LinprobeConfig(FinetuneConfig):
 
 
 # ----------------------------------------------------------------------------- pieces
-def build_finetune_optimizer(model: ViTClassifier, lr: float, weight_decay: float, layer_decay: float) -> torch.optim.AdamW:
+def build_finetune_optimizer(
+    model: ViTClassifier, lr: float, weight_decay: float, layer_decay: float
+) -> torch.optim.AdamW:
     """AdamW (0.9, 0.999) over timm's layer-decay groups (BEiT / MAE's ``param_groups_lrd``): cls token /
     positions / patch embedding are layer 0, block i is layer i + 1, the rest (fc_norm, head) layer depth + 1;
     lr scale = decay^(depth + 1 - layer)."""
     from timm.optim import param_groups_layer_decay
 
-    groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=layer_decay)
+    groups = param_groups_layer_decay(
+        model, weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay
+    )
     # every group starts at lr; the scheduler multiplies by the group's lr_scale whenever it sets the lr
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=on_cuda)
@@ -151,8 +171,10 @@ def build_linprobe_optimizer(model: ViTClassifier, lr: float, weight_decay: floa
     head = [p for n, p in model.named_parameters() if n.startswith("head") and p.requires_grad]
     mats = [p for p in head if p.ndim > 1]
     vecs = [p for p in head if p.ndim <= 1]
-    groups = [{"params": mats, "weight_decay": weight_decay, "always_adapt": True},
-              {"params": vecs, "weight_decay": 0.0, "always_adapt": False}]
+    groups = [
+        {"params": mats, "weight_decay": weight_decay, "always_adapt": True},
+        {"params": vecs, "weight_decay": 0.0, "always_adapt": False},
+    ]
     return Lars([g for g in groups if g["params"]], lr=lr, momentum=0.9, trust_coeff=0.001)
 
 
@@ -163,8 +185,15 @@ def freeze_encoder(model: ViTClassifier) -> None:
 
 
 @torch.no_grad()
-def noisy_accuracy(model: nn.Module, data: Dataset, sigma: float, seed: int, batch_size: int = 256,
-                   limit: int | None = None, precision: str = "auto") -> float:
+def noisy_accuracy(
+    model: nn.Module,
+    data: Dataset,
+    sigma: float,
+    seed: int,
+    batch_size: int = 256,
+    limit: int | None = None,
+    precision: str = "auto",
+) -> float:
     """Top-1 accuracy of ``model`` on ``x + eta`` (one draw per image, sigma 0 = clean), reproducible from ``seed``;
     an image whose logits are not finite counts as misclassified.
 
@@ -212,8 +241,9 @@ def adapt_val_size(cfg: FinetuneConfig, n_images: int) -> list[Adaptation]:
     want = min(cfg.val_size, int(VAL_FRACTION * n_images))
     if cfg.given("val_size") or want == cfg.val_size:
         return []
-    change = Adaptation("val_size", cfg.val_size, want, f"{VAL_FRACTION:.0%} of the {n_images} training images, "
-                                                        f"at most {cfg.val_size}")
+    change = Adaptation(
+        "val_size", cfg.val_size, want, f"{VAL_FRACTION:.0%} of the {n_images} training images, at most {cfg.val_size}"
+    )
     cfg.val_size = want
     return [change]
 
@@ -225,8 +255,10 @@ def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
         ValueError: ``val_size`` leaves no training image.
     """
     if val_size >= n:
-        raise ValueError(f"--val-size {val_size} leaves no training images out of {n}; give a smaller --val-size "
-                         f"(or leave it out: the default holds out {VAL_FRACTION:.0%})")
+        raise ValueError(
+            f"--val-size {val_size} leaves no training images out of {n}; give a smaller --val-size "
+            f"(or leave it out: the default holds out {VAL_FRACTION:.0%})"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
     return sorted(order[val_size:]), sorted(order[:val_size])
 
@@ -235,8 +267,14 @@ def _finetune_transform(info: DatasetInfo, train: bool, img_size: int, randaug: 
     if train and randaug and info.size is None:
         from timm.data import create_transform
 
-        return create_transform(img_size, is_training=True, auto_augment=randaug, interpolation="bicubic",
-                                color_jitter=None, normalize=False)  # [0, 1]: normalization is the model's
+        return create_transform(
+            img_size,
+            is_training=True,
+            auto_augment=randaug,
+            interpolation="bicubic",
+            color_jitter=None,
+            normalize=False,
+        )  # [0, 1]: normalization is the model's
     return build_transform(info, train, img_size, recipe="finetune")
 
 
@@ -262,16 +300,20 @@ class FinetuneJob(TrainingJob):
         self.adapted += adapt_val_size(cfg, len(probe))  # type: ignore[arg-type]
         train_idx, val_idx = split_train_val(len(probe), cfg.val_size)  # type: ignore[arg-type]
         pool = "token" if cfg.linprobe else "avg"
-        model, self.init_report = ckpt.load_classifier(cfg.init, self.num_classes, pool, 0.0 if cfg.linprobe else cfg.drop_path,
-                                                       cfg.model, cfg.img_size, data=info)
+        model, self.init_report = ckpt.load_classifier(
+            cfg.init, self.num_classes, pool, 0.0 if cfg.linprobe else cfg.drop_path, cfg.model, cfg.img_size, data=info
+        )
         img_size, chans = model.config.encoder.img_size, model.config.encoder.in_chans
         train_tf = _finetune_transform(info, True, img_size, cfg.randaug)
         train_ds: Dataset = Subset(build_dataset(cfg.data, "train", cfg.data_root, train_tf, channels=chans), train_idx)
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
         eval_tf = build_transform(info, False, img_size)
-        self.val_ds = (Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf, channels=chans), val_idx)
-                       if val_idx else None)
+        self.val_ds = (
+            Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf, channels=chans), val_idx)
+            if val_idx
+            else None
+        )
         self.test_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf, channels=chans)
         self.sizes = (len(train_ds), len(val_idx))
         if cfg.linprobe:
@@ -279,8 +321,12 @@ class FinetuneJob(TrainingJob):
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                                  num_classes=self.num_classes)
+            self.mixup_fn = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.num_classes,
+            )
         return Built(model, train_ds)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -289,8 +335,9 @@ class FinetuneJob(TrainingJob):
             return build_linprobe_optimizer(model, lr, cfg.weight_decay)  # type: ignore[arg-type]
         return build_finetune_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay)  # type: ignore[arg-type]
 
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                     seed: int) -> torch.Tensor:
+    def forward_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, seed: int
+    ) -> torch.Tensor:
         cfg = self.cfg
         target, noisy = corrupt_batch(x, y, cfg.noise, self.m, gen, self.mixup_fn, seed)
         with self.autocast():
@@ -317,9 +364,11 @@ class FinetuneJob(TrainingJob):
         what = "linear probe" if cfg.linprobe else f"fine-tuning ({cfg.method}{f', m={self.m}' if self.m > 1 else ''})"
         noise = f"sigma~U{list(cfg.sigma_range)}" if cfg.sigma_range else f"sigma={cfg.sigma}"
         src = cfg.init or f"random init ({cfg.model})"
-        line = (f"{what} of {src} on {cfg.data} ({self.sizes[0]} train / {self.sizes[1]} held-out images, "
-                f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}; "
-                f"{self.dist.world_size} process(es) on {self.device}")
+        line = (
+            f"{what} of {src} on {cfg.data} ({self.sizes[0]} train / {self.sizes[1]} held-out images, "
+            f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}; "
+            f"{self.dist.world_size} process(es) on {self.device}"
+        )
         if cfg.init and not cfg.resume:
             line += f"\nweights from {cfg.init}: {self.init_report.summary()}"
         return line
@@ -330,10 +379,12 @@ class FinetuneJob(TrainingJob):
         ev: dict[str, float] = {}
         for s in cfg.sigmas_to_eval:
             if self.val_ds is not None:
-                ev[f"val_acc@{s:g}"] = noisy_accuracy(self.model, self.val_ds, s, cfg.seed + 1, limit=cfg.eval_images,
-                                                      precision=precision)
-            ev[f"test_acc@{s:g}"] = noisy_accuracy(self.model, self.test_ds, s, cfg.seed + 2, limit=cfg.eval_images,
-                                                   precision=precision)
+                ev[f"val_acc@{s:g}"] = noisy_accuracy(
+                    self.model, self.val_ds, s, cfg.seed + 1, limit=cfg.eval_images, precision=precision
+                )
+            ev[f"test_acc@{s:g}"] = noisy_accuracy(
+                self.model, self.test_ds, s, cfg.seed + 2, limit=cfg.eval_images, precision=precision
+            )
         return ev
 
     def on_main_evaluated(self, step: int, row: dict[str, float]) -> str:
@@ -342,8 +393,11 @@ class FinetuneJob(TrainingJob):
         if self.val_ds is None or (self.best is not None and row[key] <= self.best[key]):
             return ""  # never selected on the test set
         self.best = {k: v for k, v in row.items() if k != "step"}
-        ckpt.save_export(self.model, self.output_dir / "model_best.safetensors",
-                         {"epoch": str(round(row["epoch"])), **self._recorded_sigma()})
+        ckpt.save_export(
+            self.model,
+            self.output_dir / "model_best.safetensors",
+            {"epoch": str(round(row["epoch"])), **self._recorded_sigma()},
+        )
         return " (best so far)"
 
     def state(self) -> dict[str, Any]:
@@ -356,8 +410,11 @@ class FinetuneJob(TrainingJob):
         out = self.output_dir
         ckpt.save_export(self.model, out / "model_last.safetensors", self._recorded_sigma())
         if self.best is not None:
-            print(f"done: best epoch {self.best['epoch']:.0f} -> {out / 'model_best.safetensors'}; "
-                  f"last -> {out / 'model_last.safetensors'}", flush=True)
+            print(
+                f"done: best epoch {self.best['epoch']:.0f} -> {out / 'model_best.safetensors'}; "
+                f"last -> {out / 'model_last.safetensors'}",
+                flush=True,
+            )
         warning = self.chance_warning()
         if warning:
             self.warnings.append(warning)
@@ -383,12 +440,14 @@ class FinetuneJob(TrainingJob):
             return None
         p = self.plan
         assert p is not None
-        return (f"{where} under noise (sigma={s:g}) is {100 * acc:.1f}%, near chance ({100 / self.num_classes:.1f}% for "
-                f"{self.num_classes} classes; below {100 * threshold:.1f}%): this classifier has learned almost nothing "
-                "and certifying it would certify chance. Likely causes: too little training "
-                f"({p.total_steps} steps at lr {p.lr:.3g}: raise --epochs or --lr / --blr), noise too strong for the "
-                "data (--sigma), --init weights that do not fit these images (other data, channels or size), or "
-                "too few held-out images to tell (--val-size).")
+        return (
+            f"{where} under noise (sigma={s:g}) is {100 * acc:.1f}%, near chance ({100 / self.num_classes:.1f}% for "
+            f"{self.num_classes} classes; below {100 * threshold:.1f}%): this classifier has learned almost nothing "
+            "and certifying it would certify chance. Likely causes: too little training "
+            f"({p.total_steps} steps at lr {p.lr:.3g}: raise --epochs or --lr / --blr), noise too strong for the "
+            "data (--sigma), --init weights that do not fit these images (other data, channels or size), or "
+            "too few held-out images to tell (--val-size)."
+        )
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The per-epoch accuracies under noise (:meth:`_evaluate`), kept for :meth:`chance_warning`."""
@@ -410,5 +469,17 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
 
 FinetuneResult = TrainResult  # what finetune() returns; .best is the selected checkpoint's evaluation
 
-__all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneResult", "LinprobeConfig", "adapt_val_size", "build_finetune_optimizer",
-           "build_linprobe_optimizer", "finetune", "freeze_encoder", "near_chance", "noisy_accuracy", "split_train_val"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneJob",
+    "FinetuneResult",
+    "LinprobeConfig",
+    "adapt_val_size",
+    "build_finetune_optimizer",
+    "build_linprobe_optimizer",
+    "finetune",
+    "freeze_encoder",
+    "near_chance",
+    "noisy_accuracy",
+    "split_train_val",
+]

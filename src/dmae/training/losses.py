@@ -106,8 +106,9 @@ def rs_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float =
     return ClassificationLoss(ce, ce.detach(), zero, zero)
 
 
-def consistency_loss(logits: torch.Tensor, target: torch.Tensor, lbd: float = 2.0, mu: float = 0.5,
-                     label_smoothing: float = 0.0) -> ClassificationLoss:
+def consistency_loss(
+    logits: torch.Tensor, target: torch.Tensor, lbd: float = 2.0, mu: float = 0.5, label_smoothing: float = 0.0
+) -> ClassificationLoss:
     """Consistency regularization over ``m`` noise copies of each image (Jeong & Shin, NeurIPS 2020).
 
     ``L = mean_i CE(F_i, y) + lbd * mean_i KL(F_bar || F_i) + mu * H(F_bar)``, with ``F_i`` the softmax

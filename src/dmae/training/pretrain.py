@@ -9,7 +9,7 @@ into :mod:`dmae.training.engine`, which makes it resumable bit for bit and distr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,11 +19,11 @@ from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info
-from dmae.training.engine import Built, TrainingJob, TrainOptions, TrainResult, build_scheduler, train
-from dmae.training.losses import reconstruction_loss
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config_for_data
 from dmae.runtime import autocast
+from dmae.training.engine import Built, TrainingJob, TrainOptions, TrainResult, build_scheduler, train
+from dmae.training.losses import reconstruction_loss
 
 # Parameters that get no weight decay besides 1-D ones (biases, norms); positions are fixed anyway.
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
@@ -36,12 +36,15 @@ class PretrainConfig(TrainOptions):
     """Every option of ``dmae pretrain``."""
 
     output_dir: str = default("runs/pretrain")
-    model: str = option("dmae_vit_micro_patch4_dec64d2b", "model preset (list them with `dmae models`)",
-                        check=get_preset)
-    img_size: Optional[int] = option(None, "model input side; default: the preset's (small presets: the data's native size)",
-                                     low=1)
-    sigma: float = option(0.25, "std of the Gaussian noise in [0, 1] pixel units; 0 with --loss masked is plain MAE",
-                          check=check_sigma)
+    model: str = option(
+        "dmae_vit_micro_patch4_dec64d2b", "model preset (list them with `dmae models`)", check=get_preset
+    )
+    img_size: int | None = option(
+        None, "model input side; default: the preset's (small presets: the data's native size)", low=1
+    )
+    sigma: float = option(
+        0.25, "std of the Gaussian noise in [0, 1] pixel units; 0 with --loss masked is plain MAE", check=check_sigma
+    )
     mask_ratio: float = option(0.75, "fraction of patches removed, in [0, 1)", check=check_mask_ratio)
     loss: Literal["all", "masked"] = option("all", "patches the loss scores: all (DMAE) or masked only (MAE)")
     norm_pix_loss: bool = option(True, "normalize each target patch by its own mean and variance")
@@ -54,8 +57,9 @@ def resolve_model_config(cfg: PretrainConfig, info: DatasetInfo) -> DMAEConfig:
     return model_config_for_data(cfg.model, info, cfg.img_size)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: none on biases, norms, tokens and positions (timm's groups,
     as MAE's ``param_groups_weight_decay``)."""
     from timm.optim import param_groups_weight_decay
@@ -66,9 +70,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: DenoisingMaskedAutoencoder, images: torch.Tensor, sigma: float, mask_ratio: float,
-                            norm_pix_loss: bool, loss_on: str, seed: int, precision: str = "fp32",
-                            batch_size: int = 256) -> dict[str, float]:
+def evaluate_reconstruction(
+    model: DenoisingMaskedAutoencoder,
+    images: torch.Tensor,
+    sigma: float,
+    mask_ratio: float,
+    norm_pix_loss: bool,
+    loss_on: str,
+    seed: int,
+    precision: str = "fp32",
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Score reconstructions of fixed held-out images ``[N, C, H, W]`` (in [0, 1]) under fixed noise and masks.
 
     Returns ``loss`` (the training objective), ``noisy_mse`` (MSE of the noisy input to the clean image, in
@@ -81,7 +93,7 @@ def evaluate_reconstruction(model: DenoisingMaskedAutoencoder, images: torch.Ten
     gen = torch.Generator(device=device).manual_seed(seed)
     tot = {"loss": 0.0, "mse": 0.0, "noisy_mse": 0.0}
     for i in range(0, len(images), batch_size):
-        x = images[i: i + batch_size].to(device)
+        x = images[i : i + batch_size].to(device)
         x_noisy = add_gaussian_noise(x, sigma, gen)
         masking = random_masking(x.shape[0], model.num_patches, mask_ratio, gen, device)
         with autocast(device, precision):
@@ -117,23 +129,31 @@ class PretrainJob(TrainingJob):
 
     def build(self) -> Built:
         cfg, info = self.cfg, self.info
-        train_ds: Dataset = build_dataset(cfg.data, "train", cfg.data_root, build_transform(info, True, self.mcfg.img_size),
-                                          cfg.download, channels=self.mcfg.in_chans)
+        train_ds: Dataset = build_dataset(
+            cfg.data,
+            "train",
+            cfg.data_root,
+            build_transform(info, True, self.mcfg.img_size),
+            cfg.download,
+            channels=self.mcfg.in_chans,
+        )
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
         model = DenoisingMaskedAutoencoder(self.mcfg)
         if cfg.init and not cfg.resume:
             sd, _ = ckpt.read_weights(cfg.init)
-            self.init_report = ckpt.load_state_dict(model, sd, cfg.init, allow_missing=ckpt.DECODER_PREFIXES,
-                                                    allow_unexpected=ckpt.CLASSIFIER_PREFIXES)
+            self.init_report = ckpt.load_state_dict(
+                model, sd, cfg.init, allow_missing=ckpt.DECODER_PREFIXES, allow_unexpected=ckpt.CLASSIFIER_PREFIXES
+            )
         self.train_size = len(train_ds)  # type: ignore[arg-type]
         return Built(model, train_ds)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return build_optimizer(model, lr, self.cfg.weight_decay, self.cfg.betas)
 
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                     seed: int) -> torch.Tensor:
+    def forward_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, seed: int
+    ) -> torch.Tensor:
         cfg = self.cfg
         x_noisy = add_gaussian_noise(x, cfg.sigma, gen)
         masking = random_masking(x.shape[0], self.mcfg.num_patches, cfg.mask_ratio, gen, x.device)
@@ -147,10 +167,12 @@ class PretrainJob(TrainingJob):
     def announce(self) -> str:
         cfg, m, p = self.cfg, self.mcfg, self.plan
         assert p is not None and isinstance(self.model, DenoisingMaskedAutoencoder)
-        line = (f"pretraining {cfg.model} ({self.model.num_params('encoder') / 1e6:.2f}M encoder params, input "
-                f"{m.in_chans}x{m.img_size}x{m.img_size}) on {cfg.data} ({self.train_size} images), "
-                f"{self.dist.world_size} process(es) on {self.device}; sigma={cfg.sigma} loss={cfg.loss} "
-                f"mask={cfg.mask_ratio}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}")
+        line = (
+            f"pretraining {cfg.model} ({self.model.num_params('encoder') / 1e6:.2f}M encoder params, input "
+            f"{m.in_chans}x{m.img_size}x{m.img_size}) on {cfg.data} ({self.train_size} images), "
+            f"{self.dist.world_size} process(es) on {self.device}; sigma={cfg.sigma} loss={cfg.loss} "
+            f"mask={cfg.mask_ratio}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}"
+        )
         if self.init_report is not None:
             line += f"\ninitialised from {cfg.init}: {self.init_report.summary()}"
         return line
@@ -158,19 +180,34 @@ class PretrainJob(TrainingJob):
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         if self.eval_images is None:
-            eval_ds = build_dataset(cfg.data, self.info.splits[1], cfg.data_root,
-                                    build_transform(self.info, False, self.mcfg.img_size), cfg.download,
-                                    channels=self.mcfg.in_chans)
+            eval_ds = build_dataset(
+                cfg.data,
+                self.info.splits[1],
+                cfg.data_root,
+                build_transform(self.info, False, self.mcfg.img_size),
+                cfg.download,
+                channels=self.mcfg.in_chans,
+            )
             k = min(cfg.eval_images, len(eval_ds))  # type: ignore[arg-type]
             self.eval_images = torch.stack([eval_ds[i][0] for i in range(k)])
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
-        return evaluate_reconstruction(self.model, self.eval_images, cfg.sigma, cfg.mask_ratio,  # type: ignore[arg-type]
-                                       cfg.norm_pix_loss, cfg.loss, seed=cfg.seed + EVAL_SEED_OFFSET, precision=precision)
+        return evaluate_reconstruction(
+            self.model,
+            self.eval_images,
+            cfg.sigma,
+            cfg.mask_ratio,  # type: ignore[arg-type]
+            cfg.norm_pix_loss,
+            cfg.loss,
+            seed=cfg.seed + EVAL_SEED_OFFSET,
+            precision=precision,
+        )
 
     def on_main_finished(self) -> None:
         out = self.output_dir
         ckpt.save_export(self.model, out / "model.safetensors", {"sigma": str(self.cfg.sigma), "loss": self.cfg.loss})
-        print(f"done: {out / 'checkpoint.pt'} (resumable) and {out / 'model.safetensors'} (weights + config)", flush=True)
+        print(
+            f"done: {out / 'checkpoint.pt'} (resumable) and {out / 'model.safetensors'} (weights + config)", flush=True
+        )
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
@@ -186,5 +223,13 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
 
 PretrainResult = TrainResult  # what pretrain() returns; eval_start / eval_end hold the reconstruction scores
 
-__all__ = ["PretrainConfig", "PretrainJob", "PretrainResult", "build_optimizer", "build_scheduler",
-           "evaluate_reconstruction", "pretrain", "resolve_model_config"]
+__all__ = [
+    "PretrainConfig",
+    "PretrainJob",
+    "PretrainResult",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate_reconstruction",
+    "pretrain",
+    "resolve_model_config",
+]

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from dmae import config as C
 from dmae.checkpoint import read_provenance
@@ -32,18 +32,22 @@ class DemoConfig(C.Options):
     """Every option of ``dmae demo``."""
 
     output_dir: str = C.option("dmae-demo", "where the demo writes its runs and figures")
-    from_scratch: bool = C.option(False, "pretrain the encoder here with the shipped checkpoint's command instead of "
-                                  "loading the shipped checkpoint (about 25 min on one thread)")
-    epochs: Optional[int] = C.option(None, "pretraining epochs with --from-scratch (default: the demo preset's)", low=1)
+    from_scratch: bool = C.option(
+        False,
+        "pretrain the encoder here with the shipped checkpoint's command instead of "
+        "loading the shipped checkpoint (about 25 min on one thread)",
+    )
+    epochs: int | None = C.option(None, "pretraining epochs with --from-scratch (default: the demo preset's)", low=1)
     device: str = C.option("auto", "auto, cpu, cuda")
     progress: bool = C.option(True, "show progress bars")
-
 
     def check_combination(self) -> None:
         super().check_combination()
         if self.epochs is not None and not self.from_scratch:
-            raise ValueError(f"--epochs {self.epochs} sets the pretraining of --from-scratch; the shipped checkpoint "
-                             "is already pretrained (add --from-scratch to pretrain here)")
+            raise ValueError(
+                f"--epochs {self.epochs} sets the pretraining of --from-scratch; the shipped checkpoint "
+                "is already pretrained (add --from-scratch to pretrain here)"
+            )
 
 
 # the checkpoint shipped in the package: a run folder of `dmae pretrain --config demo` (config.yaml, log.jsonl,
@@ -68,8 +72,11 @@ def preset_differences(values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     from dmae.training.pretrain import PretrainConfig
 
     preset = C.to_dict(C.build_config(PretrainConfig, C.load_values(C.preset_path("pretrain", "demo"), PretrainConfig)))
-    return {k: (values.get(k), v) for k, v in preset.items()
-            if k not in ("output_dir", "progress", "device") and values.get(k) != v}
+    return {
+        k: (values.get(k), v)
+        for k, v in preset.items()
+        if k not in ("output_dir", "progress", "device") and values.get(k) != v
+    }
 
 
 def install_shipped_pretraining(run: Path) -> dict[str, Any]:
@@ -90,18 +97,22 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
     if copied is not None:
         return copied  # the copy this folder was made with
     if run.exists() and (found := sorted(p.name for p in run.iterdir())):
-        raise ValueError(f"{run} holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} and no copy of the "
-                         "shipped checkpoint (a pretraining run made here with dmae demo --from-scratch?); run the "
-                         "demo with --from-scratch again to continue it, or give another --output-dir for the "
-                         "shipped checkpoint")
+        raise ValueError(
+            f"{run} holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} and no copy of the "
+            "shipped checkpoint (a pretraining run made here with dmae demo --from-scratch?); run the "
+            "demo with --from-scratch again to continue it, or give another --output-dir for the "
+            "shipped checkpoint"
+        )
     for name in SHIPPED_FILES:
         if not (SHIPPED_DIR / name).is_file():
             raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
     prov = shipped_provenance()
     digest = file_sha256(SHIPPED_DIR / "model.safetensors")
     if digest != prov["sha256"]:
-        raise ValueError(f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
-                         f"recorded {prov['sha256']}; reinstall dmae")
+        raise ValueError(
+            f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
+            f"recorded {prov['sha256']}; reinstall dmae"
+        )
     run.parent.mkdir(parents=True, exist_ok=True)
     for stale in run.parent.glob(run.name + ".tmp*"):  # left by a copy that was killed (SIGKILL) part way
         if _is_stale_copy(stale, run.name):
@@ -123,7 +134,7 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
 def _is_stale_copy(folder: Path, name: str) -> bool:
     """Whether ``folder`` is ``NAME.tmp<pid>`` of a copy whose process is gone, holding only shipped files: a
     folder the user made (``NAME.tmp_backup``) or a copy still running is never removed."""
-    pid = folder.name[len(name) + 4:]
+    pid = folder.name[len(name) + 4 :]
     if not folder.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
@@ -143,8 +154,10 @@ def _evals(log: Path) -> list[dict]:
 
 def _require_finished(result: TrainResult, stage: str) -> None:
     if not result.finished:
-        raise StageInterrupted(f"{stage} stopped at step {result.step}/{result.total_steps} (checkpoint saved in "
-                               f"{result.output_dir}); run the same `dmae demo` command again to resume")
+        raise StageInterrupted(
+            f"{stage} stopped at step {result.step}/{result.total_steps} (checkpoint saved in "
+            f"{result.output_dir}); run the same `dmae demo` command again to resume"
+        )
 
 
 def _stage_config(cls: type, command: str, preset: str, run: Path, given: dict[str, Any]) -> Any:
@@ -153,9 +166,16 @@ def _stage_config(cls: type, command: str, preset: str, run: Path, given: dict[s
     return C.build_config(cls, values, {"output_dir": str(run), "resume": (run / "checkpoint.pt").exists(), **given})
 
 
-def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progress: bool = True,
-             from_scratch: bool = False, overrides: dict | None = None, finetune_overrides: dict | None = None,
-             certify_overrides: dict | None = None) -> dict[str, float]:
+def run_demo(
+    out: Path,
+    epochs: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    from_scratch: bool = False,
+    overrides: dict | None = None,
+    finetune_overrides: dict | None = None,
+    certify_overrides: dict | None = None,
+) -> dict[str, float]:
     """Run the demo into ``out``; returns its headline numbers.
 
     Without ``from_scratch`` the shipped checkpoint is the pretrained encoder; with it, ``dmae pretrain --config
@@ -176,31 +196,56 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
     if not from_scratch and (epochs is not None or overrides):
-        raise ValueError(f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
-                         "the shipped checkpoint is already pretrained")
+        raise ValueError(
+            f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
+            "the shipped checkpoint is already pretrained"
+        )
     if from_scratch:
         if read_provenance(out / "pretrain") is not None:
-            raise ValueError(f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to "
-                             "pretrain from scratch")
-        cfg = _stage_config(PretrainConfig, "pretrain", "demo", out / "pretrain",
-                            {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})})
-        print(f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
-              f"{cfg.epochs} epoch(s) -> {cfg.output_dir}", flush=True)
+            raise ValueError(
+                f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
+            )
+        cfg = _stage_config(
+            PretrainConfig,
+            "pretrain",
+            "demo",
+            out / "pretrain",
+            {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})},
+        )
+        print(
+            f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
+            f"{cfg.epochs} epoch(s) -> {cfg.output_dir}",
+            flush=True,
+        )
         _require_finished(pretrain(cfg), "pretraining")
     else:
         prov = install_shipped_pretraining(out / "pretrain")
-        cfg = C.build_config(PretrainConfig, C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
-                             {"output_dir": str(out / "pretrain")})
-        print(f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
-              f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
-              f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here", flush=True)
+        cfg = C.build_config(
+            PretrainConfig,
+            C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
+            {"output_dir": str(out / "pretrain")},
+        )
+        print(
+            f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
+            f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
+            f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here",
+            flush=True,
+        )
     fig = visualize_checkpoint(cfg.output_dir, out=str(out / "reconstructions.png"), num=8, seed=1)
     print(f"[dmae demo] 2/4 wrote the reconstruction figure {fig}", flush=True)
 
-    ft_cfg = _stage_config(FinetuneConfig, "finetune", "demo", out / "finetune",
-                           {"init": str(Path(cfg.output_dir) / "model.safetensors"), **common, **(finetune_overrides or {})})
-    print(f"[dmae demo] 3/4 fine-tuning the encoder with consistency regularization at sigma={ft_cfg.sigma} -> "
-          f"{ft_cfg.output_dir}", flush=True)
+    ft_cfg = _stage_config(
+        FinetuneConfig,
+        "finetune",
+        "demo",
+        out / "finetune",
+        {"init": str(Path(cfg.output_dir) / "model.safetensors"), **common, **(finetune_overrides or {})},
+    )
+    print(
+        f"[dmae demo] 3/4 fine-tuning the encoder with consistency regularization at sigma={ft_cfg.sigma} -> "
+        f"{ft_cfg.output_dir}",
+        flush=True,
+    )
     ft = finetune(ft_cfg)
     _require_finished(ft, "fine-tuning")
     cert = _certify(out, ft_cfg, common, certify_overrides)
@@ -215,12 +260,24 @@ def run_demo(out: Path, epochs: int | None = None, device: str = "auto", progres
 def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: dict | None) -> Any:
     from dmae.certification.runner import CertifyConfig, run_certification
 
-    cert_cfg = CertifyConfig(checkpoint=ft_cfg.output_dir, data="fashion-mnist", sigma=(ft_cfg.sigma,),
-                             output_dir=str(out / "certify"), **common, **{**DEMO_CERTIFY, **(certify_overrides or {})})
-    how = (f"sequential CERTIFY, n0={cert_cfg.n0}, n_max={cert_cfg.n_max or cert_cfg.n}" if cert_cfg.sequential
-           else f"n0={cert_cfg.n0}, n={cert_cfg.n}")
-    print(f"[dmae demo] 4/4 certifying every {cert_cfg.skip}th test image with randomized smoothing "
-          f"({how}, alpha={cert_cfg.alpha}) -> {cert_cfg.output_dir}", flush=True)
+    cert_cfg = CertifyConfig(
+        checkpoint=ft_cfg.output_dir,
+        data="fashion-mnist",
+        sigma=(ft_cfg.sigma,),
+        output_dir=str(out / "certify"),
+        **common,
+        **{**DEMO_CERTIFY, **(certify_overrides or {})},
+    )
+    how = (
+        f"sequential CERTIFY, n0={cert_cfg.n0}, n_max={cert_cfg.n_max or cert_cfg.n}"
+        if cert_cfg.sequential
+        else f"n0={cert_cfg.n0}, n={cert_cfg.n}"
+    )
+    print(
+        f"[dmae demo] 4/4 certifying every {cert_cfg.skip}th test image with randomized smoothing "
+        f"({how}, alpha={cert_cfg.alpha}) -> {cert_cfg.output_dir}",
+        flush=True,
+    )
     return run_certification(cert_cfg)[0]
 
 
@@ -233,12 +290,18 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
 
     evals = _evals(Path(cfg.output_dir) / "log.jsonl")
     first, last = evals[0], evals[-1]
-    print(f"\n[dmae demo] reconstruction of {cfg.eval_images} held-out test images (noise sigma={cfg.sigma}, "
-          f"{int(cfg.mask_ratio * 100)}% of patches masked):")
-    print(f"  pixel MSE to the clean image: {first['mse']:.4f} before pretraining -> {last['mse']:.4f} after "
-          f"(the noisy input itself: {last['noisy_mse']:.4f})")
+    print(
+        f"\n[dmae demo] reconstruction of {cfg.eval_images} held-out test images (noise sigma={cfg.sigma}, "
+        f"{int(cfg.mask_ratio * 100)}% of patches masked):"
+    )
+    print(
+        f"  pixel MSE to the clean image: {first['mse']:.4f} before pretraining -> {last['mse']:.4f} after "
+        f"(the noisy input itself: {last['noisy_mse']:.4f})"
+    )
     print(f"  training objective:           {first['loss']:.4f} -> {last['loss']:.4f}")
-    test = build_dataset("fashion-mnist", "test", ft_cfg.data_root, build_transform(dataset_info("fashion-mnist"), False, 28))
+    test = build_dataset(
+        "fashion-mnist", "test", ft_cfg.data_root, build_transform(dataset_info("fashion-mnist"), False, 28)
+    )
     model, _ = load_classifier(ft_cfg.output_dir, 10)
     acc_noisy = noisy_accuracy(model, test, ft_cfg.sigma, seed=0, limit=ft_cfg.eval_images, precision="fp32")
     acc_clean = noisy_accuracy(model, test, 0.0, seed=0, limit=ft_cfg.eval_images, precision="fp32")
@@ -252,12 +315,22 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     budget = f"n={meta['n']}" if meta.get("n") else f"n_max={meta['n_max']}"
     if log.n_samples is not None:
         spent, fixed = forward_passes(log, cert.path), fixed_n_passes(log, cert.path)
-        print(f"[dmae demo] noise samples (forward passes): {spent:,} in all, {spent / len(log):,.0f} per image; "
-              f"fixed-n CERTIFY at n={meta['n_max']:,} would have drawn {fixed:,} ({fixed / spent:.1f}x more)")
+        print(
+            f"[dmae demo] noise samples (forward passes): {spent:,} in all, {spent / len(log):,.0f} per image; "
+            f"fixed-n CERTIFY at n={meta['n_max']:,} would have drawn {fixed:,} ({fixed / spent:.1f}x more)"
+        )
     plot = plot_curves([log], out / "certified_accuracy.png", f"Fashion-MNIST, sigma={ft_cfg.sigma}, {budget}")
     print(f"[dmae demo] wrote {plot}")
-    return {"mse_before": first["mse"], "mse_after": last["mse"], "noisy_mse": last["noisy_mse"],
-            "noisy_acc": acc_noisy, "clean_acc": acc_clean, "certified_acc_0": log.certified_accuracy(0.0),
-            "certified_acc_0.25": log.certified_accuracy(0.25), "certified_acc_0.5": log.certified_accuracy(0.5),
-            "acr": log.acr, "certified_images": len(log),
-            "samples": None if log.n_samples is None else forward_passes(log, cert.path)}
+    return {
+        "mse_before": first["mse"],
+        "mse_after": last["mse"],
+        "noisy_mse": last["noisy_mse"],
+        "noisy_acc": acc_noisy,
+        "clean_acc": acc_clean,
+        "certified_acc_0": log.certified_accuracy(0.0),
+        "certified_acc_0.25": log.certified_accuracy(0.25),
+        "certified_acc_0.5": log.certified_accuracy(0.5),
+        "acr": log.acr,
+        "certified_images": len(log),
+        "samples": None if log.n_samples is None else forward_passes(log, cert.path),
+    }

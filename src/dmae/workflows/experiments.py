@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -40,7 +40,11 @@ from dmae import config as C
 from dmae.errors import DmaeError, StageInterrupted
 
 COMMANDS = ("pretrain", "finetune", "linprobe", "certify")
-RUN_FILES = {"pretrain": "model.safetensors", "finetune": "model_last.safetensors", "linprobe": "model_last.safetensors"}
+RUN_FILES = {
+    "pretrain": "model.safetensors",
+    "finetune": "model_last.safetensors",
+    "linprobe": "model_last.safetensors",
+}
 
 # Measured in benchmarks/RESULTS.md on one H100 / H200 (bf16): pretraining images/s (ViT-B batch 512, ViT-L batch
 # 128, 75% masking) and certification forward passes/s (compiled). Fine-tuning has no measurement yet: its
@@ -48,22 +52,52 @@ RUN_FILES = {"pretrain": "model.safetensors", "finetune": "model_last.safetensor
 # 58.8 / 124.7 GFLOP per image; a forward pass is 35.2 (ViT-B) / 123.2 (ViT-L) GFLOP, from the certification
 # rows of benchmarks/RESULTS.md (MFU x 989.4 TFLOP/s / passes per second).
 THROUGHPUT = {
-    "dmae_vit_base_patch16_dec512d8b": {"pretrain": 3517.0, "forward_gflop": 35.2, "pretrain_gflop": 58.8, "certify": 11087.0},
-    "dmae_vit_large_patch16_dec512d8b": {"pretrain": 1401.0, "forward_gflop": 123.2, "pretrain_gflop": 124.7, "certify": 3726.0},
+    "dmae_vit_base_patch16_dec512d8b": {
+        "pretrain": 3517.0,
+        "forward_gflop": 35.2,
+        "pretrain_gflop": 58.8,
+        "certify": 11087.0,
+    },
+    "dmae_vit_large_patch16_dec512d8b": {
+        "pretrain": 1401.0,
+        "forward_gflop": 123.2,
+        "pretrain_gflop": 124.7,
+        "certify": 3726.0,
+    },
 }
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "fashion-mnist": 60_000}
 EVAL_IMAGES = {"imagenet": 50_000, "cifar10": 10_000, "fashion-mnist": 10_000}
 
 # --smoke: the same stages on a problem of seconds (tests run every shipped experiment this way)
 SMOKE = {
-    "train": {"data": "fashion-mnist", "data_root": None, "train_subset": 128, "batch_size": 32, "accum_iter": 1,
-              "epochs": 1, "warmup_epochs": 0.5, "num_workers": 0, "randaug": None, "eval_images": 16, "save_every": 0,
-              "log_every": 2, "img_size": None},
+    "train": {
+        "data": "fashion-mnist",
+        "data_root": None,
+        "train_subset": 128,
+        "batch_size": 32,
+        "accum_iter": 1,
+        "epochs": 1,
+        "warmup_epochs": 0.5,
+        "num_workers": 0,
+        "randaug": None,
+        "eval_images": 16,
+        "save_every": 0,
+        "log_every": 2,
+        "img_size": None,
+    },
     "pretrain": {"model": "dmae_vit_pico_patch4_dec32d1b"},
     "finetune": {"val_size": 32},
     "linprobe": {"val_size": 32},
-    "certify": {"data": "fashion-mnist", "data_root": None, "n0": 10, "n": 50, "n_max": None, "skip": 2500, "max": None,
-                "batch": 200},
+    "certify": {
+        "data": "fashion-mnist",
+        "data_root": None,
+        "n0": 10,
+        "n": 50,
+        "n_max": None,
+        "skip": 2500,
+        "max": None,
+        "batch": 200,
+    },
 }
 
 
@@ -77,12 +111,12 @@ class Stage:
 
     name: str
     command: str
-    config: Optional[str] = None
+    config: str | None = None
     set: dict[str, Any] = field(default_factory=dict)
-    init: Optional[str] = None  # training stages: the stage whose export they start from
+    init: str | None = None  # training stages: the stage whose export they start from
     runs: list[str] = field(default_factory=list)  # certify: the classifier stages
-    sigmas: Optional[list[float]] = None  # certify: noise levels (default: each run's training sigma)
-    effective_batch: Optional[int] = None  # training: batch x accum_iter x processes; accum_iter follows the world size
+    sigmas: list[float] | None = None  # certify: noise levels (default: each run's training sigma)
+    effective_batch: int | None = None  # training: batch x accum_iter x processes; accum_iter follows the world size
 
 
 @dataclass
@@ -103,7 +137,9 @@ class Experiment:
         for s in self.stages:
             if s.name == name:
                 return s
-        raise ExperimentError(f"experiment {self.name} has no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+        raise ExperimentError(
+            f"experiment {self.name} has no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}"
+        )
 
 
 def experiments_dir() -> Path:
@@ -135,19 +171,31 @@ def load_experiment(name_or_path: str) -> Experiment:
             raise ExperimentError(f"unknown experiment {name_or_path!r}; shipped: {', '.join(list_experiments())}")
     raw = yaml.safe_load(p.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ExperimentError(f"{p.name} is not a mapping of keys ({', '.join(sorted(TOP_KEYS))}): it holds a "
-                              f"{type(raw).__name__}")
+        raise ExperimentError(
+            f"{p.name} is not a mapping of keys ({', '.join(sorted(TOP_KEYS))}): it holds a {type(raw).__name__}"
+        )
     if set(raw) - TOP_KEYS:  # a misspelt key (comparison:) would be dropped silently
-        raise ExperimentError(f"{p.name}: unknown keys {sorted(set(raw) - TOP_KEYS)}; an experiment takes "
-                              f"{', '.join(sorted(TOP_KEYS))}")
+        raise ExperimentError(
+            f"{p.name}: unknown keys {sorted(set(raw) - TOP_KEYS)}; an experiment takes {', '.join(sorted(TOP_KEYS))}"
+        )
     known = set(Stage.__dataclass_fields__) - {"name"}
     for n, spec in (raw.get("stages") or {}).items():
         if not isinstance(spec, dict) or set(spec) - known:
             extra = sorted(set(spec) - known) if isinstance(spec, dict) else spec
-            raise ExperimentError(f"{p.name}: stage {n} has unknown keys {extra}; a stage takes {', '.join(sorted(known))}")
+            raise ExperimentError(
+                f"{p.name}: stage {n} has unknown keys {extra}; a stage takes {', '.join(sorted(known))}"
+            )
     stages = [Stage(name=n, **spec) for n, spec in (raw.get("stages") or {}).items()]
-    exp = Experiment(p.stem, raw.get("title", p.stem), raw.get("paper", ""), stages, raw.get("groups") or {},
-                     raw.get("torchrun") or {}, raw.get("notes", ""), raw.get("comparisons") or [])
+    exp = Experiment(
+        p.stem,
+        raw.get("title", p.stem),
+        raw.get("paper", ""),
+        stages,
+        raw.get("groups") or {},
+        raw.get("torchrun") or {},
+        raw.get("notes", ""),
+        raw.get("comparisons") or [],
+    )
     _check(exp)
     return exp
 
@@ -164,13 +212,16 @@ def _check(exp: Experiment) -> None:
             raise ExperimentError(f"{exp.name}: stage {s.name} certifies a pretraining stage; certify classifiers")
         if s.init and seen[s.init].command == "certify":
             raise ExperimentError(f"{exp.name}: stage {s.name} starts from {s.init}, a certify stage")
-        if s.sigmas is not None and (not isinstance(s.sigmas, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in s.sigmas)):
+        if s.sigmas is not None and (
+            not isinstance(s.sigmas, list)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in s.sigmas)
+        ):
             raise ExperimentError(f"{exp.name}: stage {s.name} has sigmas {s.sigmas!r}; give a list of numbers > 0")
         names = set((_config_class(s.command) if s.command != "certify" else _certify_class()).__dataclass_fields__)
         if set(s.set) - names:
-            raise ExperimentError(f"{exp.name}: stage {s.name} sets unknown options {sorted(set(s.set) - names)} "
-                                  f"of dmae {s.command}")
+            raise ExperimentError(
+                f"{exp.name}: stage {s.name} sets unknown options {sorted(set(s.set) - names)} of dmae {s.command}"
+            )
         seen[s.name] = s
     for label, runs in exp.groups.items():
         for r in runs:
@@ -179,8 +230,10 @@ def _check(exp: Experiment) -> None:
     certified = {r for s in exp.stages if s.command == "certify" for r in s.runs}
     for pair in exp.comparisons:
         if not isinstance(pair, list) or len(pair) != 2 or any(r not in certified for r in pair) or pair[0] == pair[1]:
-            raise ExperimentError(f"{exp.name}: comparison {pair!r} must be two different classifier stages that a "
-                                  f"certify stage certifies ({', '.join(sorted(certified)) or 'none'})")
+            raise ExperimentError(
+                f"{exp.name}: comparison {pair!r} must be two different classifier stages that a "
+                f"certify stage certifies ({', '.join(sorted(certified)) or 'none'})"
+            )
         _check_same_images(exp, *pair)
 
 
@@ -194,16 +247,23 @@ def _check_same_images(exp: Experiment, a: str, b: str) -> None:
     default = {k: fields[k].default for k in _IMAGE_OPTIONS}  # an option left out and set to its default agree
 
     def selections(run: str) -> dict[tuple[Any, ...], str]:
-        return {tuple(s.set.get(k, default[k]) for k in _IMAGE_OPTIONS): s.name
-                for s in exp.stages if s.command == "certify" and run in s.runs}
+        return {
+            tuple(s.set.get(k, default[k]) for k in _IMAGE_OPTIONS): s.name
+            for s in exp.stages
+            if s.command == "certify" and run in s.runs
+        }
 
     sa, sb = selections(a), selections(b)
     if not set(sa) & set(sb):
-        show = lambda sel: "; ".join(f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key))  # noqa: E731
-                                     for key, st in sel.items())
-        raise ExperimentError(f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
-                              f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
-                              f"{', '.join(_IMAGE_OPTIONS)} (compared as written: a default left out is None)")
+        show = lambda sel: "; ".join(
+            f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key))  # noqa: E731
+            for key, st in sel.items()
+        )
+        raise ExperimentError(
+            f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
+            f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
+            f"{', '.join(_IMAGE_OPTIONS)} (compared as written: a default left out is None)"
+        )
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -217,19 +277,29 @@ def _check_use(items: tuple[str, ...]) -> None:
 class ExperimentConfig(C.Options):
     """Every option of ``dmae experiment``."""
 
-    name: str = C.option("", "a shipped experiment (list them with `dmae experiments`) or an experiment YAML file",
-                         positional=True)
-    output_dir: Optional[str] = C.option(None, "where the stages' runs and the report go (default: runs/NAME, "
-                                         "runs/NAME-smoke with --smoke)")
-    use: Optional[tuple[str, ...]] = C.option(None, "STAGE=PATH: take that stage's weights from PATH instead of running it "
-                                    "(an official checkpoint, or a run shared with another experiment); it takes every value after it, so "
-                                    "give NAME before it", check=_check_use)
-    only: Optional[tuple[str, ...]] = C.option(None, "run only these stages (their inputs must exist); it takes every "
-                                               "value after it, so give NAME before it")
-    smoke: bool = C.option(False, "the same stages on a shrunken problem (pico model, Fashion-MNIST, a few steps, "
-                           "4 test images, n = 50): checks an experiment end to end in a minute on a CPU")
+    name: str = C.option(
+        "", "a shipped experiment (list them with `dmae experiments`) or an experiment YAML file", positional=True
+    )
+    output_dir: str | None = C.option(
+        None, "where the stages' runs and the report go (default: runs/NAME, runs/NAME-smoke with --smoke)"
+    )
+    use: tuple[str, ...] | None = C.option(
+        None,
+        "STAGE=PATH: take that stage's weights from PATH instead of running it "
+        "(an official checkpoint, or a run shared with another experiment); it takes every value after it, so "
+        "give NAME before it",
+        check=_check_use,
+    )
+    only: tuple[str, ...] | None = C.option(
+        None, "run only these stages (their inputs must exist); it takes every value after it, so give NAME before it"
+    )
+    smoke: bool = C.option(
+        False,
+        "the same stages on a shrunken problem (pico model, Fashion-MNIST, a few steps, "
+        "4 test images, n = 50): checks an experiment end to end in a minute on a CPU",
+    )
     dry_run: bool = C.option(False, "print the stages, their resolved settings and the GPU-hour estimate; run nothing")
-    data_root: Optional[str] = C.option(None, "data set directory (ImageNet: the folder holding train/ and val/)")
+    data_root: str | None = C.option(None, "data set directory (ImageNet: the folder holding train/ and val/)")
     device: str = C.option("auto", "auto, cpu, cuda")
     progress: bool = C.option(True, "show progress bars")
 
@@ -246,8 +316,9 @@ class ExperimentConfig(C.Options):
             if not Path(path).exists():
                 raise ExperimentError(f"--use {name}={path}: no such file or folder")
         out = Path(self.output_dir or f"runs/{exp.name}{'-smoke' if self.smoke else ''}")
-        return ExperimentOptions(out, use, self.smoke, self.data_root, self.device, self.progress,
-                                 list(self.only) if self.only else None)
+        return ExperimentOptions(
+            out, use, self.smoke, self.data_root, self.device, self.progress, list(self.only) if self.only else None
+        )
 
 
 @dataclass
@@ -259,18 +330,28 @@ def describe(exp: Experiment, opts: ExperimentOptions | None = None) -> str:
     """What an experiment runs: its stages (with the resolved settings when ``opts`` is given), the estimated
     GPU-hours per stage and the torchrun commands."""
     hours = gpu_hours(exp)
-    estimate = (f"{sum(hours.values()):,.0f} ({', '.join(f'{k} {v:,.1f}' for k, v in hours.items())})" if hours
-                else "none (no measured throughput for these models; CPU-sized: see the file's comment)")
-    lines = [f"{exp.name}: {exp.title}", f"  paper: {exp.paper}",
-             f"  estimated GPU-hours on one H100/H200 (bf16): {estimate}"]
+    estimate = (
+        f"{sum(hours.values()):,.0f} ({', '.join(f'{k} {v:,.1f}' for k, v in hours.items())})"
+        if hours
+        else "none (no measured throughput for these models; CPU-sized: see the file's comment)"
+    )
+    lines = [
+        f"{exp.name}: {exp.title}",
+        f"  paper: {exp.paper}",
+        f"  estimated GPU-hours on one H100/H200 (bf16): {estimate}",
+    ]
     for st in exp.stages:
         src = f" from {st.init}" if st.init else (f" of {', '.join(st.runs)}" if st.runs else "")
-        extra = (f" at sigma {', '.join(f'{x:g}' for x in st.sigmas)}" if st.sigmas else "") + (f" {st.set}" if st.set else "")
+        extra = (f" at sigma {', '.join(f'{x:g}' for x in st.sigmas)}" if st.sigmas else "") + (
+            f" {st.set}" if st.set else ""
+        )
         lines.append(f"  - {st.name}: {st.command}" + (f" --config {st.config}" if st.config else "") + src + extra)
         if opts is not None and st.command != "certify":
             cfg = training_config(exp, st, opts)
-            lines.append(f"      -> {cfg.output_dir}: {cfg.epochs} epoch(s), batch {cfg.batch_size} x {cfg.accum_iter}, "
-                         f"data {cfg.data}" + (f", init {cfg.init}" if cfg.init else ""))
+            lines.append(
+                f"      -> {cfg.output_dir}: {cfg.epochs} epoch(s), batch {cfg.batch_size} x {cfg.accum_iter}, "
+                f"data {cfg.data}" + (f", init {cfg.init}" if cfg.init else "")
+            )
     if exp.comparisons:
         lines.append("  paired comparisons: " + "; ".join(f"{a} vs {b}" for a, b in exp.comparisons))
     lines += [f"  torchrun, {k.replace('_', ' ')}: {v}" for k, v in exp.torchrun.items()]
@@ -285,10 +366,10 @@ class ExperimentOptions:
     output_dir: Path
     use: dict[str, str] = field(default_factory=dict)  # stage -> weights (or run folder) that replace it
     smoke: bool = False
-    data_root: Optional[str] = None
+    data_root: str | None = None
     device: str = "auto"
     progress: bool = True
-    only: Optional[list[str]] = None  # run just these stages (their inputs must exist)
+    only: list[str] | None = None  # run just these stages (their inputs must exist)
 
 
 def _config_class(command: str) -> type:
@@ -322,8 +403,12 @@ def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> A
     if stage.effective_batch and not opts.smoke:
         values["batch_size"], values["accum_iter"] = _batch_for(stage, int(values.get("batch_size", cls.batch_size)))
     run = opts.output_dir / stage.name
-    given = {"output_dir": str(run), "resume": (run / "checkpoint.pt").exists(), "device": opts.device,
-             "progress": opts.progress}
+    given = {
+        "output_dir": str(run),
+        "resume": (run / "checkpoint.pt").exists(),
+        "device": opts.device,
+        "progress": opts.progress,
+    }
     if opts.data_root and not opts.smoke:
         given["data_root"] = opts.data_root
     if stage.init:
@@ -369,9 +454,14 @@ def certify_configs(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> l
             values.update(SMOKE["certify"])  # sequential stages then stop at n_max = --n = 50
         if opts.data_root and not opts.smoke:
             values["data_root"] = opts.data_root
-        values.update({"checkpoint": opts.use.get(run, str(opts.output_dir / run)),  # the run folder, or --use's
-                       "output_dir": str(opts.output_dir / stage.name / run), "device": opts.device,
-                       "progress": opts.progress})
+        values.update(
+            {
+                "checkpoint": opts.use.get(run, str(opts.output_dir / run)),  # the run folder, or --use's
+                "output_dir": str(opts.output_dir / stage.name / run),
+                "device": opts.device,
+                "progress": opts.progress,
+            }
+        )
         out.append(C.build_config(CertifyConfig, {}, values))
     return out
 
@@ -387,8 +477,11 @@ def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Non
     if stage.init:
         _require_output(exp, opts, stage, stage.init, "starts from")
     cfg = training_config(exp, stage, opts)
-    _say(f"[{exp.name}] {stage.name}: dmae {stage.command}" + (f" --config {stage.config}" if stage.config else "")
-         + f" -> {cfg.output_dir}")
+    _say(
+        f"[{exp.name}] {stage.name}: dmae {stage.command}"
+        + (f" --config {stage.config}" if stage.config else "")
+        + f" -> {cfg.output_dir}"
+    )
     if stage.command == "pretrain":
         from dmae.training.pretrain import pretrain
 
@@ -398,8 +491,10 @@ def _run_training(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> Non
 
         result = finetune(cfg)
     if not result.finished:
-        raise StageInterrupted(f"stage {stage.name} stopped at step {result.step}/{result.total_steps} (checkpoint in "
-                               f"{result.output_dir}); run the same command again to resume")
+        raise StageInterrupted(
+            f"stage {stage.name} stopped at step {result.step}/{result.total_steps} (checkpoint in "
+            f"{result.output_dir}); run the same command again to resume"
+        )
 
 
 def _require_output(exp: Experiment, opts: ExperimentOptions, stage: Stage, needed: str, how: str) -> None:
@@ -432,8 +527,10 @@ def _check_same_run(stage: Stage, cfg: Any) -> None:
     try:
         check_resumable(saved, C.to_dict(cfg), RESUMABLE_OPTIONS, Path(cfg.output_dir), "its saved options")
     except ValueError as e:
-        raise ExperimentError(f"stage {stage.name} is finished but was run with other options: {e}; use another "
-                              "--output-dir, or remove the stage's folder to run it again") from e
+        raise ExperimentError(
+            f"stage {stage.name} is finished but was run with other options: {e}; use another "
+            "--output-dir, or remove the stage's folder to run it again"
+        ) from e
 
 
 def run_experiment(exp: Experiment, opts: ExperimentOptions) -> dict[str, Any]:
@@ -512,13 +609,20 @@ def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], table
     from dmae.reporting.report import ReportError, compare
 
     by_sigma_b = {round(lg.sigma, 6): lg for lg in logs_b if lg.sigma is not None}  # sigma as read back from JSON
-    pairs = [(la, by_sigma_b[round(la.sigma, 6)]) for la in logs_a if la.sigma is not None and round(la.sigma, 6) in by_sigma_b]
+    pairs = [
+        (la, by_sigma_b[round(la.sigma, 6)])
+        for la in logs_a
+        if la.sigma is not None and round(la.sigma, 6) in by_sigma_b
+    ]
     if not logs_a or not logs_b:
         return [f"{a} vs {b}: not both certified yet", ""]
     for run, logs in ((a, logs_a), (b, logs_b)):
         sigmas = [round(lg.sigma, 6) for lg in logs if lg.sigma is not None]
         if len(set(sigmas)) < len(sigmas):  # certified by two stages at one sigma: which one to pair is ambiguous
-            return [f"{a} vs {b}: {run} has two certification logs at one sigma ({', '.join(lg.name for lg in logs)})", ""]
+            return [
+                f"{a} vs {b}: {run} has two certification logs at one sigma ({', '.join(lg.name for lg in logs)})",
+                "",
+            ]
     if not pairs:
         sig = lambda logs: ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"  # noqa: E731
         return [f"{a} vs {b}: no sigma in common ({a}: {sig(logs_a)}; {b}: {sig(logs_b)})", ""]
@@ -527,8 +631,11 @@ def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], table
         try:
             c = compare(la, lb)
         except ReportError as e:  # e.g. one certification stopped part way: the rest of the report still comes out
-            lines += [f"{a} vs {b}, sigma {la.sigma:g}: not comparable ({e}); if a certification is still running "
-                      "or was stopped, rerun the experiment to finish it", ""]
+            lines += [
+                f"{a} vs {b}, sigma {la.sigma:g}: not comparable ({e}); if a certification is still running "
+                "or was stopped, rerun the experiment to finish it",
+                "",
+            ]
             continue
         tables[f"{a} vs {b}, sigma {la.sigma:g}"] = c
         print(f"\n{c.text()}", flush=True)
@@ -588,7 +695,9 @@ def gpu_hours(exp: Experiment) -> dict[str, float]:
         if model not in THROUGHPUT:
             continue
         v, t = _values(st), THROUGHPUT[model]
-        images = v.get("epochs", 1) * min(TRAIN_IMAGES.get(v.get("data", "imagenet"), 0), v.get("train_subset") or math.inf)
+        images = v.get("epochs", 1) * min(
+            TRAIN_IMAGES.get(v.get("data", "imagenet"), 0), v.get("train_subset") or math.inf
+        )
         rate = t["pretrain"]
         if st.command != "pretrain":
             copies = v.get("num_noise", 2) if v.get("method", "cr") == "cr" and st.command == "finetune" else 1
@@ -599,7 +708,9 @@ def gpu_hours(exp: Experiment) -> dict[str, float]:
 
 
 def _values(stage: Stage) -> dict[str, Any]:
-    values = C.load_values(C.preset_path(stage.command, stage.config), _config_class(stage.command)) if stage.config else {}
+    values = (
+        C.load_values(C.preset_path(stage.command, stage.config), _config_class(stage.command)) if stage.config else {}
+    )
     return {**values, **stage.set}
 
 
@@ -612,7 +723,24 @@ def _stage_model(exp: Experiment, stage: Stage) -> str | None:
         stage = exp.stage(stage.init)
 
 
-__all__ = ["COMMANDS", "Experiment", "ExperimentConfig", "ExperimentError", "ExperimentOptions", "ExperimentsConfig",
-           "describe", "SMOKE", "Stage", "THROUGHPUT",
-           "certify_configs", "experiments_dir", "gpu_hours", "list_experiments", "load_experiment", "run_experiment",
-           "stage_output", "training_config", "write_report"]
+__all__ = [
+    "COMMANDS",
+    "SMOKE",
+    "THROUGHPUT",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentError",
+    "ExperimentOptions",
+    "ExperimentsConfig",
+    "Stage",
+    "certify_configs",
+    "describe",
+    "experiments_dir",
+    "gpu_hours",
+    "list_experiments",
+    "load_experiment",
+    "run_experiment",
+    "stage_output",
+    "training_config",
+    "write_report",
+]
