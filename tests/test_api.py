@@ -9,6 +9,7 @@ import dmae
 from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.checkpoint import load_classifier
 from dmae.data import build_dataset, build_transform, dataset_info
+from dmae.errors import DmaeError
 
 
 class MyCNN(nn.Module):
@@ -109,3 +110,83 @@ def test_bad_inputs_are_named():
         dmae.certify(
             model, TensorDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2)), sigma=0.25, n=100
         )
+
+
+class Shapes(TensorDataset):
+    """A user's own in-memory data set with class names: bright squares (1) or not (0) on 8x8 noise."""
+
+    classes = ("plain", "square")
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.rand(n, 1, 8, 8, generator=g) * 0.5, torch.arange(n) % 2
+        x[y == 1, :, 2:6, 2:6] = 1.0
+        super().__init__(x, y)
+
+
+def test_pretrain_and_finetune_take_a_data_set_of_ones_own(tmp_path):
+    from conftest import PICO
+
+    train, test = Shapes(32, 0), Shapes(8, 1)
+    kw = dict(model=PICO, batch_size=8, progress=False)
+    pre = dmae.pretrain(train, eval_data=test, output_dir=tmp_path / "pre", epochs=2, stop_after=3, **kw)
+    assert pre.step == 3 and not pre.finished
+    assert "data: custom" in (tmp_path / "pre" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="the data or the --init weights differ"):  # other images never mix in
+        dmae.pretrain(Shapes(32, 5), output_dir=tmp_path / "pre", epochs=2, resume=True, **kw)
+    pre = dmae.pretrain(train, eval_data=test, output_dir=tmp_path / "pre", epochs=2, resume=True, **kw)
+    assert pre.finished and pre.eval_end is not None and (tmp_path / "pre" / "model.safetensors").exists()
+
+    with pytest.raises(DmaeError, match="pass num_classes=K"):
+        dmae.finetune(TensorDataset(*train.tensors), init=tmp_path / "pre", output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) epoch; FinetuneConfig has: .*epochs"):
+        dmae.finetune(train, init=tmp_path / "pre", epoch=3)
+    ft = dmae.finetune(
+        train, test_data=test, init=str(tmp_path / "pre"), output_dir=tmp_path / "ft", epochs=2, val_size=8, **kw
+    )
+    assert ft.finished and set(ft.best) >= {"val_acc@0.25", "test_acc@0.25"}
+    model = dmae.load_classifier(tmp_path / "ft")
+    assert not model.training and model.trained_sigma == 0.25 and model.config.num_classes == 2
+    result = dmae.certify(model, test, sigma=0.25, n0=20, n=100)
+    assert len(result.logs[0]) == 8 and result.logs[0].dataset == "custom"
+
+
+def test_predict_load_classifier_compare_and_table(classifier_run, tmp_path):
+    model = dmae.load_classifier(classifier_run)
+    assert not model.training and model.trained_sigma == 0.25
+    kw = dict(n=200, alpha=0.001, skip=1000, seed=3)
+    [cli] = run_certification(
+        CertifyConfig(
+            checkpoint=str(classifier_run),
+            sigma=(0.25,),
+            output_dir=str(tmp_path / "cli"),
+            device="cpu",
+            progress=False,
+            **kw,
+        ),
+        "predict",
+    )
+    api = dmae.predict(model, dmae.datasets.fashion_mnist(), sigma=0.25, log_dir=tmp_path / "api", **kw)
+    [log] = api.logs
+    assert (
+        _rows(log.path) == _rows(cli.path) and len(log.idx) == 10 and log.idx.tolist() == list(range(0, 10_000, 1000))
+    )
+    assert log.accuracy == pytest.approx(sum(r[3] == "1" for r in _rows(log.path)[1:]) / 10)
+    assert f"sigma 0.25: 10 images, accuracy {100 * log.accuracy:.1f}%" in str(api)
+
+    a = dmae.certify(model, dmae.datasets.fashion_mnist(), sigma=0.25, n0=20, n=200, skip=2500, log_dir=tmp_path / "a")
+    with pytest.warns(dmae.DmaeWarning, match="trained at"):
+        b = dmae.certify(
+            model, dmae.datasets.fashion_mnist(), sigma=0.5, n0=20, n=200, skip=2500, log_dir=tmp_path / "b"
+        )
+    cmp = dmae.compare(a, b.paths[0], radii=(0.0, 0.25))
+    assert cmp.images == 4 and cmp.radii == (0.0, 0.25) and "McNemar p" in str(cmp)
+    assert [r["sigma"] for r in dmae.table([a.paths[0], b.logs[0]]).rows[:2]] == [0.25, 0.5]
+    assert dmae.read_log(a.paths[0]).radius.tolist() == a.logs[0].radius.tolist()
+
+    encoder_only = tmp_path / "encoder.safetensors"
+    from dmae.checkpoint import save_export
+
+    save_export(dmae.create_model("dmae_vit_pico_patch4_dec32d1b"), encoder_only)
+    with pytest.raises(DmaeError, match="not a trained classifier"):
+        dmae.load_classifier(encoder_only)

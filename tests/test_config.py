@@ -360,3 +360,19 @@ def test_save_config_writes_the_note_as_comments(tmp_path):
     text = (tmp_path / "c.yaml").read_text()
     assert text.startswith("# adapted to 10 images:\n#   --ratio 0.5 -> 0.1\n")
     assert load_values(tmp_path / "c.yaml", Toy) == to_dict(Toy(epochs=3))  # comments change no value
+
+
+def test_updated_keeps_defaults_adaptable_unlike_replace():
+    import dataclasses
+
+    from dmae.training.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(model="dmae_vit_pico_patch4_dec32d1b")
+    short = cfg.updated(epochs=2, output_dir="runs/x")
+    assert short.epochs == 2 and short.given("epochs") and short.given("model") and not short.given("warmup_epochs")
+    short.validate()  # the default 5-epoch warmup is cut to fit a 2-epoch run later, not refused
+    with pytest.raises(ValueError, match="--warmup-epochs 5.0 exceeds --epochs 2"):
+        dataclasses.replace(cfg, epochs=2).validate()  # replace counts every option as given
+    with pytest.raises(ValueError, match=r"unknown option\(s\) epoch; FinetuneConfig has: .*epochs"):
+        cfg.updated(epoch=2)
+    assert cfg.epochs == 100 and not cfg.given("epochs")  # the original is untouched

@@ -7,30 +7,52 @@ first layer resizes and normalizes. So a noise level ``sigma`` means the same th
 __version__ = "0.1.0"
 
 from dmae.corrupt import Masking, add_gaussian_noise, patchify, random_masking, unpatchify
+from dmae.errors import DmaeError
 from dmae.models import DenoisingMaskedAutoencoder, DMAEConfig, create_model, list_models
+from dmae.runtime import DmaeWarning
 from dmae.training.losses import reconstruction_loss
 
-__all__ = [
+# the flows (certification, training, reports), imported on first use: ``import dmae`` stays light
+_API = (
     "CertifyResult",
+    "PredictResult",
+    "certify",
+    "compare",
+    "finetune",
+    "load_classifier",
+    "predict",
+    "pretrain",
+    "read_log",
+    "table",
+)
+
+__all__ = [
     "DMAEConfig",
     "DenoisingMaskedAutoencoder",
+    "DmaeError",
+    "DmaeWarning",
     "Masking",
     "add_gaussian_noise",
-    "certify",
     "create_model",
+    "datasets",
     "list_models",
     "patchify",
     "random_masking",
     "reconstruction_loss",
     "unpatchify",
+    *_API,
 ]
 
 
 def __getattr__(name: str) -> object:
-    """``dmae.certify`` / ``dmae.CertifyResult`` (:mod:`dmae.api`), imported on first use: ``import dmae`` stays
-    light, and the certification and reporting layers load only when asked for."""
-    if name in ("certify", "CertifyResult"):
+    """The one-call API (:mod:`dmae.api`) and :mod:`dmae.datasets`, imported on first use: ``import dmae`` stays
+    light, and the certification, training and reporting layers load only when asked for."""
+    if name in _API:
         from dmae import api
 
         return getattr(api, name)
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module("dmae.datasets")
     raise AttributeError(f"module 'dmae' has no attribute {name!r}")

@@ -9,17 +9,33 @@ resumption, sharding under ``torchrun``. The result gives the certified-accuracy
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import numpy as np
 from torch import nn
+from torch.utils.data import Dataset
 
+from dmae import checkpoint as ckpt
+from dmae.certification.log import LogError, read_log_rows
 from dmae.certification.runner import CertifyConfig, certify_module
-from dmae.reporting.report import CertLog, Table, read_log, summarize
+from dmae.config import Options
+from dmae.datasets import user_data
+from dmae.models.classifier import ViTClassifier
+from dmae.reporting.report import CertLog, Comparison, Table, summarize
+from dmae.reporting.report import compare as compare_logs
+from dmae.reporting.report import read_log as read_certlog
 from dmae.runtime import module_device
+from dmae.training.engine import TrainResult
+from dmae.training.finetune import FinetuneConfig, LinprobeConfig
+from dmae.training.finetune import finetune as run_finetune
+from dmae.training.pretrain import PretrainConfig
+from dmae.training.pretrain import pretrain as run_pretrain
 
 
 @dataclass
@@ -96,32 +112,296 @@ def certify(
         ValueError: a bad setting (named), a log written with other settings, images outside [0, 1] or not
             floating point, labels outside the model's classes, a model whose logits are not ``[B, K]``.
     """
+    options = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, sound=sound)
+    options["radii"] = tuple(radii) if radii is not None and sequential == "targets" else None
+    with _certify_config(
+        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+    ) as cfg:
+        runs = certify_module(model, dataset, cfg, "certify", num_classes)
+        logs = [read_certlog(r.path) for r in runs]
+    return CertifyResult(logs, [r.path for r in runs] if log_dir is not None else None)
+
+
+@contextlib.contextmanager
+def _certify_config(
+    model: Any,
+    sigma: float | Sequence[float],
+    log_dir: str | Path | None,
+    data_name: str,
+    batch_size: int,
+    seed: int,
+    skip: int,
+    max_images: int | None,
+    precision: str,
+    progress: bool,
+    options: dict[str, Any],
+) -> Iterator[CertifyConfig]:
+    """The :class:`CertifyConfig` of an API call, writing to ``log_dir`` or (None) to a folder removed afterwards."""
     sigmas = (float(sigma),) if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
-    kept = Path(log_dir) if log_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="dmae-certify-") as scratch:
-        cfg = CertifyConfig(
+        yield CertifyConfig(
             checkpoint=f"<{type(model).__name__}>",
             data=data_name,
             sigma=sigmas,
-            n0=n0,
-            n=n,
-            alpha=alpha,
             skip=skip,
             max=max_images,
             batch=batch_size,
             seed=seed,
-            output_dir=str(kept or scratch),
+            output_dir=str(log_dir if log_dir is not None else scratch),
             device=str(module_device(model)),
-            precision=precision,
+            precision=precision,  # type: ignore[arg-type]  # checked by CertifyConfig's validation
             progress=progress,
-            sequential=sequential,
-            n_max=n_max,
-            radii=tuple(radii) if radii is not None and sequential == "targets" else None,
-            sound=sound,
-        )  # type: ignore[arg-type]
-        runs = certify_module(model, dataset, cfg, "certify", num_classes)
-        logs = [read_log(r.path) for r in runs]
-    return CertifyResult(logs, [r.path for r in runs] if kept else None)
+            **options,
+        )
 
 
-__all__ = ["CertifyResult", "certify"]
+@dataclass
+class PredictLog:
+    """PREDICT's answers at one ``sigma`` (Cohen et al., ICML 2019): arrays ``[N]`` of image indices, labels and
+    predictions (-1: abstained, the top two classes' counts not told apart at level alpha); ``path`` the TSV."""
+
+    sigma: float
+    idx: np.ndarray
+    label: np.ndarray
+    predict: np.ndarray
+    path: Path
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of images predicted correctly (an abstention counts as wrong); NaN with no image."""
+        return float(np.mean(self.predict == self.label)) if len(self.idx) else float("nan")
+
+    @property
+    def abstention(self) -> float:
+        """Fraction of images abstained on; NaN with no image."""
+        return float(np.mean(self.predict == -1)) if len(self.idx) else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"sigma {self.sigma:g}: {len(self.idx)} images, accuracy {100 * self.accuracy:.1f}%, "
+            f"abstained {100 * self.abstention:.1f}%"
+        )
+
+
+def read_predict_log(path: str | Path, sigma: float) -> PredictLog:
+    """A PREDICT log (``idx label predict correct time``) as a :class:`PredictLog`.
+
+    Raises:
+        LogError: unreadable, missing columns, or a row that is not integers (file and line named).
+    """
+    rows = read_log_rows(path, need=("idx", "label", "predict"))
+    cols = [rows.header.index(c) for c in ("idx", "label", "predict")]
+    try:
+        arr = np.array([[int(f[j]) for j in cols] for f in rows.rows], dtype=np.int64).reshape(-1, 3)
+    except ValueError as e:
+        raise LogError(f"{path}: a row that is not integers: {e}") from e
+    return PredictLog(sigma, arr[:, 0], arr[:, 1], arr[:, 2], Path(path))
+
+
+@dataclass
+class PredictResult:
+    """The answers of one :func:`predict` call, one :class:`PredictLog` per sigma; ``print(result)`` shows them."""
+
+    logs: list[PredictLog]
+
+    def __str__(self) -> str:
+        return "\n".join(str(lg) for lg in self.logs)
+
+
+def predict(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    sigma: float | Sequence[float],
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    seed: int = 0,
+    skip: int = 1,
+    max_images: int | None = None,
+    num_classes: int | None = None,
+    log_dir: str | Path | None = None,
+    data_name: str = "custom",
+    precision: str = "auto",
+    progress: bool = False,
+) -> PredictResult:
+    """The smoothed classifier's prediction for every ``skip``-th image of ``dataset``: PREDICT of Cohen et al.
+    (ICML 2019), ``n`` noise samples vote and the top class is returned when a two-sided binomial test tells it
+    from the runner-up at level ``alpha`` (else -1, abstain). Model, data set, logs and resumption as
+    :func:`certify` (``dmae predict`` runs the same code); the log's rows are ``idx label predict correct time``.
+
+    Returns:
+        a :class:`PredictResult` (``.logs``: accuracy and abstention per sigma).
+    Raises:
+        ValueError: as :func:`certify`.
+    """
+    options = dict(n=n, alpha=alpha)
+    with _certify_config(
+        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+    ) as cfg:
+        runs = certify_module(model, dataset, cfg, "predict", num_classes)
+        logs = [read_predict_log(r.path, r.sigma) for r in runs]
+    if log_dir is None:  # the files are gone with the temporary folder: say so rather than name them
+        for lg in logs:
+            lg.path = Path("(not kept: give log_dir)")
+    return PredictResult(logs)
+
+
+# ----------------------------------------------------------------------------- training
+C = TypeVar("C", bound=Options)
+
+
+def _options(cls: type[C], config: C | None, data: str | None, options: dict[str, Any]) -> C:
+    """``config`` (default: ``cls()``) with ``options`` (the CLI's option names, ``--blr`` -> ``blr``; paths may be
+    ``Path``s) set; the
+    options left unset keep their defaults, which a run adapts to small data as the CLI's do.
+
+    Raises:
+        ValueError: an option ``cls`` does not have (the known ones listed).
+    """
+    base = config if config is not None else cls()
+    options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # paths as the CLI's
+    return base.updated(**options, **({"data": data} if data is not None else {}))  # type: ignore[no-any-return]
+
+
+def pretrain(
+    data: str | Dataset = "fashion-mnist",
+    *,
+    eval_data: Dataset | None = None,
+    config: PretrainConfig | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Pretrain a DMAE (Wu et al., ICLR 2023): a ViT autoencoder that reconstructs images from Gaussian-noised,
+    masked inputs. ``dmae pretrain`` runs the same code.
+
+    ``data`` is a built-in data set's name (``fashion-mnist``, ``cifar10``, ``imagenet``, ``folder``) or a map-style
+    data set of your own, items ``(image [C, H, W] float in [0, 1], label)`` of one shape (labels are not used;
+    its per-channel statistics become the model's input normalization); ``eval_data`` (same shape) is scored for
+    reconstruction after every epoch (default: the training images). ``options`` are ``dmae pretrain``'s
+    (``output_dir``, ``model``, ``sigma``, ``mask_ratio``, ``epochs``, ``batch_size``, ``blr``, ``resume``, ...;
+    ``dmae pretrain --help`` lists them), applied over ``config``. The run folder (``output_dir``) holds the
+    config, a resumable ``checkpoint.pt``, ``log.jsonl`` and ``model.safetensors``; ``resume=True`` continues it
+    (refused if the options or the images differ).
+
+    Returns:
+        the :class:`~dmae.training.engine.TrainResult` (``.model``, ``.eval_start`` / ``.eval_end``, ``.step``).
+    Raises:
+        ValueError: an unknown or bad option.  DataError: unreadable data, images not [0, 1] floats.
+        FileExistsError: ``output_dir`` holds a run and ``resume`` is off.  FloatingPointError: training diverged.
+    """
+    if isinstance(data, str):
+        return run_pretrain(_options(PretrainConfig, config, data, options))
+    return run_pretrain(_options(PretrainConfig, config, None, options), user_data(data, eval_data, need_classes=False))
+
+
+def finetune(
+    data: str | Dataset = "fashion-mnist",
+    *,
+    test_data: Dataset | None = None,
+    num_classes: int | None = None,
+    linprobe: bool = False,
+    config: FinetuneConfig | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Fine-tune a (pretrained) DMAE encoder into a base classifier for Gaussian smoothing: consistency
+    regularization (``method="cr"``, Jeong & Shin, NeurIPS 2020) or cross-entropy on noisy copies (``"rs"``,
+    Cohen et al., ICML 2019), as Wu et al. (ICLR 2023); ``linprobe=True`` trains only a linear head (LARS). ``dmae
+    finetune`` / ``dmae linprobe`` run the same code.
+
+    ``data`` is a built-in data set's name or a map-style data set of your own, items ``(image [C, H, W] float in
+    [0, 1], label)``; its class count is ``num_classes``, else its ``classes`` attribute. ``val_size`` of its images
+    are held out to select ``model_best`` (default: 10% up to 5,000); ``test_data`` is scored every epoch (never
+    used to select). ``options`` are ``dmae finetune``'s (``init`` (pretrained weights), ``model``, ``sigma``,
+    ``epochs``, ``output_dir``, ``resume``, ...), applied over ``config``. The run folder holds
+    ``model_best.safetensors`` (load it with :func:`load_classifier`) and a resumable checkpoint.
+
+    Returns:
+        the :class:`~dmae.training.engine.TrainResult` (``.best``: the selected epoch's accuracies under noise).
+    Raises:
+        ValueError: an unknown or bad option (no ``init`` and no ``model``).  DataError: unreadable data, images not
+            [0, 1] floats, no class count.  CheckpointError: ``init`` unreadable or not fitting.
+    """
+    cls: type[FinetuneConfig] = LinprobeConfig if linprobe else FinetuneConfig
+    if isinstance(data, str):
+        return run_finetune(_options(cls, config, data, options))
+    return run_finetune(_options(cls, config, None, options), user_data(data, test_data, num_classes=num_classes))
+
+
+# ----------------------------------------------------------------------------- loading and reading
+def load_classifier(path: str | Path) -> ViTClassifier:
+    """The base classifier a fine-tuning run saved (a run folder, ``model_best`` / ``model_last.safetensors``, or
+    an official fine-tuned DMAE checkpoint), in eval mode on the CPU. Read without executing code (safetensors, or
+    ``torch.load(weights_only=True)``). It carries ``trained_sigma`` (the noise it was trained at, when recorded),
+    so :class:`~dmae.smoothing.Smooth` and :func:`certify` warn when it is certified at another sigma.
+
+    Raises:
+        CheckpointError: no such file, unreadable, not a trained classifier (no head), or non-finite weights.
+    """
+    resolved = ckpt.resolve_checkpoint(path)
+    head = ckpt.head_classes(ckpt.read_weights(resolved)[0])
+    if head is None:
+        raise ckpt.CheckpointError(f"{resolved} is not a trained classifier (it has no head); fine-tune it first")
+    model, _ = ckpt.load_classifier(resolved, head[0], pool=None)
+    return model.eval()
+
+
+def read_log(path: str | Path) -> CertLog:
+    """A certification log (ours, or any tool's TSV with ``idx label predict radius correct`` columns) with its
+    settings; see :func:`dmae.reporting.report.read_log`. ``dmae.table([...])`` tabulates several.
+
+    Raises:
+        LogError: unreadable, missing columns, a malformed or self-contradicting row (file and line named).
+    """
+    return read_certlog(path)
+
+
+LogLike = CertLog | CertifyResult | str | Path  # what compare() and table() take for a log
+
+
+def _as_log(x: LogLike) -> CertLog:
+    """A read log from a read log, a one-sigma :class:`CertifyResult` or a log file."""
+    if isinstance(x, CertLog):
+        return x
+    if isinstance(x, CertifyResult):
+        if len(x.logs) != 1:
+            raise ValueError(f"a result of {len(x.logs)} sigmas: compare one of its .logs")
+        return x.logs[0]
+    return read_certlog(x)
+
+
+def compare(
+    a: CertLog | CertifyResult | str | Path,
+    b: CertLog | CertifyResult | str | Path,
+    *,
+    radii: Sequence[float] | None = None,
+) -> Comparison:
+    """Paired comparison of two classifiers certified on the same images (see
+    :func:`dmae.reporting.report.compare`): certified accuracy per radius, the difference, its paired standard
+    error and the exact McNemar p-value; ACR likewise. ``a`` / ``b``: a log file, a read log, or a one-sigma
+    :class:`CertifyResult`; ``print(dmae.compare(a, b))`` shows the table.
+
+    Raises:
+        ReportError: the logs do not hold the same images, or give an image different labels.  ValueError: a
+            result of several sigmas.  LogError: an unreadable log.
+    """
+    return compare_logs(_as_log(a), _as_log(b), tuple(radii) if radii is not None else None)
+
+
+def table(logs: Sequence[LogLike], radii: Sequence[float] | None = None) -> Table:
+    """The certified-accuracy table of several logs (files or read logs), as ``dmae report`` prints it."""
+    return summarize([_as_log(lg) for lg in logs], tuple(radii) if radii is not None else None)
+
+
+__all__ = [
+    "CertifyResult",
+    "PredictLog",
+    "PredictResult",
+    "certify",
+    "compare",
+    "finetune",
+    "load_classifier",
+    "predict",
+    "pretrain",
+    "read_log",
+    "table",
+]

@@ -433,7 +433,7 @@ def load_dmae(
 
 
 # -------------------------------------------------------------------------------- classifiers
-def _head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
+def head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
     """(class count, pool) of a classifier state dict, or None for an encoder / autoencoder."""
     if "head.1.weight" in sd:
         return sd["head.1.weight"].shape[0], "token"  # linear probe: BatchNorm + Linear on the cls token
@@ -522,7 +522,7 @@ def load_classifier(
         return _fresh_classifier(model, num_classes, pool, drop_path, img_size, stats, data), LoadReport()
 
     sd, cfg = read_weights(path)
-    head = _head_classes(sd)
+    head = head_classes(sd)
     if pool is None:  # whatever the file is: its own pooling, else average pooling
         if cfg is not None and "classifier_config" in cfg:
             pool = cfg["classifier_config"].get("pool", "avg")

@@ -13,6 +13,7 @@ and ``add_dataclass_arguments`` builds the command-line flags from the same decl
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import types
@@ -190,6 +191,24 @@ class Options:
         if name not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
             raise KeyError(f"{type(self).__name__} has no option {name!r}")
         return name in self._given
+
+    def updated(self, **changes: Any) -> Any:
+        """A copy with ``changes`` made: the changed options count as given, the others stay as they were (a default
+        stays a default that a run may adapt), unlike ``dataclasses.replace``. Nothing is validated here.
+
+        Raises:
+            ValueError: a name that is not an option of this config (the known ones listed).
+        """
+        known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        if unknown := sorted(set(changes) - known):
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)}; {type(self).__name__} has: {', '.join(sorted(known))}"
+            )
+        new = copy.copy(self)
+        for name, value in changes.items():
+            setattr(new, name, value)
+        object.__setattr__(new, "_given", self._given | frozenset(changes))
+        return new
 
     def validate(self) -> None:
         """Fail early, naming the offending option and value.

@@ -547,6 +547,9 @@ class Comparison:
             )
         return head, body
 
+    def __str__(self) -> str:
+        return self.text()
+
     def text(self) -> str:
         """Aligned plain text, with the number of images."""
         head, body = self.cells()

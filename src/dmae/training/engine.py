@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmae import checkpoint as ckpt
 from dmae.config import Options, default, flag, option, save_config, to_dict
 from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, fingerprint
+from dmae.datasets import UserData
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
 from dmae.runtime import autocast, derive_seed
 
@@ -464,6 +465,7 @@ class TrainingJob(ABC):
     eval_before_training = False  # also evaluate at step 0
     best: dict[str, float] | None = None  # the evaluation of the selected checkpoint, for jobs that select one
     reference_batch: int | None = None  # the effective batch the default blr was tuned at (see adapt_to_data)
+    user: UserData | None = None  # the caller's own data set, when the job trains on one (else cfg.data)
 
     def __init__(self, cfg: TrainOptions) -> None:
         # the job adapts defaults to the data (adapt_to_data): it works on a copy, the caller's config is untouched
@@ -559,7 +561,9 @@ def train(job: TrainingJob) -> TrainResult:
         ValueError: a bad option or a resume with other options.  FileExistsError / FileNotFoundError: the run
         folder already holds a run / holds none to resume.  FloatingPointError: the run diverged.
     """
-    job.cfg.validate()
+    # the caller's own images are named "custom", no registry entry: every other option is checked as usual
+    cfg = job.cfg if job.user is None else job.cfg.updated(data=DATASET_NAMES[0])
+    cfg.validate()
     return launch(lambda device, dist: _Trainer(job, device, dist).run(), job.cfg.device)
 
 

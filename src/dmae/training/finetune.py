@@ -30,6 +30,7 @@ from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, corrupt_batch
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, num_classes_of
+from dmae.datasets import UserData
 from dmae.models.classifier import ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.runtime import autocast
@@ -282,39 +283,40 @@ def _finetune_transform(info: DatasetInfo, train: bool, img_size: int, randaug: 
 class FinetuneJob(TrainingJob):
     """Fine-tuning / linear probing plugged into the engine: classifier, noisy copies, CR or RS loss, selection."""
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+    def __init__(self, cfg: FinetuneConfig, data: UserData | None = None) -> None:
         super().__init__(cfg)
         self.cfg: FinetuneConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
         self.name = "linprobe" if cfg.linprobe else "finetune"
         # linear probing's LARS takes its lr per layer from the trust ratio: its blr is left as given
         self.reference_batch = None if cfg.linprobe else FINETUNE_REFERENCE_BATCH
-        self.info = dataset_info(cfg.data, cfg.data_root)  # a grey ImageFolder says 1 channel
+        self.user = data
+        if data is not None:  # the caller's own images: the run's config says so, and resuming checks them
+            self.cfg.data = data.info.name
+        # a grey ImageFolder says 1 channel; the caller's own set says what describe() found
+        self.info = data.info if data is not None else dataset_info(cfg.data, cfg.data_root)
         self.m = cfg.num_noise if cfg.method == "cr" else 1
         self.mixup_fn: Any = None
         self.last_evals: list[dict[str, float]] = []  # this call's evaluations (rank 0)
 
     def build(self) -> Built:
         cfg, info = self.cfg, self.info
-        probe = build_dataset(cfg.data, "train", cfg.data_root, None, cfg.download)
-        self.num_classes = num_classes_of(probe)
+        probe = (
+            self.user.train
+            if self.user is not None
+            else build_dataset(cfg.data, "train", cfg.data_root, None, cfg.download)
+        )
+        self.num_classes = info.num_classes if self.user is not None else num_classes_of(probe)
         self.adapted += adapt_val_size(cfg, len(probe))  # type: ignore[arg-type]
         train_idx, val_idx = split_train_val(len(probe), cfg.val_size)  # type: ignore[arg-type]
         pool = "token" if cfg.linprobe else "avg"
         model, self.init_report = ckpt.load_classifier(
             cfg.init, self.num_classes, pool, 0.0 if cfg.linprobe else cfg.drop_path, cfg.model, cfg.img_size, data=info
         )
-        img_size, chans = model.config.encoder.img_size, model.config.encoder.in_chans
-        train_tf = _finetune_transform(info, True, img_size, cfg.randaug)
-        train_ds: Dataset = Subset(build_dataset(cfg.data, "train", cfg.data_root, train_tf, channels=chans), train_idx)
+        train_set, val_set, self.test_ds = self._splits(model)
+        train_ds: Dataset = Subset(train_set, train_idx)
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
-        eval_tf = build_transform(info, False, img_size)
-        self.val_ds = (
-            Subset(build_dataset(cfg.data, "train", cfg.data_root, eval_tf, channels=chans), val_idx)
-            if val_idx
-            else None
-        )
-        self.test_ds = build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf, channels=chans)
+        self.val_ds = Subset(val_set, val_idx) if val_idx else None
         self.sizes = (len(train_ds), len(val_idx))
         if cfg.linprobe:
             freeze_encoder(model)
@@ -328,6 +330,22 @@ class FinetuneJob(TrainingJob):
                 num_classes=self.num_classes,
             )
         return Built(model, train_ds)
+
+    def _splits(self, model: ViTClassifier) -> tuple[Dataset, Dataset, Dataset | None]:
+        """The training set with the training transform, the same images with the evaluation transform (the
+        held-out ones are taken from it), and the test set (None: the caller gave none). The caller's own data
+        sets are taken as they are: their own transform is theirs to choose."""
+        if self.user is not None:
+            return self.user.train, self.user.train, self.user.test
+        cfg, info = self.cfg, self.info
+        img_size, chans = model.config.encoder.img_size, model.config.encoder.in_chans
+        train_tf = _finetune_transform(info, True, img_size, cfg.randaug)
+        eval_tf = build_transform(info, False, img_size)
+        return (
+            build_dataset(cfg.data, "train", cfg.data_root, train_tf, channels=chans),
+            build_dataset(cfg.data, "train", cfg.data_root, eval_tf, channels=chans),
+            build_dataset(cfg.data, info.splits[1], cfg.data_root, eval_tf, channels=chans),
+        )
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -382,9 +400,10 @@ class FinetuneJob(TrainingJob):
                 ev[f"val_acc@{s:g}"] = noisy_accuracy(
                     self.model, self.val_ds, s, cfg.seed + 1, limit=cfg.eval_images, precision=precision
                 )
-            ev[f"test_acc@{s:g}"] = noisy_accuracy(
-                self.model, self.test_ds, s, cfg.seed + 2, limit=cfg.eval_images, precision=precision
-            )
+            if self.test_ds is not None:
+                ev[f"test_acc@{s:g}"] = noisy_accuracy(
+                    self.model, self.test_ds, s, cfg.seed + 2, limit=cfg.eval_images, precision=precision
+                )
         return ev
 
     def on_main_evaluated(self, step: int, row: dict[str, float]) -> str:
@@ -431,7 +450,7 @@ class FinetuneJob(TrainingJob):
             n = min(self.sizes[1], cfg.eval_images or self.sizes[1])
         else:
             rows = [r for r in self.last_evals if f"test_acc@{s:g}" in r]
-            if not rows:
+            if not rows or self.test_ds is None:
                 return None
             acc, where = rows[-1][f"test_acc@{s:g}"], "test accuracy (no held-out images)"
             n = min(len(self.test_ds), cfg.eval_images or len(self.test_ds))  # type: ignore[arg-type]
@@ -456,15 +475,19 @@ class FinetuneJob(TrainingJob):
         return ev
 
 
-def finetune(cfg: FinetuneConfig) -> TrainResult:
+def finetune(cfg: FinetuneConfig, data: UserData | None = None) -> TrainResult:
     """Run (or resume) fine-tuning or linear probing as ``cfg`` says. Works under torchrun.
+
+    ``data`` (:func:`dmae.datasets.user_data`) trains on the caller's own images instead of ``cfg.data``: the
+    held-out images are taken from its training set, its test set (if any) is scored every epoch, and the run's
+    config records ``data: custom`` (a resume is checked against the images' fingerprint).
 
     Raises:
         ValueError, FileExistsError, FileNotFoundError, FloatingPointError: see :func:`dmae.training.engine.train`;
         :class:`dmae.checkpoint.CheckpointError`: an ``--init`` that cannot be read or does not fit.
     """
     cfg.validate()
-    return train(FinetuneJob(cfg))
+    return train(FinetuneJob(cfg, data))
 
 
 FinetuneResult = TrainResult  # what finetune() returns; .best is the selected checkpoint's evaluation

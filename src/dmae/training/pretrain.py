@@ -19,6 +19,7 @@ from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info
+from dmae.datasets import UserData
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config_for_data
 from dmae.runtime import autocast
@@ -119,23 +120,31 @@ class PretrainJob(TrainingJob):
     eval_before_training = True
     reference_batch = PRETRAIN_REFERENCE_BATCH
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, data: UserData | None = None) -> None:
         super().__init__(cfg)
         self.cfg: PretrainConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
-        self.info = dataset_info(cfg.data, cfg.data_root)  # a grey ImageFolder says 1 channel
+        self.user = data
+        if data is not None:  # the caller's own images: the run's config says so, and resuming checks them
+            self.cfg.data = data.info.name
+        # a grey ImageFolder says 1 channel; the caller's own set says what describe() found
+        self.info = data.info if data is not None else dataset_info(cfg.data, cfg.data_root)
         self.mcfg = resolve_model_config(cfg, self.info)
         self.init_report: ckpt.LoadReport | None = None
         self.eval_images: torch.Tensor | None = None
 
     def build(self) -> Built:
         cfg, info = self.cfg, self.info
-        train_ds: Dataset = build_dataset(
-            cfg.data,
-            "train",
-            cfg.data_root,
-            build_transform(info, True, self.mcfg.img_size),
-            cfg.download,
-            channels=self.mcfg.in_chans,
+        train_ds: Dataset = (
+            self.user.train
+            if self.user is not None
+            else build_dataset(
+                cfg.data,
+                "train",
+                cfg.data_root,
+                build_transform(info, True, self.mcfg.img_size),
+                cfg.download,
+                channels=self.mcfg.in_chans,
+            )
         )
         if cfg.train_subset is not None:
             train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
@@ -180,14 +189,7 @@ class PretrainJob(TrainingJob):
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         if self.eval_images is None:
-            eval_ds = build_dataset(
-                cfg.data,
-                self.info.splits[1],
-                cfg.data_root,
-                build_transform(self.info, False, self.mcfg.img_size),
-                cfg.download,
-                channels=self.mcfg.in_chans,
-            )
+            eval_ds = self._eval_set()
             k = min(cfg.eval_images, len(eval_ds))  # type: ignore[arg-type]
             self.eval_images = torch.stack([eval_ds[i][0] for i in range(k)])
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
@@ -202,6 +204,21 @@ class PretrainJob(TrainingJob):
             precision=precision,
         )
 
+    def _eval_set(self) -> Dataset:
+        """The held-out images scored for reconstruction: the evaluation split; for the caller's own data, their
+        test set, else (none given) the first training images."""
+        cfg = self.cfg
+        if self.user is not None:
+            return self.user.test if self.user.test is not None else self.user.train
+        return build_dataset(
+            cfg.data,
+            self.info.splits[1],
+            cfg.data_root,
+            build_transform(self.info, False, self.mcfg.img_size),
+            cfg.download,
+            channels=self.mcfg.in_chans,
+        )
+
     def on_main_finished(self) -> None:
         out = self.output_dir
         ckpt.save_export(self.model, out / "model.safetensors", {"sigma": str(self.cfg.sigma), "loss": self.cfg.loss})
@@ -210,15 +227,18 @@ class PretrainJob(TrainingJob):
         )
 
 
-def pretrain(cfg: PretrainConfig) -> TrainResult:
+def pretrain(cfg: PretrainConfig, data: UserData | None = None) -> TrainResult:
     """Run (or resume) DMAE pretraining as ``cfg`` says; returns what was done. Works under torchrun.
+
+    ``data`` (:func:`dmae.datasets.user_data`) trains on the caller's own images instead of ``cfg.data`` (the
+    run's config then records ``data: custom``, and a resume is checked against the images' fingerprint).
 
     Raises:
         ValueError, FileExistsError, FileNotFoundError, FloatingPointError: see :func:`dmae.training.engine.train`;
         :class:`dmae.data.DataError` / :class:`dmae.checkpoint.CheckpointError`: unreadable data or ``--init``.
     """
     cfg.validate()
-    return train(PretrainJob(cfg))
+    return train(PretrainJob(cfg, data))
 
 
 PretrainResult = TrainResult  # what pretrain() returns; eval_start / eval_end hold the reconstruction scores
