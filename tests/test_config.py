@@ -351,7 +351,7 @@ def test_a_default_warmup_longer_than_the_run_is_left_to_adapt_a_given_one_is_re
     # --epochs 3" though the user never set a warmup; it is now cut to fit when the run starts (adapt_to_data)
     FinetuneConfig(model=PICO, epochs=3).validate()
     PretrainConfig(epochs=1).validate()  # pretraining's default warmup of 1 epoch
-    with pytest.raises(ValueError, match="--warmup-epochs 5.0 exceeds --epochs 3"):
+    with pytest.raises(ValueError, match=r"--warmup-epochs 5\.0 exceeds --epochs 3"):
         FinetuneConfig(model=PICO, epochs=3, warmup_epochs=5.0).validate()
 
 

@@ -249,7 +249,7 @@ class LoadReport:
 
 
 def _grid_side(pos: torch.Tensor) -> int:
-    side = int(round((pos.shape[1] - 1) ** 0.5))
+    side = round((pos.shape[1] - 1) ** 0.5)
     if side * side != pos.shape[1] - 1:
         raise CheckpointError(f"position embedding of {pos.shape[1]} tokens is not a cls token plus a square grid")
     return side
@@ -349,7 +349,7 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike =
         ):
             over: dict[str, Any] = {}
             if "pos_embed" in sd:
-                side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+                side = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
                 over["img_size"] = side * patch
             return model_config(name, **over)
     raise CheckpointError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -81,7 +82,7 @@ def field_meta(cls: type, name: str) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is None or name not in klass.__dict__.get("__annotations__", {}):
+        if f is None or name not in inspect.get_annotations(klass):
             continue
         own = dict(f.metadata)
         if not own.pop(_INHERIT, False):

@@ -165,7 +165,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     if d != p * p * channels:
         raise ValueError(f"patch dim {d} != patch_size^2 * channels = {p * p * channels}")
     if grid is None:
-        side = int(round(L**0.5))
+        side = round(L**0.5)
         if side * side != L:
             raise ValueError(f"{L} patches do not form a square grid; pass grid=(h, w)")
         grid = (side, side)

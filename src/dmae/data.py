@@ -298,7 +298,7 @@ class FolderTransform:
         else:
             self.crop = T.Compose(
                 [
-                    T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic),
+                    T.Resize(round(img_size * 256 / 224), interpolation=bicubic),
                     T.CenterCrop(img_size),
                     T.ToTensor(),
                 ]

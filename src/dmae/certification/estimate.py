@@ -169,7 +169,7 @@ def estimate_cost(
             c
             for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
             for c in oracle_certificates(
-                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok) if good]
+                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok, strict=True) if good]
             )
         ]
         costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())

@@ -79,4 +79,5 @@ class InputAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         """Size, channels and normalization, shown in the module's ``repr``."""
-        return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={mean}, std={std}"

@@ -278,7 +278,10 @@ def adapt_to_data(
         and cfg.lr is None
     ):
         linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
-        why = f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down {reference_batch / eff:g}x; "
+        why = (
+            f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down "
+            f"{reference_batch / eff:g}x; "
+        )
         if model_params is not None and model_params < SMALL_MODEL_PARAMS:
             lr = recipe
             why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
@@ -429,7 +432,7 @@ def check_finite_parameters(model: nn.Module, step: int) -> None:
     """
     params = [(n, p) for n, p in model.named_parameters()]
     finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()  # one host read
-    bad = [n for (n, _), ok in zip(params, finite) if not ok]
+    bad = [n for (n, _), ok in zip(params, finite, strict=True) if not ok]
     if bad:
         raise FloatingPointError(
             f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "

@@ -366,7 +366,8 @@ class FinetuneJob(TrainingJob):
         src = cfg.init or f"random init ({cfg.model})"
         line = (
             f"{what} of {src} on {cfg.data} ({self.sizes[0]} train / {self.sizes[1]} held-out images, "
-            f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}; "
+            f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, "
+            f"lr {p.lr:.3g}; "
             f"{self.dist.world_size} process(es) on {self.device}"
         )
         if cfg.init and not cfg.resume:

@@ -3,8 +3,9 @@
 Start from the DMAE checkpoint shipped inside the package (pretrained at sigma = 0.25 by ``dmae pretrain --config
 demo``; ``--from-scratch`` runs that command here instead), write the reconstruction figure, fine-tune its
 encoder into a smoothed classifier at sigma = 0.25, certify 200 test images with sequential randomized
-smoothing, and print the certified-accuracy report (and write report.html). Re-running the demo in the same folder resumes (or reuses) its runs
-instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:class:`StageInterrupted`).
+smoothing, and print the certified-accuracy report (and write report.html). Re-running the demo in the same
+folder resumes (or reuses) its runs instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo
+(:class:`StageInterrupted`).
 """
 
 from __future__ import annotations

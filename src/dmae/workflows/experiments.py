@@ -255,10 +255,13 @@ def _check_same_images(exp: Experiment, a: str, b: str) -> None:
 
     sa, sb = selections(a), selections(b)
     if not set(sa) & set(sb):
-        show = lambda sel: "; ".join(
-            f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key))  # noqa: E731
-            for key, st in sel.items()
-        )
+
+        def show(sel: dict[tuple[Any, ...], str]) -> str:
+            return "; ".join(
+                f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key, strict=True))
+                for key, st in sel.items()
+            )
+
         raise ExperimentError(
             f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
             f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
@@ -624,7 +627,10 @@ def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], table
                 "",
             ]
     if not pairs:
-        sig = lambda logs: ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"  # noqa: E731
+
+        def sig(logs: list[Any]) -> str:
+            return ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"
+
         return [f"{a} vs {b}: no sigma in common ({a}: {sig(logs_a)}; {b}: {sig(logs_b)})", ""]
     lines = []
     for la, lb in pairs:
