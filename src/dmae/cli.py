@@ -25,14 +25,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _resolve(command: str, cls: type, ns: argparse.Namespace) -> Any:
+def _resolve(command: str, cls: type[C.Options], ns: argparse.Namespace) -> Any:
     """Defaults <- --config preset <- (with --resume) the run's saved config <- flags given."""
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
     preset: dict[str, Any] = {}
     if getattr(ns, "config", None):
         preset.update(C.load_values(C.preset_path(command, ns.config), cls))
     if given.get("resume"):
-        out = Path(given.get("output_dir", preset.get("output_dir", cls.output_dir)))
+        default_dir = cls.__dataclass_fields__["output_dir"].default  # every config that resumes has one
+        out = Path(given.get("output_dir", preset.get("output_dir", default_dir)))
         saved = out / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: no run in {out} (missing {saved})")

@@ -125,7 +125,10 @@ def unique_images(path: str | Path, log: LogRows, ignore: tuple[str, ...] = ("ti
     j = log.header.index("idx")
     keep = [c for c, name in enumerate(log.header) if name not in ignore]
     first: dict[str, int] = {}  # idx -> position in the kept rows
-    rows, lines, counts, repeated = [], [], [], []
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    counts: list[int] = []
+    repeated: list[str] = []
     for fields, n in zip(log.rows, log.lines or range(2, len(log.rows) + 2), strict=True):
         k = first.get(fields[j])
         if k is None:

@@ -304,10 +304,11 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
 
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
-    parts, datasets = [], {}  # logs of one data set and split share the images: read them once
+    parts: list[str] = []
+    datasets: dict[tuple[Any, ...], Any] = {}  # logs of one data set and split share the images: read them once
     for lg, path in zip(logs, paths, strict=True):
         try:
-            ds = _log_images(lg, path, datasets)
+            ds, idx = _log_images(lg, path, datasets)
         except Exception as e:  # the page still renders; it says why the images are missing
             why = str(e) if isinstance(e, _NoImages) else f"{type(e).__name__}: {e}"
             parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(why)}</p>")
@@ -319,16 +320,16 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
         for kind, rows in pick_examples(lg, k).items():
             cells = []
             for i in rows:
-                if not 0 <= int(lg.idx[i]) < len(ds):
-                    cells.append(f"<p class='note'>#{lg.idx[i]}: no such image in a data set of {len(ds)}</p>")
+                if not 0 <= int(idx[i]) < len(ds):
+                    cells.append(f"<p class='note'>#{idx[i]}: no such image in a data set of {len(ds)}</p>")
                     continue
-                x = ds[int(lg.idx[i])][0]
+                x = ds[int(idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
                 pred = "abstain" if lg.predict[i] == -1 else _class_name(names, int(lg.predict[i]))
                 label = _class_name(names, int(lg.label[i]))
                 cells.append(
                     f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
-                    f"#{lg.idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, "
+                    f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, "
                     f"r = {lg.radius[i]:.3f}</div>"
                 )
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
@@ -344,8 +345,8 @@ class _NoImages(Exception):
     """Why a log's images cannot be shown, in words for the page."""
 
 
-def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
-    """The data set a log's rows index (cached in ``cache`` by data set, split and root).
+def _log_images(lg: CertLog, path: Path, cache: dict[tuple[Any, ...], Any]) -> tuple[Any, np.ndarray]:
+    """The data set a log's rows index (cached in ``cache`` by data set, split and root) and the log's idx column.
 
     Raises:
         _NoImages: the log has no idx column or its JSON names no data set (a hand-made log).  Anything
@@ -365,7 +366,7 @@ def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
     key = (lg.meta["data"], lg.meta.get("split") or info.splits[1], (lg.meta.get("config") or {}).get("data_root"))
     if key not in cache:
         cache[key] = build_dataset(*key, build_transform(info, False, info.size or 224))
-    return cache[key]
+    return cache[key], lg.idx
 
 
 def comparison_section(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> str:

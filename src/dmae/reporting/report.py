@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,7 +393,7 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     if radii is None:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": lg.name,
             "sigma": lg.sigma,
@@ -471,9 +472,11 @@ def best_row_refusal(logs: list[CertLog]) -> str | None:
         return "two logs share a sigma (different classifiers, not one classifier at several sigma)"
     if len({len(lg) for lg in logs}) > 1:
         return f"the logs hold different numbers of images ({', '.join(str(len(lg)) for lg in logs)})"
-    if all(lg.idx is not None for lg in logs):
-        first = np.sort(logs[0].idx)
-        if other := next((lg for lg in logs[1:] if not np.array_equal(np.sort(lg.idx), first)), None):
+    idx = [lg.idx for lg in logs if lg.idx is not None]
+    if len(idx) == len(logs):
+        first = np.sort(idx[0])
+        pairs = zip(logs[1:], idx[1:], strict=True)
+        if other := next((lg for lg, i in pairs if not np.array_equal(np.sort(i), first)), None):
             return f"{logs[0].name} and {other.name} hold different images (idx columns)"
     return None
 
@@ -634,7 +637,7 @@ def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
             "may not be the same images"
         )
     around = setting_differences(a, b, CLASSIFIER_KEYS[1:])  # what makes a classifier of the weights
-    sha = a.meta.get("weights_sha256")
+    sha: str = a.meta.get("weights_sha256") or ""
     same_file = bool(sha) and sha == b.meta.get("weights_sha256")
     if same_file and around:
         notes.append(
@@ -669,8 +672,9 @@ def _match_images(a: CertLog, b: CertLog) -> tuple[np.ndarray, np.ndarray]:
             f"{with_idx.name} names its images (idx column) and {without.name} does not: the images cannot be matched"
         )
     if a.idx is not None and b.idx is not None:
-        for lg in (a, b):  # a resumed log of another tool can repeat an image; pairing it would count it twice
-            u, counts = np.unique(lg.idx, return_counts=True)
+        # a resumed log of another tool can repeat an image; pairing it would count it twice
+        for lg, idx in ((a, a.idx), (b, b.idx)):
+            u, counts = np.unique(idx, return_counts=True)
             if (counts > 1).any():
                 k = int(np.flatnonzero(counts > 1)[0])
                 raise ReportError(
@@ -818,7 +822,7 @@ def plot_curves(
     return write_png(curves_figure(logs, title, best, radii), path, dpi=120)
 
 
-def distinct_names(files: list[str | Path]) -> list[str]:
+def distinct_names(files: Sequence[str | Path]) -> list[str]:
     """Short display names that tell ``files`` apart: each file's stem, with as many of its folders in front
     (``certify/certify_sigma0.25``, then ``run_a/certify/certify_sigma0.25``, ...) as it takes for the names to
     differ; the same file given twice is numbered (``#2``). Folders are taken from the absolute path, so a file

@@ -355,7 +355,7 @@ def check_images(
         lo_seen, hi_seen = float(images.min()), float(images.max())
         raise ValueError(
             f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
-            f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
+            f"[{lo:g}, {hi:g}]: images must be [0, 1] pixels (ToTensor, no "
             "Normalize: the model's first layer normalizes), because sigma and every radius are "
             "measured in [0, 1] pixel units"
         )

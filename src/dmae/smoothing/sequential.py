@@ -307,6 +307,8 @@ class _CategoricalOracle(nn.Module):
     back by rounding, so the oracle knows which image's probabilities to use). The class is the interval of the
     cumulative probabilities u falls in: class j with probability exactly ``probs[i, j]``."""
 
+    cum: torch.Tensor  # a buffer (registered in __init__): the cumulative probabilities [I, K - 1]
+
     def __init__(self, probs: np.ndarray, sigma: float) -> None:
         super().__init__()
         self.register_buffer("cum", torch.tensor(np.cumsum(probs, axis=1)[:, :-1], dtype=torch.float64))

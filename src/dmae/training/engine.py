@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmae import checkpoint as ckpt
 from dmae.config import Options, default, flag, option, save_config, to_dict
-from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, fingerprint
+from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, dataset_size, fingerprint
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
 from dmae.runtime import autocast, derive_seed
 
@@ -302,7 +302,9 @@ def epoch_loader(
     Raises:
         ValueError: too few images for one optimizer step.
     """
-    sampler = ShardedEpochSampler(len(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter)  # type: ignore[arg-type]
+    sampler = ShardedEpochSampler(
+        dataset_size(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter
+    )
     loader = DataLoader(
         SeededDataset(ds, seed),
         batch_size=batch_size,
@@ -316,7 +318,8 @@ def epoch_loader(
 
 def wrap_for_training(model: nn.Module, compile: bool, dist: DistInfo, device: torch.device) -> nn.Module:
     """The module the training step calls: optionally compiled, wrapped in DDP when distributed."""
-    wrapped: nn.Module = torch.compile(model) if compile else model  # type: ignore[assignment]
+    # torch.compile is typed as returning a plain callable; given a module it returns a module (OptimizedModule)
+    wrapped = cast(nn.Module, torch.compile(model)) if compile else model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -578,7 +581,7 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
         self.model, train_set = job.build()
         job.model = self.model
-        self.n_train = len(train_set)  # type: ignore[arg-type]
+        self.n_train = dataset_size(train_set)
         # before the loader and the plan, which follow the adapted batch, warmup and lr
         params = sum(p.numel() for p in self.model.parameters())
         job.adapted += adapt_to_data(cfg, self.n_train, dist.world_size, job.reference_batch, params)
@@ -705,6 +708,14 @@ class _Trainer:
                 return True
         return False
 
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync``: this micro-step's gradients are not all-reduced (distributed runs only)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self.train_model
+        assert isinstance(ddp, DistributedDataParallel)  # wrap_for_training wraps every distributed run in DDP
+        return ddp.no_sync()
+
     def _train_step(self, batches: Iterator) -> torch.Tensor:
         cfg, job = self.cfg, self.job
         self.optimizer.zero_grad(set_to_none=True)
@@ -716,7 +727,7 @@ class _Trainer:
             self.gen.manual_seed(seed)
             torch.manual_seed(seed)  # drop path draws from the global generator: make it a function of the step too
             last = micro == cfg.accum_iter - 1  # sync gradients only on the last micro-step
-            with contextlib.nullcontext() if (not self.dist.enabled or last) else self.train_model.no_sync():
+            with contextlib.nullcontext() if (not self.dist.enabled or last) else self._no_sync():
                 loss = job.forward_loss(self.train_model, x, y, self.gen, seed)
                 (loss / cfg.accum_iter).backward()
             loss_sum += loss.detach()

@@ -285,7 +285,7 @@ def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: 
 def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, float]:
     """Print the demo's headline numbers (reconstruction, base classifier, certified accuracy) and return them."""
     from dmae.checkpoint import load_classifier
-    from dmae.data import build_dataset, build_transform, dataset_info
+    from dmae.data import build_dataset, build_transform, dataset_info, dataset_size
     from dmae.reporting.report import fixed_n_passes, forward_passes, plot_curves, read_log, summarize
     from dmae.training.finetune import noisy_accuracy
 
@@ -306,7 +306,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     model, _ = load_classifier(ft_cfg.output_dir, 10)
     acc_noisy = noisy_accuracy(model, test, ft_cfg.sigma, seed=0, limit=ft_cfg.eval_images, precision="fp32")
     acc_clean = noisy_accuracy(model, test, 0.0, seed=0, limit=ft_cfg.eval_images, precision="fp32")
-    n = len(test) if ft_cfg.eval_images is None else min(ft_cfg.eval_images, len(test))
+    n = dataset_size(test) if ft_cfg.eval_images is None else min(ft_cfg.eval_images, dataset_size(test))
     print(f"[dmae demo] base classifier (selected on held-out training images) on {n} test images:")
     print(f"  accuracy under noise sigma={ft_cfg.sigma}: {100 * acc_noisy:.2f}%   clean: {100 * acc_clean:.2f}%")
     log = read_log(cert.path)
@@ -316,6 +316,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     budget = f"n={meta['n']}" if meta.get("n") else f"n_max={meta['n_max']}"
     if log.n_samples is not None:
         spent, fixed = forward_passes(log, cert.path), fixed_n_passes(log, cert.path)
+        assert spent is not None and fixed is not None  # a sequential log, with its JSON
         print(
             f"[dmae demo] noise samples (forward passes): {spent:,} in all, {spent / len(log):,.0f} per image; "
             f"fixed-n CERTIFY at n={meta['n_max']:,} would have drawn {fixed:,} ({fixed / spent:.1f}x more)"
