@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from dmae.certification.log import LogError, read_log_rows, unique_images
+from dmae.certification.log import LogError, LogRows, read_log_rows, unique_images
 from dmae.config import Options, option
 from dmae.data import DATASETS
 from dmae.reporting.figures import pyplot, write_png
@@ -185,8 +185,44 @@ def read_log(path: str | Path) -> CertLog:
     """
     path = Path(path)
     log, rows_in_file = unique_images(path, read_log_rows(path, need=("label", "predict", "radius", "correct")))
-    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"  # sequential logs: ``radius``
-    col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}  # is the largest target reached
+    # sequential logs: the continuous radius (their ``radius`` is the largest target reached)
+    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"
+    arr = _checked_rows(path, log, radius)
+    n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
+    meta = read_meta(path)
+    sigma = meta.get("sigma")
+    if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
+        sigma = float(m.group(1))
+    skipped = None
+    if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
+        # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
+        skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
+    return CertLog(
+        log_stem(path),
+        sigma,
+        meta.get("data"),
+        arr[:, 0].astype(int),
+        arr[:, 1].astype(int),
+        arr[:, 2],
+        arr[:, 3].astype(int),
+        n_samples,
+        skipped,
+        idx,
+        meta,
+        radius,
+        np.array(rows_in_file),
+        _log_notes(path, log),
+    )
+
+
+def _checked_rows(path: Path, log: LogRows, radius: str) -> np.ndarray:
+    """The rows of ``log`` as ``[n, 4]`` (label, predict, radius, correct), the radius from column ``radius``.
+
+    Raises:
+        LogError: a value that is not a number, a radius that is not finite and >= 0, a ``correct`` other than
+            0 / 1, or a row that contradicts itself (file and line named).
+    """
+    col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}
     rows = []
     for n, f in zip(log.lines, log.rows, strict=True):
         try:
@@ -206,38 +242,18 @@ def read_log(path: str | Path) -> CertLog:
                 "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
                 "radius 0"
             )
-    arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
-    n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
-    meta = read_meta(path)
-    sigma = meta.get("sigma")
-    if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
-        sigma = float(m.group(1))
-    skipped = None
-    if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
-        # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
-        skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _log_notes(path: Path, log: LogRows) -> list[str]:
+    """The log's notices (lines not read as rows, repeated rows), and rank files of a distributed run beside it."""
     notes = [f"note: {n}" for n in log.notices]
     if ranks := sorted(p.name for p in path.parent.glob(f"{path.name}.rank*")):
         notes.append(
             f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
             "(running, or stopped): they are not in this report; rerun the certify command to merge them"
         )
-    return CertLog(
-        log_stem(path),
-        sigma,
-        meta.get("data"),
-        arr[:, 0].astype(int),
-        arr[:, 1].astype(int),
-        arr[:, 2],
-        arr[:, 3].astype(int),
-        n_samples,
-        skipped,
-        idx,
-        meta,
-        radius,
-        np.array(rows_in_file),
-        notes,
-    )
+    return notes
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
@@ -393,19 +409,7 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     if radii is None:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
-    rows: list[dict[str, Any]] = [
-        {
-            "name": lg.name,
-            "sigma": lg.sigma,
-            "images": len(lg),
-            "acc": [lg.certified_accuracy(r) for r in radii],
-            "acr": lg.acr,
-            "abstain": lg.abstain_rate,
-            "acr_radius": lg.radius_column,
-            "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
-        }
-        for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))
-    ]
+    rows = [_table_row(lg, radii) for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
     notes = list(dict.fromkeys(n for lg in logs for n in lg.notes))  # a file given twice: its notes once
     kinds = {lg.radius_column for lg in logs}
     if len(kinds) > 1:
@@ -417,25 +421,9 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
             )
         )
     if best and len(logs) > 1:
-        if (why_not := best_row_refusal(logs)) is None:
-            rows.append(
-                {
-                    "name": "best",
-                    "sigma": None,
-                    "images": len(logs[0]),
-                    "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
-                    "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
-                    "abstain": None,
-                    "acr_radius": kinds.pop() if len(kinds) == 1 else None,
-                }
-            )
-            if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
-                notes.append(
-                    f"note: the best row takes, per radius, the best of logs certified with different "
-                    f"protocols ({'; '.join(dict.fromkeys(differ))})"
-                )
-        else:
-            notes.append(f"note: no best-sigma row: {why_not}")
+        best_row, best_notes = _best_row(logs, rows, len(radii), kinds)
+        rows += [best_row] if best_row is not None else []
+        notes += best_notes
     notes += [
         f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
         "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
@@ -444,6 +432,45 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
         if lg.wrong_guess_skipped is not None
     ]
     return Table(tuple(radii), rows, notes)
+
+
+def _table_row(lg: CertLog, radii: tuple[float, ...]) -> dict[str, Any]:
+    """One log's row of :class:`Table`."""
+    return {
+        "name": lg.name,
+        "sigma": lg.sigma,
+        "images": len(lg),
+        "acc": [lg.certified_accuracy(r) for r in radii],
+        "acr": lg.acr,
+        "abstain": lg.abstain_rate,
+        "acr_radius": lg.radius_column,
+        "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
+    }
+
+
+def _best_row(
+    logs: list[CertLog], rows: list[dict[str, Any]], n_radii: int, kinds: set[str]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The best-sigma row over the logs' ``rows`` (None, with a note saying why, when it would mean nothing:
+    :func:`best_row_refusal`) and its notes. ``kinds``: the radius columns the logs' ACRs average."""
+    if (why_not := best_row_refusal(logs)) is not None:
+        return None, [f"note: no best-sigma row: {why_not}"]
+    row = {
+        "name": "best",
+        "sigma": None,
+        "images": len(logs[0]),
+        "acc": [max(r["acc"][i] for r in rows) for i in range(n_radii)],
+        "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
+        "abstain": None,
+        "acr_radius": next(iter(kinds)) if len(kinds) == 1 else None,
+    }
+    notes = []
+    if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
+        notes.append(
+            f"note: the best row takes, per radius, the best of logs certified with different "
+            f"protocols ({'; '.join(dict.fromkeys(differ))})"
+        )
+    return row, notes
 
 
 def acr_mix_note(continuous: list[CertLog], fixed: list[CertLog]) -> str:
@@ -725,8 +752,6 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
             only one of them named); they give an image different labels (the image and both labels named); only
             one of them has an ``idx`` column; they name different data sets.
     """
-    from scipy.stats import binomtest
-
     if not len(a) or not len(b):
         raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
     if a.dataset and b.dataset and a.dataset != b.dataset:
@@ -734,24 +759,10 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
     ia, ib = _match_images(a, b)
     if radii is None:
         radii = summarize([a, b]).radii
-    acc_a, acc_b, diff, se, p = [], [], [], [], []
-    for r in radii:
-        ca = ((a.correct == 1) & (a.radius >= r))[ia].astype(np.float64)
-        cb = ((b.correct == 1) & (b.radius >= r))[ib].astype(np.float64)
-        d = ca - cb
-        only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
-        acc_a.append(float(ca.mean()))
-        acc_b.append(float(cb.mean()))
-        diff.append(float(d.mean()))
-        se.append(_paired_se(d))
-        p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    acc_a, acc_b, diff, se, p = _paired_accuracies(a, b, ia, ib, radii)
     ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
-    notes = [*a.notes, *(n for n in b.notes if n not in a.notes)]  # a log given twice: its notes once
-    notes = [n.removeprefix("note: ") for n in notes] + protocol_notes(a, b)
     same_radius = a.radius_column == b.radius_column
-    if not same_radius:
-        seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
-        notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
+    notes = _comparison_notes(a, b)
     nan = float("nan")
     return Comparison(
         a.name,
@@ -772,6 +783,38 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         notes,
         a.acr_label if same_radius else None,
     )
+
+
+def _paired_accuracies(
+    a: CertLog, b: CertLog, ia: np.ndarray, ib: np.ndarray, radii: tuple[float, ...]
+) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """Per radius, with the images paired by the row orders ``ia`` / ``ib``: the certified accuracies of ``a`` and
+    ``b``, their difference, its paired standard error and the exact McNemar p-value (see :func:`compare`)."""
+    from scipy.stats import binomtest
+
+    acc_a, acc_b, diff, se, p = [], [], [], [], []
+    for r in radii:
+        ca = ((a.correct == 1) & (a.radius >= r))[ia].astype(np.float64)
+        cb = ((b.correct == 1) & (b.radius >= r))[ib].astype(np.float64)
+        d = ca - cb
+        only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
+        acc_a.append(float(ca.mean()))
+        acc_b.append(float(cb.mean()))
+        diff.append(float(d.mean()))
+        se.append(_paired_se(d))
+        p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    return acc_a, acc_b, diff, se, p
+
+
+def _comparison_notes(a: CertLog, b: CertLog) -> list[str]:
+    """What may confound the difference of ``a`` and ``b``: the logs' own notes, the protocols
+    (:func:`protocol_notes`), and ACRs of different radii."""
+    notes = [*a.notes, *(n for n in b.notes if n not in a.notes)]  # a log given twice: its notes once
+    notes = [n.removeprefix("note: ") for n in notes] + protocol_notes(a, b)
+    if a.radius_column != b.radius_column:
+        seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
+        notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
+    return notes
 
 
 def curves_figure(

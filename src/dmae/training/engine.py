@@ -229,21 +229,40 @@ def adapt_to_data(
     Returns:
         The adaptations made, in that order (none when every default fits).
     """
-    out: list[Adaptation] = []
+    # in this order: each step sees the options the previous ones changed
+    found = [
+        _fit_accum_iter(cfg, n_images, world_size),
+        _fit_batch_size(cfg, n_images, world_size),
+        _fit_warmup(cfg),
+        _scale_lr(cfg, world_size, reference_batch, model_params),
+    ]
+    return [a for a in found if a is not None]
 
-    def change(name: str, new: Any, why: str) -> None:
-        out.append(Adaptation(name, getattr(cfg, name), new, why))
-        setattr(cfg, name, new)
 
-    procs = world_size
+def _change(cfg: TrainOptions, name: str, new: Any, why: str) -> Adaptation:
+    """Set option ``name`` of ``cfg`` to ``new``; returns the change, with the old value and ``why``."""
+    adaptation = Adaptation(name, getattr(cfg, name), new, why)
+    setattr(cfg, name, new)
+    return adaptation
+
+
+def _fit_accum_iter(cfg: TrainOptions, n_images: int, procs: int) -> Adaptation | None:
+    """A default ``accum_iter`` whose optimizer step takes more images than there are: as many as fit (>= 1)."""
     if cfg.batch_size * cfg.accum_iter * procs > n_images and cfg.accum_iter > 1 and not cfg.given("accum_iter"):
         accum = max(1, n_images // (cfg.batch_size * procs))
-        change(
+        return _change(
+            cfg,
             "accum_iter",
             accum,
             f"a step of {cfg.batch_size} x {cfg.accum_iter} x {procs} images needs more "
             f"than the {n_images} training images",
         )
+    return None
+
+
+def _fit_batch_size(cfg: TrainOptions, n_images: int, procs: int) -> Adaptation | None:
+    """A default ``batch_size`` that makes no full step, or drops more than :data:`MAX_DROPPED_FRACTION` of the
+    images every epoch: the batch that spreads them evenly over the steps (even, for mixup)."""
     per_step = cfg.batch_size * cfg.accum_iter * procs
     full = n_images // per_step
     dropped = n_images - full * per_step
@@ -262,35 +281,45 @@ def adapt_to_data(
                 if full == 0
                 else f"{dropped} of {n_images} images would be left out of every epoch"
             )
-            change("batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch")
+            return _change(
+                cfg, "batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch"
+            )
+    return None
+
+
+def _fit_warmup(cfg: TrainOptions) -> Adaptation | None:
+    """A default ``warmup_epochs`` over :data:`WARMUP_FRACTION` of the epochs: that fraction."""
     if not cfg.given("warmup_epochs") and cfg.warmup_epochs > WARMUP_FRACTION * cfg.epochs:
-        change(
+        return _change(
+            cfg,
             "warmup_epochs",
             round(WARMUP_FRACTION * cfg.epochs, 4),
             f"{WARMUP_FRACTION:.0%} of {cfg.epochs} epochs; the default is sized for the paper's long runs",
         )
+    return None
+
+
+def _scale_lr(
+    cfg: TrainOptions, procs: int, reference_batch: int | None, model_params: int | None
+) -> Adaptation | None:
+    """The lr of an effective batch below ``reference_batch`` when neither lr nor blr is given (see
+    :func:`adapt_to_data`); the adaptation's old value is the linear rule's lr."""
     eff = cfg.batch_size * cfg.accum_iter * procs
-    if (
-        reference_batch is not None
-        and eff < reference_batch
-        and not cfg.given("lr")
-        and not cfg.given("blr")
-        and cfg.lr is None
-    ):
-        linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
-        why = (
-            f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down "
-            f"{reference_batch / eff:g}x; "
-        )
-        if model_params is not None and model_params < SMALL_MODEL_PARAMS:
-            lr = recipe
-            why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
-        else:
-            lr = recipe * math.sqrt(eff / reference_batch)
-            why += f"Adam's lr follows sqrt(batch): {recipe:.3g} x sqrt({eff}/{reference_batch})"
-        out.append(Adaptation("lr", linear, lr, why))
-        cfg.lr = lr
-    return out
+    if reference_batch is None or eff >= reference_batch or cfg.given("lr") or cfg.given("blr") or cfg.lr is not None:
+        return None
+    linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
+    why = (
+        f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down "
+        f"{reference_batch / eff:g}x; "
+    )
+    if model_params is not None and model_params < SMALL_MODEL_PARAMS:
+        lr = recipe
+        why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
+    else:
+        lr = recipe * math.sqrt(eff / reference_batch)
+        why += f"Adam's lr follows sqrt(batch): {recipe:.3g} x sqrt({eff}/{reference_batch})"
+    cfg.lr = lr
+    return Adaptation("lr", linear, lr, why)
 
 
 def epoch_loader(

@@ -191,8 +191,6 @@ def run_demo(
         FileNotFoundError: a shipped checkpoint file is missing from the installed package.
     """
     from dmae.reporting.visualize import visualize_checkpoint
-    from dmae.training.finetune import FinetuneConfig, finetune
-    from dmae.training.pretrain import PretrainConfig, pretrain
 
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
@@ -201,39 +199,81 @@ def run_demo(
             f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
             "the shipped checkpoint is already pretrained"
         )
-    if from_scratch:
-        if read_provenance(out / "pretrain") is not None:
-            raise ValueError(
-                f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
-            )
-        cfg = _stage_config(
-            PretrainConfig,
-            "pretrain",
-            "demo",
-            out / "pretrain",
-            {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})},
-        )
-        print(
-            f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
-            f"{cfg.epochs} epoch(s) -> {cfg.output_dir}",
-            flush=True,
-        )
-        _require_finished(pretrain(cfg), "pretraining")
-    else:
-        prov = install_shipped_pretraining(out / "pretrain")
-        cfg = C.build_config(
-            PretrainConfig,
-            C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
-            {"output_dir": str(out / "pretrain")},
-        )
-        print(
-            f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
-            f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
-            f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here",
-            flush=True,
-        )
+    cfg = _pretrain_stage(out, common, epochs, overrides) if from_scratch else _shipped_stage(out)
     fig = visualize_checkpoint(cfg.output_dir, out=str(out / "reconstructions.png"), num=8, seed=1)
     print(f"[dmae demo] 2/4 wrote the reconstruction figure {fig}", flush=True)
+    ft_cfg, ft = _finetune_stage(out, cfg, common, finetune_overrides)
+    cert = _certify(out, ft_cfg, common, certify_overrides)
+    numbers = _print_summary(out, cfg, ft_cfg, cert)
+    from dmae.reporting.html_report import write_html_report
+
+    page = write_html_report(out / "report.html", [], [out], "dmae demo")
+    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}; report: {page}")
+    return {**numbers, "finetune_steps": ft.step}
+
+
+def _pretrain_stage(out: Path, common: dict[str, Any], epochs: int | None, overrides: dict | None) -> Any:
+    """Stage 1 from scratch: ``dmae pretrain --config demo`` into ``out/pretrain``; its config.
+
+    Raises:
+        ValueError: ``out/pretrain`` holds the shipped checkpoint.
+        StageInterrupted: the pretraining was stopped by a signal.
+    """
+    from dmae.training.pretrain import PretrainConfig, pretrain
+
+    if read_provenance(out / "pretrain") is not None:
+        raise ValueError(
+            f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
+        )
+    cfg = _stage_config(
+        PretrainConfig,
+        "pretrain",
+        "demo",
+        out / "pretrain",
+        {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})},
+    )
+    print(
+        f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
+        f"{cfg.epochs} epoch(s) -> {cfg.output_dir}",
+        flush=True,
+    )
+    _require_finished(pretrain(cfg), "pretraining")
+    return cfg
+
+
+def _shipped_stage(out: Path) -> Any:
+    """Stage 1 without pretraining: the shipped checkpoint installed as ``out/pretrain``; its config.
+
+    Raises:
+        ValueError: ``out/pretrain`` holds a run pretrained from scratch, or the weights fail their sha256 check.
+        FileNotFoundError: a shipped checkpoint file is missing from the installed package.
+    """
+    from dmae.training.pretrain import PretrainConfig
+
+    prov = install_shipped_pretraining(out / "pretrain")
+    cfg = C.build_config(
+        PretrainConfig,
+        C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
+        {"output_dir": str(out / "pretrain")},
+    )
+    print(
+        f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
+        f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
+        f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here",
+        flush=True,
+    )
+    return cfg
+
+
+def _finetune_stage(
+    out: Path, cfg: Any, common: dict[str, Any], finetune_overrides: dict | None
+) -> tuple[Any, TrainResult]:
+    """Stage 3: fine-tune the encoder of the pretraining run ``cfg`` into ``out/finetune``; its config and result.
+
+    Raises:
+        StageInterrupted: the fine-tuning was stopped by a signal.
+    """
+    from dmae.training.finetune import FinetuneConfig, finetune
 
     ft_cfg = _stage_config(
         FinetuneConfig,
@@ -249,13 +289,7 @@ def run_demo(
     )
     ft = finetune(ft_cfg)
     _require_finished(ft, "fine-tuning")
-    cert = _certify(out, ft_cfg, common, certify_overrides)
-    numbers = _print_summary(out, cfg, ft_cfg, cert)
-    from dmae.reporting.html_report import write_html_report
-
-    page = write_html_report(out / "report.html", [], [out], "dmae demo")
-    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}; report: {page}")
-    return {**numbers, "finetune_steps": ft.step}
+    return ft_cfg, ft
 
 
 def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: dict | None) -> Any:
