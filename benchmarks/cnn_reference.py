@@ -1,4 +1,5 @@
-"""The reference a user would pick instead of DMAE: a small plain CNN trained with Gaussian noise, certified the same way.
+"""The reference a user would pick instead of DMAE: a small plain CNN trained with Gaussian noise, certified the
+same way.
 
 A ~1.1M-parameter CNN (six 3x3 conv + BatchNorm + ReLU layers, two max-pools, global average pool, linear head;
 the input layer normalizes with Fashion-MNIST's statistics inside the model, so noise is added in [0, 1] pixels
@@ -132,7 +133,7 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
         certs = SequentialCertifier(smooth, settings).certify_batch(x, idx, 2000)
         rows = [
             format_row(header, i, y, c.prediction, c.radius, 0.0, c.n_samples, c.radius_continuous)
-            for i, y, c in zip(idx, labels, certs)
+            for i, y, c in zip(idx, labels, certs, strict=True)
         ]
     else:
         header, path = CERTIFY_HEADER, out / f"certify_sigma{sigma:g}.tsv"
@@ -141,7 +142,9 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
             for s in range(0, len(idx), 2)
             for c in smooth.certify_batch(x[s : s + 2], idx[s : s + 2], 100, n, 0.001, 2200)
         ]
-        rows = [format_row(header, i, y, c.prediction, c.radius, 0.0) for i, y, c in zip(idx, labels, certs)]
+        rows = [
+            format_row(header, i, y, c.prediction, c.radius, 0.0) for i, y, c in zip(idx, labels, certs, strict=True)
+        ]
     path.write_text("\t".join(header) + "\n" + "".join(rows))
     path.with_suffix(".json").write_text(
         json.dumps({"sigma": sigma, "data": "fashion-mnist", "skip": skip, **protocol})

@@ -47,7 +47,7 @@ def _run(cs, counts: np.ndarray, taus: list[float], futility: float | None) -> t
     """Feed the counts at the looks to ``decide`` until nothing is OPEN: the stop and the certified targets
     (a target once certified stays certified: the engine keeps the running maximum of the lower bound)."""
     certified = np.zeros(len(taus), dtype=bool)
-    for t, k in zip(cs.looks, counts):
+    for t, k in zip(cs.looks, counts, strict=True):
         d = decide(cs, int(k), t, taus, futility)
         certified |= np.array([x == Decision.CERTIFIED for x in d])
         if Decision.OPEN not in d:
@@ -105,7 +105,7 @@ def replay(path: Path, reps: int, seed: int) -> None:
             print(
                 f"  {name:9s} {N0 + samples:7,.0f} samples per image ({(N0 + N_MAX) / (N0 + samples):.2f}x fewer than "
                 "fixed-n); targets fixed-n certifies / lost: "
-                + ", ".join(f"r={x:g}: {f}/{lo}" for x, f, lo in zip(radii, fixed, lost))
+                + ", ".join(f"r={x:g}: {f}/{lo}" for x, f, lo in zip(radii, fixed, lost, strict=True))
             )
 
 

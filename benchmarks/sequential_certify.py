@@ -54,7 +54,7 @@ def _finetune(run: Path, sigma: float, init: str) -> None:
 
 
 def _accuracy(preds: list[int], radii: list[float], labels: list[int]) -> list[float]:
-    return [float(np.mean([(p == y and r >= t) for p, r, y in zip(preds, radii, labels)])) for t in RADII]
+    return [float(np.mean([(p == y and r >= t) for p, r, y in zip(preds, radii, labels, strict=True)])) for t in RADII]
 
 
 def _oracle(
@@ -73,7 +73,9 @@ def _oracle(
     certs = oracle_certificates(
         SequentialSettings(100, n_max, 0.001, "targets", RADII, futility=futility), sigma, probs, labels=labels
     )
-    acc = [float(np.mean([c.prediction == y and c.radius >= r for c, y in zip(certs, labels)])) for r in RADII]
+    acc = [
+        float(np.mean([c.prediction == y and c.radius >= r for c, y in zip(certs, labels, strict=True)])) for r in RADII
+    ]
     return float(np.mean([c.n_samples for c in certs])), acc
 
 
@@ -214,7 +216,7 @@ def _summarize(path: Path, n_max: int) -> None:
         print(
             f"  n_max={n_max:,} (oracles at the p_A measured with n = {r['n']:,}): {mean:,.0f} samples per image, "
             f"{oracle_ratios[-1]:.1f}x fewer than fixed-n; certified "
-            + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, acc))
+            + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, acc, strict=True))
             + " %"
         )
     print(
@@ -282,7 +284,8 @@ def main() -> None:
         f, s = r["fixed"], r["sequential"]
         print(f"sigma={r['sigma']}: {r['images']} images, n = n_max = {r['n']}")
         print(
-            f"  forward passes  fixed {f['passes']:,}  sequential {s['passes']:,}  ({f['passes'] / s['passes']:.2f}x fewer)"
+            f"  forward passes  fixed {f['passes']:,}  sequential {s['passes']:,}  "
+            f"({f['passes'] / s['passes']:.2f}x fewer)"
         )
         print(
             f"  wall time       fixed {f['seconds']:.1f} s  sequential {s['seconds']:.1f} s; passes/s "
@@ -291,7 +294,8 @@ def main() -> None:
         print(
             "  certified acc   "
             + "  ".join(
-                f"r={t:g}: {100 * a:.0f}/{100 * b:.0f}" for t, a, b in zip(RADII, f["certified"], s["certified"])
+                f"r={t:g}: {100 * a:.0f}/{100 * b:.0f}"
+                for t, a, b in zip(RADII, f["certified"], s["certified"], strict=True)
             )
             + "  (fixed/seq, %)"
         )
@@ -306,7 +310,7 @@ def main() -> None:
         print(
             f"  n_max=100,000 (Bernoulli oracles at the measured p_A): {o['mean_samples']:.0f} samples per image, "
             f"{o['fewer_passes']:.1f}x fewer than fixed-n; certified "
-            + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, o["certified"]))
+            + "  ".join(f"r={t:g}: {100 * a:.0f}" for t, a in zip(RADII, o["certified"], strict=True))
             + " %"
         )
     total_f = sum(r["fixed"]["passes"] for r in results)

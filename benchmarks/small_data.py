@@ -154,7 +154,8 @@ def main() -> None:
                 "cnn_val_folder_acc": val,
             }
             print(
-                f"CNN reference ({args.cnn_method.upper()}, {stats['steps']} steps of 128 in {stats['seconds']:.0f} CPU-s): "
+                f"CNN reference ({args.cnn_method.upper()}, {stats['steps']} steps of 128 in "
+                f"{stats['seconds']:.0f} CPU-s): "
                 f"held-out {100 * held:.1f}%, val/ {100 * val:.1f}%",
                 flush=True,
             )

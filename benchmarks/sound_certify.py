@@ -70,7 +70,7 @@ def main() -> None:
             t0 = time.perf_counter()
             certs = modes[name].certify_batch(images, idx, args.n0, args.n, args.alpha, args.batch)
             seconds[name] += time.perf_counter() - t0
-            rows[name] += [(y, c.prediction, c.radius) for y, c in zip(labels, certs)]
+            rows[name] += [(y, c.prediction, c.radius) for y, c in zip(labels, certs, strict=True)]
         done = start + len(idx)
         print(
             f"{done}/{len(indices)} images: "
@@ -94,10 +94,12 @@ def main() -> None:
             f"| {name} | " + " | ".join(f"{a:.1f} %" for a in acc[name]) + f" | {abstain:.1f} % | "
             f"{passes / seconds[name]:.0f} |"
         )
-    same = sum(s[1] == t[1] for s, t in zip(rows["standard"], rows["sound"]))
+    same = sum(s[1] == t[1] for s, t in zip(rows["standard"], rows["sound"], strict=True))
     print(
         "\nsound - standard: "
-        + ", ".join(f"{a - s:+.1f} points at r = {r:g}" for r, s, a in zip(RADII, acc["standard"], acc["sound"]))
+        + ", ".join(
+            f"{a - s:+.1f} points at r = {r:g}" for r, s, a in zip(RADII, acc["standard"], acc["sound"], strict=True)
+        )
         + f"; passes/s ratio {seconds['standard'] / seconds['sound']:.3f}; "
         f"same prediction on {same} of {len(indices)}"
     )

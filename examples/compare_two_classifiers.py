@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> str:
     data = Subset(build_dataset("fashion-mnist", "train"), range(args.train_images))
     test = build_dataset("fashion-mnist", "test")
     logs = []
-    for name, steps in zip("AB", args.steps):
+    for name, steps in zip("AB", args.steps, strict=True):
         torch.manual_seed(0)
         model = SmallCNN()
         train(model, data, steps, sigma=0.25)

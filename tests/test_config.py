@@ -351,7 +351,7 @@ def test_a_default_warmup_longer_than_the_run_is_left_to_adapt_a_given_one_is_re
     # --epochs 3" though the user never set a warmup; it is now cut to fit when the run starts (adapt_to_data)
     FinetuneConfig(model=PICO, epochs=3).validate()
     PretrainConfig(epochs=1).validate()  # pretraining's default warmup of 1 epoch
-    with pytest.raises(ValueError, match="--warmup-epochs 5.0 exceeds --epochs 3"):
+    with pytest.raises(ValueError, match=r"--warmup-epochs 5\.0 exceeds --epochs 3"):
         FinetuneConfig(model=PICO, epochs=3, warmup_epochs=5.0).validate()
 
 
@@ -371,7 +371,7 @@ def test_updated_keeps_defaults_adaptable_unlike_replace():
     short = cfg.updated(epochs=2, output_dir="runs/x")
     assert short.epochs == 2 and short.given("epochs") and short.given("model") and not short.given("warmup_epochs")
     short.validate()  # the default 5-epoch warmup is cut to fit a 2-epoch run later, not refused
-    with pytest.raises(ValueError, match="--warmup-epochs 5.0 exceeds --epochs 2"):
+    with pytest.raises(ValueError, match=r"--warmup-epochs 5\.0 exceeds --epochs 2"):
         dataclasses.replace(cfg, epochs=2).validate()  # replace counts every option as given
     with pytest.raises(ValueError, match=r"unknown option\(s\) epoch; FinetuneConfig has: .*epochs"):
         cfg.updated(epoch=2)

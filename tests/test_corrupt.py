@@ -79,7 +79,7 @@ def test_noise_not_clipped_and_reproducible():
 def test_sigma_zero_is_identity_and_negative_fails():
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(add_gaussian_noise(x, 0.0), x)
-    with pytest.raises(ValueError, match="sigma must be a number >= 0.*-0.1"):
+    with pytest.raises(ValueError, match=r"sigma must be a number >= 0.*-0\.1"):
         add_gaussian_noise(x, -0.1)
 
 

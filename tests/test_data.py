@@ -50,18 +50,21 @@ def test_missing_and_malformed_data_say_where(tmp_path):
     with pytest.raises(DataError, match=f"(?s)looked in:.*{tmp_path}.*apt-get install dataset-fashion-mnist"):
         find_fashion_mnist(tmp_path)
     bad = tmp_path / "x-images-idx3-ubyte.gz"
-    gzip.open(bad, "wb").write(b"\x00\x00\x09\x03garbage")
+    with gzip.open(bad, "wb") as f:
+        f.write(b"\x00\x00\x09\x03garbage")
     with pytest.raises(DataError, match="not an unsigned-byte idx file"):
         read_idx(bad)
     short = tmp_path / "y.gz"
     _write_idx(short, np.zeros((3, 2, 2)))
-    content = gzip.open(short).read()
-    gzip.open(short, "wb").write(content[:-2])
+    with gzip.open(short) as f:
+        content = f.read()
+    with gzip.open(short, "wb") as f:
+        f.write(content[:-2])
     with pytest.raises(DataError, match=r"header says \[3, 2, 2\]"):
         read_idx(short)
-    with pytest.raises(DataError, match="cifar10: no .*cifar-10-batches-py"):
+    with pytest.raises(DataError, match=r"cifar10: no .*cifar-10-batches-py"):
         build_dataset("cifar10", "train", root=tmp_path)
-    with pytest.raises(DataError, match="folder: no directory .*train"):
+    with pytest.raises(DataError, match=r"folder: no directory .*train"):
         build_dataset("folder", "train", root=tmp_path)
     with pytest.raises(ValueError, match="unknown data set 'mnist'"):
         dataset_info("mnist")
@@ -153,7 +156,7 @@ def test_a_colour_folder_loads_as_the_model_takes_it(tmp_path):
     assert build_dataset("folder", "val", root, tf)[0][0].shape == (3, 28, 28)
     grey = build_dataset("folder", "val", root, tf, channels=1)[0][0]  # a 1-channel model: luminance
     assert grey.shape == (1, 28, 28)
-    with pytest.raises(ValueError, match="channels must be 1 or 3 .* got 2"):
+    with pytest.raises(ValueError, match=r"channels must be 1 or 3 .* got 2"):
         build_dataset("folder", "val", root, tf, channels=2)
 
 
@@ -164,7 +167,7 @@ def test_a_colour_image_the_probe_missed_is_refused_not_made_grey(tmp_path):
     Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(root / "train" / "a" / "z.png")  # sorted last
     ds = build_dataset("folder", "train", root, None)
     assert ds[0][0].mode == "L" and ds.samples[-1][0].endswith("z.png")
-    with pytest.raises(DataError, match="z.png is a RGB image, but its folder was read as grey"):
+    with pytest.raises(DataError, match=r"z\.png is a RGB image, but its folder was read as grey"):
         ds[len(ds) - 1]
 
 

@@ -112,7 +112,7 @@ def certify(
         ValueError: a bad setting (named), a log written with other settings, images outside [0, 1] or not
             floating point, labels outside the model's classes, a model whose logits are not ``[B, K]``.
     """
-    options = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, sound=sound)
+    options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, sound=sound)
     options["radii"] = tuple(radii) if radii is not None and sequential == "targets" else None
     with _certify_config(
         model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
@@ -235,7 +235,7 @@ def predict(
     Raises:
         ValueError: as :func:`certify`.
     """
-    options = dict(n=n, alpha=alpha)
+    options: dict[str, Any] = dict(n=n, alpha=alpha)
     with _certify_config(
         model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
     ) as cfg:
@@ -261,7 +261,7 @@ def _options(cls: type[C], config: C | None, data: str | None, options: dict[str
     """
     base = config if config is not None else cls()
     options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # paths as the CLI's
-    return base.updated(**options, **({"data": data} if data is not None else {}))  # type: ignore[no-any-return]
+    return base.updated(**options, **({"data": data} if data is not None else {}))
 
 
 def pretrain(

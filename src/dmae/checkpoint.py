@@ -23,7 +23,7 @@ from torch import nn
 
 from dmae.data import DatasetInfo
 from dmae.errors import DmaeError
-from dmae.models.classifier import ClassifierConfig, ViTClassifier
+from dmae.models.classifier import ClassifierConfig, Pool, ViTClassifier
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, list_models, model_config, model_config_for_data
 
@@ -249,7 +249,7 @@ class LoadReport:
 
 
 def _grid_side(pos: torch.Tensor) -> int:
-    side = int(round((pos.shape[1] - 1) ** 0.5))
+    side = round((pos.shape[1] - 1) ** 0.5)
     if side * side != pos.shape[1] - 1:
         raise CheckpointError(f"position embedding of {pos.shape[1]} tokens is not a cls token plus a square grid")
     return side
@@ -349,7 +349,7 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike =
         ):
             over: dict[str, Any] = {}
             if "pos_embed" in sd:
-                side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+                side = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
                 over["img_size"] = side * patch
             return model_config(name, **over)
     raise CheckpointError(
@@ -358,7 +358,9 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], path: str | os.PathLike =
     )
 
 
-def save_export(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
+def save_export(
+    model: DenoisingMaskedAutoencoder | ViTClassifier, path: str | os.PathLike, extra: dict[str, str] | None = None
+) -> None:
     """Export weights as safetensors, the model configuration in the file's metadata (atomic).
 
     Autoencoders store ``model_config``, classifiers ``classifier_config``.
@@ -433,7 +435,7 @@ def load_dmae(
 
 
 # -------------------------------------------------------------------------------- classifiers
-def head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, str] | None:
+def head_classes(sd: Mapping[str, torch.Tensor]) -> tuple[int, Pool] | None:
     """(class count, pool) of a classifier state dict, or None for an encoder / autoencoder."""
     if "head.1.weight" in sd:
         return sd["head.1.weight"].shape[0], "token"  # linear probe: BatchNorm + Linear on the cls token
@@ -469,7 +471,7 @@ def _classifier_encoder(
 def _fresh_classifier(
     model: str | None,
     num_classes: int,
-    pool: str | None,
+    pool: Pool | None,
     drop_path: float,
     img_size: int | None,
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
@@ -494,7 +496,7 @@ def _fresh_classifier(
 def load_classifier(
     path: str | os.PathLike | None,
     num_classes: int,
-    pool: str | None = "avg",
+    pool: Pool | None = "avg",
     drop_path: float = 0.0,
     model: str | None = None,
     img_size: int | None = None,

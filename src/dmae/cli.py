@@ -25,14 +25,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _resolve(command: str, cls: type, ns: argparse.Namespace) -> Any:
+def _resolve(command: str, cls: type[C.Options], ns: argparse.Namespace) -> Any:
     """Defaults <- --config preset <- (with --resume) the run's saved config <- flags given."""
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func")}
     preset: dict[str, Any] = {}
     if getattr(ns, "config", None):
         preset.update(C.load_values(C.preset_path(command, ns.config), cls))
     if given.get("resume"):
-        out = Path(given.get("output_dir", preset.get("output_dir", cls.output_dir)))
+        default_dir = cls.__dataclass_fields__["output_dir"].default  # every config that resumes has one
+        out = Path(given.get("output_dir", preset.get("output_dir", default_dir)))
         saved = out / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: no run in {out} (missing {saved})")
@@ -159,25 +160,30 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
-    """(name, help, description, config class, handler, takes --config) of every subcommand."""
-    from dmae.certification.runner import CertifyConfig
-    from dmae.reporting.report import ReportConfig
-    from dmae.reporting.visualize import VisualizeConfig
+# (name, help, description, config class, handler, takes --config) of a subcommand
+Command = tuple[str, str, str, Any, Any, bool]
+
+# how the training jobs resolve their options (said in their --help)
+_LAYERS = (
+    " Options come from the defaults, then --config, then (with --resume) the run's saved config, then the flags given."
+)
+
+
+def _commands() -> list[Command]:
+    """Every subcommand, in the order ``dmae --help`` lists them."""
+    return _training_commands() + _certification_commands() + _workflow_commands()
+
+
+def _training_commands() -> list[Command]:
+    """pretrain, finetune, linprobe."""
     from dmae.training.finetune import FinetuneConfig, LinprobeConfig
     from dmae.training.pretrain import PretrainConfig
-    from dmae.workflows.demo import DemoConfig
-    from dmae.workflows.experiments import ExperimentConfig, ExperimentsConfig
 
-    layers = " Options come from the defaults, then --config, then (with --resume) the run's saved config, then the flags given."
-    cert = "CERTIFY each image: class and certified l2 radius, one TSV row per image"
-    pred = "PREDICT each image: the smoothed class or abstain, one TSV row per image"
-    resumes = ". Re-running the same command resumes; torchrun shards the images."
     return [
         (
             "pretrain",
             "pretrain a DMAE (or MAE: --sigma 0 --loss masked)",
-            "Pretrain a denoising masked autoencoder." + layers,
+            "Pretrain a denoising masked autoencoder." + _LAYERS,
             PretrainConfig,
             cmd_pretrain,
             True,
@@ -187,7 +193,7 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
             "fine-tune an encoder into a robust base classifier (CR or RS)",
             "Fine-tune a pretrained encoder (or a random one, --model) into the base classifier of a Gaussian-smoothed "
             "model: consistency regularization (--method cr) or noisy cross-entropy (--method rs), at one sigma or a "
-            "per-sample range." + layers,
+            "per-sample range." + _LAYERS,
             FinetuneConfig,
             cmd_finetune,
             True,
@@ -195,11 +201,24 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
         (
             "linprobe",
             "linear probe under noise: frozen encoder, BatchNorm + Linear head, LARS",
-            "Linear probing of a frozen encoder under noise (the paper's Table 4 recipe)." + layers,
+            "Linear probing of a frozen encoder under noise (the paper's Table 4 recipe)." + _LAYERS,
             LinprobeConfig,
             cmd_finetune,
             True,
         ),
+    ]
+
+
+def _certification_commands() -> list[Command]:
+    """certify, predict, report, visualize."""
+    from dmae.certification.runner import CertifyConfig
+    from dmae.reporting.report import ReportConfig
+    from dmae.reporting.visualize import VisualizeConfig
+
+    cert = "CERTIFY each image: class and certified l2 radius, one TSV row per image"
+    pred = "PREDICT each image: the smoothed class or abstain, one TSV row per image"
+    resumes = ". Re-running the same command resumes; torchrun shards the images."
+    return [
         ("certify", cert, cert + resumes, CertifyConfig, cmd_certify, True),
         ("predict", pred, pred + resumes, CertifyConfig, cmd_certify, True),
         (
@@ -218,6 +237,15 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
             cmd_visualize,
             False,
         ),
+    ]
+
+
+def _workflow_commands() -> list[Command]:
+    """experiment, experiments, demo."""
+    from dmae.workflows.demo import DemoConfig
+    from dmae.workflows.experiments import ExperimentConfig, ExperimentsConfig
+
+    return [
         (
             "experiment",
             "run one of the paper's experiments end to end (pretrain -> fine-tune -> certify -> report)",

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import math
 import types
 import typing
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -82,7 +83,7 @@ def field_meta(cls: type, name: str) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is None or name not in klass.__dict__.get("__annotations__", {}):
+        if f is None or name not in inspect.get_annotations(klass):
             continue
         own = dict(f.metadata)
         if not own.pop(_INHERIT, False):
@@ -127,7 +128,7 @@ def _check_number(name: str, value: Any, tp: type, meta: dict[str, Any]) -> None
         raise ValueError(f"{flag(name)} must be {_bounds_text(meta)}, got {value!r}")
 
 
-def check_field(cls: type, name: str, value: Any) -> None:
+def check_field(cls: type[Options], name: str, value: Any) -> None:
     """Check one value against its field's declaration.
 
     Order: presence, tuple arity, the domain's own ``check`` (its message names the domain, e.g. "unknown data
@@ -163,6 +164,9 @@ def check_field(cls: type, name: str, value: Any) -> None:
             _check_number(name, v, item_tp, meta)
 
 
+O = TypeVar("O", bound="Options")
+
+
 class Options:
     """Base of every config dataclass: :meth:`validate` checks each field, then :meth:`check_combination`.
 
@@ -171,12 +175,15 @@ class Options:
     adapts to its data (:mod:`dmae.training.engine`) are only the ones left unset.
     """
 
+    if TYPE_CHECKING:  # every subclass is a dataclass: the fields dataclasses.fields() and check_field read
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     _given: frozenset[str] = frozenset()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         self = super().__new__(cls)
         # the dataclass __init__ sets every field alike; only the call tells a given value from a default
-        positional = [f.name for f in dataclasses.fields(cls)][: len(args)]  # type: ignore[arg-type]
+        positional = [f.name for f in dataclasses.fields(cls)][: len(args)]
         object.__setattr__(self, "_given", frozenset(positional) | frozenset(kwargs))
         return self
 
@@ -188,18 +195,18 @@ class Options:
         Raises:
             KeyError: ``name`` is not an option of this config.
         """
-        if name not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+        if name not in {f.name for f in dataclasses.fields(self)}:
             raise KeyError(f"{type(self).__name__} has no option {name!r}")
         return name in self._given
 
-    def updated(self, **changes: Any) -> Any:
+    def updated(self: O, **changes: Any) -> O:
         """A copy with ``changes`` made: the changed options count as given, the others stay as they were (a default
         stays a default that a run may adapt), unlike ``dataclasses.replace``. Nothing is validated here.
 
         Raises:
             ValueError: a name that is not an option of this config (the known ones listed).
         """
-        known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        known = {f.name for f in dataclasses.fields(self)}
         if unknown := sorted(set(changes) - known):
             raise ValueError(
                 f"unknown option(s) {', '.join(unknown)}; {type(self).__name__} has: {', '.join(sorted(known))}"
@@ -216,7 +223,7 @@ class Options:
         Raises:
             ValueError: a value outside its declared type, bounds or choices, or a bad combination.
         """
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):
             check_field(type(self), f.name, getattr(self, f.name))
         self.check_combination()
 
@@ -229,6 +236,19 @@ class Options:
 
 
 # ----------------------------------------------------------------------------- command line
+def _default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value; a list / dict default comes from its factory (a fresh copy).
+
+    Raises:
+        TypeError: the field has no default (every option needs one: a flag may be left out).
+    """
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is dataclasses.MISSING:
+        raise TypeError(f"option {f.name} has no default")
+    return f.default_factory()
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of ``cls``; flags default to 'not given' so presets are not overridden.
 
@@ -242,7 +262,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         meta = field_meta(cls, f.name)
         tp, optional = _unwrap_optional(hints[f.name])
-        dflt = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        dflt = _default(f)
         text = meta.get("help", "")
         # the default is shown unless the help already says it or there is none (None, "", ())
         shown = "(default" not in text and dflt is not None and dflt not in ("", ())

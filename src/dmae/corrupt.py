@@ -72,7 +72,7 @@ def add_gaussian_noise(
             raise ValueError(f"per-sample sigma must have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
         if bool((sigma < 0).any()):
             raise ValueError(f"sigma must be >= 0, got min {sigma.min().item()}")
-        scale = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        scale: torch.Tensor | float = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
     else:
         scale = check_sigma(sigma)
         if scale == 0.0:
@@ -165,7 +165,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     if d != p * p * channels:
         raise ValueError(f"patch dim {d} != patch_size^2 * channels = {p * p * channels}")
     if grid is None:
-        side = int(round(L**0.5))
+        side = round(L**0.5)
         if side * side != L:
             raise ValueError(f"{L} patches do not form a square grid; pass grid=(h, w)")
         grid = (side, side)

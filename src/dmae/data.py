@@ -20,10 +20,10 @@ import dataclasses
 import gzip
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -237,8 +237,10 @@ class FashionMNIST(Dataset):
             TVFashionMNIST(str(base), train=True, download=True)
             TVFashionMNIST(str(base), train=False, download=True)
             d = find_fashion_mnist(base)
-        img_name, lbl_name = FASHION_MNIST_FILES[split]
-        images, labels = read_idx(_idx_file(d, img_name)), read_idx(_idx_file(d, lbl_name))
+        img_file, lbl_file = (_idx_file(d, name) for name in FASHION_MNIST_FILES[split])
+        if img_file is None or lbl_file is None:  # find_fashion_mnist saw them: removed since
+            raise DataError(f"fashion-mnist in {d}: the {split} idx files are gone")
+        images, labels = read_idx(img_file), read_idx(lbl_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"fashion-mnist in {d}: images {images.shape} and labels {labels.shape} do not match")
         self.root = d
@@ -298,7 +300,7 @@ class FolderTransform:
         else:
             self.crop = T.Compose(
                 [
-                    T.Resize(int(round(img_size * 256 / 224)), interpolation=bicubic),
+                    T.Resize(round(img_size * 256 / 224), interpolation=bicubic),
                     T.CenterCrop(img_size),
                     T.ToTensor(),
                 ]
@@ -421,6 +423,16 @@ def _image_folder(
     return ds
 
 
+def dataset_size(ds: Dataset) -> int:
+    """``len(ds)``. torch's ``Dataset`` declares no ``__len__`` (an iterable-style data set needs none); every data
+    set dmae reads is map-style and has one.
+
+    Raises:
+        TypeError: ``ds`` has no length.
+    """
+    return len(cast(Sized, ds))
+
+
 def num_classes_of(ds: Dataset) -> int:
     """Class count of a built data set (its ``classes`` attribute).
 
@@ -449,14 +461,14 @@ def fingerprint(ds: Dataset, images: int = 16) -> str:
 
     h = hashlib.sha256()
     seeded = SeededDataset(ds, 0)
-    for i in range(min(images, len(ds))):  # type: ignore[arg-type]
+    for i in range(min(images, dataset_size(ds))):
         x, y = seeded[(0, i)]
         h.update(np.asarray(x).tobytes())
         h.update(str(int(y)).encode())
     base = ds
     while hasattr(base, "dataset"):  # Subset wrappers: the transform is the underlying set's
-        base = base.dataset  # type: ignore[attr-defined]
-    return f"{len(ds)} images; transform {getattr(base, 'transform', None)!r}; sha256 {h.hexdigest()[:16]}"  # type: ignore[arg-type]
+        base = base.dataset
+    return f"{dataset_size(ds)} images; transform {getattr(base, 'transform', None)!r}; sha256 {h.hexdigest()[:16]}"
 
 
 class SeededDataset(Dataset):
@@ -471,7 +483,7 @@ class SeededDataset(Dataset):
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return dataset_size(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, idx = key

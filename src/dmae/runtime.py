@@ -11,6 +11,7 @@ import contextlib
 import sys
 import warnings
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch import nn
@@ -46,8 +47,8 @@ def module_device(module: nn.Module) -> torch.device:
     """
     for t in module.parameters():
         return t.device
-    for t in module.buffers():
-        return t.device
+    for b in module.buffers():
+        return b.device
     raise ValueError(f"{type(module).__name__} has no parameters or buffers to tell its device; pass device=")
 
 
@@ -104,7 +105,8 @@ def warn_user(message: str) -> None:
     """``warnings.warn`` attributed to the first caller outside dmae, torch and contextlib (the user's line),
     however deep inside the library the mistake is noticed."""
     inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DmaeWarning, stacklevel=level + 1)

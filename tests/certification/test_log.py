@@ -31,7 +31,7 @@ def test_format_row():
     assert format_row(PREDICT_HEADER, 7, 2, 2, 0.9, 0.25) == "7\t2\t2\t1\t0.2500\n"
     # a row reads back under its header
     fields = format_row(CERTIFY_HEADER, 4, 1, 1, 0.5, 2.0).split()
-    assert dict(zip(CERTIFY_HEADER, fields)) == {
+    assert dict(zip(CERTIFY_HEADER, fields, strict=True)) == {
         "idx": "4",
         "label": "1",
         "predict": "1",

@@ -76,7 +76,7 @@ def test_probe_refuses_mismatched_inputs():
         ValueError, match=r"label\(s\) outside the classifier's 10 classes \(image, label\): \[\(1, 10\)\]"
     ):
         accuracy_probe(smooth, torch.rand(2, 1, 8, 8), [0, 1], [0, 10])
-    with pytest.raises(ValueError, match="got dtype torch.uint8"):
+    with pytest.raises(ValueError, match=r"got dtype torch\.uint8"):
         accuracy_probe(smooth, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [0, 1], [0, 1])
 
 
@@ -125,9 +125,9 @@ def test_cli_warns_on_another_sigma_and_refuses_a_confidence_level(classifier_ru
         "--no-progress",
     ]
     with pytest.warns(UserWarning, match=r"sigma 1 is not the sigma the classifier was trained at \(0.25\)"):
-        assert main(args + ["--sigma", "1.0"]) == 0
+        assert main([*args, "--sigma", "1.0"]) == 0
     assert json.loads((tmp_path / "certify_sigma1.json").read_text())["trained_sigma"] == 0.25
-    assert main(args + ["--alpha", "0.999"]) == 2
+    assert main([*args, "--alpha", "0.999"]) == 2
     err = capsys.readouterr().err
     assert (
         "dmae certify: error: alpha must be in (0, 0.5), got 0.999; alpha is the failure probability, not a "

@@ -141,7 +141,7 @@ def test_unknown_architecture_lists_close_names(tmp_path):
 
 def test_missing_and_unreadable_files(tmp_path):
     kw = dict(img_size=32, in_chans=3, mean=MEAN, std=STD)
-    with pytest.raises(CheckpointError, match="nothere.pt.*does not exist"):
+    with pytest.raises(CheckpointError, match=r"nothere\.pt.*does not exist"):
         build_external_classifier(TIMM, tmp_path / "nothere.pt", 10, **kw)
     for name in ("garbage.pt", "garbage.safetensors"):
         (tmp_path / name).write_text("not weights at all")
@@ -190,7 +190,7 @@ def test_non_finite_weights_refused(tmp_path, value):
 def test_bad_mean_std_name_the_options(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(timm_net().state_dict(), path)
-    with pytest.raises(ValueError, match="--input-mean.*--input-std.*3 values"):
+    with pytest.raises(ValueError, match=r"--input-mean.*--input-std.*3 values"):
         build_external_classifier(TIMM, path, 10, img_size=32, in_chans=3, mean=[0.5, 0.5], std=STD)
     with pytest.raises(ValueError, match=r"--input-std \[0\.2, 0\.0, 0\.3\].*positive"):
         build_external_classifier(TIMM, path, 10, img_size=32, in_chans=3, mean=MEAN, std=[0.2, 0.0, 0.3])
@@ -215,7 +215,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"model": timm_net().state_dict(), "extra": _Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="evil.pt.*never runs code"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*never runs code"):
         build_external_classifier(TIMM, path, 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
     assert not marker.exists()
 
@@ -343,7 +343,7 @@ def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys)
             "1",
         ]
         for i, spec in enumerate((f"{tmp_path / 'mynets.py'}:TinyNet", "mynets:TinyNet")):
-            assert main(base + ["--model", spec, "--output-dir", str(tmp_path / f"o{i}")]) == 0
+            assert main([*base, "--model", spec, "--output-dir", str(tmp_path / f"o{i}")]) == 0
             meta = json.loads((tmp_path / f"o{i}" / "certify_sigma0.25.json").read_text())
             assert meta["model"] == spec and meta["images"] == 2
         assert parse_model_name("mynets:TinyNet") == ("python", "mynets:TinyNet")
@@ -353,7 +353,7 @@ def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys)
             ("mynets:not_a_module", "not_a_module(...) returned int, not an nn.Module"),
             ("no_such_module_x:Net", "cannot import no_such_module_x"),
         ):
-            assert main(base + ["--model", spec, "--output-dir", str(tmp_path / "bad")]) == 2
+            assert main([*base, "--model", spec, "--output-dir", str(tmp_path / "bad")]) == 2
             assert why in capsys.readouterr().err
     finally:
         sys.path.remove(str(tmp_path))

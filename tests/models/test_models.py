@@ -176,7 +176,7 @@ def test_wrong_architecture_and_corrupt_files(tmp_path):
         load_state_dict(create_model(PICO), bad_shape, "x.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x02not a checkpoint" * 8)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*corrupt.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*corrupt\.pth"):
         load_dmae(corrupt)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_dmae(tmp_path / "missing.pth")

@@ -62,7 +62,7 @@ def test_unreadable_logs(tmp_path, capsys):
     with pytest.raises(ReportError, match="lacks columns \\['radius', 'correct'\\]"):
         read_log(bad)
     garbled = _write(tmp_path / "g.tsv", [(0, 1, "x", 0.1, 1, 0), (1, 1, 1, 0.1, 1, 0)])
-    with pytest.raises(ReportError, match="g.tsv:2"):
+    with pytest.raises(ReportError, match=r"g\.tsv:2"):
         read_log(garbled)
     assert main(["report", str(tmp_path / "missing.tsv")]) == 2
     assert "cannot read" in capsys.readouterr().err
@@ -106,12 +106,12 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     ):  # two certificates of one image: refused
         read_log(dup)
     twice = dataclasses.replace(read_log(a), idx=np.array([0, 0]))  # a log built by hand, not read: compare checks
-    with pytest.raises(ReportError, match="a_sigma0.25: idx 0 appears 2 times"):
+    with pytest.raises(ReportError, match=r"a_sigma0\.25: idx 0 appears 2 times"):
         compare(twice, twice)
     no_idx = _write(
         tmp_path / "e_sigma0.25.tsv", [(1, 1, 0.4, 1), (2, 2, 0.2, 1)], header="label\tpredict\tradius\tcorrect"
     )
-    with pytest.raises(ReportError, match="a_sigma0.25 names its images .* e_sigma0.25 does not"):
+    with pytest.raises(ReportError, match=r"a_sigma0\.25 names its images .* e_sigma0\.25 does not"):
         compare(read_log(a), read_log(no_idx))
     assert compare(read_log(no_idx), read_log(no_idx)).diff == [0.0] * 5  # no idx on either side: row order
     swapped = _write(
@@ -120,13 +120,13 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     with pytest.raises(ReportError, match=r"give row 1 different labels \(1 and 2\)"):
         compare(read_log(no_idx), read_log(swapped))
     longer = _write(tmp_path / "g_sigma0.25.tsv", [(1, 1, 0.4, 1)] * 3, header="label\tpredict\tradius\tcorrect")
-    with pytest.raises(ReportError, match="e_sigma0.25 has 2 rows and g_sigma0.25 3"):
+    with pytest.raises(ReportError, match=r"e_sigma0\.25 has 2 rows and g_sigma0\.25 3"):
         compare(read_log(no_idx), read_log(longer))
     other = tmp_path / "other_sigma0.25.tsv"
     other.write_text(a.read_text())
     other.with_suffix(".json").write_text('{"sigma": 0.25, "data": "cifar10"}')
     a.with_suffix(".json").write_text('{"sigma": 0.25, "data": "fashion-mnist"}')
-    with pytest.raises(ReportError, match="a_sigma0.25 certifies fashion-mnist and other_sigma0.25 cifar10"):
+    with pytest.raises(ReportError, match=r"a_sigma0\.25 certifies fashion-mnist and other_sigma0\.25 cifar10"):
         compare(read_log(a), read_log(other))
     assert main(["report", str(a), "--compare"]) == 2
     assert "give at least two, as files or folders of logs (got 1;" in capsys.readouterr().err
@@ -256,7 +256,7 @@ def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
     from dmae.reporting.report import curves_figure, forward_passes
 
     rows = [(0, 1, 1, 0.5, 1, 0.1), (1, 2, 2, 0.3, 1, 0.1), (2, 3, -1, 0.0, 0, 0.1), (3, 4, 5, 0.2, 0, 0.1)]
-    dup = _write(tmp_path / "dup_sigma0.25.tsv", rows + [(0, 1, 1, 0.5, 1, 0.2), (1, 2, 2, 0.3, 1, 0.2)])
+    dup = _write(tmp_path / "dup_sigma0.25.tsv", [*rows, (0, 1, 1, 0.5, 1, 0.2), (1, 2, 2, 0.3, 1, 0.2)])
     (tmp_path / "clean").mkdir()
     clean = _write(tmp_path / "clean" / "certify_sigma0.25.tsv", rows)
     lg = read_log(dup)
@@ -470,7 +470,7 @@ def test_a_comparison_names_every_setting_that_differs(tmp_path, monkeypatch):
     )
     assert "(sound False vs True)" in compare(a, log("e", sound=True)).notes[0]
     runner = dmae.certification.runner
-    monkeypatch.setattr(runner, "ROW_SETTINGS", runner.ROW_SETTINGS + ("quantize",))
+    monkeypatch.setattr(runner, "ROW_SETTINGS", (*runner.ROW_SETTINGS, "quantize"))
     assert compare(a, log("f", quantize=8)).notes == [
         "both logs certify the same weights (sha256 abababababab...)",
         "certify_sigma0.25 does not record quantize: not checked",

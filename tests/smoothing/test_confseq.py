@@ -1,6 +1,7 @@
 """Sequential CERTIFY statistics: anytime validity of the confidence sequences, their closed forms, and the
 stopping decisions, on simulated Bernoulli streams whose p_A is known exactly."""
 
+import itertools
 import math
 import pickle
 
@@ -49,12 +50,12 @@ def _paths(rng, p: float, looks, streams: int) -> np.ndarray:
 
 def _ever_above(paths: np.ndarray, looks, lower, p: float) -> np.ndarray:
     """Per stream: did ``lower(k, t)`` exceed p at any look? (lower is increasing in k, so a count threshold.)"""
-    first = np.array([_least(lambda k: lower(k, t) > p, 0, t) for t in looks])
+    first = np.array([_least(lambda k, t=t: lower(k, t) > p, 0, t) for t in looks])
     return (paths >= first).any(axis=1)
 
 
 def _ever_below(paths: np.ndarray, looks, upper, p: float) -> np.ndarray:
-    last = np.array([_least(lambda k: upper(k, t) >= p, 0, t) - 1 for t in looks])
+    last = np.array([_least(lambda k, t=t: upper(k, t) >= p, 0, t) - 1 for t in looks])
     return (paths <= last).any(axis=1)
 
 
@@ -94,7 +95,7 @@ def test_union_bound_all_successes_give_the_share_root():
     cs = UnionBoundCP(0.001, 1000, first=10, ratio=2.0, final_share=0.5)
     assert cs.looks == (10, 20, 40, 80, 160, 320, 640, 1000)
     assert sum(cs.lower_shares) == pytest.approx(0.001, rel=1e-12) and cs.lower_shares[-1] == 0.0005
-    for t, share in zip(cs.looks, cs.lower_shares):
+    for t, share in zip(cs.looks, cs.lower_shares, strict=True):
         assert cs.lower(t, t) == share ** (1.0 / t)
         assert cs.lower(t, t) == pytest.approx(beta.ppf(share, t, 1), rel=1e-12)
         for k in (1, t // 3, t - 1):  # the Clopper-Pearson quantile at every count
@@ -112,7 +113,10 @@ def test_betting_capital_matches_its_defining_expectation():
 
     for k, t, b, p in [(5, 10, 0.5, 0.3), (90, 100, 1.0, 0.8), (100, 100, 0.5, 0.97), (999, 1000, 2.0, 0.99)]:
         direct = quad(
-            lambda u: b * (1 - u) ** (b - 1) * (1 + u * (1 - p) / p) ** k * (1 - u) ** (t - k), 0, 1, limit=200
+            lambda u, k=k, t=t, b=b, p=p: b * (1 - u) ** (b - 1) * (1 + u * (1 - p) / p) ** k * (1 - u) ** (t - k),
+            0,
+            1,
+            limit=200,
         )[0]
         assert math.exp(_mixture_log_capital(p, k, t, b)) == pytest.approx(direct, rel=1e-8)
     cs = BettingMixture(0.01, 1000, prior=0.5, final_share=0.0)
@@ -132,9 +136,9 @@ def test_bounds_are_monotone_and_bracket_the_mean(kind):
         lows = [cs.lower(k, t) for k in range(t + 1)]
         ups = [cs.upper(k, t) for k in range(t + 1)]
         assert lows[0] == 0.0 and ups[-1] == 1.0
-        assert all(a < b for a, b in zip(lows, lows[1:])) and all(a < b for a, b in zip(ups, ups[1:]))
-        assert all(lo <= k / t <= up for k, (lo, up) in enumerate(zip(lows, ups)))
-        assert all(0.0 <= lo < 1.0 and 0.0 < up <= 1.0 for lo, up in zip(lows, ups))
+        assert all(a < b for a, b in itertools.pairwise(lows)) and all(a < b for a, b in itertools.pairwise(ups))
+        assert all(lo <= k / t <= up for k, (lo, up) in enumerate(zip(lows, ups, strict=True)))
+        assert all(0.0 <= lo < 1.0 and 0.0 < up <= 1.0 for lo, up in zip(lows, ups, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -167,7 +171,7 @@ def test_no_radius_beyond_what_fixed_n_certify_could_give(kind):
 
 def _run(cs, stream, taus, futility=None):
     """Feed a stream of counts at the looks to :func:`decide`; stop when nothing is OPEN."""
-    for t, k in zip(cs.looks, stream):
+    for t, k in zip(cs.looks, stream, strict=True):
         d = decide(cs, int(k), t, taus, futility)
         if Decision.OPEN not in d:
             return t, d
@@ -185,7 +189,7 @@ def test_perfect_classifier_stops_at_the_largest_reachable_target(kind):
     assert decide(cs, cs.looks[0], cs.looks[0], taus)[-1] == Decision.REFUTED
     t_stop, d = _run(cs, cs.looks, taus)  # every sample a success
     assert t_stop < n_max / 10
-    certified = [r for r, x in zip(radii, d) if x == Decision.CERTIFIED]
+    certified = [r for r, x in zip(radii, d, strict=True) if x == Decision.CERTIFIED]
     assert max(certified) == 2.0 == max(r for r in radii if r < radius_ceiling(n_max, alpha, sigma))
     assert d[-1] == Decision.REFUTED
 
@@ -219,7 +223,7 @@ def test_decision_table_agrees_with_decide(kind, futility):
     cs = make_sequence(kind, 0.001, 600)
     taus = [threshold(r, 0.25) for r in (0.0, 0.25, 0.5, 0.75)]
     table = DecisionTable.build(cs, taus, futility)
-    for t in cs.looks[::4] + (cs.n_max,):
+    for t in (*cs.looks[::4], cs.n_max):
         ks = np.arange(t + 1)
         got = table.decide(ks, t)
         want = np.array([decide(cs, int(k), t, taus, futility) for k in ks], dtype=np.int8)
@@ -320,17 +324,17 @@ def test_bad_inputs_raise():
             BettingMixture(0.01, 100, upper_alpha=bad)
     with pytest.raises(ValueError, match="n_max must be an integer >= 1, got 0"):
         UnionBoundCP(0.01, 0)
-    with pytest.raises(ValueError, match="n_max must be an integer >= 1, got 10.5"):
+    with pytest.raises(ValueError, match=r"n_max must be an integer >= 1, got 10\.5"):
         BettingMixture(0.01, 10.5)
     with pytest.raises(ValueError, match="first must be an integer >= 1, got 0"):
         UnionBoundCP(0.01, 100, first=0)
-    with pytest.raises(ValueError, match="ratio must be a finite number > 1, got 1.0"):
+    with pytest.raises(ValueError, match=r"ratio must be a finite number > 1, got 1\.0"):
         BettingMixture(0.01, 100, ratio=1.0)
     with pytest.raises(ValueError, match=r"final_share must be in \[0, 1\), got 1.0"):
         UnionBoundCP(0.01, 100, final_share=1.0)
     with pytest.raises(ValueError, match="prior must be a finite number > 0, got 0"):
         BettingMixture(0.01, 100, prior=0)
-    with pytest.raises(ValueError, match="looks must be strictly increasing.*ending at n_max=100"):
+    with pytest.raises(ValueError, match=r"looks must be strictly increasing.*ending at n_max=100"):
         BettingMixture(0.01, 100, looks=[10, 50])
     with pytest.raises(ValueError, match="unknown confidence sequence 'bayes'"):
         make_sequence("bayes", 0.01, 100)
@@ -347,7 +351,7 @@ def test_bad_inputs_raise():
         decide(cs, 5, 10, [0.6, 0.4])
     with pytest.raises(ValueError, match="sigma must be a finite number > 0, got 0"):
         threshold(0.5, 0)
-    with pytest.raises(ValueError, match="r must be a finite number >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"r must be a finite number >= 0, got -0\.1"):
         threshold(-0.1, 0.25)
     with pytest.raises(ValueError, match=r"p_lower must be in \[0, 1\], got 1.5"):
         radius_from_lower(1.5, 0.25)

@@ -222,7 +222,7 @@ def test_replay_counts_only_estimation_samples_and_bounds_at_looks():
             out.append(model(x[i] + 0.4 * eta).argmax(1))
         return torch.cat(out)[:n]
 
-    for i, (idx, c) in enumerate(zip([10, 11, 12], certs)):
+    for i, (idx, c) in enumerate(zip([10, 11, 12], certs, strict=True)):
         c_hat = int(torch.bincount(votes(i, idx, 0, 150), minlength=2).argmax())
         t = c.n_samples - 150
         assert t in cs.looks

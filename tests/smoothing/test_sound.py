@@ -1,6 +1,7 @@
 """Sound certification in floating point (dmae.smoothing.sound): the standard path's false certificate, the exact
 sampler, the reproducibility contract, the grid check, and the wrong-certificate rate by simulation."""
 
+import itertools
 import math
 
 import mpmath
@@ -87,10 +88,10 @@ def test_toy_classifier_gets_a_false_certificate_from_the_standard_path_and_a_tr
 def test_thresholds_are_the_exact_integer_parts():
     d = DiscreteGaussian(0.25)
     assert (d.low, d.high, d.clip_low, d.clip_high, d.size) == (-765, 765, -510, 765, 1530)
-    assert all(a <= b for a, b in zip(d.thresholds, d.thresholds[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(d.thresholds))
     q = 2**62
     with mpmath.workprec(400):  # an independent evaluation at far higher precision
-        for i in list(range(0, d.size, 37)) + [d.size // 2 - 1, d.size // 2]:
+        for i in [*range(0, d.size, 37), d.size // 2 - 1, d.size // 2]:
             exact = mpmath.ncdf(mpmath.mpf(2 * (d.low + i) + 1) / (2 * 255 * mpmath.mpf(0.25))) * q
             assert d.thresholds[i] <= exact < d.thresholds[i] + 1
     # symmetric law: t_i + t_{M-1-i} = 1, so the integer parts add up to 2^62 - 1 (none is an integer)
@@ -120,7 +121,7 @@ def _binned_chisquare(counts: np.ndarray, probs: np.ndarray) -> float:
     """Chi-square p-value with cells of expected count < 5 pooled into their neighbours (tails)."""
     expected = probs * counts.sum()
     obs_b, exp_b, acc_o, acc_e = [], [], 0.0, 0.0
-    for o, e in zip(counts, expected):
+    for o, e in zip(counts, expected, strict=True):
         acc_o, acc_e = acc_o + o, acc_e + e
         if acc_e >= 5:
             obs_b.append(acc_o)
@@ -325,7 +326,10 @@ def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(class
     [res] = run_certification(cfg())
     assert json.loads(res.path.with_suffix(".json").read_text())["sound"] is True and res.rows_total == 5
     [again] = run_certification(cfg(batch=7, output_dir=str(tmp_path / "b7")))  # rows do not depend on the batch
-    strip = lambda p: [ln.split("\t")[:-1] for ln in p.read_text().splitlines()]  # noqa: E731
+
+    def strip(p):
+        return [ln.split("\t")[:-1] for ln in p.read_text().splitlines()]
+
     assert strip(again.path) == strip(res.path)
     with pytest.raises(ValueError, match=r"sound: True -> None"):
         run_certification(cfg(sound=False))

@@ -1,5 +1,6 @@
 """The training skeleton every job plugs into, driven by a tiny noisy linear regression (no data set, no ViT)."""
 
+import itertools
 import json
 import math
 import signal
@@ -128,13 +129,13 @@ def test_learning_rate_schedule_is_applied_before_each_step(tmp_path):
     # step s (1-based) ran with the rate of step_update(s - 1): warmup from 0 over 4 steps, then cosine
     assert lrs[1] == 0.0 and lrs[3] == pytest.approx(0.05 * 2 / 4) and lrs[5] == pytest.approx(0.05)
     assert lrs[16] == pytest.approx(0.001 + (0.05 - 0.001) * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
-    assert all(a >= b for a, b in zip([lrs[s] for s in range(5, 17)], [lrs[s] for s in range(6, 17)]))
+    assert all(a >= b for a, b in itertools.pairwise([lrs[s] for s in range(5, 17)]))
 
 
 @pytest.mark.parametrize("accum_iter", [1, 2])
 def test_stop_after_then_resume_is_bit_identical(tmp_path, accum_iter):
     bs = 8 // accum_iter  # the same effective batch
-    full_job, full = _run(tmp_path / "full", batch_size=bs, accum_iter=accum_iter)
+    _, full = _run(tmp_path / "full", batch_size=bs, accum_iter=accum_iter)
     split = tmp_path / "split"
     a_job, a = _run(split, batch_size=bs, accum_iter=accum_iter, stop_after=5)  # mid-epoch
     assert a.stopped and not a.interrupted and a.step == 5 and not a.finished and not a_job.finished
@@ -284,7 +285,7 @@ def test_run_log_drops_rows_after_the_resume_step(tmp_path):
     log.write({"type": "train", "step": 7, "loss": 0.25})
     log.close()
     kept = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert kept == rows[:6] + [{"type": "train", "step": 7, "loss": 0.25}]
+    assert kept == [*rows[:6], {"type": "train", "step": 7, "loss": 0.25}]
     # a fresh run (step 0) and a disabled log (other ranks) leave the file alone
     RunLog(tmp_path, enabled=True, resume_step=0).close()
     RunLog(tmp_path, enabled=False, resume_step=1).write({"type": "train", "step": 9, "loss": 1.0})

@@ -138,7 +138,7 @@ def test_pretrained_encoder_contributes_encoder_only(pretrained):
 
 
 def test_bad_init_fails_clearly(tmp_path, pretrained):
-    with pytest.raises(FileNotFoundError, match="--init .*nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"--init .*nope\.pth does not exist"):
         _ft(tmp_path, init=str(tmp_path / "nope.pth"))
     with pytest.raises(CheckpointError, match="not --model dmae_vit_tiny_patch4_dec128d2b"):
         _ft(tmp_path, init=str(pretrained / "model.safetensors"), model="dmae_vit_tiny_patch4_dec128d2b")
@@ -146,7 +146,7 @@ def test_bad_init_fails_clearly(tmp_path, pretrained):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         _ft(tmp_path, init=str(bad))
-    with pytest.raises(ValueError, match="give --init .* or --model"):
+    with pytest.raises(ValueError, match=r"give --init .* or --model"):
         _ft(tmp_path)
 
 
@@ -379,7 +379,7 @@ def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path,
     # an option given is never adapted, and a given one that cannot fit is refused naming the flag
     assert (
         main(
-            argv[:-5] + ["--output-dir", str(tmp_path / "ft2"), "--val-size", "200", "--device", "cpu", "--no-progress"]
+            [*argv[:-5], "--output-dir", str(tmp_path / "ft2"), "--val-size", "200", "--device", "cpu", "--no-progress"]
         )
         == 2
     )

@@ -1,7 +1,17 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dmae.training.losses import normalize_patches, reconstruction_loss
+from dmae.training.losses import (
+    consistency_loss,
+    cross_entropy,
+    default_mu,
+    normalize_patches,
+    reconstruction_loss,
+    rs_loss,
+)
 
 
 def test_all_vs_masked_on_hand_made_case():
@@ -41,11 +51,6 @@ def test_shape_and_mode_errors():
 
 
 # ----------------------------------------------------------------------------- fine-tuning losses
-import math  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from dmae.training.losses import consistency_loss, cross_entropy, default_mu, rs_loss  # noqa: E402
 
 
 def _hand_cr(probs: list[list[float]], y: int, lbd: float, mu: float) -> float:

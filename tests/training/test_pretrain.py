@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(1e-3)
     assert lrs[55] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[100] == pytest.approx(1e-5)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_weight_decay_groups():
@@ -146,7 +147,8 @@ def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
     images = read_idx(root / "train-images-idx3-ubyte.gz").copy()
     images[0] = 255 - images[0]  # the same path, other data
     header = root / "train-images-idx3-ubyte.gz"
-    raw = gzip.open(header).read()[:16]
+    with gzip.open(header) as f:
+        raw = f.read()[:16]
     with gzip.open(header, "wb") as f:
         f.write(raw + np.ascontiguousarray(images).tobytes())
     with pytest.raises(

@@ -192,7 +192,7 @@ def test_estimates_and_paper_recipes_at_full_scale(monkeypatch, tmp_path):
         0.65,
         str(tmp_path / "pretrain" / "model.safetensors"),
     )
-    [c25, c50, c100] = certify_configs(exp, exp.stage("certify"), opts)
+    [_, _, c100] = certify_configs(exp, exp.stage("certify"), opts)
     assert (c100.skip, c100.n0, c100.n, c100.alpha, c100.data, c100.sigma) == (50, 100, 10_000, 0.001, "imagenet", None)
     mae = load_experiment("dmae_vs_mae_finetune")
     m = training_config(mae, mae.stage("mae"), opts)

@@ -128,27 +128,57 @@ def estimate_cost(
     Raises:
         ValueError: ``mode`` is sequential without settings, or what :meth:`Smooth.sample_counts` raises.
     """
-    device = str(smooth.device)
     if mode != "sequential":
         per_image = n if mode == "predict" else n0 + n
-        if not len(indices):
-            return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
-        _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
-        return CostEstimate(
-            mode,
-            smooth.sigma,
-            todo,
-            done,
-            todo * per_image,
-            todo * per_image,
-            float(todo * per_image),
-            PROBE_SAMPLES * len(indices),
-            seconds,
-            device,
-        )
+        return _fixed_cost(smooth, mode, images, indices, todo, done, per_image, batch)
     if sequential is None:
         raise ValueError("a sequential estimate needs the sequential settings")
-    s = sequential
+    return _sequential_cost(smooth, mode, images, indices, labels, todo, done, batch, sequential)
+
+
+def _fixed_cost(
+    smooth: Smooth,
+    mode: str,
+    images: torch.Tensor,
+    indices: list[int],
+    todo: int,
+    done: int,
+    per_image: int,
+    batch: int,
+) -> CostEstimate:
+    """CERTIFY / PREDICT: every image costs ``per_image`` forward passes; the pilot measures only the speed."""
+    device = str(smooth.device)
+    if not len(indices):
+        return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
+    _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
+    return CostEstimate(
+        mode,
+        smooth.sigma,
+        todo,
+        done,
+        todo * per_image,
+        todo * per_image,
+        float(todo * per_image),
+        PROBE_SAMPLES * len(indices),
+        seconds,
+        device,
+    )
+
+
+def _sequential_cost(
+    smooth: Smooth,
+    mode: str,
+    images: torch.Tensor,
+    indices: list[int],
+    labels: list[int],
+    todo: int,
+    done: int,
+    batch: int,
+    s: SequentialSettings,
+) -> CostEstimate:
+    """Sequential CERTIFY: the passes per image range from the first look (or n0 alone) to n0 + n_max; the
+    expected number comes from the pilot's class counts (:func:`_expected_passes`)."""
+    device = str(smooth.device)
     first = chunk_looks(s.n_max)[0]
     floor = s.n0 if s.stop_on_wrong_guess else s.n0 + first
     lo, hi = todo * floor, todo * (s.n0 + s.n_max)
@@ -156,6 +186,21 @@ def estimate_cost(
         return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
     num = min(PILOT_SAMPLES, s.n_max)
     counts, bad, seconds = _pilot(smooth, images, indices, num, batch)
+    costs = _expected_passes(s, smooth.sigma, counts, bad, num, labels)
+    expected = todo * float(np.mean(costs))
+    if (bad != 0).any():  # this classifier can give non-finite logits: an image may abstain right after selection
+        lo = todo * s.n0
+    return CostEstimate(
+        mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
+    )
+
+
+def _expected_passes(
+    s: SequentialSettings, sigma: float, counts: np.ndarray, bad: np.ndarray, num: int, labels: list[int]
+) -> list[float]:
+    """The expected forward passes of each pilot image (the ones with non-finite samples first) from its ``counts``
+    of classes and ``bad`` non-finite samples among ``num``."""
+    first = chunk_looks(s.n_max)[0]
     # an image with non-finite samples abstains at the round of the first one: after n0 if the selection holds
     # one (probability 1 - (1 - q)^n0 at the pilot's rate q), else (about) after the first look; the rest run
     # through oracles
@@ -169,16 +214,11 @@ def estimate_cost(
             c
             for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
             for c in oracle_certificates(
-                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok) if good]
+                s, sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok, strict=True) if good]
             )
         ]
         costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
-    expected = todo * float(np.mean(costs))
-    if not ok.all():  # this classifier can give non-finite logits: an image may abstain right after selection
-        lo = todo * s.n0
-    return CostEstimate(
-        mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
-    )
+    return costs
 
 
 def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:

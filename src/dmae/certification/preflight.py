@@ -106,7 +106,7 @@ def accuracy_probe(
             f"the probe needs images with one index and one label each, got {images.shape[0]} images, "
             f"{len(indices)} indices and {len(labels)} labels"
         )
-    outside = [(int(i), int(y)) for i, y in zip(indices, labels) if not 0 <= int(y) < smooth.num_classes]
+    outside = [(int(i), int(y)) for i, y in zip(indices, labels, strict=True) if not 0 <= int(y) < smooth.num_classes]
     if outside:  # no class could ever be counted right: certified accuracy 0 whatever the classifier
         raise ValueError(
             f"label(s) outside the classifier's {smooth.num_classes} classes (image, label): {outside[:5]}"

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -37,13 +37,25 @@ from dmae.certification.estimate import CostEstimate, estimate_cost, pilot_posit
 from dmae.certification.log import CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_HEADER, format_row, read_rows, write_rows
 from dmae.certification.preflight import PROBE_IMAGES, Probe, accuracy_probe
 from dmae.config import Options, option, to_dict
-from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, fingerprint, num_classes_of
+from dmae.data import (
+    DATASET_NAMES,
+    build_dataset,
+    build_transform,
+    dataset_info,
+    dataset_size,
+    fingerprint,
+    num_classes_of,
+)
 from dmae.distributed import DistInfo, barrier, launch
 from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, SoundSmooth, check_alpha
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.core import eval_mode
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
+
+if TYPE_CHECKING:
+    from dmae.models.classifier import ViTClassifier
+    from dmae.models.external import ExternalClassifier
 
 SEQUENCE_NAMES = ("default", *SEQUENCES, *ALIASES)
 
@@ -271,11 +283,13 @@ def prepare(
     split = cfg.split or info.splits[1]
     num_classes = num_classes_of(build_dataset(cfg.data, split, cfg.data_root, None))
     trained: float | list[float] | None = None
+    model: ExternalClassifier | ViTClassifier
     if cfg.model:
-        model, path, digest = _external_model(cfg, info, num_classes)
+        model, path, digest = _external_model(cfg.model, cfg, info, num_classes)
         img_size = model.img_size
     else:
-        path = ckpt.resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
+        assert cfg.checkpoint is not None  # CertifyConfig.check_combination requires it
+        path = ckpt.resolve_checkpoint(cfg.checkpoint)
         model, report = ckpt.load_classifier(path, num_classes, pool=None)
         if any(k.startswith("head") for k in report.missing):
             raise ckpt.CheckpointError(f"{path} is not a trained classifier (it has no head); fine-tune it first")
@@ -291,7 +305,7 @@ def prepare(
     ds = build_dataset(
         cfg.data, split, cfg.data_root, build_transform(info, False, img_size), channels=model.preprocess.in_chans
     )  # a grey folder for a grey model, colour for colour
-    planned = list(selected_indices(len(ds), cfg.skip, cfg.max))  # type: ignore[arg-type]
+    planned = list(selected_indices(dataset_size(ds), cfg.skip, cfg.max))
     mode, header = _mode_header(cfg, mode)
     task = CertifyTask(
         cfg=cfg,
@@ -395,10 +409,11 @@ def certify_module(
     _validate(cfg if cfg.data in DATASET_NAMES else dataclasses.replace(cfg, data=DATASET_NAMES[0]), mode)
     if not cfg.sigma:
         raise ValueError("give sigma: a model of your own records no training sigma to default to")
+    sigmas = tuple(float(s) for s in cfg.sigma)
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
         task = module_task(model, dataset, cfg, mode, device, dist, num_classes)
-        return _run_task(task, tuple(float(s) for s in cfg.sigma))  # type: ignore[union-attr]
+        return _run_task(task, sigmas)
 
     return launch(job, cfg.device)
 
@@ -411,9 +426,9 @@ def _run_task(task: CertifyTask, sigmas: tuple[float, ...]) -> list[CertifyRun]:
     return [_run_sigma(task, sigma) for sigma in sigmas]
 
 
-def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn.Module, Path, str]:
-    """``--model``: the timm / torchvision network with its input layer, its weights file and that file's SHA-256
-    (of the file's bytes, recorded as ``weights_sha256``).
+def _external_model(name: str, cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[ExternalClassifier, Path, str]:
+    """``--model`` (``name``): the timm / torchvision network with its input layer, its weights file and that file's
+    SHA-256 (of the file's bytes, recorded as ``weights_sha256``).
 
     Raises:
         ValueError: an unknown architecture (close names listed) or a bad ``--input-mean`` / ``--input-std``.
@@ -421,11 +436,12 @@ def _external_model(cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[nn
     """
     from dmae.models.external import build_external_classifier
 
-    path = Path(cfg.checkpoint)  # type: ignore[arg-type]
+    assert cfg.checkpoint is not None  # CertifyConfig.check_combination requires it
+    path = Path(cfg.checkpoint)
     model, digest = build_external_classifier(
-        cfg.model,
+        name,
         path,
-        num_classes,  # type: ignore[arg-type]
+        num_classes,
         img_size=cfg.input_size or info.size or 224,
         in_chans=info.channels,
         mean=cfg.input_mean or info.mean,
@@ -463,7 +479,8 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
 
 def _input_layer(task: CertifyTask) -> str | None:
     """``--model``'s resolved input layer (size, channels, mean, std), which changes every row; None otherwise."""
-    return task.model.preprocess.extra_repr() if task.cfg.model else None
+    # with --model, the model is the ExternalClassifier prepare() built
+    return cast("ExternalClassifier", task.model).preprocess.extra_repr() if task.cfg.model else None
 
 
 def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
@@ -581,7 +598,7 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
                     for p in smooth.predict_batch(x, idxs, cfg.n, cfg.alpha, cfg.batch)
                 ]
             seconds = (time.perf_counter() - t0) / len(idxs)
-            for i, (_, label), (pred, radius, bad) in zip(idxs, items, answers):
+            for i, (_, label), (pred, radius, bad) in zip(idxs, items, answers, strict=True):
                 f.write(format_row(task.header, i, int(label), pred, radius, seconds))
                 certified += int(pred == int(label))
                 abstained += int(pred == Smooth.ABSTAIN)
@@ -646,7 +663,8 @@ def smoother(task: CertifyTask, sigma: float, compiled: bool = True) -> Smooth:
     """The smoothed classifier of one sigma: :class:`~dmae.smoothing.SoundSmooth` with ``--sound``, else
     :class:`~dmae.smoothing.Smooth`; the base classifier ``torch.compile``-d with ``--compile`` (and ``compiled``)."""
     cfg = task.cfg
-    base = torch.compile(task.model) if cfg.compile and compiled else task.model
+    # torch.compile is typed as returning a plain callable; given a module it returns a module (OptimizedModule)
+    base = cast(nn.Module, torch.compile(task.model)) if cfg.compile and compiled else task.model
     kind = SoundSmooth if cfg.sound else Smooth
     return kind(base, task.num_classes, sigma, seed=cfg.seed, precision=cfg.precision, device=task.device)
 

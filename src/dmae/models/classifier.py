@@ -23,6 +23,9 @@ from dmae.models.dmae import DMAEConfig, config_from_dict
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
+# "avg": global average of the patch tokens (fine-tuning); "token": the cls token (linear probing)
+Pool = Literal["avg", "token"]
+
 
 @dataclass
 class ClassifierConfig:
@@ -30,7 +33,7 @@ class ClassifierConfig:
 
     encoder: DMAEConfig
     num_classes: int
-    pool: Literal["avg", "token"] = "avg"
+    pool: Pool = "avg"
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
@@ -79,17 +82,21 @@ class ViTClassifier(VisionTransformer):
         # at another sigma warns (dmae.smoothing.Smooth)
         self.trained_sigma: float | list[float] | None = None
         self.preprocess = InputAdapter(e.img_size, e.in_chans, e.mean, e.std)
+        # timm leaves these None / Identity only for pos_embed="none" / num_classes 0, which are never built here
+        pos_embed, head = self.pos_embed, self.head
+        assert pos_embed is not None and isinstance(head, nn.Linear)
         # fixed sin-cos positions until a checkpoint provides its own (it then fine-tunes them, as the paper does)
-        self.pos_embed.data.copy_(sincos_2d(e.embed_dim, e.grid))
+        pos_embed.data.copy_(sincos_2d(e.embed_dim, e.grid))
         if config.pool == "token":
             linear = nn.Linear(e.embed_dim, config.num_classes)
             nn.init.trunc_normal_(linear.weight, std=0.01)
             nn.init.zeros_(linear.bias)
-            self.head = nn.Sequential(nn.BatchNorm1d(e.embed_dim, affine=False, eps=1e-6), linear)
+            # timm's VisionTransformer infers its head as Linear | Identity; any module may stand there
+            self.head = nn.Sequential(nn.BatchNorm1d(e.embed_dim, affine=False, eps=1e-6), linear)  # type: ignore[assignment]
         else:
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
+            nn.init.trunc_normal_(head.weight, std=2e-5)
+            nn.init.zeros_(head.bias)
 
-    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """[0, 1] images ``[N, C, H, W]`` (any size; resized after noise) -> tokens ``[N, 1 + L, D]``."""
         return super().forward_features(self.preprocess(x), *args, **kwargs)

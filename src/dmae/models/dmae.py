@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from timm.layers import PatchEmbed
@@ -25,7 +25,10 @@ from dmae.data import IMAGENET_MEAN, IMAGENET_STD
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 def config_from_dict(cls: type[C], d: dict[str, Any], what: str) -> C:
@@ -35,7 +38,7 @@ def config_from_dict(cls: type[C], d: dict[str, Any], what: str) -> C:
         ValueError: naming the unknown keys. Whatever ``cls(**d)`` raises propagates (for
             :class:`DMAEConfig`, ``ValueError`` for invalid values).
     """
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"{what}: unknown keys {unknown}")
     return cls(**d)
@@ -138,7 +141,8 @@ class DenoisingMaskedAutoencoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        # timm's Block types norm_layer as a class, but only calls it (timm passes such partials itself)
+        norm_layer = cast("type[nn.LayerNorm]", partial(nn.LayerNorm, eps=1e-6))
         self.preprocess = InputAdapter(c.img_size, c.in_chans, c.mean, c.std)
 
         # --- encoder (timm ViT layout) ---

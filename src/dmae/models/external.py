@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,7 +156,7 @@ def _create(source: str, name: str, num_classes: int, img_size: int, in_chans: i
         if not timm.is_model(name):
             raise _unknown_name("timm", name, timm.list_models())
         build, size_kw = timm.create_model, "img_size"
-        kw = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        kw: dict[str, Any] = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans)
     else:
         import torchvision
 
@@ -165,7 +166,7 @@ def _create(source: str, name: str, num_classes: int, img_size: int, in_chans: i
         build, size_kw = torchvision.models.get_model, "image_size"
         kw = dict(weights=None, num_classes=num_classes)
     try:
-        return build(name, **kw, **{size_kw: img_size})
+        return build(name, **{**kw, size_kw: img_size})
     except TypeError as e:
         if size_kw not in str(e):
             raise

@@ -25,6 +25,11 @@ class InputAdapter(nn.Module):
             positive.
     """
 
+    # buffers [1, C, 1, 1], registered in __init__ (declared here for the type checker: nn.Module's attribute
+    # lookup would type them as Tensor | Module)
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != in_chans or len(std) != in_chans:
@@ -79,4 +84,5 @@ class InputAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         """Size, channels and normalization, shown in the module's ``repr``."""
-        return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        return f"img_size={self.img_size}, in_chans={self.in_chans}, mean={mean}, std={std}"

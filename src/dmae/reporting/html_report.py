@@ -21,6 +21,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,11 @@ def training_section(runs: list[Path]) -> str:
         evals = [r for r in recs if r.get("type") == "eval"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3))
         if pts := _points(train, "loss"):
-            axes[0].plot(*zip(*pts))
+            axes[0].plot(*zip(*pts, strict=True))
         axes[0].set(xlabel="step", ylabel="training loss", title=run.name)
         for key in sorted({k for r in evals for k in r if k not in ("type", "step", "epoch")}):
             if pts := _points(evals, key):
-                axes[1].plot(*zip(*pts), marker="o", label=key)
+                axes[1].plot(*zip(*pts, strict=True), marker="o", label=key)
         axes[1].set(xlabel="step", ylabel="evaluation", title="held-out evaluations")
         if evals:
             axes[1].legend(fontsize=7)
@@ -165,8 +166,8 @@ def training_section(runs: list[Path]) -> str:
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
         torn = (
             (
-                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} not read (not a '
-                "JSON record: torn by a run killed while writing?)</p>"
+                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} '
+                "not read (not a JSON record: torn by a run killed while writing?)</p>"
             )
             if skipped
             else ""
@@ -255,7 +256,7 @@ def certification_section(logs: list[CertLog], paths: list[Path], radii: tuple[f
         ]
     passes = [forward_passes(lg) for lg in logs]
     total = sum(x for x in passes if x is not None)
-    fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes)]
+    fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes, strict=True)]
     saved = sum(x for x in fixed if x is not None)
     if all(x is None for x in passes):
         return "".join(lines) + "<p>Forward passes: unknown (the logs do not say their n0 / n)</p>"
@@ -303,43 +304,49 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
 
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
-    parts, datasets = [], {}  # logs of one data set and split share the images: read them once
-    for lg, path in zip(logs, paths):
+    parts: list[str] = []
+    datasets: dict[tuple[Any, ...], Any] = {}  # logs of one data set and split share the images: read them once
+    for lg, path in zip(logs, paths, strict=True):
         try:
-            ds = _log_images(lg, path, datasets)
+            ds, idx = _log_images(lg, path, datasets)
         except Exception as e:  # the page still renders; it says why the images are missing
             why = str(e) if isinstance(e, _NoImages) else f"{type(e).__name__}: {e}"
             parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(why)}</p>")
             continue
         names = getattr(ds, "classes", None)
-        name = lambda c: names[c] if names and 0 <= c < len(names) else c  # noqa: E731 (a label outside: its number)
         gen = torch.Generator().manual_seed(seed)
         sigma = "unknown" if lg.sigma is None else f"{lg.sigma:g}"
         parts.append(f"<h3>{html.escape(lg.name)} (sigma = {sigma})</h3>")
         for kind, rows in pick_examples(lg, k).items():
             cells = []
             for i in rows:
-                if not 0 <= int(lg.idx[i]) < len(ds):
-                    cells.append(f"<p class='note'>#{lg.idx[i]}: no such image in a data set of {len(ds)}</p>")
+                if not 0 <= int(idx[i]) < len(ds):
+                    cells.append(f"<p class='note'>#{idx[i]}: no such image in a data set of {len(ds)}</p>")
                     continue
-                x = ds[int(lg.idx[i])][0]
+                x = ds[int(idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
-                pred = "abstain" if lg.predict[i] == -1 else name(int(lg.predict[i]))
+                pred = "abstain" if lg.predict[i] == -1 else _class_name(names, int(lg.predict[i]))
+                label = _class_name(names, int(lg.label[i]))
                 cells.append(
                     f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
-                    f"#{lg.idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
+                    f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, "
                     f"r = {lg.radius[i]:.3f}</div>"
                 )
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
     return "".join(parts)
 
 
+def _class_name(names: Sequence[str] | None, c: int) -> str | int:
+    """Class ``c``'s name in the data set's ``names``; a label outside them (or no names): its number."""
+    return names[c] if names and 0 <= c < len(names) else c
+
+
 class _NoImages(Exception):
     """Why a log's images cannot be shown, in words for the page."""
 
 
-def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
-    """The data set a log's rows index (cached in ``cache`` by data set, split and root).
+def _log_images(lg: CertLog, path: Path, cache: dict[tuple[Any, ...], Any]) -> tuple[Any, np.ndarray]:
+    """The data set a log's rows index (cached in ``cache`` by data set, split and root) and the log's idx column.
 
     Raises:
         _NoImages: the log has no idx column or its JSON names no data set (a hand-made log).  Anything
@@ -359,7 +366,7 @@ def _log_images(lg: CertLog, path: Path, cache: dict) -> Any:
     key = (lg.meta["data"], lg.meta.get("split") or info.splits[1], (lg.meta.get("config") or {}).get("data_root"))
     if key not in cache:
         cache[key] = build_dataset(*key, build_transform(info, False, info.size or 224))
-    return cache[key]
+    return cache[key], lg.idx
 
 
 def comparison_section(logs: list[CertLog], radii: tuple[float, ...] | None = None) -> str:
@@ -397,7 +404,9 @@ def build_html(
             given logs are not of the same images.
     """
     logs = [read_log(p) for p in contents.logs]
-    for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
+    for lg, name in zip(
+        logs, distinct_names(contents.logs), strict=True
+    ):  # two runs' certify/sequential_sigma0.25 told apart
         lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
     paired_html = comparison_section(logs[: contents.given], radii) if paired and contents.given > 1 else ""

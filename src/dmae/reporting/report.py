@@ -26,13 +26,14 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dmae.certification.log import LogError, read_log_rows, unique_images
+from dmae.certification.log import LogError, LogRows, read_log_rows, unique_images
 from dmae.config import Options, option
 from dmae.data import DATASETS
 from dmae.reporting.figures import pyplot, write_png
@@ -184,10 +185,46 @@ def read_log(path: str | Path) -> CertLog:
     """
     path = Path(path)
     log, rows_in_file = unique_images(path, read_log_rows(path, need=("label", "predict", "radius", "correct")))
-    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"  # sequential logs: ``radius``
-    col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}  # is the largest target reached
+    # sequential logs: the continuous radius (their ``radius`` is the largest target reached)
+    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"
+    arr = _checked_rows(path, log, radius)
+    n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
+    meta = read_meta(path)
+    sigma = meta.get("sigma")
+    if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
+        sigma = float(m.group(1))
+    skipped = None
+    if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
+        # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
+        skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
+    return CertLog(
+        log_stem(path),
+        sigma,
+        meta.get("data"),
+        arr[:, 0].astype(int),
+        arr[:, 1].astype(int),
+        arr[:, 2],
+        arr[:, 3].astype(int),
+        n_samples,
+        skipped,
+        idx,
+        meta,
+        radius,
+        np.array(rows_in_file),
+        _log_notes(path, log),
+    )
+
+
+def _checked_rows(path: Path, log: LogRows, radius: str) -> np.ndarray:
+    """The rows of ``log`` as ``[n, 4]`` (label, predict, radius, correct), the radius from column ``radius``.
+
+    Raises:
+        LogError: a value that is not a number, a radius that is not finite and >= 0, a ``correct`` other than
+            0 / 1, or a row that contradicts itself (file and line named).
+    """
+    col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}
     rows = []
-    for n, f in zip(log.lines, log.rows):
+    for n, f in zip(log.lines, log.rows, strict=True):
         try:
             rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col[radius]]), int(f[col["correct"]])))
         except ValueError as e:
@@ -205,38 +242,18 @@ def read_log(path: str | Path) -> CertLog:
                 "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
                 "radius 0"
             )
-    arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
-    n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
-    meta = read_meta(path)
-    sigma = meta.get("sigma")
-    if sigma is None and (m := _SIGMA_IN_NAME.search(path.name)):
-        sigma = float(m.group(1))
-    skipped = None
-    if meta.get("stop_on_wrong_guess") and n_samples is not None and meta.get("n0"):
-        # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
-        skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _log_notes(path: Path, log: LogRows) -> list[str]:
+    """The log's notices (lines not read as rows, repeated rows), and rank files of a distributed run beside it."""
     notes = [f"note: {n}" for n in log.notices]
     if ranks := sorted(p.name for p in path.parent.glob(f"{path.name}.rank*")):
         notes.append(
             f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
             "(running, or stopped): they are not in this report; rerun the certify command to merge them"
         )
-    return CertLog(
-        log_stem(path),
-        sigma,
-        meta.get("data"),
-        arr[:, 0].astype(int),
-        arr[:, 1].astype(int),
-        arr[:, 2],
-        arr[:, 3].astype(int),
-        n_samples,
-        skipped,
-        idx,
-        meta,
-        radius,
-        np.array(rows_in_file),
-        notes,
-    )
+    return notes
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
@@ -249,7 +266,7 @@ def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
         return None
     j = log.header.index(name)
     out = []
-    for n, f in zip(log.lines, log.rows):
+    for n, f in zip(log.lines, log.rows, strict=True):
         try:
             out.append(int(f[j]))
         except ValueError as e:
@@ -289,6 +306,11 @@ def find_logs(folder: str | Path) -> list[Path]:
     return sorted(
         p for p in Path(folder).rglob("*_sigma*.tsv") if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv")
     )
+
+
+def _aligned(cells: list[str], widths: list[int]) -> str:
+    """One line of a plain-text table: the first cell left-aligned (a name), the others right-aligned (numbers)."""
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
 @dataclass
@@ -335,9 +357,9 @@ class Table:
     def text(self) -> str:
         """The table as aligned plain text (accuracies and abstention in %)."""
         head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body] + self.notes)
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+        rows = [head, ["-" * w for w in widths], *body]
+        return "\n".join([_aligned(cells, widths) for cells in rows] + self.notes)
 
     def markdown(self) -> str:
         """The table as a Markdown table (accuracies and abstention in %)."""
@@ -387,19 +409,7 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     if radii is None:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
-    rows = [
-        {
-            "name": lg.name,
-            "sigma": lg.sigma,
-            "images": len(lg),
-            "acc": [lg.certified_accuracy(r) for r in radii],
-            "acr": lg.acr,
-            "abstain": lg.abstain_rate,
-            "acr_radius": lg.radius_column,
-            "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
-        }
-        for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))
-    ]
+    rows = [_table_row(lg, radii) for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
     notes = list(dict.fromkeys(n for lg in logs for n in lg.notes))  # a file given twice: its notes once
     kinds = {lg.radius_column for lg in logs}
     if len(kinds) > 1:
@@ -411,25 +421,9 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
             )
         )
     if best and len(logs) > 1:
-        if (why_not := best_row_refusal(logs)) is None:
-            rows.append(
-                {
-                    "name": "best",
-                    "sigma": None,
-                    "images": len(logs[0]),
-                    "acc": [max(r["acc"][i] for r in rows) for i in range(len(radii))],
-                    "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
-                    "abstain": None,
-                    "acr_radius": kinds.pop() if len(kinds) == 1 else None,
-                }
-            )
-            if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
-                notes.append(
-                    f"note: the best row takes, per radius, the best of logs certified with different "
-                    f"protocols ({'; '.join(dict.fromkeys(differ))})"
-                )
-        else:
-            notes.append(f"note: no best-sigma row: {why_not}")
+        best_row, best_notes = _best_row(logs, rows, len(radii), kinds)
+        rows += [best_row] if best_row is not None else []
+        notes += best_notes
     notes += [
         f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
         "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
@@ -440,9 +434,51 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     return Table(tuple(radii), rows, notes)
 
 
+def _table_row(lg: CertLog, radii: tuple[float, ...]) -> dict[str, Any]:
+    """One log's row of :class:`Table`."""
+    return {
+        "name": lg.name,
+        "sigma": lg.sigma,
+        "images": len(lg),
+        "acc": [lg.certified_accuracy(r) for r in radii],
+        "acr": lg.acr,
+        "abstain": lg.abstain_rate,
+        "acr_radius": lg.radius_column,
+        "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
+    }
+
+
+def _best_row(
+    logs: list[CertLog], rows: list[dict[str, Any]], n_radii: int, kinds: set[str]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The best-sigma row over the logs' ``rows`` (None, with a note saying why, when it would mean nothing:
+    :func:`best_row_refusal`) and its notes. ``kinds``: the radius columns the logs' ACRs average."""
+    if (why_not := best_row_refusal(logs)) is not None:
+        return None, [f"note: no best-sigma row: {why_not}"]
+    row = {
+        "name": "best",
+        "sigma": None,
+        "images": len(logs[0]),
+        "acc": [max(r["acc"][i] for r in rows) for i in range(n_radii)],
+        "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
+        "abstain": None,
+        "acr_radius": next(iter(kinds)) if len(kinds) == 1 else None,
+    }
+    notes = []
+    if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
+        notes.append(
+            f"note: the best row takes, per radius, the best of logs certified with different "
+            f"protocols ({'; '.join(dict.fromkeys(differ))})"
+        )
+    return row, notes
+
+
 def acr_mix_note(continuous: list[CertLog], fixed: list[CertLog]) -> str:
     """Why ACRs of sequential logs (``continuous``) and fixed-n logs (``fixed``) are not compared."""
-    names = lambda logs: ", ".join(lg.name for lg in logs)  # noqa: E731
+
+    def names(logs: list[CertLog]) -> str:
+        return ", ".join(lg.name for lg in logs)
+
     return (
         f"the ACR of {names(continuous)} averages the continuous radius of sequential CERTIFY "
         "(radius_continuous: sampling stops once the targets are decided, so it is smaller than the fixed-n "
@@ -463,9 +499,11 @@ def best_row_refusal(logs: list[CertLog]) -> str | None:
         return "two logs share a sigma (different classifiers, not one classifier at several sigma)"
     if len({len(lg) for lg in logs}) > 1:
         return f"the logs hold different numbers of images ({', '.join(str(len(lg)) for lg in logs)})"
-    if all(lg.idx is not None for lg in logs):
-        first = np.sort(logs[0].idx)
-        if other := next((lg for lg in logs[1:] if not np.array_equal(np.sort(lg.idx), first)), None):
+    idx = [lg.idx for lg in logs if lg.idx is not None]
+    if len(idx) == len(logs):
+        first = np.sort(idx[0])
+        pairs = zip(logs[1:], idx[1:], strict=True)
+        if other := next((lg for lg, i in pairs if not np.array_equal(np.sort(i), first)), None):
             return f"{logs[0].name} and {other.name} hold different images (idx columns)"
     return None
 
@@ -509,12 +547,12 @@ class Comparison:
         difference, paired_se ("" when the two ACRs average different radii), mcnemar_p ("" for ACR)."""
         head = [self.a, self.b, self.sigma_a, self.sigma_b, self.images]
         rows = [
-            head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
-            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+            [*head, r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p, strict=True)
         ]
         name = {"ACR": "acr", "ACR (continuous)": "acr_continuous", None: "acr (different radii)"}[self.acr_label]
         diff = ["", ""] if self.acr_label is None else [f"{self.acr_diff:.6f}", f"{self.acr_se:.6f}"]
-        return rows + [head + [name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
+        return [*rows, [*head, name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
 
     def header(self) -> str:
         """The line above the table: the pair, their sigmas where known, and the number of images."""
@@ -530,7 +568,7 @@ class Comparison:
         head = ["radius", self.a, self.b, "difference", "paired SE", "McNemar p"]
         body = [
             [f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
-            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p, strict=True)
         ]
         if self.acr_label is None:  # different radii: the two values are shown, their difference is not
             body.append(["ACR (not comparable)", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", "-", "-", "-"])
@@ -553,12 +591,10 @@ class Comparison:
     def text(self) -> str:
         """Aligned plain text, with the number of images."""
         head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+        rows = [head, ["-" * w for w in widths], *body]
         return "\n".join(
-            [self.header(), fmt(head), fmt(["-" * w for w in widths])]
-            + [fmt(b) for b in body]
-            + [f"note: {n}" for n in self.notes]
+            [self.header()] + [_aligned(cells, widths) for cells in rows] + [f"note: {n}" for n in self.notes]
         )
 
     def markdown(self) -> str:
@@ -631,7 +667,7 @@ def protocol_notes(a: CertLog, b: CertLog) -> list[str]:
             "may not be the same images"
         )
     around = setting_differences(a, b, CLASSIFIER_KEYS[1:])  # what makes a classifier of the weights
-    sha = a.meta.get("weights_sha256")
+    sha: str = a.meta.get("weights_sha256") or ""
     same_file = bool(sha) and sha == b.meta.get("weights_sha256")
     if same_file and around:
         notes.append(
@@ -666,8 +702,9 @@ def _match_images(a: CertLog, b: CertLog) -> tuple[np.ndarray, np.ndarray]:
             f"{with_idx.name} names its images (idx column) and {without.name} does not: the images cannot be matched"
         )
     if a.idx is not None and b.idx is not None:
-        for lg in (a, b):  # a resumed log of another tool can repeat an image; pairing it would count it twice
-            u, counts = np.unique(lg.idx, return_counts=True)
+        # a resumed log of another tool can repeat an image; pairing it would count it twice
+        for lg, idx in ((a, a.idx), (b, b.idx)):
+            u, counts = np.unique(idx, return_counts=True)
             if (counts > 1).any():
                 k = int(np.flatnonzero(counts > 1)[0])
                 raise ReportError(
@@ -718,8 +755,6 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
             only one of them named); they give an image different labels (the image and both labels named); only
             one of them has an ``idx`` column; they name different data sets.
     """
-    from scipy.stats import binomtest
-
     if not len(a) or not len(b):
         raise ReportError(f"cannot compare an empty log ({a.name}: {len(a)} rows, {b.name}: {len(b)} rows)")
     if a.dataset and b.dataset and a.dataset != b.dataset:
@@ -727,24 +762,10 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
     ia, ib = _match_images(a, b)
     if radii is None:
         radii = summarize([a, b]).radii
-    acc_a, acc_b, diff, se, p = [], [], [], [], []
-    for r in radii:
-        ca = ((a.correct == 1) & (a.radius >= r))[ia].astype(np.float64)
-        cb = ((b.correct == 1) & (b.radius >= r))[ib].astype(np.float64)
-        d = ca - cb
-        only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
-        acc_a.append(float(ca.mean()))
-        acc_b.append(float(cb.mean()))
-        diff.append(float(d.mean()))
-        se.append(_paired_se(d))
-        p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    acc_a, acc_b, diff, se, p = _paired_accuracies(a, b, ia, ib, radii)
     ra, rb = (a.correct * a.radius)[ia], (b.correct * b.radius)[ib]
-    notes = [*a.notes, *(n for n in b.notes if n not in a.notes)]  # a log given twice: its notes once
-    notes = [n.removeprefix("note: ") for n in notes] + protocol_notes(a, b)
     same_radius = a.radius_column == b.radius_column
-    if not same_radius:
-        seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
-        notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
+    notes = _comparison_notes(a, b)
     nan = float("nan")
     return Comparison(
         a.name,
@@ -765,6 +786,38 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
         notes,
         a.acr_label if same_radius else None,
     )
+
+
+def _paired_accuracies(
+    a: CertLog, b: CertLog, ia: np.ndarray, ib: np.ndarray, radii: tuple[float, ...]
+) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """Per radius, with the images paired by the row orders ``ia`` / ``ib``: the certified accuracies of ``a`` and
+    ``b``, their difference, its paired standard error and the exact McNemar p-value (see :func:`compare`)."""
+    from scipy.stats import binomtest
+
+    acc_a, acc_b, diff, se, p = [], [], [], [], []
+    for r in radii:
+        ca = ((a.correct == 1) & (a.radius >= r))[ia].astype(np.float64)
+        cb = ((b.correct == 1) & (b.radius >= r))[ib].astype(np.float64)
+        d = ca - cb
+        only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
+        acc_a.append(float(ca.mean()))
+        acc_b.append(float(cb.mean()))
+        diff.append(float(d.mean()))
+        se.append(_paired_se(d))
+        p.append(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    return acc_a, acc_b, diff, se, p
+
+
+def _comparison_notes(a: CertLog, b: CertLog) -> list[str]:
+    """What may confound the difference of ``a`` and ``b``: the logs' own notes, the protocols
+    (:func:`protocol_notes`), and ACRs of different radii."""
+    notes = [*a.notes, *(n for n in b.notes if n not in a.notes)]  # a log given twice: its notes once
+    notes = [n.removeprefix("note: ") for n in notes] + protocol_notes(a, b)
+    if a.radius_column != b.radius_column:
+        seq, fixed = (a, b) if a.radius_column == "radius_continuous" else (b, a)
+        notes.append("ACR not compared: " + acr_mix_note([seq], [fixed]))
+    return notes
 
 
 def curves_figure(
@@ -815,7 +868,7 @@ def plot_curves(
     return write_png(curves_figure(logs, title, best, radii), path, dpi=120)
 
 
-def distinct_names(files: list[str | Path]) -> list[str]:
+def distinct_names(files: Sequence[str | Path]) -> list[str]:
     """Short display names that tell ``files`` apart: each file's stem, with as many of its folders in front
     (``certify/certify_sigma0.25``, then ``run_a/certify/certify_sigma0.25``, ...) as it takes for the names to
     differ; the same file given twice is numbered (``#2``). Folders are taken from the absolute path, so a file
@@ -883,7 +936,7 @@ def report(
     if paired and len(paths) < 2:
         raise ReportError(f"--compare compares logs with the first one: give at least two (got {len(paths)})")
     logs = [read_log(f) for f in paths]
-    for lg, name in zip(logs, distinct_names(paths)):
+    for lg, name in zip(logs, distinct_names(paths), strict=True):
         lg.name = name
     table = summarize(logs, radii, best=not paired)
     print(table.text())

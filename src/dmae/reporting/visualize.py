@@ -11,7 +11,7 @@ import torch
 from dmae.checkpoint import DECODER_PREFIXES, CheckpointError, load_dmae, resolve_checkpoint, run_config
 from dmae.config import Options, option
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
-from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info
+from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, dataset_size
 from dmae.models.dmae import DenoisingMaskedAutoencoder
 from dmae.models.registry import get_preset
 from dmae.reporting.figures import pyplot, write_png
@@ -124,7 +124,8 @@ def visualize(cfg: VisualizeConfig) -> Path:
         decoder's.
     """
     cfg.validate()
-    checkpoint = resolve_checkpoint(cfg.checkpoint)  # type: ignore[arg-type]
+    assert cfg.checkpoint is not None  # check_combination requires it
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
     run_cfg = run_config(checkpoint)
     data = cfg.data or run_cfg.get("data", "fashion-mnist")
     data_root = cfg.data_root or run_cfg.get("data_root")
@@ -143,7 +144,7 @@ def visualize(cfg: VisualizeConfig) -> Path:
     info = dataset_info(data)
     split = cfg.split or info.splits[1]
     ds = build_dataset(data, split, data_root, build_transform(info, False, net.config.img_size))
-    images = torch.stack([ds[i][0] for i in range(min(cfg.num, len(ds)))])  # type: ignore[arg-type]
+    images = torch.stack([ds[i][0] for i in range(min(cfg.num, dataset_size(ds)))])
     rec = reconstruct(net, images, sigma, cfg.mask_ratio, cfg.seed, norm_pix_loss)
     out = Path(cfg.out) if cfg.out else checkpoint.parent / "reconstructions.png"
     note = " (patch mean/var from the clean image)" if norm_pix_loss else ""

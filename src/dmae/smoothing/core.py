@@ -185,7 +185,7 @@ class Smooth:
         bad = select.non_finite + estimate.non_finite
         c_hat, n_a, bad = torch.stack([c_hat, n_a, bad]).tolist()  # the one host read for this group
         out = []
-        for c, k, b in zip(c_hat, n_a, bad):
+        for c, k, b in zip(c_hat, n_a, bad, strict=True):
             p_lower = lower_confidence_bound(int(k), n, alpha)
             if b or p_lower < 0.5:
                 out.append(Certificate(self.ABSTAIN, 0.0, int(k), p_lower, int(b)))
@@ -204,7 +204,7 @@ class Smooth:
         top = torch.sort(votes.counts, dim=1, descending=True, stable=True)  # ties keep the lower class first
         vals, cls, bad = top.values[:, :2].tolist(), top.indices[:, :2].tolist(), votes.non_finite.tolist()
         out = []
-        for (c1, c2), (k1, _), b in zip(vals, cls, bad):
+        for (c1, c2), (k1, _), b in zip(vals, cls, bad, strict=True):
             p = predict_pvalue(int(c1), int(c2))
             out.append(Prediction(self.ABSTAIN if (b or p > alpha) else int(k1), p, int(b)))
         return out
@@ -347,15 +347,15 @@ def check_images(
         lo, hi = input_range
         inside = ((flat >= lo - RANGE_TOLERANCE) & (flat <= hi + RANGE_TOLERANCE)).all(dim=1) | ~finite
     flags = torch.stack([finite, inside]).tolist()
-    bad = [int(i) for i, ok in zip(indices, flags[0]) if not ok]
+    bad = [int(i) for i, ok in zip(indices, flags[0], strict=True) if not ok]
     if bad:
         raise ValueError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
-    outside = [int(i) for i, ok in zip(indices, flags[1]) if not ok]
+    outside = [int(i) for i, ok in zip(indices, flags[1], strict=True) if not ok]
     if outside:
         lo_seen, hi_seen = float(images.min()), float(images.max())
         raise ValueError(
             f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
-            f"[{input_range[0]:g}, {input_range[1]:g}]: images must be [0, 1] pixels (ToTensor, no "  # type: ignore[index]
+            f"[{lo:g}, {hi:g}]: images must be [0, 1] pixels (ToTensor, no "
             "Normalize: the model's first layer normalizes), because sigma and every radius are "
             "measured in [0, 1] pixel units"
         )

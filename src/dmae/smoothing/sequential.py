@@ -200,8 +200,8 @@ class SequentialCertifier:
     ) -> list[SequentialCertificate]:
         """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices`` (``labels``: their classes, for
         the label shortcut); answers in input order."""
-        by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels)}
-        done = dict(self.certify_stream(zip((int(i) for i in indices), images), batch_size, by_idx))
+        by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels, strict=True)}
+        done = dict(self.certify_stream(zip((int(i) for i in indices), images, strict=True), batch_size, by_idx))
         return [done[int(i)] for i in indices]
 
     # ------------------------------------------------------------------ the engine
@@ -293,7 +293,7 @@ class SequentialCertifier:
         if not slot.lower > 0.5:  # p_A > 1/2 is what makes c_hat the smoothed class
             return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, n, k, slot.lower, slot.upper)
         r_cont = radius_or_zero(slot.lower, sigma)
-        certified = [r for r, tau in zip(s.radii, self.thresholds) if slot.lower > tau]
+        certified = [r for r, tau in zip(s.radii, self.thresholds, strict=True) if slot.lower > tau]
         radius = r_cont if s.mode == "continuous" else max(certified, default=0.0)
         return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)
 
@@ -306,6 +306,8 @@ class _CategoricalOracle(nn.Module):
     0 (its noise eta ~ N(0, sigma^2) gives u = Phi(eta / sigma) ~ U(0, 1)), pixel 1 is ``i * ID_SPACING`` (read
     back by rounding, so the oracle knows which image's probabilities to use). The class is the interval of the
     cumulative probabilities u falls in: class j with probability exactly ``probs[i, j]``."""
+
+    cum: torch.Tensor  # a buffer (registered in __init__): the cumulative probabilities [I, K - 1]
 
     def __init__(self, probs: np.ndarray, sigma: float) -> None:
         super().__init__()
@@ -366,5 +368,7 @@ def oracle_certificates(
         device=torch.device("cpu"),
         input_range=None,
     )
-    done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
+    done = dict(
+        SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x, strict=True), 100_000, by_idx)
+    )
     return [done[i] for i in range(len(pr))]

@@ -170,7 +170,7 @@ class DiscreteGaussian:
         from ``generator`` level by level, one per draw still undecided, in the order given."""
         q = 1 << self.bits
         pending = []  # (draw, undecided threshold indices)
-        for e, (u, s) in enumerate(zip(words, starts)):
+        for e, (u, s) in enumerate(zip(words, starts, strict=True)):
             pending.append((e, list(range(s, bisect.bisect_right(self.thresholds, u)))))
         below = [0] * len(words)
         for k in range(1, _MAX_LEVELS + 1):
@@ -178,7 +178,7 @@ class DiscreteGaussian:
                 return below
             w = torch.randint(0, q, (len(pending),), generator=generator, device=generator.device).tolist()
             still = []
-            for (e, idxs), wk in zip(pending, w):
+            for (e, idxs), wk in zip(pending, w, strict=True):
                 open_ = []
                 for i in idxs:
                     d = self._digit(i, k)
@@ -216,7 +216,7 @@ def check_grid(
     k = torch.round(scaled)
     dist = ((scaled - k).abs().amax(dim=1) / levels).tolist()
     outside = ((k < 0) | (k > levels)).any(dim=1).tolist()
-    off = [(int(i), d) for i, d in zip(indices, dist) if d > tolerance]
+    off = [(int(i), d) for i, d in zip(indices, dist, strict=True) if d > tolerance]
     if off:
         worst = ", ".join(f"image {i}: {d:.3g}" for i, d in off[:10])
         made = " (ToTensor of 8-bit images gives it)" if levels == LEVELS else ""
@@ -226,7 +226,7 @@ def check_grid(
             f"Resized, interpolated or normalized images are not on it: certify the quantized image "
             f"(x * {levels}).round() / {levels}, or use the standard (unsound) mode"
         )
-    bad = [int(i) for i, o in zip(indices, outside) if o]
+    bad = [int(i) for i, o in zip(indices, outside, strict=True) if o]
     if bad:
         raise ValueError(f"image(s) {bad[:10]} have grid pixels outside 0 .. {levels}: pixels must lie in [0, 1]")
 

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmae import checkpoint as ckpt
 from dmae.config import Options, default, flag, option, save_config, to_dict
-from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, fingerprint
+from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, dataset_size, fingerprint
 from dmae.datasets import UserData
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
 from dmae.runtime import autocast, derive_seed
@@ -230,21 +230,40 @@ def adapt_to_data(
     Returns:
         The adaptations made, in that order (none when every default fits).
     """
-    out: list[Adaptation] = []
+    # in this order: each step sees the options the previous ones changed
+    found = [
+        _fit_accum_iter(cfg, n_images, world_size),
+        _fit_batch_size(cfg, n_images, world_size),
+        _fit_warmup(cfg),
+        _scale_lr(cfg, world_size, reference_batch, model_params),
+    ]
+    return [a for a in found if a is not None]
 
-    def change(name: str, new: Any, why: str) -> None:
-        out.append(Adaptation(name, getattr(cfg, name), new, why))
-        setattr(cfg, name, new)
 
-    procs = world_size
+def _change(cfg: TrainOptions, name: str, new: Any, why: str) -> Adaptation:
+    """Set option ``name`` of ``cfg`` to ``new``; returns the change, with the old value and ``why``."""
+    adaptation = Adaptation(name, getattr(cfg, name), new, why)
+    setattr(cfg, name, new)
+    return adaptation
+
+
+def _fit_accum_iter(cfg: TrainOptions, n_images: int, procs: int) -> Adaptation | None:
+    """A default ``accum_iter`` whose optimizer step takes more images than there are: as many as fit (>= 1)."""
     if cfg.batch_size * cfg.accum_iter * procs > n_images and cfg.accum_iter > 1 and not cfg.given("accum_iter"):
         accum = max(1, n_images // (cfg.batch_size * procs))
-        change(
+        return _change(
+            cfg,
             "accum_iter",
             accum,
             f"a step of {cfg.batch_size} x {cfg.accum_iter} x {procs} images needs more "
             f"than the {n_images} training images",
         )
+    return None
+
+
+def _fit_batch_size(cfg: TrainOptions, n_images: int, procs: int) -> Adaptation | None:
+    """A default ``batch_size`` that makes no full step, or drops more than :data:`MAX_DROPPED_FRACTION` of the
+    images every epoch: the batch that spreads them evenly over the steps (even, for mixup)."""
     per_step = cfg.batch_size * cfg.accum_iter * procs
     full = n_images // per_step
     dropped = n_images - full * per_step
@@ -263,32 +282,45 @@ def adapt_to_data(
                 if full == 0
                 else f"{dropped} of {n_images} images would be left out of every epoch"
             )
-            change("batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch")
+            return _change(
+                cfg, "batch_size", batch, f"{why}; {steps} step(s) of {batch * cfg.accum_iter * procs} per epoch"
+            )
+    return None
+
+
+def _fit_warmup(cfg: TrainOptions) -> Adaptation | None:
+    """A default ``warmup_epochs`` over :data:`WARMUP_FRACTION` of the epochs: that fraction."""
     if not cfg.given("warmup_epochs") and cfg.warmup_epochs > WARMUP_FRACTION * cfg.epochs:
-        change(
+        return _change(
+            cfg,
             "warmup_epochs",
             round(WARMUP_FRACTION * cfg.epochs, 4),
             f"{WARMUP_FRACTION:.0%} of {cfg.epochs} epochs; the default is sized for the paper's long runs",
         )
+    return None
+
+
+def _scale_lr(
+    cfg: TrainOptions, procs: int, reference_batch: int | None, model_params: int | None
+) -> Adaptation | None:
+    """The lr of an effective batch below ``reference_batch`` when neither lr nor blr is given (see
+    :func:`adapt_to_data`); the adaptation's old value is the linear rule's lr."""
     eff = cfg.batch_size * cfg.accum_iter * procs
-    if (
-        reference_batch is not None
-        and eff < reference_batch
-        and not cfg.given("lr")
-        and not cfg.given("blr")
-        and cfg.lr is None
-    ):
-        linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
-        why = f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down {reference_batch / eff:g}x; "
-        if model_params is not None and model_params < SMALL_MODEL_PARAMS:
-            lr = recipe
-            why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
-        else:
-            lr = recipe * math.sqrt(eff / reference_batch)
-            why += f"Adam's lr follows sqrt(batch): {recipe:.3g} x sqrt({eff}/{reference_batch})"
-        out.append(Adaptation("lr", linear, lr, why))
-        cfg.lr = lr
-    return out
+    if reference_batch is None or eff >= reference_batch or cfg.given("lr") or cfg.given("blr") or cfg.lr is not None:
+        return None
+    linear, recipe = cfg.blr * eff / 256, cfg.blr * reference_batch / 256
+    why = (
+        f"blr {cfg.blr:g} x {eff} / 256 scales the recipe's batch-{reference_batch} lr down "
+        f"{reference_batch / eff:g}x; "
+    )
+    if model_params is not None and model_params < SMALL_MODEL_PARAMS:
+        lr = recipe
+        why += f"a small model ({model_params / 1e6:.2f}M parameters) keeps the recipe's {recipe:.3g}"
+    else:
+        lr = recipe * math.sqrt(eff / reference_batch)
+        why += f"Adam's lr follows sqrt(batch): {recipe:.3g} x sqrt({eff}/{reference_batch})"
+    cfg.lr = lr
+    return Adaptation("lr", linear, lr, why)
 
 
 def epoch_loader(
@@ -300,7 +332,9 @@ def epoch_loader(
     Raises:
         ValueError: too few images for one optimizer step.
     """
-    sampler = ShardedEpochSampler(len(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter)  # type: ignore[arg-type]
+    sampler = ShardedEpochSampler(
+        dataset_size(ds), batch_size, dist.rank, dist.world_size, seed, multiple_of=accum_iter
+    )
     loader = DataLoader(
         SeededDataset(ds, seed),
         batch_size=batch_size,
@@ -314,7 +348,8 @@ def epoch_loader(
 
 def wrap_for_training(model: nn.Module, compile: bool, dist: DistInfo, device: torch.device) -> nn.Module:
     """The module the training step calls: optionally compiled, wrapped in DDP when distributed."""
-    wrapped: nn.Module = torch.compile(model) if compile else model  # type: ignore[assignment]
+    # torch.compile is typed as returning a plain callable; given a module it returns a module (OptimizedModule)
+    wrapped = cast(nn.Module, torch.compile(model)) if compile else model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -430,7 +465,7 @@ def check_finite_parameters(model: nn.Module, step: int) -> None:
     """
     params = [(n, p) for n, p in model.named_parameters()]
     finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()  # one host read
-    bad = [n for (n, _), ok in zip(params, finite) if not ok]
+    bad = [n for (n, _), ok in zip(params, finite, strict=True) if not ok]
     if bad:
         raise FloatingPointError(
             f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "
@@ -579,7 +614,7 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
         self.model, train_set = job.build()
         job.model = self.model
-        self.n_train = len(train_set)  # type: ignore[arg-type]
+        self.n_train = dataset_size(train_set)
         # before the loader and the plan, which follow the adapted batch, warmup and lr
         params = sum(p.numel() for p in self.model.parameters())
         job.adapted += adapt_to_data(cfg, self.n_train, dist.world_size, job.reference_batch, params)
@@ -706,6 +741,14 @@ class _Trainer:
                 return True
         return False
 
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync``: this micro-step's gradients are not all-reduced (distributed runs only)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self.train_model
+        assert isinstance(ddp, DistributedDataParallel)  # wrap_for_training wraps every distributed run in DDP
+        return ddp.no_sync()
+
     def _train_step(self, batches: Iterator) -> torch.Tensor:
         cfg, job = self.cfg, self.job
         self.optimizer.zero_grad(set_to_none=True)
@@ -717,7 +760,7 @@ class _Trainer:
             self.gen.manual_seed(seed)
             torch.manual_seed(seed)  # drop path draws from the global generator: make it a function of the step too
             last = micro == cfg.accum_iter - 1  # sync gradients only on the last micro-step
-            with contextlib.nullcontext() if (not self.dist.enabled or last) else self.train_model.no_sync():
+            with contextlib.nullcontext() if (not self.dist.enabled or last) else self._no_sync():
                 loss = job.forward_loss(self.train_model, x, y, self.gen, seed)
                 (loss / cfg.accum_iter).backward()
             loss_sum += loss.detach()

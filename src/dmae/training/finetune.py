@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, corrupt_batch
-from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, num_classes_of
+from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, dataset_size, num_classes_of
 from dmae.datasets import UserData
-from dmae.models.classifier import ViTClassifier
+from dmae.models.classifier import Pool, ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.runtime import autocast
 from dmae.training.engine import Adaptation, Built, TrainingJob, TrainOptions, TrainResult, train
@@ -93,7 +93,10 @@ class FinetuneConfig(TrainOptions):
     @property
     def noise(self) -> float | tuple[float, float]:
         """The training noise: a fixed sigma or a (low, high) range."""
-        return tuple(self.sigma_range) if self.sigma_range is not None else self.sigma  # type: ignore[return-value]
+        if self.sigma_range is None:
+            return self.sigma
+        low, high = self.sigma_range  # a list when read from a file
+        return (low, high)
 
     @property
     def mu(self) -> float:
@@ -204,7 +207,7 @@ def noisy_accuracy(
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    n = len(data) if limit is None else min(limit, len(data))  # type: ignore[arg-type]
+    n = dataset_size(data) if limit is None else min(limit, dataset_size(data))
     loader = DataLoader(Subset(data, range(n)), batch_size=batch_size, shuffle=False)
     correct = 0
     for x, y in loader:
@@ -273,7 +276,8 @@ def _finetune_transform(info: DatasetInfo, train: bool, img_size: int, randaug: 
             is_training=True,
             auto_augment=randaug,
             interpolation="bicubic",
-            color_jitter=None,
+            # timm's annotation leaves out None, which its code reads as "no colour jitter"
+            color_jitter=None,  # type: ignore[arg-type]
             normalize=False,
         )  # [0, 1]: normalization is the model's
     return build_transform(info, train, img_size, recipe="finetune")
@@ -283,9 +287,11 @@ def _finetune_transform(info: DatasetInfo, train: bool, img_size: int, randaug: 
 class FinetuneJob(TrainingJob):
     """Fine-tuning / linear probing plugged into the engine: classifier, noisy copies, CR or RS loss, selection."""
 
+    model: ViTClassifier  # set by the engine to what build() returned
+
     def __init__(self, cfg: FinetuneConfig, data: UserData | None = None) -> None:
         super().__init__(cfg)
-        self.cfg: FinetuneConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
+        self.cfg: FinetuneConfig = self.cfg  # the engine's copy
         self.name = "linprobe" if cfg.linprobe else "finetune"
         # linear probing's LARS takes its lr per layer from the trust ratio: its blr is left as given
         self.reference_batch = None if cfg.linprobe else FINETUNE_REFERENCE_BATCH
@@ -305,19 +311,23 @@ class FinetuneJob(TrainingJob):
             if self.user is not None
             else build_dataset(cfg.data, "train", cfg.data_root, None, cfg.download)
         )
-        self.num_classes = info.num_classes if self.user is not None else num_classes_of(probe)
-        self.adapted += adapt_val_size(cfg, len(probe))  # type: ignore[arg-type]
-        train_idx, val_idx = split_train_val(len(probe), cfg.val_size)  # type: ignore[arg-type]
-        pool = "token" if cfg.linprobe else "avg"
+        if self.user is not None:
+            assert info.num_classes is not None  # user_data() refuses a set without a class count
+            self.num_classes = info.num_classes
+        else:
+            self.num_classes = num_classes_of(probe)
+        self.adapted += adapt_val_size(cfg, dataset_size(probe))
+        train_idx, val_idx = split_train_val(dataset_size(probe), cfg.val_size)
+        pool: Pool = "token" if cfg.linprobe else "avg"
         model, self.init_report = ckpt.load_classifier(
             cfg.init, self.num_classes, pool, 0.0 if cfg.linprobe else cfg.drop_path, cfg.model, cfg.img_size, data=info
         )
         train_set, val_set, self.test_ds = self._splits(model)
         train_ds: Dataset = Subset(train_set, train_idx)
         if cfg.train_subset is not None:
-            train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))
+            train_ds = Subset(train_ds, range(min(cfg.train_subset, dataset_size(train_ds))))
         self.val_ds = Subset(val_set, val_idx) if val_idx else None
-        self.sizes = (len(train_ds), len(val_idx))
+        self.sizes = (dataset_size(train_ds), len(val_idx))
         if cfg.linprobe:
             freeze_encoder(model)
         if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -349,9 +359,10 @@ class FinetuneJob(TrainingJob):
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         cfg = self.cfg
+        assert isinstance(model, ViTClassifier)  # the engine passes the model build() returned
         if cfg.linprobe:
-            return build_linprobe_optimizer(model, lr, cfg.weight_decay)  # type: ignore[arg-type]
-        return build_finetune_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay)  # type: ignore[arg-type]
+            return build_linprobe_optimizer(model, lr, cfg.weight_decay)
+        return build_finetune_optimizer(model, lr, cfg.weight_decay, cfg.layer_decay)
 
     def forward_loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, seed: int
@@ -366,7 +377,7 @@ class FinetuneJob(TrainingJob):
         return rs_loss(logits, target, cfg.label_smoothing).total
 
     def architecture(self) -> tuple[str, dict[str, Any]]:
-        return "classifier_config", self.model.config.to_dict()  # type: ignore[union-attr]
+        return "classifier_config", self.model.config.to_dict()
 
     def _recorded_sigma(self) -> dict[str, str]:
         """The training noise in the weights' metadata (``trained_sigma``: sigma, or [low, high] for a range), so a
@@ -384,7 +395,8 @@ class FinetuneJob(TrainingJob):
         src = cfg.init or f"random init ({cfg.model})"
         line = (
             f"{what} of {src} on {cfg.data} ({self.sizes[0]} train / {self.sizes[1]} held-out images, "
-            f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, lr {p.lr:.3g}; "
+            f"{self.num_classes} classes), {noise}; {p.total_steps} steps of {p.effective_batch} images, "
+            f"lr {p.lr:.3g}; "
             f"{self.dist.world_size} process(es) on {self.device}"
         )
         if cfg.init and not cfg.resume:
@@ -453,7 +465,7 @@ class FinetuneJob(TrainingJob):
             if not rows or self.test_ds is None:
                 return None
             acc, where = rows[-1][f"test_acc@{s:g}"], "test accuracy (no held-out images)"
-            n = min(len(self.test_ds), cfg.eval_images or len(self.test_ds))  # type: ignore[arg-type]
+            n = min(dataset_size(self.test_ds), cfg.eval_images or dataset_size(self.test_ds))
         is_near, threshold = near_chance(acc, self.num_classes, n)
         if not is_near:
             return None

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from dmae import checkpoint as ckpt
 from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
-from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info
+from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, dataset_size
 from dmae.datasets import UserData
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, model_config_for_data
@@ -77,7 +77,7 @@ def evaluate_reconstruction(
     sigma: float,
     mask_ratio: float,
     norm_pix_loss: bool,
-    loss_on: str,
+    loss_on: Literal["all", "masked"],
     seed: int,
     precision: str = "fp32",
     batch_size: int = 256,
@@ -119,10 +119,11 @@ class PretrainJob(TrainingJob):
     name = "pretrain"
     eval_before_training = True
     reference_batch = PRETRAIN_REFERENCE_BATCH
+    model: DenoisingMaskedAutoencoder  # set by the engine to what build() returned
 
     def __init__(self, cfg: PretrainConfig, data: UserData | None = None) -> None:
         super().__init__(cfg)
-        self.cfg: PretrainConfig = self.cfg  # type: ignore[assignment]  # the engine's copy
+        self.cfg: PretrainConfig = self.cfg  # the engine's copy
         self.user = data
         if data is not None:  # the caller's own images: the run's config says so, and resuming checks them
             self.cfg.data = data.info.name
@@ -147,14 +148,14 @@ class PretrainJob(TrainingJob):
             )
         )
         if cfg.train_subset is not None:
-            train_ds = Subset(train_ds, range(min(cfg.train_subset, len(train_ds))))  # type: ignore[arg-type]
+            train_ds = Subset(train_ds, range(min(cfg.train_subset, dataset_size(train_ds))))
         model = DenoisingMaskedAutoencoder(self.mcfg)
         if cfg.init and not cfg.resume:
             sd, _ = ckpt.read_weights(cfg.init)
             self.init_report = ckpt.load_state_dict(
                 model, sd, cfg.init, allow_missing=ckpt.DECODER_PREFIXES, allow_unexpected=ckpt.CLASSIFIER_PREFIXES
             )
-        self.train_size = len(train_ds)  # type: ignore[arg-type]
+        self.train_size = dataset_size(train_ds)
         return Built(model, train_ds)
 
     def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -168,7 +169,7 @@ class PretrainJob(TrainingJob):
         masking = random_masking(x.shape[0], self.mcfg.num_patches, cfg.mask_ratio, gen, x.device)
         with self.autocast():
             pred = model(x_noisy, masking)
-        return reconstruction_loss(pred, self.model.target(x), masking.mask, cfg.norm_pix_loss, cfg.loss)  # type: ignore[operator]
+        return reconstruction_loss(pred, self.model.target(x), masking.mask, cfg.norm_pix_loss, cfg.loss)
 
     def architecture(self) -> tuple[str, dict[str, Any]]:
         return "model_config", self.mcfg.to_dict()
@@ -190,14 +191,14 @@ class PretrainJob(TrainingJob):
         cfg = self.cfg
         if self.eval_images is None:
             eval_ds = self._eval_set()
-            k = min(cfg.eval_images, len(eval_ds))  # type: ignore[arg-type]
+            k = min(cfg.eval_images, dataset_size(eval_ds))
             self.eval_images = torch.stack([eval_ds[i][0] for i in range(k)])
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
         return evaluate_reconstruction(
             self.model,
             self.eval_images,
             cfg.sigma,
-            cfg.mask_ratio,  # type: ignore[arg-type]
+            cfg.mask_ratio,
             cfg.norm_pix_loss,
             cfg.loss,
             seed=cfg.seed + EVAL_SEED_OFFSET,

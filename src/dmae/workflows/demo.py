@@ -3,8 +3,9 @@
 Start from the DMAE checkpoint shipped inside the package (pretrained at sigma = 0.25 by ``dmae pretrain --config
 demo``; ``--from-scratch`` runs that command here instead), write the reconstruction figure, fine-tune its
 encoder into a smoothed classifier at sigma = 0.25, certify 200 test images with sequential randomized
-smoothing, and print the certified-accuracy report (and write report.html). Re-running the demo in the same folder resumes (or reuses) its runs
-instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo (:class:`StageInterrupted`).
+smoothing, and print the certified-accuracy report (and write report.html). Re-running the demo in the same
+folder resumes (or reuses) its runs instead of starting over; a stage stopped by SIGINT / SIGTERM stops the demo
+(:class:`StageInterrupted`).
 """
 
 from __future__ import annotations
@@ -190,8 +191,6 @@ def run_demo(
         FileNotFoundError: a shipped checkpoint file is missing from the installed package.
     """
     from dmae.reporting.visualize import visualize_checkpoint
-    from dmae.training.finetune import FinetuneConfig, finetune
-    from dmae.training.pretrain import PretrainConfig, pretrain
 
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
@@ -200,39 +199,81 @@ def run_demo(
             f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
             "the shipped checkpoint is already pretrained"
         )
-    if from_scratch:
-        if read_provenance(out / "pretrain") is not None:
-            raise ValueError(
-                f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
-            )
-        cfg = _stage_config(
-            PretrainConfig,
-            "pretrain",
-            "demo",
-            out / "pretrain",
-            {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})},
-        )
-        print(
-            f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
-            f"{cfg.epochs} epoch(s) -> {cfg.output_dir}",
-            flush=True,
-        )
-        _require_finished(pretrain(cfg), "pretraining")
-    else:
-        prov = install_shipped_pretraining(out / "pretrain")
-        cfg = C.build_config(
-            PretrainConfig,
-            C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
-            {"output_dir": str(out / "pretrain")},
-        )
-        print(
-            f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
-            f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
-            f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here",
-            flush=True,
-        )
+    cfg = _pretrain_stage(out, common, epochs, overrides) if from_scratch else _shipped_stage(out)
     fig = visualize_checkpoint(cfg.output_dir, out=str(out / "reconstructions.png"), num=8, seed=1)
     print(f"[dmae demo] 2/4 wrote the reconstruction figure {fig}", flush=True)
+    ft_cfg, ft = _finetune_stage(out, cfg, common, finetune_overrides)
+    cert = _certify(out, ft_cfg, common, certify_overrides)
+    numbers = _print_summary(out, cfg, ft_cfg, cert)
+    from dmae.reporting.html_report import write_html_report
+
+    page = write_html_report(out / "report.html", [], [out], "dmae demo")
+    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}; report: {page}")
+    return {**numbers, "finetune_steps": ft.step}
+
+
+def _pretrain_stage(out: Path, common: dict[str, Any], epochs: int | None, overrides: dict | None) -> Any:
+    """Stage 1 from scratch: ``dmae pretrain --config demo`` into ``out/pretrain``; its config.
+
+    Raises:
+        ValueError: ``out/pretrain`` holds the shipped checkpoint.
+        StageInterrupted: the pretraining was stopped by a signal.
+    """
+    from dmae.training.pretrain import PretrainConfig, pretrain
+
+    if read_provenance(out / "pretrain") is not None:
+        raise ValueError(
+            f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
+        )
+    cfg = _stage_config(
+        PretrainConfig,
+        "pretrain",
+        "demo",
+        out / "pretrain",
+        {**common, **({"epochs": epochs} if epochs is not None else {}), **(overrides or {})},
+    )
+    print(
+        f"[dmae demo] 1/4 pretraining a DMAE ({cfg.model}) on Fashion-MNIST at sigma={cfg.sigma}, "
+        f"{cfg.epochs} epoch(s) -> {cfg.output_dir}",
+        flush=True,
+    )
+    _require_finished(pretrain(cfg), "pretraining")
+    return cfg
+
+
+def _shipped_stage(out: Path) -> Any:
+    """Stage 1 without pretraining: the shipped checkpoint installed as ``out/pretrain``; its config.
+
+    Raises:
+        ValueError: ``out/pretrain`` holds a run pretrained from scratch, or the weights fail their sha256 check.
+        FileNotFoundError: a shipped checkpoint file is missing from the installed package.
+    """
+    from dmae.training.pretrain import PretrainConfig
+
+    prov = install_shipped_pretraining(out / "pretrain")
+    cfg = C.build_config(
+        PretrainConfig,
+        C.load_values(out / "pretrain" / "config.yaml", PretrainConfig),
+        {"output_dir": str(out / "pretrain")},
+    )
+    print(
+        f"[dmae demo] 1/4 the shipped DMAE ({cfg.model}), pretrained on Fashion-MNIST at sigma={cfg.sigma} for "
+        f"{cfg.epochs} epochs ({prov['cpu_minutes']:.0f} CPU-minutes: `{prov['command']}`) -> "
+        f"{cfg.output_dir}; `dmae demo --from-scratch` pretrains it here",
+        flush=True,
+    )
+    return cfg
+
+
+def _finetune_stage(
+    out: Path, cfg: Any, common: dict[str, Any], finetune_overrides: dict | None
+) -> tuple[Any, TrainResult]:
+    """Stage 3: fine-tune the encoder of the pretraining run ``cfg`` into ``out/finetune``; its config and result.
+
+    Raises:
+        StageInterrupted: the fine-tuning was stopped by a signal.
+    """
+    from dmae.training.finetune import FinetuneConfig, finetune
 
     ft_cfg = _stage_config(
         FinetuneConfig,
@@ -248,13 +289,7 @@ def run_demo(
     )
     ft = finetune(ft_cfg)
     _require_finished(ft, "fine-tuning")
-    cert = _certify(out, ft_cfg, common, certify_overrides)
-    numbers = _print_summary(out, cfg, ft_cfg, cert)
-    from dmae.reporting.html_report import write_html_report
-
-    page = write_html_report(out / "report.html", [], [out], "dmae demo")
-    print(f"[dmae demo] done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}; report: {page}")
-    return {**numbers, "finetune_steps": ft.step}
+    return ft_cfg, ft
 
 
 def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: dict | None) -> Any:
@@ -284,7 +319,7 @@ def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: 
 def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, float]:
     """Print the demo's headline numbers (reconstruction, base classifier, certified accuracy) and return them."""
     from dmae.checkpoint import load_classifier
-    from dmae.data import build_dataset, build_transform, dataset_info
+    from dmae.data import build_dataset, build_transform, dataset_info, dataset_size
     from dmae.reporting.report import fixed_n_passes, forward_passes, plot_curves, read_log, summarize
     from dmae.training.finetune import noisy_accuracy
 
@@ -305,7 +340,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     model, _ = load_classifier(ft_cfg.output_dir, 10)
     acc_noisy = noisy_accuracy(model, test, ft_cfg.sigma, seed=0, limit=ft_cfg.eval_images, precision="fp32")
     acc_clean = noisy_accuracy(model, test, 0.0, seed=0, limit=ft_cfg.eval_images, precision="fp32")
-    n = len(test) if ft_cfg.eval_images is None else min(ft_cfg.eval_images, len(test))
+    n = dataset_size(test) if ft_cfg.eval_images is None else min(ft_cfg.eval_images, dataset_size(test))
     print(f"[dmae demo] base classifier (selected on held-out training images) on {n} test images:")
     print(f"  accuracy under noise sigma={ft_cfg.sigma}: {100 * acc_noisy:.2f}%   clean: {100 * acc_clean:.2f}%")
     log = read_log(cert.path)
@@ -315,6 +350,7 @@ def _print_summary(out: Path, cfg: Any, ft_cfg: Any, cert: Any) -> dict[str, flo
     budget = f"n={meta['n']}" if meta.get("n") else f"n_max={meta['n_max']}"
     if log.n_samples is not None:
         spent, fixed = forward_passes(log, cert.path), fixed_n_passes(log, cert.path)
+        assert spent is not None and fixed is not None  # a sequential log, with its JSON
         print(
             f"[dmae demo] noise samples (forward passes): {spent:,} in all, {spent / len(log):,.0f} per image; "
             f"fixed-n CERTIFY at n={meta['n_max']:,} would have drawn {fixed:,} ({fixed / spent:.1f}x more)"

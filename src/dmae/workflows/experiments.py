@@ -32,12 +32,16 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dmae import config as C
 from dmae.errors import DmaeError, StageInterrupted
+
+if TYPE_CHECKING:
+    from dmae.certification.runner import CertifyConfig
+    from dmae.training.engine import TrainOptions
 
 COMMANDS = ("pretrain", "finetune", "linprobe", "certify")
 RUN_FILES = {
@@ -69,7 +73,7 @@ TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "fashion-mnist": 60_00
 EVAL_IMAGES = {"imagenet": 50_000, "cifar10": 10_000, "fashion-mnist": 10_000}
 
 # --smoke: the same stages on a problem of seconds (tests run every shipped experiment this way)
-SMOKE = {
+SMOKE: dict[str, dict[str, Any]] = {
     "train": {
         "data": "fashion-mnist",
         "data_root": None,
@@ -255,10 +259,13 @@ def _check_same_images(exp: Experiment, a: str, b: str) -> None:
 
     sa, sb = selections(a), selections(b)
     if not set(sa) & set(sb):
-        show = lambda sel: "; ".join(
-            f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key))  # noqa: E731
-            for key, st in sel.items()
-        )
+
+        def show(sel: dict[tuple[Any, ...], str]) -> str:
+            return "; ".join(
+                f"{st}: " + ", ".join(f"{k}={v}" for k, v in zip(_IMAGE_OPTIONS, key, strict=True))
+                for key, st in sel.items()
+            )
+
         raise ExperimentError(
             f"{exp.name}: comparison [{a}, {b}] pairs runs certified on different test images "
             f"({a} by {show(sa)}; {b} by {show(sb)}); certify both with the same "
@@ -372,7 +379,7 @@ class ExperimentOptions:
     only: list[str] | None = None  # run just these stages (their inputs must exist)
 
 
-def _config_class(command: str) -> type:
+def _config_class(command: str) -> type[TrainOptions]:
     if command == "pretrain":
         from dmae.training.pretrain import PretrainConfig
 
@@ -401,7 +408,8 @@ def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> A
             shrink["model"] = SMOKE["pretrain"]["model"]
         values.update({k: v for k, v in shrink.items() if k in names})
     if stage.effective_batch and not opts.smoke:
-        values["batch_size"], values["accum_iter"] = _batch_for(stage, int(values.get("batch_size", cls.batch_size)))
+        batch = int(values.get("batch_size", cls.batch_size))
+        values["batch_size"], values["accum_iter"] = _batch_for(stage, stage.effective_batch, batch)
     run = opts.output_dir / stage.name
     given = {
         "output_dir": str(run),
@@ -416,15 +424,16 @@ def training_config(exp: Experiment, stage: Stage, opts: ExperimentOptions) -> A
     return C.build_config(cls, values, given)
 
 
-def _batch_for(stage: Stage, batch: int) -> tuple[int, int]:
-    """(batch_size, accum_iter) that keep ``stage.effective_batch`` = batch x accum_iter x processes (torchrun's
-    WORLD_SIZE): the preset's per-process batch, or the largest divisor of the per-process share below it.
+def _batch_for(stage: Stage, effective_batch: int, batch: int) -> tuple[int, int]:
+    """(batch_size, accum_iter) that keep ``effective_batch`` (``stage``'s) = batch x accum_iter x processes
+    (torchrun's WORLD_SIZE): the preset's per-process batch, or the largest divisor of the per-process share below
+    it.
 
     Raises:
         ExperimentError: the effective batch is not a multiple of the number of processes (naming both).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    eff = int(stage.effective_batch)  # type: ignore[arg-type]
+    eff = int(effective_batch)  # a number as the experiment's YAML wrote it
     if eff % world:
         raise ExperimentError(f"stage {stage.name}: effective batch {eff} is not a multiple of {world} process(es)")
     share = eff // world
@@ -434,7 +443,7 @@ def _batch_for(stage: Stage, batch: int) -> tuple[int, int]:
     return b, share // b
 
 
-def _certify_class() -> type:
+def _certify_class() -> type[CertifyConfig]:
     from dmae.certification.runner import CertifyConfig
 
     return CertifyConfig
@@ -624,7 +633,10 @@ def comparison_lines(a: str, logs_a: list[Any], b: str, logs_b: list[Any], table
                 "",
             ]
     if not pairs:
-        sig = lambda logs: ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"  # noqa: E731
+
+        def sig(logs: list[Any]) -> str:
+            return ", ".join(f"{lg.sigma:g}" for lg in logs if lg.sigma is not None) or "unknown"
+
         return [f"{a} vs {b}: no sigma in common ({a}: {sig(logs_a)}; {b}: {sig(logs_b)})", ""]
     lines = []
     for la, lb in pairs:
