@@ -170,7 +170,7 @@ def _commands() -> list[tuple[str, str, str, Any, Any, bool]]:
     from dmae.workflows.demo import DemoConfig
     from dmae.workflows.experiments import ExperimentConfig, ExperimentsConfig
 
-    layers = " Options come from the defaults, then --config, then (with --resume) the run's saved config, then the flags given."
+    layers = " Options: the defaults, then --config, then (with --resume) the run's saved config, then the flags given."
     cert = "CERTIFY each image: class and certified l2 radius, one TSV row per image"
     pred = "PREDICT each image: the smoothed class or abstain, one TSV row per image"
     resumes = ". Re-running the same command resumes; torchrun or --shard K/N jobs shard the images (docs/cluster.md)."

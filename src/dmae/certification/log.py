@@ -20,7 +20,7 @@ from dmae.errors import DmaeError
 CERTIFY_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_HEADER = ("idx", "label", "predict", "correct", "time")
 # sequential CERTIFY: the standard columns first (other tools read them as they are), then its own
-SEQUENTIAL_HEADER = CERTIFY_HEADER + ("n_samples", "radius_continuous")
+SEQUENTIAL_HEADER = (*CERTIFY_HEADER, "n_samples", "radius_continuous")
 
 
 class LogError(DmaeError, ValueError):
@@ -128,7 +128,7 @@ def unique_images(path: str | Path, log: LogRows, ignore: tuple[str, ...] = ("ti
     keep = [c for c, name in enumerate(log.header) if name not in ignore]
     first: dict[str, int] = {}  # idx -> position in the kept rows
     rows, lines, counts, repeated = [], [], [], []
-    for fields, n in zip(log.rows, log.lines or range(2, len(log.rows) + 2)):
+    for fields, n in zip(log.rows, log.lines or range(2, len(log.rows) + 2), strict=True):
         k = first.get(fields[j])
         if k is None:
             first[fields[j]] = len(rows)

@@ -672,7 +672,7 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
                     for p in smooth.predict_batch(x, idxs, cfg.n, cfg.alpha, cfg.batch)
                 ]
             seconds = (time.perf_counter() - t0) / len(idxs)
-            for i, (_, label), (pred, radius, bad) in zip(idxs, items, answers):
+            for i, (_, label), (pred, radius, bad) in zip(idxs, items, answers, strict=True):
                 f.write(format_row(task.header, i, int(label), pred, radius, seconds))
                 certified += int(pred == int(label))
                 abstained += int(pred == Smooth.ABSTAIN)
