@@ -87,6 +87,9 @@ def certify(
     data_name: str = "custom",
     precision: str = "auto",
     progress: bool = False,
+    shard: tuple[int, int] | str | None = None,
+    merge: bool = False,
+    allow_partial: bool = False,
 ) -> CertifyResult:
     """Certify ``model`` (any ``nn.Module`` mapping [0, 1] images ``[B, C, H, W]`` to logits ``[B, K]``; its first
     layer normalizes) on every ``skip``-th image of ``dataset`` (any map-style data set of ``(image [C, H, W] in
@@ -103,16 +106,19 @@ def certify(
     With ``log_dir``, rows go to ``log_dir/{mode}_sigma{S}.tsv`` (+ ``.json``) as they are done, and calling again
     with the same arguments continues them (an interrupted call loses at most the images in flight); a log
     written with other settings, another model's weights or another data set is refused. Under ``torchrun``
-    each rank certifies its share (put the model on ``cuda:LOCAL_RANK``). Without ``log_dir``, the logs live in a
-    temporary folder for the call.
+    each rank certifies its share (put the model on ``cuda:LOCAL_RANK``); ``shard=(K, N)`` certifies every N-th
+    image from the K-th into a log of its own, and ``merge=True`` (``allow_partial``: with images missing) merges
+    the shard logs into the main one (docs/cluster.md). Without ``log_dir``, the logs live in a temporary folder.
 
     Returns:
         a :class:`CertifyResult` (``.logs``, ``.table()``, ``.html(path)``).
     Raises:
         ValueError: a bad setting (named), a log written with other settings, images outside [0, 1] or not
-            floating point, labels outside the model's classes, a model whose logits are not ``[B, K]``.
+            floating point, labels outside the model's classes, a model whose logits are not ``[B, K]``, shard
+            logs that are not one complete split (``merge``: a ``ShardError``, docs/cluster.md).
     """
     options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, sound=sound)
+    options.update(_shard_options(shard, merge, allow_partial, log_dir))
     options["radii"] = tuple(radii) if radii is not None and sequential == "targets" else None
     with _certify_config(
         model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
@@ -120,6 +126,24 @@ def certify(
         runs = certify_module(model, dataset, cfg, "certify", num_classes)
         logs = [read_certlog(r.path) for r in runs]
     return CertifyResult(logs, [r.path for r in runs] if log_dir is not None else None)
+
+
+def _shard_options(
+    shard: tuple[int, int] | str | None, merge: bool, allow_partial: bool, log_dir: str | Path | None
+) -> dict[str, Any]:
+    """The CLI's ``--shard K/N``, ``--merge`` and ``--allow-partial`` of an API call (checked with the other options).
+
+    Raises:
+        ValueError: ``shard`` not a pair of integers or ``"K/N"``; a shard or a merge without ``log_dir`` (their
+            logs are the point: a temporary folder would lose them).
+    """
+    if isinstance(shard, (tuple, list)):
+        if len(shard) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in shard):
+            raise ValueError(f"shard must be (K, N), two integers with 0 <= K < N; got {shard!r}")
+        shard = f"{shard[0]}/{shard[1]}"
+    if (shard is not None or merge) and log_dir is None:
+        raise ValueError(f"{'shard' if shard is not None else 'merge'} needs log_dir: the logs are kept there")
+    return dict(shard=shard, merge=merge, allow_partial=allow_partial)
 
 
 @contextlib.contextmanager
@@ -224,11 +248,15 @@ def predict(
     data_name: str = "custom",
     precision: str = "auto",
     progress: bool = False,
+    shard: tuple[int, int] | str | None = None,
+    merge: bool = False,
+    allow_partial: bool = False,
 ) -> PredictResult:
     """The smoothed classifier's prediction for every ``skip``-th image of ``dataset``: PREDICT of Cohen et al.
     (ICML 2019), ``n`` noise samples vote and the top class is returned when a two-sided binomial test tells it
     from the runner-up at level ``alpha`` (else -1, abstain). Model, data set, logs and resumption as
-    :func:`certify` (``dmae predict`` runs the same code); the log's rows are ``idx label predict correct time``.
+    :func:`certify` (``dmae predict`` runs the same code), ``shard`` / ``merge`` / ``allow_partial`` too; the log's
+    rows are ``idx label predict correct time``.
 
     Returns:
         a :class:`PredictResult` (``.logs``: accuracy and abstention per sigma).
@@ -236,6 +264,7 @@ def predict(
         ValueError: as :func:`certify`.
     """
     options: dict[str, Any] = dict(n=n, alpha=alpha)
+    options.update(_shard_options(shard, merge, allow_partial, log_dir))
     with _certify_config(
         model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
     ) as cfg:

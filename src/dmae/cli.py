@@ -63,7 +63,8 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def cmd_certify(ns: argparse.Namespace) -> int:
-    """`dmae certify` / `dmae predict`, then (certify) the report of the logs written."""
+    """`dmae certify` / `dmae predict` (or `--merge` of their shards), then (certify) the report of the logs written;
+    a shard's log holds a share of the images, so a `--shard` run prints no table."""
     from dmae.certification.runner import CertifyConfig, estimate_certification, run_certification
     from dmae.reporting.report import report
 
@@ -72,7 +73,7 @@ def cmd_certify(ns: argparse.Namespace) -> int:
         estimate_certification(cfg, mode=ns.command)
         return 0
     runs = run_certification(cfg, mode=ns.command)
-    if ns.command == "certify" and runs and runs[0].rows_total:
+    if ns.command == "certify" and runs and runs[0].rows_total and not cfg.shard:
         print()
         report([r.path for r in runs])
     return 0
@@ -217,7 +218,7 @@ def _certification_commands() -> list[Command]:
 
     cert = "CERTIFY each image: class and certified l2 radius, one TSV row per image"
     pred = "PREDICT each image: the smoothed class or abstain, one TSV row per image"
-    resumes = ". Re-running the same command resumes; torchrun shards the images."
+    resumes = ". Re-running the same command resumes; torchrun or --shard K/N jobs shard the images (docs/cluster.md)."
     return [
         ("certify", cert, cert + resumes, CertifyConfig, cmd_certify, True),
         ("predict", pred, pred + resumes, CertifyConfig, cmd_certify, True),

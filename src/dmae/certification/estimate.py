@@ -35,7 +35,7 @@ PILOT_SAMPLES = 1000  # noisy samples per pilot image (fewer when n_max is small
 PROBE_SAMPLES = 200  # noisy samples per pilot image when only the speed is needed (fixed-n)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CostEstimate:
     """The cost of one sigma of a run: forward passes and the time they imply.
 
@@ -149,19 +149,19 @@ def _fixed_cost(
     """CERTIFY / PREDICT: every image costs ``per_image`` forward passes; the pilot measures only the speed."""
     device = str(smooth.device)
     if not len(indices):
-        return CostEstimate(mode, smooth.sigma, todo, done, 0, 0, 0.0, 0, 0.0, device)
+        return _no_pilot(mode, smooth.sigma, todo, done, 0, 0, device)
     _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
     return CostEstimate(
-        mode,
-        smooth.sigma,
-        todo,
-        done,
-        todo * per_image,
-        todo * per_image,
-        float(todo * per_image),
-        PROBE_SAMPLES * len(indices),
-        seconds,
-        device,
+        mode=mode,
+        sigma=smooth.sigma,
+        images=todo,
+        done=done,
+        passes_min=todo * per_image,
+        passes_max=todo * per_image,
+        passes_expected=float(todo * per_image),
+        probe_passes=PROBE_SAMPLES * len(indices),
+        probe_seconds=seconds,
+        device=device,
     )
 
 
@@ -183,7 +183,7 @@ def _sequential_cost(
     floor = s.n0 if s.stop_on_wrong_guess else s.n0 + first
     lo, hi = todo * floor, todo * (s.n0 + s.n_max)
     if not len(indices):
-        return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
+        return _no_pilot(mode, smooth.sigma, todo, done, lo, hi, device)
     num = min(PILOT_SAMPLES, s.n_max)
     counts, bad, seconds = _pilot(smooth, images, indices, num, batch)
     costs = _expected_passes(s, smooth.sigma, counts, bad, num, labels)
@@ -191,7 +191,34 @@ def _sequential_cost(
     if (bad != 0).any():  # this classifier can give non-finite logits: an image may abstain right after selection
         lo = todo * s.n0
     return CostEstimate(
-        mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
+        mode=mode,
+        sigma=smooth.sigma,
+        images=todo,
+        done=done,
+        passes_min=lo,
+        passes_max=hi,
+        passes_expected=expected,
+        probe_passes=num * len(indices),
+        probe_seconds=seconds,
+        device=device,
+        pilot_images=len(indices),
+        pilot_samples=num,
+    )
+
+
+def _no_pilot(mode: str, sigma: float, todo: int, done: int, lo: int, hi: int, device: str) -> CostEstimate:
+    """The estimate of a run with nothing left to certify (no pilot was run)."""
+    return CostEstimate(
+        mode=mode,
+        sigma=sigma,
+        images=todo,
+        done=done,
+        passes_min=lo,
+        passes_max=hi,
+        passes_expected=0.0,
+        probe_passes=0,
+        probe_seconds=0.0,
+        device=device,
     )
 
 

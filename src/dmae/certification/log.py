@@ -8,6 +8,8 @@ other tools with extra columns read too.
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 from pathlib import Path
@@ -193,3 +195,30 @@ def write_rows(path: Path, header: tuple[str, ...], rows: dict[int, str]) -> Non
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Atomically write ``obj`` as indented JSON (temp file, rename): a reader of a log's settings, a report or a
+    merge running beside the job, never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def merge_rank_files(main_file: Path, header: tuple[str, ...], remove: bool) -> dict[int, str]:
+    """The rows of the main log and of every ``.rank{r}`` file beside it (torchrun's ranks write one each); with
+    ``remove``, the merge is written into the main file (atomically) and the rank files are deleted.
+
+    Raises:
+        LogError: a file is not a log with exactly ``header`` (:func:`read_rows`).
+    """
+    rank_files = sorted(main_file.parent.glob(f"{glob.escape(main_file.name)}.rank*"))
+    rows = read_rows(main_file, header)
+    for rf in rank_files:
+        for i, row in read_rows(rf, header).items():
+            rows.setdefault(i, row)
+    if remove and rank_files:
+        write_rows(main_file, header, rows)
+        for rf in rank_files:
+            rf.unlink()
+    return rows

@@ -10,11 +10,14 @@ settings: everything that changes a row (mode, sigma, n0, n, alpha, seed, skip, 
 weights, the data and its transform) is compared first. Under ``torchrun`` each rank takes every
 world-size-th remaining image into its own ``.rank{r}`` file; rank 0 merges them into the main file in
 index order at the end (a later single-process run also picks up rank files left by an interrupted one).
+Without torchrun (a Slurm job array, preemptible machines), ``--shard K/N`` certifies every N-th planned image from
+the K-th into a shard log of its own, which resumes the same way (under torchrun too), and ``--merge`` combines the
+N shard logs into the main file (:mod:`dmae.certification.shards`, docs/cluster.md).
 
 The steps: :func:`prepare` (checkpoint, model, data; :func:`module_task` for a model and data set of the
 caller's own), :func:`settings` / :func:`claim_log` (what the file is checked against), :func:`run_probe`,
-:func:`merge_rank_files`, :func:`certify_images` (the loop); :func:`run_certification` and
-:func:`certify_module` (the Python API's path) share :func:`_run_task`.
+:func:`merge_rank_files`, :func:`certify_images` (the loop), :func:`merge_shards` (``--merge``);
+:func:`run_certification` and :func:`certify_module` (the Python API's path) share :func:`_run_task`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,27 @@ from torch import nn
 
 from dmae import checkpoint as ckpt
 from dmae.certification.estimate import CostEstimate, estimate_cost, pilot_positions
-from dmae.certification.log import CERTIFY_HEADER, PREDICT_HEADER, SEQUENTIAL_HEADER, format_row, read_rows, write_rows
+from dmae.certification.log import (
+    CERTIFY_HEADER,
+    PREDICT_HEADER,
+    SEQUENTIAL_HEADER,
+    format_row,
+    merge_rank_files,
+    read_rows,
+    write_json,
+    write_rows,
+)
 from dmae.certification.preflight import PROBE_IMAGES, Probe, accuracy_probe
+from dmae.certification.shards import (
+    ShardError,
+    ShardSet,
+    parse_shard,
+    read_shards,
+    setting_changes,
+    shard_images,
+    shard_log_path,
+    write_merged,
+)
 from dmae.config import Options, option, to_dict
 from dmae.data import (
     DATASET_NAMES,
@@ -82,7 +104,11 @@ ROW_SETTINGS = (
     "model",
     "input_layer",
     "sound",
+    "shard",  # a shard log's (K, N); absent (None) from a main log's JSON
 )
+# what the shard logs of one sigma must share to be one log: the row settings, and the planned image count (their
+# shares of the images are cut from the same list)
+MERGE_KEYS = (*(k for k in ROW_SETTINGS if k != "shard"), "images")
 
 
 def _check_radii(radii: tuple[float, ...]) -> None:
@@ -203,6 +229,24 @@ class CertifyConfig(Options):
         "docs/sequential.md)",
         check=_check_futility,
     )
+    shard: str | None = option(
+        None,
+        "K/N: certify only shard K of N (0 <= K < N): every N-th image of the planned list (after --skip / --max) "
+        "from the K-th, into its own log {mode}_sigma{S}.shard-K-of-N.tsv (+ .json) beside the main one; it "
+        "resumes like any log; combine the N shards with --merge (docs/cluster.md)",
+        check=parse_shard,
+    )
+    merge: bool = option(
+        False,
+        "merge the shard logs of each sigma (run with the same options, without --shard) into the main log "
+        "{mode}_sigma{S}.tsv (+ .json), rows by idx, as one run writes it; refuses shards of other settings, "
+        "several N, overlapping or (without --allow-partial) incomplete shards; certifies nothing",
+    )
+    allow_partial: bool = option(
+        False,
+        "--merge: write the merged log even when images are missing (counted in its JSON under merge; the "
+        "report marks the log incomplete); the shards can be finished and merged again later",
+    )
 
     def check_combination(self) -> None:
         if not self.checkpoint:
@@ -226,6 +270,12 @@ class CertifyConfig(Options):
             ):
                 need = f"--sequential {mode}" if mode else "--sequential"
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
+        if self.merge and self.shard:
+            raise ValueError(f"--shard {self.shard} certifies one shard and --merge combines them: give one of the two")
+        if self.merge and self.estimate:
+            raise ValueError("--estimate prices a certification and --merge certifies nothing: give one of the two")
+        if self.allow_partial and not self.merge:
+            raise ValueError("--allow-partial is only used with --merge")
 
 
 @dataclass
@@ -238,7 +288,7 @@ class CertifyRun:
     rows_total: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CertifyTask:
     """What every sigma of one run shares: the classifier, the images, and where the logs go."""
 
@@ -419,11 +469,66 @@ def certify_module(
 
 
 def _run_task(task: CertifyTask, sigmas: tuple[float, ...]) -> list[CertifyRun]:
-    """Every sigma of a task, in order; every sigma's log is checked before the first sample is spent."""
+    """Every sigma of a task, in order (``--merge``: :func:`merge_shards`); every sigma's log is checked before the
+    first sample is spent."""
     for sigma in sigmas:
         check_settings(log_path(task, sigma), settings(task, sigma))
+    if task.cfg.merge:
+        return merge_shards(task, sigmas)
     task.out.mkdir(parents=True, exist_ok=True)
     return [_run_sigma(task, sigma) for sigma in sigmas]
+
+
+def merge_shards(task: CertifyTask, sigmas: tuple[float, ...]) -> list[CertifyRun]:
+    """``--merge``: the shard logs of each sigma (:func:`dmae.certification.shards.read_shards`, with the rows of
+    an existing main log) written into the main log, rows by index, with the JSON a single run writes (plus
+    ``merge``: the number of shards and of images missing). Every sigma is checked before any file is written;
+    rank 0 writes. The shard logs are kept (each is its shard's resume point).
+
+    Raises:
+        ShardError: a sigma's shards are none, of several N, of settings other than each other's or this
+            command's (the key and both values named), overlap, or (without ``--allow-partial``) miss images
+            (counted, and which shards named).
+    """
+    sets = [_shard_set(task, sigma) for sigma in sigmas]
+    if not task.cfg.allow_partial and (short := [ss for ss in sets if ss.missing]):
+        raise ShardError(
+            "; ".join(ss.missing_text() for ss in short) + ". Finish them (rerun their --shard commands: each "
+            "resumes), or write the merged log of what is there with --allow-partial"
+        )
+    runs = []
+    for sigma, ss in zip(sigmas, sets, strict=True):
+        missing, added = len(ss.missing), 0
+        if task.dist.is_main:
+            added = len(ss.rows) - len(read_rows(ss.main_file, task.header))
+            probe = {"probe": ss.meta["probe"]} if "probe" in ss.meta else {}  # as a single run's JSON has it
+            write_merged(ss, {**settings(task, sigma), **probe, "merge": {"shards": ss.n, "missing": missing}})
+            print(
+                f"{task.mode} sigma={sigma:g}: merged {len(ss.files)} shard logs (of {ss.n}) into {ss.main_file}: "
+                f"{len(ss.rows)} of {len(ss.planned)} images",
+                flush=True,
+            )
+            if missing:
+                warn_user(f"{ss.missing_text()}; the merged log is incomplete (--allow-partial)")
+        runs.append(CertifyRun(sigma, ss.main_file, added, len(ss.rows)))
+    barrier(task.dist)
+    return runs
+
+
+def _shard_set(task: CertifyTask, sigma: float) -> ShardSet:
+    """The shard logs of one sigma with the rows of its main log, checked against this command's settings.
+
+    Raises:
+        ShardError: see :func:`merge_shards`.
+    """
+    main_file = main_log_path(task, sigma)
+    ss = read_shards(main_file, MERGE_KEYS, task.header, task.planned, include_main=True)
+    if changes := setting_changes(ss.meta, settings(task, sigma), MERGE_KEYS):
+        raise ShardError(
+            f"the shard logs of {main_file} were certified with other settings than this command's ({changes}): give "
+            "--merge the options the shards were certified with"
+        )
+    return ss
 
 
 def _external_model(name: str, cfg: CertifyConfig, info: Any, num_classes: int) -> tuple[ExternalClassifier, Path, str]:
@@ -473,8 +578,9 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
         "model": cfg.model,
         "input_layer": _input_layer(task),
         "trained_sigma": task.trained_sigma,
-        "sound": True if cfg.sound else None,
-    }  # None when off: logs written before --sound existed match
+        "sound": True if cfg.sound else None,  # None when off: logs written before --sound existed match
+        **({"shard": list(parse_shard(cfg.shard))} if cfg.shard else {}),  # a main log's JSON has no shard key
+    }
 
 
 def _input_layer(task: CertifyTask) -> str | None:
@@ -538,7 +644,7 @@ def check_settings(main_file: Path, meta: dict[str, Any]) -> None:
     meta_file = main_file.with_suffix(".json")
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
-        diff = {k: (old.get(k), meta[k]) for k in ROW_SETTINGS if old.get(k) != meta[k]}
+        diff = {k: (old.get(k), meta.get(k)) for k in ROW_SETTINGS if old.get(k) != meta.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{main_file} was written with other settings ({detail}); use another --output-dir")
@@ -553,22 +659,7 @@ def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
     check_settings(main_file, meta)
     barrier(dist)
     if dist.is_main:
-        main_file.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-
-
-def merge_rank_files(main_file: Path, header: tuple[str, ...], remove: bool) -> dict[int, str]:
-    """The rows of the main log and of every ``.rank{r}`` file beside it; with ``remove``, the merge is
-    written into the main file (atomically) and the rank files are deleted."""
-    rank_files = sorted(main_file.parent.glob(f"{main_file.name}.rank*"))
-    rows = read_rows(main_file, header)
-    for rf in rank_files:
-        for i, row in read_rows(rf, header).items():
-            rows.setdefault(i, row)
-    if remove and rank_files:
-        write_rows(main_file, header, rows)
-        for rf in rank_files:
-            rf.unlink()
-    return rows
+        write_json(main_file.with_suffix(".json"), meta)  # atomic: a report or merge beside the job reads it whole
 
 
 def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file: Path, bar: Any = None) -> int:
@@ -689,6 +780,7 @@ def run_probe(task: CertifyTask, smooth: Smooth) -> Probe:
 
 
 def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
+    """Certify this run's images at one sigma into its log (the main log, or a shard's: the same steps)."""
     cfg, dist = task.cfg, task.dist
     main_file = log_path(task, sigma)
     meta = settings(task, sigma)
@@ -698,7 +790,7 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
         meta["probe"] = run_probe(task, smooth).to_dict()
     claim_log(main_file, meta, dist)
     done = merge_rank_files(main_file, task.header, remove=False)
-    todo = [i for i in task.planned if i not in done]
+    todo = [i for i in my_images(task) if i not in done]
     barrier(dist)  # every rank has read the files before any rank writes
     if dist.is_main and not dist.enabled:
         merge_rank_files(main_file, task.header, remove=True)  # fold rows of an interrupted distributed run in now
@@ -723,6 +815,13 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     total = len(read_rows(main_file, task.header)) if dist.is_main else 0
     if dist.is_main:
         print(f"{task.mode} sigma={sigma:g}: {total} rows in {main_file} ({added * dist.world_size} new)", flush=True)
+    if dist.is_main and cfg.shard:
+        k, n = parse_shard(cfg.shard)
+        print(
+            f"shard {k}/{n} holds {total} of its {len(my_images(task))} images; once all {n} shards are done, "
+            "merge them: the same command with --merge instead of --shard (docs/cluster.md)",
+            flush=True,
+        )
     return CertifyRun(sigma, main_file, added, total)
 
 
@@ -733,9 +832,21 @@ def _validate(cfg: CertifyConfig, mode: str) -> None:
         raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
 
 
-def log_path(task: CertifyTask, sigma: float) -> Path:
-    """The log of one sigma of a run: ``{mode}_sigma{S}.tsv`` in the output folder."""
+def main_log_path(task: CertifyTask, sigma: float) -> Path:
+    """The log of one sigma of a run: ``{mode}_sigma{S}.tsv`` in the output folder (what ``--merge`` writes)."""
     return task.out / f"{task.mode}_sigma{sigma:g}.tsv"
+
+
+def log_path(task: CertifyTask, sigma: float) -> Path:
+    """The log this run writes at one sigma: the main log, or with ``--shard K/N`` that shard's
+    ``{mode}_sigma{S}.shard-K-of-N.tsv`` beside it (:mod:`dmae.certification.shards`)."""
+    main = main_log_path(task, sigma)
+    return shard_log_path(main, *parse_shard(task.cfg.shard)) if task.cfg.shard else main
+
+
+def my_images(task: CertifyTask) -> list[int]:
+    """The planned images this run certifies: all of them, or with ``--shard K/N`` positions K, K + N, ..."""
+    return shard_images(task.planned, *parse_shard(task.cfg.shard)) if task.cfg.shard else task.planned
 
 
 def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict"] = "certify") -> list[CostEstimate]:
@@ -755,7 +866,7 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
         main_file = log_path(task, sigma)
         check_settings(main_file, settings(task, sigma))  # the run itself would refuse such a log
         done = merge_rank_files(main_file, task.header, remove=False) if main_file.with_suffix(".json").exists() else {}
-        todo = [i for i in task.planned if i not in done]
+        todo = [i for i in my_images(task) if i not in done]
         pilot = [todo[j] for j in pilot_positions(len(todo))]
         items = [task.dataset[i] for i in pilot]
         x = torch.stack([it[0] for it in items]) if items else torch.zeros(0)
@@ -770,7 +881,7 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
             pilot,
             [int(it[1]) for it in items],
             len(todo),
-            len(task.planned) - len(todo),
+            len(my_images(task)) - len(todo),
             cfg.n0,
             cfg.n,
             cfg.batch,
@@ -805,7 +916,10 @@ __all__ = [
     "certify_module",
     "claim_log",
     "estimate_certification",
+    "log_path",
+    "main_log_path",
     "merge_rank_files",
+    "merge_shards",
     "module_task",
     "prepare",
     "run_certification",

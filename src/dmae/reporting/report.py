@@ -22,6 +22,7 @@ error is the right yardstick, usually far smaller than the unpaired one).
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dmae.certification.log import LogError, LogRows, read_log_rows, unique_images
+from dmae.certification.shards import main_of_shard, read_shards, shard_files
 from dmae.config import Options, option
 from dmae.data import DATASETS
 from dmae.reporting.figures import pyplot, write_png
@@ -92,7 +94,7 @@ class ReportConfig(Options):
             )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CertLog:
     """One certification log as arrays ``[n]`` (one entry per image); ``radius`` in [0, 1] pixel units.
 
@@ -118,6 +120,12 @@ class CertLog:
     radius_column: str = "radius"  # the column ``radius`` was read from: "radius" or "radius_continuous"
     rows_in_file: np.ndarray | None = None  # [n] rows of the file each image stands for (> 1: repeated rows)
     notes: list[str] = field(default_factory=list)
+    planned: int | None = None  # images its run planned (JSON ``images``; a shard's share); None: unknown
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether the log holds fewer images than its run planned (see ``planned``)."""
+        return self.planned is not None and len(self) < self.planned
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -149,13 +157,17 @@ _SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_=-]?(\d+(?:\.\d+)?)")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The sidecar JSON of the log ``path`` (``<stem>.json``), or {} when there is none.
+    """The sidecar JSON of the log ``path`` (``<stem>.json``), or {} when there is none; for a main log not merged
+    from its shard logs yet (no such file), the first shard's JSON without its ``shard`` (the settings they share).
 
     Raises:
         LogError: the file is not valid JSON, is not a JSON object, or records a ``sigma`` that is not a
             number (the file named).
     """
     meta_file = Path(path).with_suffix(".json")
+    if not Path(path).exists() and not meta_file.is_file() and (shards := shard_files(Path(path))):
+        first = read_meta(next(iter(shards.values())))
+        return {k: v for k, v in first.items() if k != "shard"}
     if not meta_file.is_file():
         return {}
     try:
@@ -176,18 +188,30 @@ def read_log(path: str | Path) -> CertLog:
     ``sigma`` and ``data``); without a ``sigma`` there, it is parsed from the file name (``sigma0.25``,
     ``noise_0.5``, ...). An image repeated in identical rows is counted once, and a torn last line is not
     counted; both are said in ``notes`` (see :func:`dmae.certification.log.read_log_rows`,
-    :func:`dmae.certification.log.unique_images`).
+    :func:`dmae.certification.log.unique_images`). So is a log that holds fewer images than its JSON planned
+    (``planned``: a run interrupted or still running, a partial merge) and a shard log (its share of the images).
+
+    A main log that does not exist but whose shard logs do (``{stem}.shard-K-of-N.tsv``, ``dmae certify --shard``)
+    is read from them as one log (:func:`read_shard_logs`).
 
     Raises:
         LogError: unreadable, no header, missing columns, a malformed row (file and line named), a value that is
             not finite or a ``correct`` other than 0 / 1, one image with two different rows, or a sidecar
-            ``.json`` that is not a JSON object (:func:`read_meta`).
+            ``.json`` that is not a JSON object (:func:`read_meta`); ShardError (a LogError): shard logs that are
+            not one split (:func:`read_shard_logs`).
     """
     path = Path(path)
+    if not path.exists() and shard_files(path):
+        return read_shard_logs(path)
+    lg = _read_one_log(path)
+    lg.notes += _completeness_notes(path, lg)
+    return lg
+
+
+def _read_one_log(path: Path) -> CertLog:
+    """One log file as :func:`read_log` reads it, without the notes on its completeness."""
     log, rows_in_file = unique_images(path, read_log_rows(path, need=("label", "predict", "radius", "correct")))
-    # sequential logs: the continuous radius (their ``radius`` is the largest target reached)
-    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"
-    arr = _checked_rows(path, log, radius)
+    radius, arr = _certificates(path, log)
     n_samples, idx = _int_column(log, "n_samples", path), _int_column(log, "idx", path)
     meta = read_meta(path)
     sigma = meta.get("sigma")
@@ -198,30 +222,44 @@ def read_log(path: str | Path) -> CertLog:
         # rows that stopped after the n0 selection samples and abstained (a wrong guess, or non-finite logits)
         skipped = int(np.sum((arr[:, 1] == -1) & (n_samples == int(meta["n0"]))))
     return CertLog(
-        log_stem(path),
-        sigma,
-        meta.get("data"),
-        arr[:, 0].astype(int),
-        arr[:, 1].astype(int),
-        arr[:, 2],
-        arr[:, 3].astype(int),
-        n_samples,
-        skipped,
-        idx,
-        meta,
-        radius,
-        np.array(rows_in_file),
-        _log_notes(path, log),
+        name=log_stem(path),
+        sigma=sigma,
+        dataset=meta.get("data"),
+        label=arr[:, 0].astype(int),
+        predict=arr[:, 1].astype(int),
+        radius=arr[:, 2],
+        correct=arr[:, 3].astype(int),
+        n_samples=n_samples,
+        wrong_guess_skipped=skipped,
+        idx=idx,
+        meta=meta,
+        radius_column=radius,
+        rows_in_file=np.array(rows_in_file),
+        notes=_log_notes(path, log),
+        planned=_planned_count(meta),
     )
 
 
-def _checked_rows(path: Path, log: LogRows, radius: str) -> np.ndarray:
-    """The rows of ``log`` as ``[n, 4]`` (label, predict, radius, correct), the radius from column ``radius``.
+def _log_notes(path: Path, log: LogRows) -> list[str]:
+    """The log's notices (lines not read as rows, repeated rows), and rank files of a distributed run beside it."""
+    notes = [f"note: {n}" for n in log.notices]
+    if ranks := sorted(p.name for p in path.parent.glob(f"{glob.escape(path.name)}.rank*")):
+        notes.append(
+            f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
+            "(running, or stopped): they are not in this report; rerun the certify command to merge them"
+        )
+    return notes
+
+
+def _certificates(path: Path, log: Any) -> tuple[str, np.ndarray]:
+    """The radius column a log is read by (a sequential log's ``radius`` is the largest target reached: its
+    ``radius_continuous`` is read) and its rows as ``[n, 4]`` (label, predict, radius, correct).
 
     Raises:
-        LogError: a value that is not a number, a radius that is not finite and >= 0, a ``correct`` other than
-            0 / 1, or a row that contradicts itself (file and line named).
+        LogError: a field that is not a number, a radius that is not finite and >= 0, a ``correct`` not 0 / 1, or
+            a row that contradicts itself (file and line named).
     """
+    radius = "radius_continuous" if "radius_continuous" in log.header else "radius"
     col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}
     rows = []
     for n, f in zip(log.lines, log.rows, strict=True):
@@ -242,18 +280,101 @@ def _checked_rows(path: Path, log: LogRows, radius: str) -> np.ndarray:
                 "correct must be 1 exactly when predict equals label, and an abstention (predict -1) has "
                 "radius 0"
             )
-    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return radius, np.array(rows, dtype=np.float64).reshape(-1, 4)
 
 
-def _log_notes(path: Path, log: LogRows) -> list[str]:
-    """The log's notices (lines not read as rows, repeated rows), and rank files of a distributed run beside it."""
-    notes = [f"note: {n}" for n in log.notices]
-    if ranks := sorted(p.name for p in path.parent.glob(f"{path.name}.rank*")):
+def _planned_count(meta: dict[str, Any]) -> int | None:
+    """The images a log's run planned, from its JSON: ``images``, or a shard log's share of them (None: unknown)."""
+    images, shard = meta.get("images"), meta.get("shard")
+    if not isinstance(images, int):
+        return None
+    if isinstance(shard, list) and len(shard) == 2 and all(isinstance(x, int) for x in shard) and shard[1] > 0:
+        return len(range(shard[0], images, shard[1]))
+    return images
+
+
+def _completeness_notes(path: Path, lg: CertLog) -> list[str]:
+    """What a log lacks: images its run planned (interrupted, running, merged partially), and for a shard log,
+    that it is a share; for a main log, images its shard logs hold and it does not (a merge out of date)."""
+    notes = []
+    if isinstance(shard := lg.meta.get("shard"), list):
         notes.append(
-            f"note: {', '.join(ranks)} beside {path} hold rows of a distributed run not merged into it yet "
-            "(running, or stopped): they are not in this report; rerun the certify command to merge them"
+            f"note: {path.name} is shard {shard[0]}/{shard[1]} of {path.name.split('.shard-')[0]}: it holds that "
+            "shard's share of the images only; report the folder (its shards read as one log) or merge them "
+            "(dmae certify --merge)"
+        )
+    if lg.incomplete:
+        merged = isinstance(lg.meta.get("merge"), dict)
+        how = (
+            "merged from shard logs with --allow-partial: finish the shards (rerun their --shard commands) and merge "
+            "again"
+            if merged
+            else "the run is still going, or was stopped: rerun the same command to finish it"
+        )
+        notes.append(f"note: {lg.name} is incomplete: {len(lg)} of the {lg.planned} images its run planned; {how}")
+    if not shard_files(path):
+        return notes
+    from dmae.certification.runner import MERGE_KEYS
+
+    try:
+        extra = set(read_shards(path, MERGE_KEYS).rows) - set(lg.idx.tolist() if lg.idx is not None else [])
+    except LogError as e:
+        return [*notes, f"note: the shard logs beside {path.name} were not read: {e}"]
+    if extra:
+        notes.append(
+            f"note: the shard logs beside {path.name} hold {len(extra)} image(s) it lacks: they are not in this "
+            "report; merge them again (dmae certify --merge)"
         )
     return notes
+
+
+def read_shard_logs(path: Path) -> CertLog:
+    """The shard logs of the main log ``path`` (which does not exist: not merged yet) read as one log, after the
+    checks of ``dmae certify --merge`` (:func:`dmae.certification.shards.read_shards`: one N, the same settings,
+    no image in two shards); each shard file is read as :func:`read_log` reads a file. Its ``meta`` is the
+    settings they share; ``planned`` the whole run's images, so a set with images missing is marked incomplete,
+    its notes naming what each unfinished shard holds.
+
+    Raises:
+        ShardError: the shard logs are not one split (the files, key or image named).  LogError: a bad shard file.
+    """
+    from dmae.certification.runner import MERGE_KEYS
+
+    shards = read_shards(path, MERGE_KEYS)
+    parts = [_read_one_log(f) for f in shards.files.values()]
+
+    def cat(name: str, dtype: Any) -> np.ndarray:
+        arrays = [getattr(p, name) for p in parts]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+
+    order = np.argsort(cat("idx", np.int64), kind="stable")
+    n_samples = [p.n_samples for p in parts if p.n_samples is not None]  # every shard's, or none (fixed-n)
+    skipped = [p.wrong_guess_skipped for p in parts if p.wrong_guess_skipped is not None]
+    radius = "radius_continuous" if shards.meta.get("mode") == "sequential" else "radius"
+    lg = CertLog(
+        name=log_stem(path),
+        sigma=shards.meta.get("sigma"),
+        dataset=shards.meta.get("data"),
+        label=cat("label", int)[order],
+        predict=cat("predict", int)[order],
+        radius=cat("radius", float)[order],
+        correct=cat("correct", int)[order],
+        n_samples=np.concatenate(n_samples)[order] if parts and len(n_samples) == len(parts) else None,
+        wrong_guess_skipped=sum(skipped) if skipped else None,
+        idx=cat("idx", np.int64)[order],
+        meta=shards.meta,
+        radius_column=parts[0].radius_column if parts else radius,
+        rows_in_file=cat("rows_in_file", np.int64)[order],
+        notes=[n for p in parts for n in p.notes],
+        planned=len(shards.planned),
+    )
+    missing = lg.planned - len(lg)  # type: ignore[operator]
+    state = f"{missing} missing: {shards.progress()}" if missing else "complete"
+    lg.notes.append(
+        f"note: {lg.name} is read from its {len(parts)} shard logs (of {shards.n}; not merged: dmae certify --merge "
+        f"writes it): {len(lg)} of the {lg.planned} planned images, {state}"
+    )
+    return lg
 
 
 def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
@@ -302,10 +423,15 @@ def _rows(lg: CertLog) -> int:
 
 def find_logs(folder: str | Path) -> list[Path]:
     """Every certification log under ``folder`` (``*_sigma*.tsv``), without the ``.rank{r}`` files of a running
-    distributed job or the ``.nonfinite.tsv`` side files; sorted."""
-    return sorted(
-        p for p in Path(folder).rglob("*_sigma*.tsv") if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv")
-    )
+    distributed job or the ``.nonfinite.tsv`` side files; sorted. The shard logs of a sigma
+    (``*.shard-K-of-N.tsv``) stand as their main log's path, once, whether that exists (merged) or not
+    (:func:`read_log` then reads the shards as one log)."""
+    found = {
+        main_of_shard(p) or p
+        for p in Path(folder).rglob("*_sigma*.tsv")
+        if ".rank" not in p.name and not p.name.endswith(".nonfinite.tsv")
+    }
+    return sorted(found)
 
 
 def _aligned(cells: list[str], widths: list[int]) -> str:
@@ -409,7 +535,7 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     if radii is None:
         datasets = {lg.dataset for lg in logs if lg.dataset}
         radii = RADII.get(datasets.pop(), DEFAULT_RADII) if len(datasets) == 1 else DEFAULT_RADII
-    rows = [_table_row(lg, radii) for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
+    rows = [_log_row(lg, radii) for lg in sorted(logs, key=lambda lg: (lg.sigma is None, lg.sigma or 0))]
     notes = list(dict.fromkeys(n for lg in logs for n in lg.notes))  # a file given twice: its notes once
     kinds = {lg.radius_column for lg in logs}
     if len(kinds) > 1:
@@ -434,10 +560,10 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
     return Table(tuple(radii), rows, notes)
 
 
-def _table_row(lg: CertLog, radii: tuple[float, ...]) -> dict[str, Any]:
-    """One log's row of :class:`Table`."""
+def _log_row(lg: CertLog, radii: Sequence[float]) -> dict[str, Any]:
+    """A log's row of the table; an incomplete log (:attr:`CertLog.incomplete`) is named so in the table itself."""
     return {
-        "name": lg.name,
+        "name": lg.name + (" (incomplete)" if lg.incomplete else ""),
         "sigma": lg.sigma,
         "images": len(lg),
         "acc": [lg.certified_accuracy(r) for r in radii],
@@ -508,7 +634,7 @@ def best_row_refusal(logs: list[CertLog]) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Comparison:
     """Classifier ``a`` against ``b`` on the same ``images`` test images (paired).
 
@@ -611,8 +737,8 @@ class Comparison:
 CLASSIFIER_KEYS = ("weights_sha256", "model", "input_layer", "trained_sigma")  # what the classifier is
 IMAGE_KEYS = ("data", "split", "data_fingerprint")  # which images (the rows are also matched by idx)
 # sigma: in the comparison's header; seed: the noise draws, whose randomness the paired error already holds; skip /
-# max: which images, matched by idx; probe: a description of the classifier on a small batch, not a setting
-UNCOMPARED_KEYS = ("sigma", "seed", "skip", "max", "probe")
+# max / shard: which images, matched by idx; probe: a description of the classifier on a small batch, not a setting
+UNCOMPARED_KEYS = ("sigma", "seed", "skip", "max", "probe", "shard")
 PROTOCOL_KEYS = (
     "mode",
     "n0",
@@ -768,23 +894,23 @@ def compare(a: CertLog, b: CertLog, radii: tuple[float, ...] | None = None) -> C
     notes = _comparison_notes(a, b)
     nan = float("nan")
     return Comparison(
-        a.name,
-        b.name,
-        len(a),
-        tuple(radii),
-        acc_a,
-        acc_b,
-        diff,
-        se,
-        p,
-        float(ra.mean()),
-        float(rb.mean()),
-        float((ra - rb).mean()) if same_radius else nan,
-        _paired_se(ra - rb) if same_radius else nan,
-        a.sigma,
-        b.sigma,
-        notes,
-        a.acr_label if same_radius else None,
+        a=a.name,
+        b=b.name,
+        images=len(a),
+        radii=tuple(radii),
+        acc_a=acc_a,
+        acc_b=acc_b,
+        diff=diff,
+        se=se,
+        p=p,
+        acr_a=float(ra.mean()),
+        acr_b=float(rb.mean()),
+        acr_diff=float((ra - rb).mean()) if same_radius else nan,
+        acr_se=_paired_se(ra - rb) if same_radius else nan,
+        sigma_a=a.sigma,
+        sigma_b=b.sigma,
+        notes=notes,
+        acr_label=a.acr_label if same_radius else None,
     )
 
 
@@ -892,7 +1018,8 @@ def log_stem(path: Path) -> str:
 
 def expand_folders(files: list[str | Path], one_log_each: bool = False) -> list[Path]:
     """``files`` in order, each folder among them replaced by the logs in it (:func:`find_logs`); other paths are
-    kept as given (not checked here).
+    kept as given (not checked here), except shard logs: the shard logs of one sigma stand as their main log's
+    path, once (read as one log by :func:`read_log`; the merged log once it exists).
 
     Raises:
         ReportError: a folder holds no log, or (``one_log_each``, as ``--compare`` needs: every later log is
@@ -901,7 +1028,9 @@ def expand_folders(files: list[str | Path], one_log_each: bool = False) -> list[
     paths: list[Path] = []
     for f in map(Path, files):
         if not f.is_dir():
-            paths.append(f)
+            main = main_of_shard(f)
+            if main is None or main not in paths:  # several shard logs of one sigma given: one log
+                paths.append(main or f)
             continue
         if not (found := find_logs(f)):
             raise ReportError(f"{f} is a folder with no certification log (*_sigma*.tsv) in it")
