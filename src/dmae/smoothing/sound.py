@@ -243,8 +243,10 @@ class SoundSmooth(Smooth):
     (true of an eval-mode network up to GPU kernels that depend on the batch) and torch's generator as the fair
     coin. ``precision`` is the caller's: autocast only changes which function f is, not the argument.
 
+    ``base_classifier``, ``num_classes``, ``sigma``, ``seed``, ``precision`` and ``device`` are as for
+    :class:`~dmae.smoothing.Smooth`.
+
     Args:
-        base_classifier, num_classes, sigma, seed, precision, device: as :class:`~dmae.smoothing.Smooth`.
         levels: grid steps per pixel unit (255: 8-bit images).
     Raises:
         ValueError: as :class:`~dmae.smoothing.Smooth`, or levels < 1. At certification: images off the grid or
