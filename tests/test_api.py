@@ -36,6 +36,7 @@ def _rows(path):
     return [ln.split("\t")[:-1] for ln in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_readme_snippet_certifies_resumes_and_reports(tmp_path):
     model, data = MyCNN().eval(), _data()
     # the snippet (README, "Python API"): at most 10 lines after imports and the model
@@ -65,6 +66,7 @@ def test_the_readme_snippet_certifies_resumes_and_reports(tmp_path):
         dmae.certify(other, data, sigma=0.25, n0=100, n_max=1000, sequential="targets", log_dir=tmp_path / "certs")
 
 
+@pytest.mark.slow
 def test_the_api_and_the_cli_write_the_same_rows(classifier_run, tmp_path):
     kw = dict(n0=20, n=200, alpha=0.001, skip=1000, seed=3)
     [cli] = run_certification(
@@ -124,6 +126,7 @@ class Shapes(TensorDataset):
         super().__init__(x, y)
 
 
+@pytest.mark.slow
 def test_pretrain_and_finetune_take_a_data_set_of_ones_own(tmp_path):
     from conftest import PICO
 
@@ -151,6 +154,7 @@ def test_pretrain_and_finetune_take_a_data_set_of_ones_own(tmp_path):
     assert len(result.logs[0]) == 8 and result.logs[0].dataset == "custom"
 
 
+@pytest.mark.slow
 def test_predict_load_classifier_compare_and_table(classifier_run, tmp_path):
     model = dmae.load_classifier(classifier_run)
     assert not model.training and model.trained_sigma == 0.25

@@ -30,6 +30,7 @@ def test_models_lists_presets_and_configs(capsys):
     assert "demo" in out and "imagenet_vit_base" in out
 
 
+@pytest.mark.slow
 def test_every_option_has_help():
     out = subprocess.run([sys.executable, "-m", "dmae", "pretrain", "--help"], capture_output=True, text=True).stdout
     for flag in (
@@ -55,6 +56,7 @@ def test_every_option_has_help():
     assert "(default: None)" not in out and "--config CONFIG" in out
 
 
+@pytest.mark.slow
 def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
     """`dmae report LOG | head -1`: the reader stops early; dmae ends quietly (exit 0, no traceback)."""
     log = tmp_path / "certify_sigma0.25.tsv"
@@ -81,6 +83,7 @@ def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path):
     assert p.wait() == 0 and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_pretrain_preset_then_flags_then_resume_then_visualize(tmp_path, capsys):
     run = tmp_path / "run"
     # the demo preset, with flags on top (TINY); stop after 2 steps, then resume to the end
@@ -133,6 +136,7 @@ def _subcommands():
     return parser, sub.choices
 
 
+@pytest.mark.distributed
 def test_every_option_of_every_command_passes_through_torchrun():
     """torchrun's parser takes an unambiguous prefix of its own options (--n, --max, --num ...) for its own:
     every option must have a spelling that reaches dmae, and that spelling must set the option."""

@@ -10,6 +10,7 @@ from dmae.data import DataError
 from dmae.errors import DmaeError
 
 
+@pytest.mark.slow
 def test_the_built_in_loaders_give_unit_range_tensors(tmp_path):
     test = datasets.fashion_mnist()
     x, y = test[0]

@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).parent
 
 
+@pytest.mark.distributed
 def test_two_process_torchrun_gloo(tmp_path):
     # tests/ for conftest; keep the caller's PYTHONPATH (a source checkout run without installing) behind it
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))

@@ -182,6 +182,7 @@ PY_FILES = [p for p in DOC_FILES if any(b.lang == "python" for b in blocks(p))]
 
 
 @pytest.mark.parametrize("path", PY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.slow
 def test_every_python_block_in_the_docs_runs(path, stand_ins):
     ns = dict(stand_ins)
     _before(path, ns)

@@ -7,6 +7,8 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+pytestmark = pytest.mark.e2e  # whole workflows: the demo, the experiments, the examples
+
 
 @pytest.fixture(autouse=True)
 def _examples_importable(monkeypatch):

@@ -6,6 +6,7 @@ alpha."""
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,6 +98,7 @@ def _oracle_stream(probs: list[float], batch_size: int) -> list:
     batch_a=st.integers(1, 300),
     batch_b=st.integers(1, 300),
 )
+@pytest.mark.slow
 def test_the_packed_engine_keeps_each_sample_with_its_image(probs, batch_a, batch_b):
     """Each image's answer is a function of its own samples: the same under any batch size (forward batches mix
     the images still sampling, and finished images are replaced mid-batch; a sample counted for the wrong image

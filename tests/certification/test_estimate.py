@@ -92,6 +92,7 @@ def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
     assert est.passes_expected == sum(c.n_samples for c in actual) == 10 * 20 == est.passes_min
 
 
+@pytest.mark.slow
 def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classifier_run, tmp_path, capsys):
     out = tmp_path / "est"
     argv = [

@@ -97,6 +97,7 @@ def _cfg(run, out, **over):
     return CertifyConfig(**kw)
 
 
+@pytest.mark.slow
 def test_certification_json_records_the_probe_and_the_training_sigma(classifier_run, tmp_path, capsys):
     [res] = run_certification(_cfg(classifier_run, tmp_path))
     meta = json.loads(res.path.with_suffix(".json").read_text())

@@ -34,6 +34,7 @@ def _rows_without_time(path: Path) -> list[list[str]]:
     return [ln.split("\t")[:-1] for ln in lines]
 
 
+@pytest.mark.slow
 def test_certify_writes_the_common_format(classifier_run, tmp_path):
     [res] = run_certification(_cfg(classifier_run, tmp_path))
     lines = res.path.read_text().splitlines()
@@ -55,6 +56,7 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     assert kinds == {True, False}
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
     ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000, skip=1000))[0].path
     for b in (7, 64, 333):
@@ -62,12 +64,14 @@ def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
         assert _rows_without_time(other) == _rows_without_time(ref)
 
 
+@pytest.mark.slow
 def test_predict_rows(classifier_run, tmp_path):
     [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
     lines = res.path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 6
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, tmp_path):
     full = run_certification(_cfg(classifier_run, tmp_path / "full", n=1000, skip=625))[0].path
     out = tmp_path / "killed"
@@ -103,6 +107,7 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
     assert _rows_without_time(res.path) == _rows_without_time(full)
 
 
+@pytest.mark.slow
 def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
     run_certification(_cfg(classifier_run, tmp_path, max=3))
     res = run_certification(_cfg(classifier_run, tmp_path, max=8))[0]
@@ -111,6 +116,7 @@ def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
         run_certification(_cfg(classifier_run, tmp_path, n=400))
 
 
+@pytest.mark.distributed
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
@@ -205,6 +211,7 @@ def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, 
     assert not (tmp_path / "out" / "certify_sigma0.25.tsv").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_replaced_weights_and_other_data(classifier_run, tmp_path):
     """Rows of two models (or two data sets) must never share a file: the weights' content is compared, not the path."""
     run = tmp_path / "run"

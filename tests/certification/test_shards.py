@@ -78,6 +78,7 @@ def _copy(shard_logs, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["fixed", "sequential"])
+@pytest.mark.slow
 def test_killed_shard_resumes_and_the_merge_equals_one_run(classifier_run, certified, tmp_path, capsys, kind):
     mode = _mode(kind)
     single, shards = certified(kind)
@@ -107,6 +108,7 @@ def test_killed_shard_resumes_and_the_merge_equals_one_run(classifier_run, certi
     assert len(lg) == 12 and not lg.incomplete and lg.notes == []
 
 
+@pytest.mark.slow
 def test_report_reads_unmerged_shards_as_one_log(shard_logs, tmp_path, capsys):
     single, _ = shard_logs
     out = _copy(shard_logs, tmp_path)
@@ -200,6 +202,7 @@ def test_shard_option_combinations_are_checked(classifier_run, tmp_path, capsys)
         dmae.certify(object(), [], sigma=0.25, shard=(0, 2))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_the_api_shard_writes_the_cli_shard_rows_and_merges(classifier_run, shard_logs, tmp_path):
     single, cli = shard_logs
     model, _ = load_classifier(classifier_run, 10, pool=None)
@@ -224,6 +227,7 @@ def test_the_api_shard_writes_the_cli_shard_rows_and_merges(classifier_run, shar
     assert part.logs[0].predict.tolist() == pred.logs[0].predict.tolist()[2::3]
 
 
+@pytest.mark.distributed
 def test_a_shard_under_torchrun_splits_its_share_over_the_ranks(classifier_run, shard_logs, tmp_path):
     out = tmp_path / "ddp"
     run_torchrun(_argv(classifier_run, out, "fixed", "--shard", "1/3"))  # two ranks, two images each

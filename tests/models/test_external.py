@@ -221,6 +221,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- through `dmae certify --model`
+@pytest.mark.slow
 def test_certify_a_timm_model_by_name_matches_smoothing_it_directly(tmp_path, capsys):
     """`dmae certify --model timm:NAME --checkpoint FILE` gives the rows of Smooth over the same network and input
     layer; the JSON records the model and its input layer, and a resume with another input layer is refused."""

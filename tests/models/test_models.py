@@ -38,6 +38,7 @@ def official_keys(depth: int, decoder_depth: int) -> list[str]:
 
 
 @pytest.mark.parametrize("name", list_models())
+@pytest.mark.slow
 def test_output_shapes_every_preset(name):
     m = create_model(name)
     c = m.config
@@ -52,6 +53,7 @@ def test_output_shapes_every_preset(name):
     assert sorted(m.state_dict()) == sorted(official_keys(c.depth, c.decoder_depth))
 
 
+@pytest.mark.slow
 def test_official_parameter_counts(base_model):
     # SPEC: ViT-B encoder ~86-87M (timm's vit_base_patch16_224 less its 1000-class head), ViT-L ~304M
     assert 85.5e6 < base_model.num_params("encoder") < 87.0e6
@@ -60,6 +62,7 @@ def test_official_parameter_counts(base_model):
     assert large.config.depth == 24
 
 
+@pytest.mark.slow
 def test_encoder_layout_equals_timm_vit(base_model):
     import timm
 
@@ -73,6 +76,7 @@ def test_encoder_layout_equals_timm_vit(base_model):
 
 
 @pytest.mark.parametrize("name", [PICO, "dmae_vit_micro_patch4_dec64d2b"])
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient(name):
     m = create_model(name)
     x = torch.rand(4, 1, 28, 28)
@@ -149,6 +153,7 @@ def _official_file(tmp_path, sd, name="checkpoint.pth"):
     return path
 
 
+@pytest.mark.slow
 def test_official_dmae_checkpoint_loads_exactly(tmp_path, base_model):
     sd = {k: v.clone() + 0.01 for k, v in base_model.state_dict().items()}
     assert sorted(sd) == sorted(official_keys(12, 8))
@@ -158,6 +163,7 @@ def test_official_dmae_checkpoint_loads_exactly(tmp_path, base_model):
     assert torch.equal(net.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_mae_encoder_only_checkpoint(tmp_path, base_model):
     enc = {k: v for k, v in base_model.state_dict().items() if not (k.startswith("decoder") or k == "mask_token")}
     _, report = load_dmae(_official_file(tmp_path, enc))

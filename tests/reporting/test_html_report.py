@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -55,6 +56,7 @@ def _run_folder(classifier_run, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path):
     out = _run_folder(classifier_run, tmp_path)
     found = discover([], [out])
@@ -87,6 +89,7 @@ def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path)
         assert f"<h4>{kind} (" in page
 
 
+@pytest.mark.slow
 def test_examples_pick_the_right_rows(classifier_run, tmp_path):
     out = _run_folder(classifier_run, tmp_path)
     lg = read_log(out / "certify" / "certify_sigma0.25.tsv")
@@ -99,6 +102,7 @@ def test_examples_pick_the_right_rows(classifier_run, tmp_path):
     assert radii == sorted(radii, reverse=True)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, capsys):
     out = _run_folder(classifier_run, tmp_path)
     page = tmp_path / "report.html"
@@ -111,6 +115,7 @@ def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, caps
     assert main(["report"]) == 2 and "give certification logs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_puts_the_paired_tables_in_the_page(classifier_run, tmp_path, capsys):
     """`dmae report A B --compare --html`: the page holds the paired table under a header that names both
     logs (two runs' certify/sequential_sigma0.25 told apart by their folders)."""

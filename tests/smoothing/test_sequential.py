@@ -101,6 +101,7 @@ def _cfg(run, out, **over):
     return CertifyConfig(**kw)
 
 
+@pytest.mark.slow
 def test_cli_rows_keep_the_standard_columns_first_and_report_samples(classifier_run, tmp_path, capsys):
     argv = [
         "certify",
@@ -136,6 +137,7 @@ def test_cli_rows_keep_the_standard_columns_first_and_report_samples(classifier_
     assert meta["sequential"] == "targets" and meta["n_max"] == 2000 and meta["radii"] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp_path):
     ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000))[0].path
     other = run_certification(_cfg(classifier_run, tmp_path / "b", batch=77))[0].path
@@ -175,6 +177,7 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
         run_certification(_cfg(classifier_run, out, n_max=3000))
 
 
+@pytest.mark.distributed
 def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     single = run_certification(_cfg(classifier_run, tmp_path / "one"))[0].path
     out = tmp_path / "two"
@@ -273,6 +276,7 @@ def test_options_that_would_do_nothing_are_errors(classifier_run, tmp_path, caps
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_path, capsys):
     res = run_certification(_cfg(classifier_run, tmp_path, sequential="continuous", epsilon=0.05))[0]
     log = read_log(res.path)
@@ -302,6 +306,7 @@ def test_label_shortcut_skips_estimation_of_wrong_guesses_only():
         _certifier(model, 3, 0.5, stop_on_wrong_guess=True).certify_batch(x, [0, 1], 500)
 
 
+@pytest.mark.slow
 def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded(classifier_run, tmp_path, capsys):
     import json
 
@@ -340,6 +345,7 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
 
 
 @pytest.mark.parametrize("mode", ["targets", "continuous"])
+@pytest.mark.slow
 def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
     """End to end on the engine (selection, rounds, budget test, stop): Bernoulli oracles with p_A just below and
     just above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 300 images each. A certificate is
@@ -373,6 +379,7 @@ def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
     )
 
 
+@pytest.mark.slow
 def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classifier_run, tmp_path, capsys):
     """The futility rule (default beta = 0.01) refutes r = 0.5 for oracles at p_A = 0.82 (threshold 0.8413 at
     sigma = 0.5) long before the upper bound alone would; the same streams certify the same targets with and

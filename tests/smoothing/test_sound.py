@@ -55,6 +55,7 @@ def exact_low_bits_p0(smooth: SoundSmooth, a: int, pixels: int) -> float:
     return float(dist[pixels:].sum())  # #odd - #even <= 0
 
 
+@pytest.mark.slow
 def test_toy_classifier_gets_a_false_certificate_from_the_standard_path_and_a_true_one_from_the_sound_mode():
     """The standard path certifies class 0 at x0 with radius 1.23 and class 1 at x1, 1.9e-6 away, with radius 1.23:
     the balls overlap, so at least one certificate is false. The sound mode certifies only what is true of its
@@ -99,6 +100,7 @@ def test_thresholds_are_the_exact_integer_parts():
     assert inner and all(d.thresholds[i] + d.thresholds[d.size - 1 - i] == q - 1 for i in inner)
 
 
+@pytest.mark.slow
 def test_a_small_sigma_builds_fast_and_exactly():
     """Thresholds reach 1 / sigma + 8 standard deviations (the table covers every pixel + noise); above the mean
     they come from the tail Phi(-z), so sigma 0.01 (z up to 108) needs no precision of the order of -log2(1 - t_i)."""
@@ -269,6 +271,7 @@ class GridThreshold(nn.Module):
 
 
 @pytest.mark.parametrize("target", [0.7, 0.95])
+@pytest.mark.slow
 def test_wrong_certificates_stay_within_alpha(target):
     """1,000 independent fixed-n certificates and 300 sequential ones (alpha = 0.05) of a classifier whose p_A is
     known exactly: a certificate is wrong when its class is not 0 or its radius exceeds the exact one. Wrong ones
@@ -302,6 +305,7 @@ def test_wrong_certificates_stay_within_alpha(target):
     assert sum(c.prediction == 0 for c in seq) > 0.9 * seq_trials  # they do certify
 
 
+@pytest.mark.slow
 def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(classifier_run, tmp_path):
     import json
 

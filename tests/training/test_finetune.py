@@ -104,6 +104,7 @@ def _official(tmp_path, model: nn.Module, name: str):
     return path
 
 
+@pytest.mark.slow
 def test_official_finetuned_checkpoint_loads_whole(tmp_path):
     ref = timm.create_model("vit_base_patch16_224", global_pool="avg", num_classes=1000)  # the official layout
     assert "fc_norm.weight" in ref.state_dict() and "norm.weight" not in ref.state_dict()
@@ -128,6 +129,7 @@ def test_official_linear_probe_checkpoint_loads_whole(tmp_path):
     assert report.missing == [] and report.unexpected == [] and set(model.state_dict()) == keys
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_contributes_encoder_only(pretrained):
     model, report = load_classifier(pretrained / "checkpoint.pt", 10, pool="avg")
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
@@ -137,6 +139,7 @@ def test_pretrained_encoder_contributes_encoder_only(pretrained):
     assert model.head.weight.std() < 1e-4  # fresh head, init std 2e-5
 
 
+@pytest.mark.slow
 def test_bad_init_fails_clearly(tmp_path, pretrained):
     with pytest.raises(FileNotFoundError, match=r"--init .*nope\.pth does not exist"):
         _ft(tmp_path, init=str(tmp_path / "nope.pth"))
@@ -151,6 +154,7 @@ def test_bad_init_fails_clearly(tmp_path, pretrained):
 
 
 # ----------------------------------------------------------------------------- the job
+@pytest.mark.slow
 def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
     init = str(pretrained / "model.safetensors")
     full = _ft(tmp_path, "full", init=init)
@@ -168,12 +172,14 @@ def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
     assert none.best is None and not (tmp_path / "noval" / "model_best.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_rs_and_many_sigma(tmp_path, pretrained):
     res = _ft(tmp_path, init=str(pretrained / "model.safetensors"), method="rs", sigma_range=(0.0, 0.75), epochs=1)
     assert set(res.evals[-1]) >= {"test_acc@0.25", "test_acc@0.5", "test_acc@0.75", "val_acc@0.25"}
     assert read_metadata(tmp_path / "ft" / "model_last.safetensors")["trained_sigma"] == "[0.0, 0.75]"
 
 
+@pytest.mark.slow
 def test_linprobe_trains_only_the_head(tmp_path, pretrained):
     res = _ft(tmp_path, init=str(pretrained / "checkpoint.pt"), linprobe_cfg=True, epochs=1, batch_size=64)
     enc = safe_load(pretrained / "checkpoint.pt")["model"]
@@ -183,6 +189,7 @@ def test_linprobe_trains_only_the_head(tmp_path, pretrained):
     assert isinstance(res.model.head[0], nn.BatchNorm1d) and res.model.head[0].affine is False
 
 
+@pytest.mark.slow
 def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
     small = [
         "--train-subset",
@@ -210,6 +217,7 @@ def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
 
 
 # ----------------------------------------------------------------------------- loading and data (field faults)
+@pytest.mark.slow
 def test_init_takes_a_run_folder_like_certify_and_visualize(tmp_path, pretrained, capsys):
     """`dmae finetune --config fashion_mnist_cr --init RUN_FOLDER`, as the README shows it."""
     small = [
@@ -253,6 +261,7 @@ def test_init_takes_a_run_folder_like_certify_and_visualize(tmp_path, pretrained
     assert "holds none of model.safetensors, model_best.safetensors, model_last.safetensors, checkpoint.pt" in err
 
 
+@pytest.mark.slow
 def test_small_presets_follow_an_rgb_folder(tmp_path):
     import numpy as np
     from PIL import Image
@@ -279,6 +288,7 @@ def test_small_presets_follow_an_rgb_folder(tmp_path):
     assert res.finished and res.model.config.encoder.in_chans == 3
 
 
+@pytest.mark.slow
 def test_another_input_size_resamples_learned_positions(tmp_path, pretrained):
     ft = _ft(tmp_path, "ft28", init=str(pretrained / "model.safetensors"), epochs=1)
     learned = ft.model.pos_embed.detach().clone()  # fine-tuned: no longer sin-cos
@@ -334,6 +344,7 @@ def _grey_folder(root, classes=(1, 8), train=120, val=20, random_labels=False):
     return root
 
 
+@pytest.mark.slow
 def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path, pretrained, capsys):
     # issue 19: `dmae finetune --init PRETRAINED --sigma 0.25 --epochs 3` on a small grey folder was refused
     # (--warmup-epochs 5.0 exceeds --epochs 3; then --val-size 5000 leaves no training images), and the folder

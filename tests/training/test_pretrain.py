@@ -17,6 +17,7 @@ def _run(kw, **over):
     return pretrain(PretrainConfig(**{**kw, **over}))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_pretrain_kwargs, tmp_path):
     kw = tiny_pretrain_kwargs  # 256 images / 32 = 8 steps per epoch, 2 epochs
     full = _run(kw, output_dir=str(tmp_path / "full"))
@@ -41,6 +42,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_pretrain_kwargs, tmp_path)
     assert steps == sorted(set(steps))  # nothing logged twice
 
 
+@pytest.mark.slow
 def test_resume_with_gradient_accumulation(tiny_pretrain_kwargs, tmp_path):
     kw = {**tiny_pretrain_kwargs, "batch_size": 16, "accum_iter": 2, "epochs": 1}
     full = _run(kw, output_dir=str(tmp_path / "full"))
@@ -50,6 +52,7 @@ def test_resume_with_gradient_accumulation(tiny_pretrain_kwargs, tmp_path):
     assert a.losses + b.losses == full.losses
 
 
+@pytest.mark.slow
 def test_run_folder_contents_and_learning(tiny_pretrain_kwargs, tmp_path):
     res = _run(tiny_pretrain_kwargs, epochs=3, norm_pix_loss=False)
     out = Path(res.output_dir)
@@ -65,6 +68,7 @@ def test_run_folder_contents_and_learning(tiny_pretrain_kwargs, tmp_path):
     assert exported.config.in_chans == 1 and exported.config.mean == (0.2860,)  # fitted to the data
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_and_resume_checks_options(tiny_pretrain_kwargs):
     _run(tiny_pretrain_kwargs, stop_after=2)
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
@@ -73,6 +77,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks_options(tiny_pretrain
         _run(tiny_pretrain_kwargs, sigma=0.5, resume=True)
 
 
+@pytest.mark.slow
 def test_mae_switch_trains(tiny_pretrain_kwargs):
     res = _run(tiny_pretrain_kwargs, sigma=0.0, loss="masked", epochs=1)
     assert res.finished and res.eval_start["noisy_mse"] == 0.0
@@ -123,6 +128,7 @@ def test_bad_configs_fail_clearly(tiny_pretrain_kwargs, over, message):
         _run(tiny_pretrain_kwargs, **over)
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_without_saving(tiny_pretrain_kwargs, tmp_path):
     with pytest.raises(FloatingPointError, match="the run diverged, nothing was saved"):
         _run(tiny_pretrain_kwargs, lr=1e30, warmup_epochs=0.0, log_every=1, save_every=1)
@@ -132,6 +138,7 @@ def test_a_diverged_run_stops_without_saving(tiny_pretrain_kwargs, tmp_path):
     assert not (Path(tiny_pretrain_kwargs["output_dir"]) / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
     import shutil
 
@@ -157,6 +164,7 @@ def test_resume_refuses_other_training_data(tiny_pretrain_kwargs, tmp_path):
         _run(tiny_pretrain_kwargs, data_root=str(root), resume=True)
 
 
+@pytest.mark.slow
 def test_small_grey_folder_with_defaults(tmp_path, capsys):
     # a grey ImageFolder gives a small preset 1-channel input (it was 3), and the defaults fit 60 images
     import numpy as np

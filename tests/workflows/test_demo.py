@@ -11,6 +11,8 @@ from dmae.reporting.report import read_log
 from dmae.training.finetune import noisy_accuracy
 from dmae.workflows.demo import run_demo
 
+pytestmark = pytest.mark.e2e  # whole workflows: the demo, the experiments, the examples
+
 
 def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     small = {"model": PICO, "train_subset": 512, "eval_images": 64, "epochs": 1}

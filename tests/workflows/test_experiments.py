@@ -25,6 +25,8 @@ PAPER = {
     "many_sigma",
 }
 
+pytestmark = pytest.mark.e2e  # whole workflows: the demo, the experiments, the examples
+
 
 def test_every_paper_experiment_is_shipped_with_an_estimate_and_torchrun_commands(capsys):
     assert set(list_experiments()) >= PAPER
