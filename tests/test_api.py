@@ -142,7 +142,9 @@ def test_pretrain_and_finetune_take_a_data_set_of_ones_own(tmp_path):
 
     with pytest.raises(DmaeError, match="pass num_classes=K"):
         dmae.finetune(TensorDataset(*train.tensors), init=tmp_path / "pre", output_dir=tmp_path / "x")
-    with pytest.raises(ValueError, match=r"unknown option\(s\) epoch; FinetuneConfig has: .*epochs"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) epoch \(epoch: did you mean epochs\?\); FinetuneConfig has: .*epochs"
+    ):
         dmae.finetune(train, init=tmp_path / "pre", epoch=3)
     ft = dmae.finetune(
         train, test_data=test, init=str(tmp_path / "pre"), output_dir=tmp_path / "ft", epochs=2, val_size=8, **kw
@@ -194,3 +196,25 @@ def test_predict_load_classifier_compare_and_table(classifier_run, tmp_path):
     save_export(dmae.create_model("dmae_vit_pico_patch4_dec32d1b"), encoder_only)
     with pytest.raises(DmaeError, match="not a trained classifier"):
         dmae.load_classifier(encoder_only)
+
+
+def test_table_and_compare_take_a_path_a_folder_and_name_logs_apart(tmp_path):
+    model, data = MyCNN().eval(), _data()
+    for side in ("a", "b"):
+        dmae.certify(model, data, sigma=0.25, n0=20, n=100, max_images=4, log_dir=tmp_path / side)
+    one = tmp_path / "a" / "certify_sigma0.25.tsv"
+    assert [r["name"] for r in dmae.table(str(one)).rows] == ["certify_sigma0.25"]  # one path, not its letters
+    rows = dmae.table([tmp_path / "a", tmp_path / "b"]).rows  # folders stand for their logs
+    assert [r["name"] for r in rows[:2]] == ["a/certify_sigma0.25", "b/certify_sigma0.25"]
+    cmp = dmae.compare(tmp_path / "a", tmp_path / "b" / "certify_sigma0.25.tsv")
+    assert (cmp.a, cmp.b) == ("a/certify_sigma0.25", "b/certify_sigma0.25")
+    with pytest.raises(DmaeError, match="did you mean epochs"):
+        dmae.finetune(data, epoch=2)
+
+
+def test_a_training_result_prints_without_its_model():
+    from dmae.training.engine import TrainResult
+
+    text = repr(TrainResult(output_dir=__import__("pathlib").Path("runs/x"), step=3, total_steps=3, model=MyCNN()))
+    assert "step=3" in text
+    assert "Conv2d" not in text

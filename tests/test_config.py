@@ -373,6 +373,8 @@ def test_updated_keeps_defaults_adaptable_unlike_replace():
     short.validate()  # the default 5-epoch warmup is cut to fit a 2-epoch run later, not refused
     with pytest.raises(ValueError, match=r"--warmup-epochs 5\.0 exceeds --epochs 2"):
         dataclasses.replace(cfg, epochs=2).validate()  # replace counts every option as given
-    with pytest.raises(ValueError, match=r"unknown option\(s\) epoch; FinetuneConfig has: .*epochs"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) epoch \(epoch: did you mean epochs\?\); FinetuneConfig has: .*epochs"
+    ):
         cfg.updated(epoch=2)
     assert cfg.epochs == 100 and not cfg.given("epochs")  # the original is untouched

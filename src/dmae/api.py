@@ -10,6 +10,7 @@ resumption, sharding under ``torchrun``. The result gives the certified-accuracy
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -26,8 +27,9 @@ from dmae.certification.log import LogError, read_log_rows
 from dmae.certification.runner import CertifyConfig, certify_module
 from dmae.config import Options
 from dmae.datasets import user_data
+from dmae.errors import InputError
 from dmae.models.classifier import ViTClassifier
-from dmae.reporting.report import CertLog, Comparison, Table, summarize
+from dmae.reporting.report import CertLog, Comparison, Table, distinct_names, expand_folders, summarize
 from dmae.reporting.report import compare as compare_logs
 from dmae.reporting.report import read_log as read_certlog
 from dmae.runtime import module_device
@@ -61,7 +63,7 @@ class CertifyResult:
         from dmae.reporting.html_report import write_html_report
 
         if self.paths is None:
-            raise ValueError("the HTML report reads the log files: certify with log_dir=FOLDER to keep them")
+            raise InputError("the HTML report reads the log files: certify with log_dir=FOLDER to keep them")
         write_html_report(path, list(self.paths), [], title)
         return Path(path)
 
@@ -139,10 +141,10 @@ def _shard_options(
     """
     if isinstance(shard, (tuple, list)):
         if len(shard) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in shard):
-            raise ValueError(f"shard must be (K, N), two integers with 0 <= K < N; got {shard!r}")
+            raise InputError(f"shard must be (K, N), two integers with 0 <= K < N; got {shard!r}")
         shard = f"{shard[0]}/{shard[1]}"
     if (shard is not None or merge) and log_dir is None:
-        raise ValueError(f"{'shard' if shard is not None else 'merge'} needs log_dir: the logs are kept there")
+        raise InputError(f"{'shard' if shard is not None else 'merge'} needs log_dir: the logs are kept there")
     return dict(shard=shard, merge=merge, allow_partial=allow_partial)
 
 
@@ -384,41 +386,65 @@ def read_log(path: str | Path) -> CertLog:
     return read_certlog(path)
 
 
-LogLike = CertLog | CertifyResult | str | Path  # what compare() and table() take for a log
+LogLike = CertLog | CertifyResult | str | Path  # what compare() and table() take for a log (a path: file or folder)
 
 
-def _as_log(x: LogLike) -> CertLog:
-    """A read log from a read log, a one-sigma :class:`CertifyResult` or a log file."""
-    if isinstance(x, CertLog):
-        return x
-    if isinstance(x, CertifyResult):
-        if len(x.logs) != 1:
-            raise ValueError(f"a result of {len(x.logs)} sigmas: compare one of its .logs")
-        return x.logs[0]
-    return read_certlog(x)
+def _as_logs(items: LogLike | Sequence[LogLike]) -> list[CertLog]:
+    """Read logs from read logs, :class:`CertifyResult` s (each of their sigmas) and log files or folders (the logs
+    in a folder, shard logs of one sigma as one log), in order. Logs read from files are named as ``dmae report``
+    names them: the file's stem with as many of its folders as it takes to tell them apart.
+
+    Raises:
+        LogError: an unreadable log.  ReportError: a folder with no log in it.
+    """
+    if isinstance(items, (CertLog, CertifyResult, str, os.PathLike)):
+        items = [items]
+    entries: list[tuple[CertLog | None, Path | None]] = []
+    for x in items:
+        if isinstance(x, CertLog):
+            entries.append((x, None))
+        elif isinstance(x, CertifyResult):
+            paths: list[Path | None] = list(x.paths) if x.paths else [None] * len(x.logs)
+            entries += list(zip(x.logs, paths, strict=True))
+        else:
+            entries += [(None, p) for p in expand_folders([x])]
+    names = iter(distinct_names([p for _, p in entries if p is not None]))
+    logs = []
+    for lg, path in entries:
+        if path is not None:  # every path-named log takes its distinct name, in order
+            lg = dataclasses.replace(lg or read_certlog(path), name=next(names))
+        assert lg is not None
+        logs.append(lg)
+    return logs
 
 
-def compare(
-    a: CertLog | CertifyResult | str | Path,
-    b: CertLog | CertifyResult | str | Path,
-    *,
-    radii: Sequence[float] | None = None,
-) -> Comparison:
+def compare(a: LogLike, b: LogLike, *, radii: Sequence[float] | None = None) -> Comparison:
     """Paired comparison of two classifiers certified on the same images (see
     :func:`dmae.reporting.report.compare`): certified accuracy per radius, the difference, its paired standard
     error and the exact McNemar p-value; ACR likewise. ``a`` / ``b``: a log file, a read log, or a one-sigma
     :class:`CertifyResult`; ``print(dmae.compare(a, b))`` shows the table.
 
     Raises:
-        ReportError: the logs do not hold the same images, or give an image different labels.  ValueError: a
-            result of several sigmas.  LogError: an unreadable log.
+        ReportError: the logs do not hold the same images, or give an image different labels.  InputError: a
+            result of several sigmas, or a folder of several logs.  LogError: an unreadable log.
     """
-    return compare_logs(_as_log(a), _as_log(b), tuple(radii) if radii is not None else None)
+    both = _as_logs([a, b])
+    if len(both) != 2:
+        raise InputError(
+            f"compare takes one log on each side, got {len(both)} logs ({', '.join(lg.name for lg in both)}): "
+            "give one of a result's .logs, or a log file rather than a folder"
+        )
+    return compare_logs(both[0], both[1], tuple(radii) if radii is not None else None)
 
 
-def table(logs: Sequence[LogLike], radii: Sequence[float] | None = None) -> Table:
-    """The certified-accuracy table of several logs (files or read logs), as ``dmae report`` prints it."""
-    return summarize([_as_log(lg) for lg in logs], tuple(radii) if radii is not None else None)
+def table(logs: LogLike | Sequence[LogLike], radii: Sequence[float] | None = None) -> Table:
+    """The certified-accuracy table of logs (files, folders of logs, read logs or results), as ``dmae report``
+    prints it: one row per log and the best sigma per radius.
+
+    Raises:
+        ReportError: no logs, or a folder with none.  LogError: an unreadable log.
+    """
+    return summarize(_as_logs(logs), tuple(radii) if radii is not None else None)
 
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dmae.data import DatasetInfo
-from dmae.errors import DmaeError
+from dmae.errors import DmaeError, InputError
 from dmae.models.classifier import ClassifierConfig, Pool, ViTClassifier
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 from dmae.models.registry import get_preset, list_models, model_config, model_config_for_data
@@ -483,7 +483,7 @@ def _fresh_classifier(
         ValueError: no ``model``.
     """
     if model is None:
-        raise ValueError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
+        raise InputError("a classifier needs --init (a checkpoint) or --model (a preset, random initialisation)")
     if data is not None:
         mcfg = model_config_for_data(model, data, img_size)
     else:

@@ -14,6 +14,7 @@ from typing import Any
 
 import dmae
 from dmae import config as C
+from dmae.errors import MissingFileError
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -36,7 +37,7 @@ def _resolve(command: str, cls: type[C.Options], ns: argparse.Namespace) -> Any:
         out = Path(given.get("output_dir", preset.get("output_dir", default_dir)))
         saved = out / "config.yaml"
         if not saved.is_file():
-            raise FileNotFoundError(f"--resume: no run in {out} (missing {saved})")
+            raise MissingFileError(f"--resume: no run in {out} (missing {saved})")
         # a stop point belongs to the invocation that set it, not to the run
         preset.update({k: v for k, v in C.load_values(saved, cls).items() if k != "stop_after"})
     return C.build_config(cls, preset, given)

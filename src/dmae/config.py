@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import inspect
 import math
 import types
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import yaml
+
+from dmae.errors import InputError, MissingFileError
 
 C = TypeVar("C")
 _INHERIT = "inherit"
@@ -118,14 +121,14 @@ def _bounds_text(meta: dict[str, Any]) -> str:
 
 def _check_number(name: str, value: Any, tp: type, meta: dict[str, Any]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
-        raise ValueError(f"{flag(name)} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        raise InputError(f"{flag(name)} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{flag(name)} must be a finite number, got {value!r}")
+        raise InputError(f"{flag(name)} must be a finite number, got {value!r}")
     low, high = meta.get("low"), meta.get("high")
     too_low = low is not None and (value <= low if meta["low_open"] else value < low)
     too_high = high is not None and (value >= high if meta["high_open"] else value > high)
     if too_low or too_high:
-        raise ValueError(f"{flag(name)} must be {_bounds_text(meta)}, got {value!r}")
+        raise InputError(f"{flag(name)} must be {_bounds_text(meta)}, got {value!r}")
 
 
 def check_field(cls: type[Options], name: str, value: Any) -> None:
@@ -144,22 +147,22 @@ def check_field(cls: type[Options], name: str, value: Any) -> None:
     tp, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
     if value is None:
         if not optional:
-            raise ValueError(f"{flag(name)} needs a value")
+            raise InputError(f"{flag(name)} needs a value")
         return
     items, item_tp = [value], tp
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         items, item_tp = list(value), args[0]
         if not (len(args) == 2 and args[1] is Ellipsis) and len(items) != len(args):
-            raise ValueError(f"{flag(name)} takes {len(args)} values, got {list(value)}")
+            raise InputError(f"{flag(name)} takes {len(args)} values, got {list(value)}")
         if not items and not (meta.get("positional") and cls.__dataclass_fields__[name].default == ()):
-            raise ValueError(f"{flag(name)} needs at least one value")
+            raise InputError(f"{flag(name)} needs at least one value")
     if meta.get("check") is not None:
         meta["check"](value)
     choices = meta.get("choices") or (typing.get_args(item_tp) if typing.get_origin(item_tp) is Literal else None)
     for v in items:
         if choices is not None and v not in choices:
-            raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
+            raise InputError(f"{flag(name)} must be one of {', '.join(map(str, choices))}; got {v!r}")
         if item_tp in (int, float):
             _check_number(name, v, item_tp, meta)
 
@@ -208,8 +211,11 @@ class Options:
         """
         known = {f.name for f in dataclasses.fields(self)}
         if unknown := sorted(set(changes) - known):
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)}; {type(self).__name__} has: {', '.join(sorted(known))}"
+            close = {u: difflib.get_close_matches(u.replace("-", "_"), known, n=1) for u in unknown}
+            hints = "; ".join(f"{u}: did you mean {c[0]}?" for u, c in close.items() if c)
+            raise InputError(
+                f"unknown option(s) {', '.join(unknown)}{f' ({hints})' if hints else ''}; {type(self).__name__} "
+                f"has: {', '.join(sorted(known))}"
             )
         new = copy.copy(self)
         for name, value in changes.items():
@@ -314,11 +320,11 @@ def preset_path(command: str, name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json") or p.exists():
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise MissingFileError(f"config file {p} does not exist")
         return p
     shipped = resources.files("dmae") / "configs" / command / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        raise ValueError(
+        raise InputError(
             f"unknown {command} preset {name_or_path!r}; shipped presets: {', '.join(list_presets(command))}"
         )
     return Path(str(shipped))
@@ -341,13 +347,13 @@ def load_values(path: Path, cls: type) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        raise InputError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(values).__name__}")
+        raise InputError(f"config file {path} must hold a mapping of option: value, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"config file {path}: unknown options {unknown}")
+        raise InputError(f"config file {path}: unknown options {unknown}")
     return values
 
 

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from dmae.errors import InputError
+
 
 def check_sigma(sigma: float) -> float:
     """Validate a noise level (std in [0, 1] pixel units); 0 means no noise.
@@ -31,7 +33,7 @@ def check_sigma(sigma: float) -> float:
         ValueError: a bool, not an int/float, not finite, or < 0; naming the value.
     """
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a number >= 0 (std of the noise in [0, 1] pixel units), got {sigma!r}")
+        raise InputError(f"sigma must be a number >= 0 (std of the noise in [0, 1] pixel units), got {sigma!r}")
     return float(sigma)
 
 
@@ -44,7 +46,7 @@ def check_mask_ratio(mask_ratio: float) -> float:
         ValueError: not an int/float, or outside [0, 1); naming the value.
     """
     if not isinstance(mask_ratio, (int, float)) or not (0.0 <= mask_ratio < 1.0):
-        raise ValueError(f"mask_ratio must be in [0, 1) (fraction of patches removed), got {mask_ratio!r}")
+        raise InputError(f"mask_ratio must be in [0, 1) (fraction of patches removed), got {mask_ratio!r}")
     return float(mask_ratio)
 
 
@@ -69,9 +71,9 @@ def add_gaussian_noise(
     """
     if isinstance(sigma, torch.Tensor):
         if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"per-sample sigma must have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+            raise InputError(f"per-sample sigma must have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
         if bool((sigma < 0).any()):
-            raise ValueError(f"sigma must be >= 0, got min {sigma.min().item()}")
+            raise InputError(f"sigma must be >= 0, got min {sigma.min().item()}")
         scale: torch.Tensor | float = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
     else:
         scale = check_sigma(sigma)
@@ -121,7 +123,7 @@ def random_masking(
     check_mask_ratio(mask_ratio)
     len_keep = int(num_patches * (1 - mask_ratio))
     if len_keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+        raise InputError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
     noise = torch.rand(n, num_patches, generator=generator, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -144,7 +146,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     n, c, h, w = imgs.shape
     p = patch_size
     if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        raise InputError(f"image size {h}x{w} is not divisible by patch size {p}")
     x = imgs.reshape(n, c, h // p, p, w // p, p)
     x = torch.einsum("nchpwq->nhwpqc", x)
     return x.reshape(n, (h // p) * (w // p), p * p * c)
@@ -163,11 +165,11 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     n, L, d = x.shape
     p = patch_size
     if d != p * p * channels:
-        raise ValueError(f"patch dim {d} != patch_size^2 * channels = {p * p * channels}")
+        raise InputError(f"patch dim {d} != patch_size^2 * channels = {p * p * channels}")
     if grid is None:
         side = round(L**0.5)
         if side * side != L:
-            raise ValueError(f"{L} patches do not form a square grid; pass grid=(h, w)")
+            raise InputError(f"{L} patches do not form a square grid; pass grid=(h, w)")
         grid = (side, side)
     gh, gw = grid
     x = x.reshape(n, gh, gw, p, p, channels)
@@ -184,7 +186,7 @@ def check_sigma_range(low: float, high: float) -> tuple[float, float]:
         ValueError: unless ``0 <= low <= high`` and ``high > 0`` (NaN fails both).
     """
     if not (0.0 <= low <= high) or high <= 0.0:
-        raise ValueError(f"sigma range must satisfy 0 <= low <= high, high > 0, got [{low}, {high}]")
+        raise InputError(f"sigma range must satisfy 0 <= low <= high, high > 0, got [{low}, {high}]")
     return float(low), float(high)
 
 

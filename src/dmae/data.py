@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
-from dmae.errors import DmaeError
+from dmae.errors import DmaeError, InputError
 from dmae.runtime import derive_seed
 
 # ImageNet's channel statistics: the normalization of official checkpoints, which do not store theirs.
@@ -97,7 +97,7 @@ def dataset_info(name: str, root: str | os.PathLike | None = None) -> DatasetInf
     try:
         info = DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}") from None
+        raise InputError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}") from None
     if name == "folder" and root is not None and folder_channels(root) == 1:
         info = dataclasses.replace(info, channels=1, mean=GREY_MEAN, std=GREY_STD)
     return info
@@ -225,7 +225,7 @@ class FashionMNIST(Dataset):
         self, root: str | os.PathLike | None, split: str, transform: Callable | None = None, download: bool = False
     ) -> None:
         if split not in FASHION_MNIST_FILES:
-            raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
+            raise InputError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
         try:
             d = find_fashion_mnist(root)
         except DataError:
@@ -366,10 +366,10 @@ def build_dataset(
         ValueError: ``channels`` other than None, 1 or 3.
     """
     if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1 or 3 (the model's input channels), got {channels!r}")
+        raise InputError(f"channels must be 1 or 3 (the model's input channels), got {channels!r}")
     info = dataset_info(name)
     if split not in info.splits:
-        raise ValueError(f"{name}: split must be one of {info.splits}, got {split!r}")
+        raise InputError(f"{name}: split must be one of {info.splits}, got {split!r}")
     if name == "fashion-mnist":
         return FashionMNIST(root, split, transform=transform, download=download)
     if name == "cifar10":
@@ -443,7 +443,7 @@ def num_classes_of(ds: Dataset) -> int:
         return len(FashionMNIST.classes)
     classes = getattr(ds, "classes", None)
     if classes is None:
-        raise ValueError(f"cannot tell the class count of {type(ds).__name__}")
+        raise InputError(f"cannot tell the class count of {type(ds).__name__}")
     return len(classes)
 
 
@@ -524,7 +524,7 @@ class ShardedEpochSampler(Sampler):
         per_rank_batches = n // (batch_size * world_size)
         self.batches_per_epoch = (per_rank_batches // multiple_of) * multiple_of
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"{n} images are too few for batch size {batch_size} x {world_size} process(es) x {multiple_of} "
                 "accumulation steps; lower --batch-size or --accum-iter"
             )

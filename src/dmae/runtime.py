@@ -16,6 +16,8 @@ from types import FrameType
 import torch
 from torch import nn
 
+from dmae.errors import InputError, PlatformError
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -33,7 +35,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(preference)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {preference!r} asked for, but PyTorch sees no CUDA device")
+            raise PlatformError(f"--device {preference!r} asked for, but PyTorch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
@@ -49,7 +51,7 @@ def module_device(module: nn.Module) -> torch.device:
         return t.device
     for b in module.buffers():
         return b.device
-    raise ValueError(f"{type(module).__name__} has no parameters or buffers to tell its device; pass device=")
+    raise InputError(f"{type(module).__name__} has no parameters or buffers to tell its device; pass device=")
 
 
 def use_bf16(device: torch.device, precision: str) -> bool:
@@ -59,7 +61,7 @@ def use_bf16(device: torch.device, precision: str) -> bool:
         ValueError: ``precision`` is not ``'auto'``, ``'bf16'`` or ``'fp32'``.
     """
     if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        raise InputError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

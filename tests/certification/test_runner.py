@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,20 @@ def test_budget_warnings_when_n_cannot_reach_alpha(classifier_run, tmp_path):
         run_certification(_cfg(classifier_run, tmp_path / "c", n=9, max=1))
     with pytest.warns(UserWarning, match="n=10 can never return a class at alpha=0.001"):
         run_certification(_cfg(classifier_run, tmp_path / "p", n=10, max=1), mode="predict")
+
+
+def test_radii_beyond_the_sample_budget_are_named_before_sampling(classifier_run, tmp_path, capsys):
+    """n = 100 at sigma 0.25 and alpha 0.001 reaches at most 0.25 * Phi^-1(0.001 ** (1 / 100)) = 0.307: the
+    report's radii 0.5, 0.75 and 1 cannot be certified whatever the classifier, and the run says so first."""
+    from scipy.stats import norm
+
+    cfg = CertifyConfig(
+        checkpoint=str(classifier_run), sigma=(0.25,), n0=10, n=100, max=1, output_dir=str(tmp_path), progress=False
+    )
+    run_certification(cfg)
+    out = capsys.readouterr().out
+    ceiling = 0.25 * norm.ppf(0.001 ** (1 / 100))
+    assert f"no radius above {ceiling:.3f} can be certified" in out
+    need = math.ceil(math.log(0.001) / math.log(norm.cdf(1 / 0.25)))  # alpha ** (1 / n) > Phi(r / sigma)
+    assert f"certified accuracy at r = 0.5, 0.75, 1 will be 0 (--n {need:,} reaches r = 1)" in out
+    assert 218_000 < need < 219_000

@@ -348,6 +348,15 @@ def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys)
             meta = json.loads((tmp_path / f"o{i}" / "certify_sigma0.25.json").read_text())
             assert meta["model"] == spec and meta["images"] == 2
         assert parse_model_name("mynets:TinyNet") == ("python", "mynets:TinyNet")
+        # without --input-mean / --input-std, code of one's own takes [0, 1] images as in the Python API: the
+        # input layer does not normalize it a second time, and the rows are those of dmae.certify on the module
+        plain = [a for a in base if a not in ("--input-mean", "--input-std", "0", "1")]
+        assert main([*plain, "--model", "mynets:TinyNet", "--output-dir", str(tmp_path / "own")]) == 0
+        meta = json.loads((tmp_path / "own" / "certify_sigma0.25.json").read_text())
+        assert (
+            meta["input_layer"] == json.loads((tmp_path / "o1" / "certify_sigma0.25.json").read_text())["input_layer"]
+        )
+        assert "0.286" not in json.dumps(meta["input_layer"])
         capsys.readouterr()
         for spec, why in (
             ("mynets:Nope", "mynets has no class or function 'Nope'"),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dmae.errors import InputError
 from dmae.smoothing import Smooth
 from dmae.smoothing.core import PHASE_SELECT
 from dmae.smoothing.sequential import SequentialSettings, chunk_looks, oracle_certificates
@@ -132,7 +133,7 @@ def estimate_cost(
         per_image = n if mode == "predict" else n0 + n
         return _fixed_cost(smooth, mode, images, indices, todo, done, per_image, batch)
     if sequential is None:
-        raise ValueError("a sequential estimate needs the sequential settings")
+        raise InputError("a sequential estimate needs the sequential settings")
     return _sequential_cost(smooth, mode, images, indices, labels, todo, done, batch, sequential)
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dmae.errors import InputError
 from dmae.smoothing.core import PHASE_PROBE, Smooth
 
 PROBE_IMAGES = 100  # images of the probe: a few seconds on a CPU, a standard error of at most 5 points
@@ -102,13 +103,13 @@ def accuracy_probe(
             what :meth:`Smooth.classify` raises, or images that :func:`~dmae.smoothing.core.check_images` refuses.
     """
     if images.shape[0] == 0 or len(indices) != images.shape[0] or len(labels) != images.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"the probe needs images with one index and one label each, got {images.shape[0]} images, "
             f"{len(indices)} indices and {len(labels)} labels"
         )
     outside = [(int(i), int(y)) for i, y in zip(indices, labels, strict=True) if not 0 <= int(y) < smooth.num_classes]
     if outside:  # no class could ever be counted right: certified accuracy 0 whatever the classifier
-        raise ValueError(
+        raise InputError(
             f"label(s) outside the classifier's {smooth.num_classes} classes (image, label): {outside[:5]}"
         )
     smooth._check_inputs(images, indices)

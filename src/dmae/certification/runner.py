@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
+from scipy.stats import norm
 from torch import nn
 
 from dmae import checkpoint as ckpt
@@ -69,10 +71,11 @@ from dmae.data import (
     num_classes_of,
 )
 from dmae.distributed import DistInfo, barrier, launch
+from dmae.errors import InputError
 from dmae.runtime import warn_user
-from dmae.smoothing import Smooth, SoundSmooth, check_alpha
+from dmae.smoothing import Smooth, SoundSmooth, check_alpha, radius_ceiling
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
-from dmae.smoothing.core import eval_mode
+from dmae.smoothing.core import check_images, eval_mode
 from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
 
 if TYPE_CHECKING:
@@ -114,18 +117,18 @@ MERGE_KEYS = (*(k for k in ROW_SETTINGS if k != "shard"), "images")
 def _check_radii(radii: tuple[float, ...]) -> None:
     for r in radii:
         if not 0 <= r < float("inf"):
-            raise ValueError(f"--radii must be finite numbers >= 0, got {r}")
+            raise InputError(f"--radii must be finite numbers >= 0, got {r}")
 
 
 def _check_futility(beta: float) -> None:
     if not 0 <= beta <= 0.5:
-        raise ValueError(f"--futility must be in [0, 0.5] (0 turns the rule off), got {beta}")
+        raise InputError(f"--futility must be in [0, 0.5] (0 turns the rule off), got {beta}")
 
 
 def _check_sigmas(sigmas: tuple[float, ...]) -> None:
     for s in sigmas:
         if not s > 0:
-            raise ValueError(f"sigma must be > 0, got {s}")
+            raise InputError(f"sigma must be > 0, got {s}")
 
 
 @dataclass
@@ -153,9 +156,12 @@ class CertifyConfig(Options):
     )
     input_mean: tuple[float, ...] | None = option(
         None,
-        "--model: per-channel mean the network was trained to subtract, [0, 1] pixel units (default: the data set's)",
+        "--model: per-channel mean the network was trained to subtract, [0, 1] pixel units (default: the data set's "
+        "for timm / torchvision; 0 for your own module:Factory, which takes [0, 1] images as in the Python API)",
     )
-    input_std: tuple[float, ...] | None = option(None, "--model: per-channel std (default: the data set's)")
+    input_std: tuple[float, ...] | None = option(
+        None, "--model: per-channel std (default: the data set's for timm / torchvision; 1 for your own module:Factory)"
+    )
     data: str = option("fashion-mnist", "data set", choices=DATASET_NAMES, check=dataset_info)
     data_root: str | None = option(None, "data set directory (default: found automatically)")
     split: str | None = option(None, "split to certify (default: the evaluation split: test or val)")
@@ -250,10 +256,10 @@ class CertifyConfig(Options):
 
     def check_combination(self) -> None:
         if not self.checkpoint:
-            raise ValueError("--checkpoint is required")
+            raise InputError("--checkpoint is required")
         for name in ("input_size", "input_mean", "input_std"):
             if getattr(self, name) is not None and not self.model:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with --model")
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with --model")
         only = {
             "radii": "targets",
             "epsilon": "continuous",
@@ -269,13 +275,13 @@ class CertifyConfig(Options):
                 and (self.sequential is None or (mode and self.sequential != mode))
             ):
                 need = f"--sequential {mode}" if mode else "--sequential"
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)} is only used with {need}")
         if self.merge and self.shard:
-            raise ValueError(f"--shard {self.shard} certifies one shard and --merge combines them: give one of the two")
+            raise InputError(f"--shard {self.shard} certifies one shard and --merge combines them: give one of the two")
         if self.merge and self.estimate:
-            raise ValueError("--estimate prices a certification and --merge certifies nothing: give one of the two")
+            raise InputError("--estimate prices a certification and --merge certifies nothing: give one of the two")
         if self.allow_partial and not self.merge:
-            raise ValueError("--allow-partial is only used with --merge")
+            raise InputError("--allow-partial is only used with --merge")
 
 
 @dataclass
@@ -350,7 +356,7 @@ def prepare(
             warn_user(f"the classifier was fine-tuned on {trained_on}, and --data is {cfg.data}")
     sigmas = cfg.sigma or ((trained,) if isinstance(trained, float) else None)
     if not sigmas:
-        raise ValueError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
+        raise InputError("give --sigma (the checkpoint's run does not say which single sigma it was trained at)")
     model.to(device).eval()
     ds = build_dataset(
         cfg.data, split, cfg.data_root, build_transform(info, False, img_size), channels=model.preprocess.in_chans
@@ -403,13 +409,9 @@ def module_task(
         ValueError: an empty data set, items that are not (tensor image [C, H, W], label), or fewer than 2 classes.
     """
     if len(dataset) == 0:
-        raise ValueError("the data set is empty")
+        raise InputError("the data set is empty")
     x, _ = dataset[0]
-    if not isinstance(x, torch.Tensor) or x.ndim != 3:
-        raise ValueError(
-            f"data set items must be (image, label) with image a [C, H, W] tensor of [0, 1] pixels, got "
-            f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}"
-        )
+    _check_first_image(model, x)
     k = num_classes if num_classes is not None else _output_classes(model, x, device)
     mode, header = _mode_header(cfg, mode)
     digest = ckpt.state_dict_digest(model.state_dict()) if isinstance(model, nn.Module) else "unknown (a function)"
@@ -432,12 +434,38 @@ def module_task(
     )
 
 
+def _check_first_image(model: Any, x: Any) -> None:
+    """The first image of a user's data set, checked before the model sees it: a ``[C, H, W]`` floating-point
+    tensor in [0, 1] (channels first) of the dtype of the model's parameters.
+
+    Raises:
+        InputError: anything else, naming what the image is and how to make it what is needed.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 3:
+        raise InputError(
+            f"data set items must be (image, label) with image a [C, H, W] tensor of [0, 1] pixels, got "
+            f"{type(x).__name__}{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}"
+        )
+    if x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):
+        raise InputError(
+            f"the images are {list(x.shape)}: channels last; give [C, H, W] (x.permute(2, 0, 1), or torchvision's "
+            "ToTensor)"
+        )
+    check_images(x.unsqueeze(0), [0])  # float, finite, in [0, 1]: before the first forward pass
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    if param is not None and torch.is_floating_point(param) and x.dtype != param.dtype:
+        raise InputError(
+            f"the images are {x.dtype} and the model's parameters {param.dtype}: convert one of them (e.g. "
+            f"x.to({param.dtype}) in the data set's transform)"
+        )
+
+
 def _output_classes(model: Any, x: torch.Tensor, device: torch.device) -> int:
     """The class count a model's logits have, from one clean forward pass (in eval mode, modes restored)."""
     with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext(), torch.no_grad():
         logits = model(x.unsqueeze(0).to(device))
     if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"the model returned {tuple(logits.shape)} for one image, expected logits [1, K] with K >= 2")
+        raise InputError(f"the model returned {tuple(logits.shape)} for one image, expected logits [1, K] with K >= 2")
     return int(logits.shape[1])
 
 
@@ -458,7 +486,7 @@ def certify_module(
     # every option is checked as the CLI's; the data set's name is the caller's own (no registry entry to check)
     _validate(cfg if cfg.data in DATASET_NAMES else dataclasses.replace(cfg, data=DATASET_NAMES[0]), mode)
     if not cfg.sigma:
-        raise ValueError("give sigma: a model of your own records no training sigma to default to")
+        raise InputError("give sigma: a model of your own records no training sigma to default to")
     sigmas = tuple(float(s) for s in cfg.sigma)
 
     def job(device: torch.device, dist: DistInfo) -> list[CertifyRun]:
@@ -539,18 +567,23 @@ def _external_model(name: str, cfg: CertifyConfig, info: Any, num_classes: int) 
         ValueError: an unknown architecture (close names listed) or a bad ``--input-mean`` / ``--input-std``.
         CheckpointError: a missing, unreadable or unsafe weights file, keys or shapes that do not fit, NaN weights.
     """
-    from dmae.models.external import build_external_classifier
+    from dmae.models.external import build_external_classifier, parse_model_name
 
     assert cfg.checkpoint is not None  # CertifyConfig.check_combination requires it
     path = Path(cfg.checkpoint)
+    # timm / torchvision networks expect normalized input: the data set's statistics by default. Code of the
+    # user's own takes [0, 1] images, as everywhere in the Python API: normalizing it again would shift its input
+    own = parse_model_name(name)[0] == "python"
+    mean = cfg.input_mean or ((0.0,) if own else info.mean)
+    std = cfg.input_std or ((1.0,) if own else info.std)
     model, digest = build_external_classifier(
         name,
         path,
         num_classes,
         img_size=cfg.input_size or info.size or 224,
         in_chans=info.channels,
-        mean=cfg.input_mean or info.mean,
-        std=cfg.input_std or info.std,
+        mean=mean,
+        std=std,
     )
     return model, path, digest
 
@@ -647,7 +680,7 @@ def check_settings(main_file: Path, meta: dict[str, Any]) -> None:
         diff = {k: (old.get(k), meta.get(k)) for k in ROW_SETTINGS if old.get(k) != meta.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{main_file} was written with other settings ({detail}); use another --output-dir")
+            raise InputError(f"{main_file} was written with other settings ({detail}); use another --output-dir")
 
 
 def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
@@ -779,12 +812,37 @@ def run_probe(task: CertifyTask, smooth: Smooth) -> Probe:
     return probe
 
 
+def unreachable_note(task: CertifyTask, sigma: float) -> str | None:
+    """A note when some of the radii the report shows (``--radii``, else the data set's standard ones) lie beyond
+    what the sample budget can certify even with every sample correct (sigma * Phi^-1(alpha^(1/n)), Cohen et al.,
+    ICML 2019): their certified accuracy is 0 whatever the classifier, and the note says which budget reaches the
+    largest. None when every radius is reachable, and for PREDICT."""
+    cfg = task.cfg
+    if task.mode == "predict":
+        return None
+    n = (cfg.n_max or cfg.n) if cfg.sequential else cfg.n
+    radii = tuple(cfg.radii) if cfg.radii else standard_radii(cfg.data)
+    ceiling = radius_ceiling(n, cfg.alpha, sigma)
+    above = [r for r in radii if r > ceiling]
+    if not above or ceiling <= 0:  # no radius at all: check_certify_budget warns
+        return None
+    need = math.ceil(math.log(cfg.alpha) / math.log(float(norm.cdf(max(above) / sigma))))
+    flag = "--n-max" if cfg.sequential else "--n"
+    return (
+        f"note: at sigma {sigma:g} with {n:,} samples per image (alpha {cfg.alpha:g}) no radius above {ceiling:.3f} "
+        f"can be certified, even with every sample correct: certified accuracy at r = "
+        f"{', '.join(f'{r:g}' for r in above)} will be 0 ({flag} {need:,} reaches r = {max(above):g})"
+    )
+
+
 def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     """Certify this run's images at one sigma into its log (the main log, or a shard's: the same steps)."""
     cfg, dist = task.cfg, task.dist
     main_file = log_path(task, sigma)
     meta = settings(task, sigma)
     check_settings(main_file, meta)  # a log of other settings is refused before anything is spent
+    if dist.is_main and (note := unreachable_note(task, sigma)):
+        print(note, flush=True)
     smooth = smoother(task, sigma)
     if task.planned:
         meta["probe"] = run_probe(task, smooth).to_dict()
@@ -829,7 +887,7 @@ def _validate(cfg: CertifyConfig, mode: str) -> None:
     """Every option's check, then what the command (certify / predict) allows."""
     cfg.validate()
     if mode == "predict" and cfg.sequential:
-        raise ValueError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+        raise InputError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
 
 
 def main_log_path(task: CertifyTask, sigma: float) -> Path:

@@ -35,6 +35,7 @@ from dmae.certification.log import (
     write_json,
     write_rows,
 )
+from dmae.errors import InputError
 
 # a shard's TSV or JSON; a ``.nonfinite.tsv`` side file or a ``.rank{r}`` file of a shard does not match
 SHARD_NAME = re.compile(r"^(?P<main>.+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.(?:tsv|json)$")
@@ -54,15 +55,15 @@ def parse_shard(value: str) -> tuple[int, int]:
     """
     m = re.fullmatch(r"\s*([+-]?\d+)\s*/\s*([+-]?\d+)\s*", value) if isinstance(value, str) else None
     if m is None:
-        raise ValueError(
+        raise InputError(
             f"--shard takes K/N, two integers: this job's shard K of N shards, 0 <= K < N (e.g. --shard 0/10); "
             f"got {value!r}"
         )
     k, n = int(m[1]), int(m[2])
     if n < 1:
-        raise ValueError(f"--shard {value}: N, the number of shards, must be >= 1; got {n}")
+        raise InputError(f"--shard {value}: N, the number of shards, must be >= 1; got {n}")
     if not 0 <= k < n:
-        raise ValueError(f"--shard {value}: K must be in 0..{n - 1} (the {n} shards are numbered from 0); got {k}")
+        raise InputError(f"--shard {value}: K must be in 0..{n - 1} (the {n} shards are numbered from 0); got {k}")
     return k, n
 
 

@@ -19,6 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from dmae.errors import InputError
 from dmae.models.dmae import DMAEConfig, config_from_dict
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
@@ -40,11 +41,11 @@ class ClassifierConfig:
         if isinstance(self.encoder, dict):
             self.encoder = DMAEConfig.from_dict(self.encoder)
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"classifier: num_classes must be an integer >= 2, got {self.num_classes!r}")
+            raise InputError(f"classifier: num_classes must be an integer >= 2, got {self.num_classes!r}")
         if self.pool not in ("avg", "token"):
-            raise ValueError(f"classifier: pool must be 'avg' or 'token', got {self.pool!r}")
+            raise InputError(f"classifier: pool must be 'avg' or 'token', got {self.pool!r}")
         if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"classifier: drop_path must be in [0, 1), got {self.drop_path!r}")
+            raise InputError(f"classifier: drop_path must be in [0, 1), got {self.drop_path!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (the encoder's config nested), read back by :meth:`from_dict`."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from dmae.corrupt import Masking, patchify, unpatchify
 from dmae.data import IMAGENET_MEAN, IMAGENET_STD
+from dmae.errors import InputError
 from dmae.models.pos_embed import sincos_2d
 from dmae.models.preprocess import InputAdapter
 
@@ -40,7 +41,7 @@ def config_from_dict(cls: type[C], d: dict[str, Any], what: str) -> C:
     """
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}")
+        raise InputError(f"{what}: unknown keys {unknown}")
     return cls(**d)
 
 
@@ -86,16 +87,16 @@ class DMAEConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+                raise InputError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.img_size % self.patch_size:
-            raise ValueError(f"model config: img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+            raise InputError(f"model config: img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(
+            raise InputError(
                 "model config: embedding dims must be divisible by their head counts, got "
                 f"{self.embed_dim}/{self.num_heads} and {self.decoder_embed_dim}/{self.decoder_num_heads}"
             )
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            raise ValueError("model config: embedding dims must be divisible by 4 (2-D sin-cos positions)")
+            raise InputError("model config: embedding dims must be divisible by 4 (2-D sin-cos positions)")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -255,7 +256,7 @@ class DenoisingMaskedAutoencoder(nn.Module):
         x = x + self.pos_embed[:, 1:, :]
         n, L, d = x.shape
         if masking.ids_keep.shape[0] != n or masking.mask.shape[1] != L:
-            raise ValueError(f"masking is for {tuple(masking.mask.shape)} patches, images give [{n}, {L}]")
+            raise InputError(f"masking is for {tuple(masking.mask.shape)} patches, images give [{n}, {L}]")
         x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, d))  # [N, L_keep, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
         x = torch.cat([cls, x], dim=1)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dmae.checkpoint import CheckpointError, extract_state_dict, safe_load
+from dmae.errors import InputError, MissingFileError
 from dmae.models.preprocess import InputAdapter
 
 MODEL_SOURCES = ("timm", "torchvision")
@@ -49,19 +50,19 @@ def parse_model_name(spec: str) -> tuple[str, str]:
         source, name = "timm", text
     if sep and source.strip().lower() not in MODEL_SOURCES and (source.endswith(".py") or _DOTTED.match(source)):
         if not _DOTTED.match(name.strip()):
-            raise ValueError(
+            raise InputError(
                 f"model {spec!r}: after the module or file comes the name of a class or function in it, "
                 "e.g. 'mypackage.models:SmallCNN' or 'models.py:SmallCNN'"
             )
         return "python", text  # an architecture of the user's own code
     source, name = source.strip().lower(), name.strip()
     if source not in MODEL_SOURCES:
-        raise ValueError(
+        raise InputError(
             f"model {spec!r}: unknown source {source!r} (use one of {', '.join(MODEL_SOURCES)}, "
             "e.g. 'timm:resnet18' or 'torchvision:resnet18'; a bare name means timm)"
         )
     if not name:
-        raise ValueError(f"model {spec!r}: no architecture name after the source (e.g. '{source}:resnet18')")
+        raise InputError(f"model {spec!r}: no architecture name after the source (e.g. '{source}:resnet18')")
     return source, name
 
 
@@ -72,13 +73,13 @@ def _input_adapter(img_size: int, in_chans: int, mean: Sequence[float], std: Seq
         ValueError: bad size / channels, or mean / std rejected by InputAdapter, with the option names.
     """
     if int(img_size) < 1 or int(in_chans) < 1:
-        raise ValueError(f"input size {img_size} and channels {in_chans} must be positive")
+        raise InputError(f"input size {img_size} and channels {in_chans} must be positive")
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     mean, std = (mean * in_chans if len(mean) == 1 else mean), (std * in_chans if len(std) == 1 else std)
     try:
         return InputAdapter(img_size, in_chans, mean, std)
     except ValueError as e:
-        raise ValueError(f"--input-mean {mean} / --input-std {std}: {e}") from None
+        raise InputError(f"--input-mean {mean} / --input-std {std}: {e}") from None
 
 
 class ExternalClassifier(nn.Module):
@@ -128,14 +129,14 @@ class ExternalClassifier(nn.Module):
         return f"source={self.source}, name={self.name}, num_classes={self.num_classes}"
 
 
-def _unknown_name(source: str, name: str, known: Sequence[str]) -> ValueError:
+def _unknown_name(source: str, name: str, known: Sequence[str]) -> InputError:
     """The error for an architecture the library lacks, listing up to 8 close names (spelling, then substring)."""
     close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
     stem = re.match(r"[A-Za-z_]+", name)
     if stem and len(close) < 8:  # e.g. 'resnet' for 'resnet18x': same family, whatever the suffix
         close += [k for k in known if stem.group(0).rstrip("_").lower() in k.lower() and k not in close]
     hint = f"close names: {', '.join(close[:8])}" if close else f"see {source}'s list_models()"
-    return ValueError(f"unknown {source} architecture {name!r} ({hint})")
+    return InputError(f"unknown {source} architecture {name!r} ({hint})")
 
 
 def _create(source: str, name: str, num_classes: int, img_size: int, in_chans: int) -> nn.Module:
@@ -191,21 +192,21 @@ def _create_python(spec: str, num_classes: int, img_size: int, in_chans: int) ->
             file = Path(where).resolve()
             loaded = importlib.util.spec_from_file_location(file.stem, file)
             if loaded is None or loaded.loader is None or not file.is_file():
-                raise FileNotFoundError(f"no such file {file}")
+                raise MissingFileError(f"no such file {file}")
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
     except (ImportError, FileNotFoundError, SyntaxError) as e:
-        raise ValueError(f"--model {spec}: cannot import {where}: {e}") from e
+        raise InputError(f"--model {spec}: cannot import {where}: {e}") from e
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"--model {spec}: {where} has no class or function {attr!r}")
+        raise InputError(f"--model {spec}: {where} has no class or function {attr!r}")
     offered = {"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
     params = inspect.signature(factory).parameters
     net = factory(**{k: v for k, v in offered.items() if k in params})
     if not isinstance(net, nn.Module):
-        raise ValueError(f"--model {spec}: {attr}(...) returned {type(net).__name__}, not an nn.Module")
+        raise InputError(f"--model {spec}: {attr}(...) returned {type(net).__name__}, not an nn.Module")
     return net
 
 
@@ -323,10 +324,10 @@ def build_external_classifier(
     source, name = parse_model_name(spec)
     if source == "torchvision":
         if in_chans not in (1, 3):
-            raise ValueError(f"torchvision:{name} takes 3-channel images; {in_chans} channels cannot be mapped to 3")
+            raise InputError(f"torchvision:{name} takes 3-channel images; {in_chans} channels cannot be mapped to 3")
         in_chans = 3
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+        raise InputError(f"num_classes must be positive, got {num_classes}")
     model = ExternalClassifier(
         _create(source, name, num_classes, img_size, in_chans),
         source=source,

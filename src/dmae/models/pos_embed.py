@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from dmae.errors import InputError
+
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """``pos: [M]`` -> ``[M, dim]`` = ``[sin(pos * omega), cos(pos * omega)]`` (float64).
@@ -21,7 +23,7 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
         ValueError: ``dim`` is odd.
     """
     if dim % 2:
-        raise ValueError(f"embedding dim must be even, got {dim}")
+        raise InputError(f"embedding dim must be even, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
     omega = 1.0 / 10000**omega  # [D/2]
     out = pos.to(torch.float64)[:, None] * omega[None, :]  # [M, D/2]
@@ -38,7 +40,7 @@ def sincos_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.
         ValueError: ``dim`` is not divisible by 4.
     """
     if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+        raise InputError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmae.errors import InputError
+
 
 class InputAdapter(nn.Module):
     """Grey-to-RGB expansion (if needed), bicubic resize to ``img_size`` (if needed), then normalize.
@@ -33,9 +35,9 @@ class InputAdapter(nn.Module):
     def __init__(self, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != in_chans or len(std) != in_chans:
-            raise ValueError(f"mean/std need {in_chans} values (one per channel), got {list(mean)} / {list(std)}")
+            raise InputError(f"mean/std need {in_chans} values (one per channel), got {list(mean)} / {list(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {list(std)}")
+            raise InputError(f"std must be positive, got {list(std)}")
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -52,13 +54,13 @@ class InputAdapter(nn.Module):
                 3-channel model.
         """
         if x.ndim != 4:
-            raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+            raise InputError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
         c = x.shape[1]
         if c != self.in_chans:
             if c == 1 and self.in_chans == 3:
                 x = x.expand(-1, 3, -1, -1)
             else:
-                raise ValueError(f"model takes {self.in_chans}-channel images, got {c} channels")
+                raise InputError(f"model takes {self.in_chans}-channel images, got {c} channels")
         if x.shape[-2:] != (self.img_size, self.img_size):
             down = x.shape[-1] > self.img_size
             x = F.interpolate(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmae.data import DATASETS, DatasetInfo
+from dmae.errors import InputError
 from dmae.models.dmae import DenoisingMaskedAutoencoder, DMAEConfig
 
 
@@ -38,7 +39,7 @@ def register(name: str, description: str, native_input: bool = False, **kwargs: 
         ValueError: ``name`` is already registered.
     """
     if name in _PRESETS:
-        raise ValueError(f"model preset {name!r} registered twice")
+        raise InputError(f"model preset {name!r} registered twice")
     _PRESETS[name] = Preset(name, kwargs, description, native_input)
 
 
@@ -159,7 +160,7 @@ def get_preset(name: str) -> Preset:
     try:
         return _PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+        raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
 
 
 def model_config(name: str, **overrides: Any) -> DMAEConfig:

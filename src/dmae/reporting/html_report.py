@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 import dmae
+from dmae.errors import DmaeError, InputError, MissingFileError
 from dmae.reporting.figures import png_bytes, pyplot
 from dmae.reporting.report import (
     CertLog,
@@ -77,14 +78,14 @@ def discover(files: list[str | Path], runs: list[str | Path]) -> RunContents:
     """
     found = RunContents()
     if missing := next((f for f in map(Path, files) if not f.exists()), None):
-        raise FileNotFoundError(f"no such log: {missing}")
+        raise MissingFileError(f"no such log: {missing}")
     found.logs = expand_folders(files)
     found.given = len(found.logs)
     for r in map(Path, runs):
         if not r.is_dir():
             if r.is_file():  # --run-dir takes every value after it, log files included
-                raise FileNotFoundError(f"--run-dir takes folders, and {r} is a file: give log files before --run-dir")
-            raise FileNotFoundError(f"no such run folder: {r}")
+                raise MissingFileError(f"--run-dir takes folders, and {r} is a file: give log files before --run-dir")
+            raise MissingFileError(f"no such run folder: {r}")
         found.logs += find_logs(r)
         # a folder NAME.tmp<pid> is a copy being written (or left by a killed process), not a run
         runs_found = [
@@ -341,7 +342,7 @@ def _class_name(names: Sequence[str] | None, c: int) -> str | int:
     return names[c] if names and 0 <= c < len(names) else c
 
 
-class _NoImages(Exception):
+class _NoImages(DmaeError):
     """Why a log's images cannot be shown, in words for the page."""
 
 
@@ -352,7 +353,7 @@ def _log_images(lg: CertLog, path: Path, cache: dict[tuple[Any, ...], Any]) -> t
         _NoImages: the log has no idx column or its JSON names no data set (a hand-made log).  Anything
             :func:`dmae.data.build_dataset` raises (a data set not on this machine).
     """
-    from dmae.data import build_dataset, build_transform, dataset_info
+    from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info
 
     if lg.idx is None:
         raise _NoImages("the log has no idx column naming its images")
@@ -361,6 +362,11 @@ def _log_images(lg: CertLog, path: Path, cache: dict[tuple[Any, ...], Any]) -> t
         raise _NoImages(
             f"no data set recorded ({path.with_suffix('.json').name} beside the log {why}); the rows "
             "cannot be matched to images"
+        )
+    if lg.meta["data"] not in DATASET_NAMES:  # dmae.certify over a data set of the caller's own
+        raise _NoImages(
+            f"the log certifies a data set of your own ({lg.meta['data']!r}), which the report cannot read back; "
+            "the table, curves and settings above are complete"
         )
     info = dataset_info(lg.meta["data"])
     key = (lg.meta["data"], lg.meta.get("split") or info.splits[1], (lg.meta.get("config") or {}).get("data_root"))
@@ -444,7 +450,7 @@ def write_html_report(
             (``paired``) logs of different images.
     """
     if not files and not runs:
-        raise ValueError("give certification logs and/or --run-dir folders to report on")
+        raise InputError("give certification logs and/or --run-dir folders to report on")
     page = build_html(discover(files, runs), title, paired=paired, radii=radii)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from dmae.certification.log import LogError, LogRows, read_log_rows, unique_imag
 from dmae.certification.shards import main_of_shard, read_shards, shard_files
 from dmae.config import Options, option
 from dmae.data import DATASETS
+from dmae.errors import InputError
 from dmae.reporting.figures import pyplot, write_png
 
 RADII = {name: info.radii for name, info in DATASETS.items()}  # the standard radii of each data set
@@ -50,7 +51,7 @@ ReportError = LogError  # what reading a log raises: the file, the line and what
 def _check_radii(radii: tuple[float, ...]) -> None:
     for r in radii:
         if not r >= 0:
-            raise ValueError(f"--radii must be >= 0, got {r}")
+            raise InputError(f"--radii must be >= 0, got {r}")
 
 
 @dataclass
@@ -83,12 +84,12 @@ class ReportConfig(Options):
 
     def check_combination(self) -> None:
         if not self.files and not self.run_dir:
-            raise ValueError("give certification logs (TSV files) and/or --run-dir FOLDER")
+            raise InputError("give certification logs (TSV files) and/or --run-dir FOLDER")
         for name in ("markdown", "csv", "plot"):
             if getattr(self, name) and not self.files:
-                raise ValueError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
+                raise InputError(f"--{name} writes the table of the log files given; with only --run-dir use --html")
         if self.compare and len(self.files) < 2 and not any(Path(f).is_dir() for f in self.files):
-            raise ValueError(
+            raise InputError(
                 f"--compare compares log files with the first one: give at least two, as files or "
                 f"folders of logs (got {len(self.files)}; --run-dir folders are not compared)"
             )
@@ -617,7 +618,7 @@ def best_row_refusal(logs: list[CertLog]) -> str | None:
     """Why a best-sigma row over two or more ``logs`` would mean nothing (None when it is meaningful): see
     :func:`summarize`. Raises ValueError for fewer than two logs (a best row over one log is the log)."""
     if len(logs) < 2:
-        raise ValueError(f"a best-sigma row needs two logs or more, got {len(logs)}")
+        raise InputError(f"a best-sigma row needs two logs or more, got {len(logs)}")
     sigmas = [None if lg.sigma is None else round(lg.sigma, 6) for lg in logs]
     if None in sigmas:
         return f"the sigma of {logs[sigmas.index(None)].name} is unknown"

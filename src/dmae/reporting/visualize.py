@@ -12,6 +12,7 @@ from dmae.checkpoint import DECODER_PREFIXES, CheckpointError, load_dmae, resolv
 from dmae.config import Options, option
 from dmae.corrupt import add_gaussian_noise, check_mask_ratio, check_sigma, random_masking
 from dmae.data import DATASET_NAMES, build_dataset, build_transform, dataset_info, dataset_size
+from dmae.errors import InputError
 from dmae.models.dmae import DenoisingMaskedAutoencoder
 from dmae.models.registry import get_preset
 from dmae.reporting.figures import pyplot, write_png
@@ -111,7 +112,7 @@ class VisualizeConfig(Options):
 
     def check_combination(self) -> None:
         if not self.checkpoint:
-            raise ValueError("--checkpoint is required")
+            raise InputError("--checkpoint is required")
 
 
 def visualize(cfg: VisualizeConfig) -> Path:

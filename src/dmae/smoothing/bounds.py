@@ -10,6 +10,8 @@ import warnings
 
 from scipy.stats import beta, binomtest, norm
 
+from dmae.errors import InputError
+
 
 def check_alpha(alpha: float) -> float:
     """alpha is a failure probability (the chance that a certificate is wrong, 0.001 in the field's protocol), so it
@@ -26,7 +28,7 @@ def check_alpha(alpha: float) -> float:
                 f"; alpha is the failure probability, not a confidence level: for {alpha:g} confidence "
                 f"give alpha {1 - alpha:.6g}"
             )
-        raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}{hint}")
+        raise InputError(f"alpha must be in (0, 0.5), got {alpha!r}{hint}")
     return float(alpha)
 
 
@@ -40,7 +42,7 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """
     check_alpha(alpha)
     if n < 1 or not (0 <= n_a <= n):
-        raise ValueError(f"need 0 <= n_a <= n and n >= 1, got n_a={n_a}, n={n}")
+        raise InputError(f"need 0 <= n_a <= n and n >= 1, got n_a={n_a}, n={n}")
     if n_a == 0:
         return 0.0
     return float(beta.ppf(alpha, n_a, n - n_a + 1))

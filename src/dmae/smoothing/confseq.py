@@ -42,6 +42,7 @@ from scipy.optimize import brentq
 from scipy.special import betaincc, betaincinv, betaln, ndtr, ndtri
 from scipy.stats import binom
 
+from dmae.errors import InputError
 from dmae.smoothing.bounds import check_alpha
 
 # Per-instance memo of lower/upper per (k, t): the engine asks for the same counts for many images.
@@ -77,38 +78,38 @@ class ConfidenceSequence(Protocol):
 # ---------------------------------------------------------------------------------------------------- checks
 def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     try:
         out = operator.index(value)  # ints and numpy integers, not floats
     except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
     if out < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return out
 
 
 def _check_share(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        raise InputError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
 
 
 def _check_sigma(sigma: object) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0.0 < sigma < math.inf):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        raise InputError(f"sigma must be a finite number > 0, got {sigma!r}")
     return float(sigma)
 
 
 def _check_probability(p: object, name: str) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0):
-        raise ValueError(f"{name} must be in [0, 1], got {p!r}")
+        raise InputError(f"{name} must be in [0, 1], got {p!r}")
     return float(p)
 
 
 def _check_looks(looks: Sequence[int], n_max: int) -> tuple[int, ...]:
     out = tuple(_check_int(t, "each look", 1) for t in looks)
     if not out or out[-1] != n_max or any(b <= a for a, b in itertools.pairwise(out)):
-        raise ValueError(f"looks must be strictly increasing integers >= 1 ending at n_max={n_max}, got {looks!r}")
+        raise InputError(f"looks must be strictly increasing integers >= 1 ending at n_max={n_max}, got {looks!r}")
     return out
 
 
@@ -121,7 +122,7 @@ def geometric_looks(n_max: int, first: int, ratio: float) -> tuple[int, ...]:
     n_max = _check_int(n_max, "n_max", 1)
     t = _check_int(first, "first", 1)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (1.0 < ratio < math.inf):
-        raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
+        raise InputError(f"ratio must be a finite number > 1, got {ratio!r}")
     looks = []
     while t < n_max:
         looks.append(t)
@@ -189,14 +190,14 @@ class _Looks(ABC):
         j = self._index.get(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else None
         if j is None:
             shown = self.looks if len(self.looks) <= 12 else (*self.looks[:5], "...", *self.looks[-3:])
-            raise ValueError(f"t must be one of the looks {shown}, got {t!r}")
+            raise InputError(f"t must be one of the looks {shown}, got {t!r}")
         return j
 
     def _check(self, k: int, t: int) -> tuple[int, int]:
         self.look_index(t)
         k = _check_int(k, "k", 0)
         if k > t:
-            raise ValueError(f"need 0 <= k <= t, got k={k}, t={t}")
+            raise InputError(f"need 0 <= k <= t, got k={k}, t={t}")
         return k, int(t)
 
 
@@ -372,7 +373,7 @@ class BettingMixture(_Looks):
         self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
         n_max = _check_int(n_max, "n_max", 1)
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (0.0 < prior < math.inf):
-            raise ValueError(f"prior must be a finite number > 0, got {prior!r}")
+            raise InputError(f"prior must be a finite number > 0, got {prior!r}")
         self.prior = float(prior)
         self.final_share = _check_share(final_share, "final_share")
         self._init_looks(geometric_looks(n_max, first, ratio) if looks is None else _check_looks(looks, n_max))
@@ -423,7 +424,7 @@ def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> Con
     """
     name = DEFAULT_KIND if kind == "default" else ALIASES.get(kind, kind)
     if name not in SEQUENCES:
-        raise ValueError(
+        raise InputError(
             f"unknown confidence sequence {kind!r}; available: default, {', '.join(sorted([*SEQUENCES, *ALIASES]))}"
         )
     return SEQUENCES[name](alpha, n_max, **options)
@@ -440,7 +441,7 @@ def threshold(r: float, sigma: float) -> float:
     """
     sigma = _check_sigma(sigma)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r < math.inf):
-        raise ValueError(f"r must be a finite number >= 0, got {r!r}")
+        raise InputError(f"r must be a finite number >= 0, got {r!r}")
     return float(ndtr(r / sigma))
 
 
@@ -477,7 +478,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     out = []
     for tau in thresholds:
         if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating)) or not (0.5 <= tau <= 1.0):
-            raise ValueError(f"thresholds must be in [0.5, 1] (Phi(r / sigma) for r >= 0), got {tau!r}")
+            raise InputError(f"thresholds must be in [0.5, 1] (Phi(r / sigma) for r >= 0), got {tau!r}")
         out.append(float(tau))
     return tuple(out)
 
@@ -490,7 +491,7 @@ def check_futility(futility: object) -> float:
         ValueError: anything else (None included: callers pass None only where the rule is off).
     """
     if isinstance(futility, bool) or not isinstance(futility, (int, float)) or not (0.0 < futility <= 0.5):
-        raise ValueError(f"futility must be a number in (0, 0.5], got {futility!r}")
+        raise InputError(f"futility must be a number in (0, 0.5], got {futility!r}")
     return float(futility)
 
 
@@ -653,11 +654,11 @@ class DecisionTable:
             ValueError: ``t`` not a look, or a count outside [0, t].
         """
         if t not in self.looks or isinstance(t, bool):
-            raise ValueError(f"t must be one of the looks, got {t!r}")
+            raise InputError(f"t must be one of the looks, got {t!r}")
         j = self.looks.index(t)
         k = np.asarray(k)
         if k.ndim != 1 or not np.issubdtype(k.dtype, np.integer) or (k.size and (k.min() < 0 or k.max() > t)):
-            raise ValueError(f"k must be a 1-d array of integers in [0, {t}], got {k!r}")
+            raise InputError(f"k must be a 1-d array of integers in [0, {t}], got {k!r}")
         out = np.zeros((k.size, len(self.thresholds)), dtype=np.int8)
         out[k[:, None] <= self.refute_upto[j]] = Decision.REFUTED
         out[k[:, None] >= self.certify_from[j]] = Decision.CERTIFIED  # a certified target wins, as in decide()

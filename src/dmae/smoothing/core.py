@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dmae.corrupt import check_sigma
+from dmae.errors import InputError
 from dmae.runtime import autocast, derive_seed, module_device, warn_user
 from dmae.smoothing.bounds import (
     certified_radius,
@@ -85,11 +86,11 @@ class SampleCounts(NamedTuple):
 
 def _check_counts(n0: int | None, n: int, batch_size: int) -> None:
     if n0 is not None and (not isinstance(n0, int) or n0 < 1):
-        raise ValueError(f"n0 must be an integer >= 1, got {n0!r}")
+        raise InputError(f"n0 must be an integer >= 1, got {n0!r}")
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 class Smooth:
@@ -125,9 +126,9 @@ class Smooth:
         input_range: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
         if check_sigma(sigma) <= 0:
-            raise ValueError(f"sigma must be > 0 to smooth a classifier, got {sigma!r}")
+            raise InputError(f"sigma must be > 0 to smooth a classifier, got {sigma!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+            raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = float(sigma)
@@ -136,7 +137,7 @@ class Smooth:
         # no silent fallback: a classifier without parameters or buffers needs an explicit device
         self.device = torch.device(device) if device is not None else module_device(base_classifier)
         if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
-            raise ValueError(f"input_range must be (low, high) with low < high, or None; got {input_range!r}")
+            raise InputError(f"input_range must be (low, high) with low < high, or None; got {input_range!r}")
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         check_trained_sigma(base_classifier, self.sigma)
         self._calls = 0
@@ -223,9 +224,9 @@ class Smooth:
                 infinite pixel (named by its index), or logits not ``[B, num_classes]``.
         """
         if images.ndim != 4:
-            raise ValueError(f"expected images [I, C, H, W], got shape {tuple(images.shape)}")
+            raise InputError(f"expected images [I, C, H, W], got shape {tuple(images.shape)}")
         if len(indices) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(indices)} indices")
+            raise InputError(f"{images.shape[0]} images but {len(indices)} indices")
         self._check_inputs(images, indices)
         x = images.to(self.device)
         k = self.num_classes
@@ -267,7 +268,7 @@ class Smooth:
         with self.evaluating(), autocast(self.device, self.precision):
             logits = self.base_classifier(noisy)
         if logits.ndim != 2 or logits.shape[1] != k:
-            raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
+            raise InputError(f"base classifier returned {tuple(logits.shape)}, expected [B, {k}] logits")
         return torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), k)
 
     def _check_budget(self, check: Any, n: int, alpha: float) -> None:
@@ -336,7 +337,7 @@ def check_images(
     """
     if not torch.is_floating_point(images):
         hint = " (8-bit pixels: divide by 255, or use torchvision's ToTensor)" if images.dtype == torch.uint8 else ""
-        raise ValueError(
+        raise InputError(
             f"images must be a floating-point tensor with pixels in [0, 1], got dtype {images.dtype}{hint}"
         )
     flat = images.flatten(1)
@@ -349,11 +350,11 @@ def check_images(
     flags = torch.stack([finite, inside]).tolist()
     bad = [int(i) for i, ok in zip(indices, flags[0], strict=True) if not ok]
     if bad:
-        raise ValueError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
+        raise InputError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
     outside = [int(i) for i, ok in zip(indices, flags[1], strict=True) if not ok]
     if outside:
         lo_seen, hi_seen = float(images.min()), float(images.max())
-        raise ValueError(
+        raise InputError(
             f"image(s) {outside[:10]} have pixels in [{lo_seen:.4g}, {hi_seen:.4g}], outside "
             f"[{lo:g}, {hi:g}]: images must be [0, 1] pixels (ToTensor, no "
             "Normalize: the model's first layer normalizes), because sigma and every radius are "
@@ -371,7 +372,7 @@ def check_row_independent(model: nn.Module) -> None:
     """
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
-            raise ValueError(
+            raise InputError(
                 f"module {name or type(m).__name__} ({type(m).__name__}, track_running_stats=False) "
                 "normalizes every batch by its own statistics, even in eval mode: one noisy sample's "
                 "class would depend on the others in its batch, and the certificate's bound (independent "

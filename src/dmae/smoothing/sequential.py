@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmae.errors import InputError
 from dmae.smoothing.bounds import check_certify_budget
 from dmae.smoothing.confseq import (
     ConfidenceSequence,
@@ -102,15 +103,15 @@ class SequentialSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.n0, int) or self.n0 < 1:
-            raise ValueError(f"n0 must be an integer >= 1, got {self.n0!r}")
+            raise InputError(f"n0 must be an integer >= 1, got {self.n0!r}")
         if not isinstance(self.n_max, int) or self.n_max < 1:
-            raise ValueError(f"n_max must be an integer >= 1, got {self.n_max!r}")
+            raise InputError(f"n_max must be an integer >= 1, got {self.n_max!r}")
         if self.mode not in ("targets", "continuous"):
-            raise ValueError(f"mode must be 'targets' or 'continuous', got {self.mode!r}")
+            raise InputError(f"mode must be 'targets' or 'continuous', got {self.mode!r}")
         if not self.radii or any(not (0.0 <= r < math.inf) for r in self.radii):
-            raise ValueError(f"radii must be finite numbers >= 0, got {self.radii!r}")
+            raise InputError(f"radii must be finite numbers >= 0, got {self.radii!r}")
         if not (0.0 < self.epsilon < math.inf):
-            raise ValueError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
+            raise InputError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
         if self.futility is not None:
             check_futility(self.futility)
 
@@ -174,7 +175,7 @@ class SequentialCertifier:
                 a missing label under ``stop_on_wrong_guess``.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         source = iter(items)
         active: list[_Slot] = []
         seen: set[int] = set()
@@ -186,7 +187,7 @@ class SequentialCertifier:
                     exhausted = True
                 else:
                     if int(nxt[0]) in seen:  # the index names the noise stream: one image, one stream
-                        raise ValueError(f"image index {nxt[0]} given twice")
+                        raise InputError(f"image index {nxt[0]} given twice")
                     seen.add(int(nxt[0]))
                     active.append(self._admit(*nxt, labels))
             if not active:
@@ -210,7 +211,7 @@ class SequentialCertifier:
         label = None
         if self.settings.stop_on_wrong_guess:
             if labels is None or int(idx) not in labels:
-                raise ValueError(f"stop_on_wrong_guess needs the label of image {idx}")
+                raise InputError(f"stop_on_wrong_guess needs the label of image {idx}")
             label = int(labels[int(idx)])
         slot = _Slot(idx, image.to(self.smooth.device), target=self.settings.n0, label=label)
         slot.counts = np.zeros(self.k + 1, dtype=np.int64)
@@ -349,11 +350,11 @@ def oracle_certificates(
     pr = np.asarray(probs, dtype=np.float64)
     pr = np.stack([pr, 1.0 - pr], axis=1) if pr.ndim == 1 else pr
     if pr.ndim != 2 or not np.all((pr >= 0) & (pr <= 1)) or not np.allclose(pr.sum(1), 1.0, atol=1e-9):
-        raise ValueError(
+        raise InputError(
             f"probs must be probabilities in [0, 1] (rows summing to 1), got {np.asarray(probs).tolist()!r}"
         )
     if labels is not None and len(labels) != len(pr):
-        raise ValueError(f"{len(labels)} labels for {len(pr)} images")
+        raise InputError(f"{len(labels)} labels for {len(pr)} images")
     x = torch.zeros(len(pr), 1, 1, 2, dtype=torch.float64)
     x[:, 0, 0, 1] = torch.arange(len(pr), dtype=torch.float64) * ID_SPACING
     given = labels if labels is not None else pr.argmax(1).tolist()

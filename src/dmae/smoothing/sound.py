@@ -39,6 +39,7 @@ import mpmath
 import torch
 from torch import nn
 
+from dmae.errors import InputError, PlatformError
 from dmae.smoothing.core import CHUNK, Smooth, chunk_seed
 
 LEVELS = 255  # 8-bit images: pixels k / 255
@@ -75,13 +76,13 @@ class DiscreteGaussian:
 
     def __init__(self, sigma: float, levels: int = LEVELS, tail: float = TAIL_SIGMAS, bits: int = BITS) -> None:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 < sigma < math.inf):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+            raise InputError(f"sigma must be a finite number > 0, got {sigma!r}")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be an integer >= 1 (255 for 8-bit images), got {levels!r}")
+            raise InputError(f"levels must be an integer >= 1 (255 for 8-bit images), got {levels!r}")
         if not (0 < tail < math.inf):
-            raise ValueError(f"tail must be a finite number > 0, got {tail!r}")
+            raise InputError(f"tail must be a finite number > 0, got {tail!r}")
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 62:
-            raise ValueError(f"bits must be an integer in 1 .. 62, got {bits!r}")
+            raise InputError(f"bits must be an integer in 1 .. 62, got {bits!r}")
         self.sigma, self.levels, self.bits = float(sigma), levels, bits
         b = math.ceil(tail * self.sigma * levels)
         self.clip_low, self.clip_high = -b, levels + b
@@ -189,7 +190,7 @@ class DiscreteGaussian:
                 if open_:
                     still.append((e, open_))
             pending = still
-        raise RuntimeError(
+        raise PlatformError(
             f"{len(pending)} noise draws still undecided after {_MAX_LEVELS} words (a broken generator?)"
         )
 
@@ -220,7 +221,7 @@ def check_grid(
     if off:
         worst = ", ".join(f"image {i}: {d:.3g}" for i, d in off[:10])
         made = " (ToTensor of 8-bit images gives it)" if levels == LEVELS else ""
-        raise ValueError(
+        raise InputError(
             f"sound certification needs images on the {levels}-level grid (every pixel k/{levels}"
             f"{made}), within {tolerance:g}; largest distance to the grid: {worst}. "
             f"Resized, interpolated or normalized images are not on it: certify the quantized image "
@@ -228,7 +229,7 @@ def check_grid(
         )
     bad = [int(i) for i, o in zip(indices, outside, strict=True) if o]
     if bad:
-        raise ValueError(f"image(s) {bad[:10]} have grid pixels outside 0 .. {levels}: pixels must lie in [0, 1]")
+        raise InputError(f"image(s) {bad[:10]} have grid pixels outside 0 .. {levels}: pixels must lie in [0, 1]")
 
 
 class SoundSmooth(Smooth):
@@ -265,7 +266,7 @@ class SoundSmooth(Smooth):
     ) -> None:
         super().__init__(base_classifier, num_classes, sigma, seed=seed, precision=precision, device=device)
         if self.device.type not in ("cpu", "cuda"):  # randint's exact uniformity over 2^62 is shown for these only
-            raise ValueError(f"sound certification runs on cpu or cuda, got device {self.device}")
+            raise InputError(f"sound certification runs on cpu or cuda, got device {self.device}")
         self.levels = levels
         self.noise = discrete_gaussian(self.sigma, levels)
         self._values: dict[torch.dtype, torch.Tensor] = {}

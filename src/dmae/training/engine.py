@@ -41,6 +41,7 @@ from dmae.config import Options, default, flag, option, save_config, to_dict
 from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, dataset_size, fingerprint
 from dmae.datasets import UserData
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
+from dmae.errors import DivergedError, InputError, MissingFileError, RunExistsError
 from dmae.runtime import autocast, derive_seed
 
 # Options that may change when a run is resumed; any other difference would change the trajectory.
@@ -142,7 +143,7 @@ class TrainOptions(RunOptions):
         # a default warmup longer than the run is cut to fit it when the run starts (adapt_to_data); a given one
         # is the user's choice and is refused instead
         if self.warmup_epochs > self.epochs and self.given("warmup_epochs"):
-            raise ValueError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+            raise InputError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
 
     def learning_rate(self, effective_batch: int) -> float:
         """``--lr`` if given, else ``blr * effective_batch / 256`` (MAE's linear scaling rule)."""
@@ -435,11 +436,9 @@ def check_run_folder(out: Path, resume: bool) -> Path:
     """
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir"
-        )
+        raise RunExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
     if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
     return ckpt_path
 
 
@@ -454,7 +453,7 @@ def check_resumable(
     diff = {k: (saved.get(k), now[k]) for k in now if k not in resumable and saved.get(k) != now[k]}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume {path}: {what} differ from the saved run ({detail})")
+        raise InputError(f"cannot resume {path}: {what} differ from the saved run ({detail})")
 
 
 def check_finite_parameters(model: nn.Module, step: int) -> None:
@@ -467,7 +466,7 @@ def check_finite_parameters(model: nn.Module, step: int) -> None:
     finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()  # one host read
     bad = [n for (n, _), ok in zip(params, finite, strict=True) if not ok]
     if bad:
-        raise FloatingPointError(
+        raise DivergedError(
             f"weights are not finite at step {step} ({', '.join(bad[:4])}); the run diverged, "
             "nothing was saved: lower the learning rate or clip gradients, then --resume"
         )
@@ -565,10 +564,11 @@ class TrainResult:
     output_dir: Path
     step: int  # optimizer steps done in total
     total_steps: int
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, this rank's loss) of this call
+    # (step, this rank's loss) of this call; the repr leaves it and the model out (a page of numbers and layers)
+    losses: list[tuple[int, float]] = field(default_factory=list, repr=False)
     evals: list[dict[str, float]] = field(default_factory=list)  # {step, epoch, metrics...} of this call (rank 0)
     best: dict[str, float] | None = None  # the evaluation of the selected checkpoint (fine-tuning)
-    model: nn.Module | None = None  # the trained model (this rank's copy)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model (this rank's copy)
     stopped: bool = False  # stopped early (signal or stop_after); resume to finish
     interrupted: bool = False  # stopped by SIGINT / SIGTERM
     adapted: list[Adaptation] = field(default_factory=list)  # defaults changed to fit the data
@@ -812,7 +812,7 @@ class _Trainer:
         local = torch.stack(self.window)
         mean_loss = all_reduce_mean(local.mean(), self.dist).item()
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(
+            raise DivergedError(
                 f"loss is {mean_loss} at step {self.step}; the run diverged, nothing was saved: "
                 "lower the learning rate or clip gradients, then --resume"
             )

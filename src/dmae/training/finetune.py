@@ -31,6 +31,7 @@ from dmae.config import default, option
 from dmae.corrupt import add_gaussian_noise, check_sigma, check_sigma_range, corrupt_batch
 from dmae.data import DatasetInfo, build_dataset, build_transform, dataset_info, dataset_size, num_classes_of
 from dmae.datasets import UserData
+from dmae.errors import InputError, MissingFileError
 from dmae.models.classifier import Pool, ViTClassifier
 from dmae.models.registry import get_preset
 from dmae.runtime import autocast
@@ -120,17 +121,17 @@ class FinetuneConfig(TrainOptions):
     def check_combination(self) -> None:
         super().check_combination()
         if self.init is None and self.model is None:
-            raise ValueError(
+            raise InputError(
                 "give --init (pretrained weights) or --model (a preset, trained from random initialisation)"
             )
         if self.init is not None and not Path(self.init).exists():
-            raise FileNotFoundError(f"--init {self.init} does not exist")
+            raise MissingFileError(f"--init {self.init} does not exist")
         if self.sigma_range is None and self.sigma <= 0:
-            raise ValueError(f"--sigma must be > 0 to train a smoothed classifier, got {self.sigma}")
+            raise InputError(f"--sigma must be > 0 to train a smoothed classifier, got {self.sigma}")
         if self.method == "cr" and self.num_noise < 2:
-            raise ValueError(f"consistency regularization needs --num-noise >= 2, got {self.num_noise}")
+            raise InputError(f"consistency regularization needs --num-noise >= 2, got {self.num_noise}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
+            raise InputError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
 
 
 @dataclass
@@ -259,7 +260,7 @@ def split_train_val(n: int, val_size: int) -> tuple[list[int], list[int]]:
         ValueError: ``val_size`` leaves no training image.
     """
     if val_size >= n:
-        raise ValueError(
+        raise InputError(
             f"--val-size {val_size} leaves no training images out of {n}; give a smaller --val-size "
             f"(or leave it out: the default holds out {VAL_FRACTION:.0%})"
         )

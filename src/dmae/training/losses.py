@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from dmae.errors import InputError
+
 LossOn = Literal["all", "masked"]
 LOSS_ON: tuple[str, ...] = ("all", "masked")
 
@@ -56,9 +58,9 @@ def reconstruction_loss(
             one of :data:`LOSS_ON`.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     if mask.shape != pred.shape[:2]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match patches {tuple(pred.shape[:2])}")
+        raise InputError(f"mask {tuple(mask.shape)} does not match patches {tuple(pred.shape[:2])}")
     if norm_pix_loss:
         target = normalize_patches(target)
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [N, L]
@@ -67,7 +69,7 @@ def reconstruction_loss(
     if on == "masked":
         mask = mask.to(per_patch.dtype)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-    raise ValueError(f"loss must be one of {LOSS_ON}, got {on!r}")
+    raise InputError(f"loss must be one of {LOSS_ON}, got {on!r}")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -126,7 +128,7 @@ def consistency_loss(
         ValueError: ``logits`` is not 3-D ``[m, B, K]``.
     """
     if logits.ndim != 3:
-        raise ValueError(f"consistency_loss wants logits [m, B, K], got {tuple(logits.shape)}")
+        raise InputError(f"consistency_loss wants logits [m, B, K], got {tuple(logits.shape)}")
     m = logits.shape[0]
     log_p = F.log_softmax(logits.float(), dim=-1)  # [m, B, K]
     ce = torch.stack([cross_entropy(logits[i], target, label_smoothing) for i in range(m)]).mean()

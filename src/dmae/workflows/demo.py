@@ -20,7 +20,7 @@ from typing import Any
 
 from dmae import config as C
 from dmae.checkpoint import read_provenance
-from dmae.errors import StageInterrupted
+from dmae.errors import InputError, MissingFileError, StageInterrupted
 from dmae.training.engine import TrainResult
 
 # the certification slice: every 50th test image (200 images), sequential CERTIFY at the standard radii with at
@@ -45,7 +45,7 @@ class DemoConfig(C.Options):
     def check_combination(self) -> None:
         super().check_combination()
         if self.epochs is not None and not self.from_scratch:
-            raise ValueError(
+            raise InputError(
                 f"--epochs {self.epochs} sets the pretraining of --from-scratch; the shipped checkpoint "
                 "is already pretrained (add --from-scratch to pretrain here)"
             )
@@ -98,7 +98,7 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
     if copied is not None:
         return copied  # the copy this folder was made with
     if run.exists() and (found := sorted(p.name for p in run.iterdir())):
-        raise ValueError(
+        raise InputError(
             f"{run} holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} and no copy of the "
             "shipped checkpoint (a pretraining run made here with dmae demo --from-scratch?); run the "
             "demo with --from-scratch again to continue it, or give another --output-dir for the "
@@ -106,11 +106,11 @@ def install_shipped_pretraining(run: Path) -> dict[str, Any]:
         )
     for name in SHIPPED_FILES:
         if not (SHIPPED_DIR / name).is_file():
-            raise FileNotFoundError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
+            raise MissingFileError(f"the shipped checkpoint file {SHIPPED_DIR / name} is missing; reinstall dmae")
     prov = shipped_provenance()
     digest = file_sha256(SHIPPED_DIR / "model.safetensors")
     if digest != prov["sha256"]:
-        raise ValueError(
+        raise InputError(
             f"the shipped weights {SHIPPED_DIR / 'model.safetensors'} have sha256 {digest}, not the "
             f"recorded {prov['sha256']}; reinstall dmae"
         )
@@ -195,7 +195,7 @@ def run_demo(
     t0 = time.perf_counter()
     common = {"device": device, "progress": progress}
     if not from_scratch and (epochs is not None or overrides):
-        raise ValueError(
+        raise InputError(
             f"epochs / pretraining overrides ({epochs}, {overrides}) apply to from_scratch=True only; "
             "the shipped checkpoint is already pretrained"
         )
@@ -222,7 +222,7 @@ def _pretrain_stage(out: Path, common: dict[str, Any], epochs: int | None, overr
     from dmae.training.pretrain import PretrainConfig, pretrain
 
     if read_provenance(out / "pretrain") is not None:
-        raise ValueError(
+        raise InputError(
             f"{out / 'pretrain'} holds the shipped checkpoint; give another --output-dir to pretrain from scratch"
         )
     cfg = _stage_config(

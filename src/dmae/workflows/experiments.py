@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from dmae import config as C
-from dmae.errors import DmaeError, StageInterrupted
+from dmae.errors import DmaeError, InputError, StageInterrupted
 
 if TYPE_CHECKING:
     from dmae.certification.runner import CertifyConfig
@@ -277,7 +277,7 @@ def _check_same_images(exp: Experiment, a: str, b: str) -> None:
 def _check_use(items: tuple[str, ...]) -> None:
     for item in items:
         if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]:
-            raise ValueError(f"--use takes STAGE=PATH, got {item!r}")
+            raise InputError(f"--use takes STAGE=PATH, got {item!r}")
 
 
 @dataclass
@@ -312,7 +312,7 @@ class ExperimentConfig(C.Options):
 
     def check_combination(self) -> None:
         if not self.name:
-            raise ValueError("name an experiment (see `dmae experiments`)")
+            raise InputError("name an experiment (see `dmae experiments`)")
 
     def options(self, exp: Experiment) -> ExperimentOptions:
         """The run's :class:`ExperimentOptions`; raises ExperimentError for a --use / --only naming no stage."""
