@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from dmae import _API
 from dmae import checkpoint as ckpt
 from dmae.certification.log import LogError, read_log_rows
 from dmae.certification.runner import CertifyConfig, certify_module
@@ -447,16 +448,5 @@ def table(logs: LogLike | Sequence[LogLike], radii: Sequence[float] | None = Non
     return summarize(_as_logs(logs), tuple(radii) if radii is not None else None)
 
 
-__all__ = [
-    "CertifyResult",
-    "PredictLog",
-    "PredictResult",
-    "certify",
-    "compare",
-    "finetune",
-    "load_classifier",
-    "predict",
-    "pretrain",
-    "read_log",
-    "table",
-]
+# the names dmae itself exports from here (dmae._API), and the per-sigma answer of predict()
+__all__ = [*_API, "PredictLog"]

@@ -19,6 +19,7 @@ Nothing is written: no log, no settings file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -148,21 +149,13 @@ def _fixed_cost(
     batch: int,
 ) -> CostEstimate:
     """CERTIFY / PREDICT: every image costs ``per_image`` forward passes; the pilot measures only the speed."""
-    device = str(smooth.device)
+    exact = _no_pilot(mode, smooth.sigma, todo, done, todo * per_image, todo * per_image, str(smooth.device))
     if not len(indices):
-        return _no_pilot(mode, smooth.sigma, todo, done, 0, 0, device)
+        return dataclasses.replace(exact, passes_min=0, passes_max=0)
     _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
-    return CostEstimate(
-        mode=mode,
-        sigma=smooth.sigma,
-        images=todo,
-        done=done,
-        passes_min=todo * per_image,
-        passes_max=todo * per_image,
-        passes_expected=float(todo * per_image),
-        probe_passes=PROBE_SAMPLES * len(indices),
-        probe_seconds=seconds,
-        device=device,
+    probe = PROBE_SAMPLES * len(indices)
+    return dataclasses.replace(
+        exact, passes_expected=float(todo * per_image), probe_passes=probe, probe_seconds=seconds
     )
 
 
@@ -191,19 +184,12 @@ def _sequential_cost(
     expected = todo * float(np.mean(costs))
     if (bad != 0).any():  # this classifier can give non-finite logits: an image may abstain right after selection
         lo = todo * s.n0
-    return CostEstimate(
-        mode=mode,
-        sigma=smooth.sigma,
-        images=todo,
-        done=done,
-        passes_min=lo,
-        passes_max=hi,
+    pilot = {"pilot_images": len(indices), "pilot_samples": num, "probe_passes": num * len(indices)}
+    return dataclasses.replace(
+        _no_pilot(mode, smooth.sigma, todo, done, lo, hi, device),
         passes_expected=expected,
-        probe_passes=num * len(indices),
         probe_seconds=seconds,
-        device=device,
-        pilot_images=len(indices),
-        pilot_samples=num,
+        **pilot,
     )
 
 

@@ -43,107 +43,79 @@ def register(name: str, description: str, native_input: bool = False, **kwargs: 
     _PRESETS[name] = Preset(name, kwargs, description, native_input)
 
 
-register(
-    "dmae_vit_base_patch16_dec512d8b",
-    "ViT-B/16 encoder (~86M), 512-d 8-block decoder; paper's main model",
-    img_size=224,
-    patch_size=16,
-    in_chans=3,
-    embed_dim=768,
-    depth=12,
-    num_heads=12,
-    decoder_embed_dim=512,
-    decoder_depth=8,
-    decoder_num_heads=16,
-)
-register(
-    "dmae_vit_large_patch16_dec512d8b",
-    "ViT-L/16 encoder (~304M, 24 blocks), 512-d 8-block decoder",
-    img_size=224,
-    patch_size=16,
-    in_chans=3,
-    embed_dim=1024,
-    depth=24,
-    num_heads=16,
-    decoder_embed_dim=512,
-    decoder_depth=8,
-    decoder_num_heads=16,
-)
-register(
-    "dmae_vit_tiny_patch4_dec128d2b",
-    "ViT-Ti width (192-d, 12 blocks) on 4x4 patches of 28-32 px images",
-    native_input=True,
-    img_size=28,
-    patch_size=4,
-    in_chans=1,
-    embed_dim=192,
-    depth=12,
-    num_heads=3,
-    decoder_embed_dim=128,
-    decoder_depth=2,
-    decoder_num_heads=4,
-    **_GREY,
-)
-register(
-    "dmae_vit_micro_patch4_dec64d2b",
-    "128-d, 6 blocks on 4x4 patches, 64-d 2-block decoder: the CPU demo model",
-    native_input=True,
-    img_size=28,
-    patch_size=4,
-    in_chans=1,
-    embed_dim=128,
-    depth=6,
-    num_heads=4,
-    decoder_embed_dim=64,
-    decoder_depth=2,
-    decoder_num_heads=2,
-    **_GREY,
-)
-register(
-    "dmae_vit_micro_patch7_dec64d2b",
-    "128-d, 6 blocks on 7x7 patches (16 tokens), 64-d 2-block decoder: ~3x faster",
-    native_input=True,
-    img_size=28,
-    patch_size=7,
-    in_chans=1,
-    embed_dim=128,
-    depth=6,
-    num_heads=4,
-    decoder_embed_dim=64,
-    decoder_depth=2,
-    decoder_num_heads=2,
-    **_GREY,
-)
-register(
-    "dmae_vit_mini_patch7_dec64d2b",
-    "192-d, 6 blocks on 7x7 patches (16 tokens), 64-d 2-block decoder",
-    native_input=True,
-    img_size=28,
-    patch_size=7,
-    in_chans=1,
-    embed_dim=192,
-    depth=6,
-    num_heads=3,
-    decoder_embed_dim=64,
-    decoder_depth=2,
-    decoder_num_heads=2,
-    **_GREY,
-)
-register(
-    "dmae_vit_pico_patch4_dec32d1b",
-    "32-d, 2 blocks: for tests and smoke runs",
-    native_input=True,
-    img_size=28,
-    patch_size=4,
-    in_chans=1,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    decoder_embed_dim=32,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    **_GREY,
-)
+# name: (description, img_size, patch_size, in_chans, encoder (embed_dim, depth, num_heads), decoder (the same))
+_VITS: dict[str, tuple[str, int, int, int, tuple[int, int, int], tuple[int, int, int]]] = {
+    "dmae_vit_base_patch16_dec512d8b": (
+        "ViT-B/16 encoder (~86M), 512-d 8-block decoder; paper's main model",
+        224,
+        16,
+        3,
+        (768, 12, 12),
+        (512, 8, 16),
+    ),
+    "dmae_vit_large_patch16_dec512d8b": (
+        "ViT-L/16 encoder (~304M, 24 blocks), 512-d 8-block decoder",
+        224,
+        16,
+        3,
+        (1024, 24, 16),
+        (512, 8, 16),
+    ),
+    # small presets: native input (the data set's size, channels and statistics; Fashion-MNIST's by default)
+    "dmae_vit_tiny_patch4_dec128d2b": (
+        "ViT-Ti width (192-d, 12 blocks) on 4x4 patches of 28-32 px images",
+        28,
+        4,
+        1,
+        (192, 12, 3),
+        (128, 2, 4),
+    ),
+    "dmae_vit_micro_patch4_dec64d2b": (
+        "128-d, 6 blocks on 4x4 patches, 64-d 2-block decoder: the CPU demo model",
+        28,
+        4,
+        1,
+        (128, 6, 4),
+        (64, 2, 2),
+    ),
+    "dmae_vit_micro_patch7_dec64d2b": (
+        "128-d, 6 blocks on 7x7 patches (16 tokens), 64-d 2-block decoder: ~3x faster",
+        28,
+        7,
+        1,
+        (128, 6, 4),
+        (64, 2, 2),
+    ),
+    "dmae_vit_mini_patch7_dec64d2b": (
+        "192-d, 6 blocks on 7x7 patches (16 tokens), 64-d 2-block decoder",
+        28,
+        7,
+        1,
+        (192, 6, 3),
+        (64, 2, 2),
+    ),
+    "dmae_vit_pico_patch4_dec32d1b": ("32-d, 2 blocks: for tests and smoke runs", 28, 4, 1, (32, 2, 2), (32, 1, 2)),
+}
+
+
+def _register_vits() -> None:
+    """Register every preset of :data:`_VITS`: the small ones (under 224 px) follow the data set's input."""
+    for name, (desc, size, patch, chans, enc, dec) in _VITS.items():
+        native = size < 224
+        register(
+            name,
+            desc,
+            native_input=native,
+            img_size=size,
+            patch_size=patch,
+            in_chans=chans,
+            **dict(zip(("embed_dim", "depth", "num_heads"), enc, strict=True)),
+            **dict(zip(("decoder_embed_dim", "decoder_depth", "decoder_num_heads"), dec, strict=True)),
+            **(_GREY if native else {}),
+        )
+
+
+_register_vits()
 
 
 def list_models() -> list[str]:

@@ -435,6 +435,12 @@ def find_logs(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def _aligned_table(head: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a plain-text table: the header, a rule, the rows, each column as wide as its widest cell."""
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    return [_aligned(cells, widths) for cells in (head, ["-" * w for w in widths], *body)]
+
+
 def _aligned(cells: list[str], widths: list[int]) -> str:
     """One line of a plain-text table: the first cell left-aligned (a name), the others right-aligned (numbers)."""
     return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
@@ -483,10 +489,7 @@ class Table:
 
     def text(self) -> str:
         """The table as aligned plain text (accuracies and abstention in %)."""
-        head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-        rows = [head, ["-" * w for w in widths], *body]
-        return "\n".join([_aligned(cells, widths) for cells in rows] + self.notes)
+        return "\n".join([*_aligned_table(*self.cells()), *self.notes])
 
     def markdown(self) -> str:
         """The table as a Markdown table (accuracies and abstention in %)."""
@@ -717,12 +720,7 @@ class Comparison:
 
     def text(self) -> str:
         """Aligned plain text, with the number of images."""
-        head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-        rows = [head, ["-" * w for w in widths], *body]
-        return "\n".join(
-            [self.header()] + [_aligned(cells, widths) for cells in rows] + [f"note: {n}" for n in self.notes]
-        )
+        return "\n".join([self.header(), *_aligned_table(*self.cells()), *(f"note: {n}" for n in self.notes)])
 
     def markdown(self) -> str:
         """A Markdown table under a line naming the pair and the number of images."""
