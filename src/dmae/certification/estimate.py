@@ -184,12 +184,13 @@ def _sequential_cost(
     expected = todo * float(np.mean(costs))
     if (bad != 0).any():  # this classifier can give non-finite logits: an image may abstain right after selection
         lo = todo * s.n0
-    pilot = {"pilot_images": len(indices), "pilot_samples": num, "probe_passes": num * len(indices)}
     return dataclasses.replace(
         _no_pilot(mode, smooth.sigma, todo, done, lo, hi, device),
         passes_expected=expected,
+        probe_passes=num * len(indices),
         probe_seconds=seconds,
-        **pilot,
+        pilot_images=len(indices),
+        pilot_samples=num,
     )
 
 
