@@ -841,11 +841,11 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     main_file = log_path(task, sigma)
     meta = settings(task, sigma)
     check_settings(main_file, meta)  # a log of other settings is refused before anything is spent
-    if dist.is_main and (note := unreachable_note(task, sigma)):
-        print(note, flush=True)
     smooth = smoother(task, sigma)
     if task.planned:
         meta["probe"] = run_probe(task, smooth).to_dict()
+    if dist.is_main and (note := unreachable_note(task, sigma)):  # after the probe, which is always the first line
+        print(note, flush=True)
     claim_log(main_file, meta, dist)
     done = merge_rank_files(main_file, task.header, remove=False)
     todo = [i for i in my_images(task) if i not in done]
