@@ -5,7 +5,9 @@ number of forward passes, and the wall time it implies on this machine, from a s
 classifier at the run's batch size and precision.
 
 - fixed-n CERTIFY spends exactly ``n0 + n`` passes per image (PREDICT ``n``);
-- sequential CERTIFY spends between ``n0`` (label shortcut) or ``n0 + first look`` and ``n0 + n_max`` per image.
+- fixed-n CERTIFY with ``--candidate label`` spends ``n`` (no selection samples);
+- sequential CERTIFY spends between the first selection round (``n0`` with the label shortcut) plus the first look
+  and ``n0 + n_max`` per image (no selection samples with ``--candidate label``).
   Its expected cost comes from a pilot: ``PILOT_IMAGES`` images spread over the run draw ``PILOT_SAMPLES``
   noisy samples each, their class frequencies stand in for the class probabilities, and the sequential engine is
   run on categorical oracles with those probabilities and the images' labels
@@ -19,6 +21,7 @@ Nothing is written: no log, no settings file.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ import torch
 
 from dmae.smoothing import Smooth
 from dmae.smoothing.core import PHASE_SELECT
-from dmae.smoothing.sequential import SequentialSettings, chunk_looks, oracle_certificates
+from dmae.smoothing.sequential import SequentialSettings, oracle_certificates, select_looks, sequence_for
 
 PILOT_IMAGES = 8  # images the probe samples (spread evenly over the images still to certify)
 PILOT_SAMPLES = 1000  # noisy samples per pilot image (fewer when n_max is smaller)
@@ -148,37 +151,65 @@ def estimate_cost(
         )
     if sequential is None:
         raise ValueError("a sequential estimate needs the sequential settings")
-    s = sequential
-    first = chunk_looks(s.n_max)[0]
-    floor = s.n0 if s.stop_on_wrong_guess else s.n0 + first
-    lo, hi = todo * floor, todo * (s.n0 + s.n_max)
+    return _sequential_estimate(smooth, sequential, images, indices, labels, todo, done, batch)
+
+
+def _sequential_estimate(
+    smooth: Smooth,
+    s: SequentialSettings,
+    images: torch.Tensor,
+    indices: list[int],
+    labels: list[int],
+    todo: int,
+    done: int,
+    batch: int,
+) -> CostEstimate:
+    """The sequential part of :func:`estimate_cost`: bounds from the schedule, the expectation from the pilot."""
+    device = str(smooth.device)
+    first = sequence_for(s, smooth.sigma).looks[0]
+    label = s.candidate == "label"
+    selection = 0 if label else s.n0  # the most selection samples
+    least_selection = 0 if label else select_looks(s)[0]
+    floor = s.n0 if s.stop_on_wrong_guess else least_selection + first
+    lo, hi = todo * floor, todo * (selection + s.n_max)
     if not len(indices):
-        return CostEstimate(mode, smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
+        return CostEstimate("sequential", smooth.sigma, todo, done, lo, hi, 0.0, 0, 0.0, device)
     num = min(PILOT_SAMPLES, s.n_max)
     counts, bad, seconds = _pilot(smooth, images, indices, num, batch)
-    # an image with non-finite samples abstains at the round of the first one: after n0 if the selection holds
-    # one (probability 1 - (1 - q)^n0 at the pilot's rate q), else (about) after the first look; the rest run
-    # through oracles
+    # an image with non-finite samples abstains at the round of the first one (at the pilot's rate q per sample):
+    # a selection round, or (about) the first look; the rest run through oracles
     ok = bad == 0
-    q = bad[~ok] / num
-    in_selection = 1.0 - (1.0 - q) ** s.n0
-    costs = list(s.n0 + (1.0 - in_selection) * first)
+    rounds = (0, *(() if label else select_looks(s)))
+    costs = [_non_finite_cost(q, rounds, first) for q in bad[~ok] / num]
     if ok.any():
         freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
         certs = [
             c
             for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
             for c in oracle_certificates(
-                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok) if good]
+                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok, strict=True) if good]
             )
         ]
         costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
     expected = todo * float(np.mean(costs))
-    if not ok.all():  # this classifier can give non-finite logits: an image may abstain right after selection
-        lo = todo * s.n0
+    if not ok.all():  # this classifier can give non-finite logits: an image may abstain in its first round
+        lo = todo * (least_selection or first)
     return CostEstimate(
-        mode, smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
+        "sequential", smooth.sigma, todo, done, lo, hi, expected, num * len(indices), seconds, device, len(indices), num
     )
+
+
+def _non_finite_cost(q: float, rounds: tuple[int, ...], first: int) -> float:
+    """The expected samples of an image whose samples are non-finite at rate ``q``: it stops at the end of the
+    selection round (``rounds``: 0, then the selection looks) holding the first one, else (about) after the first
+    look of the estimation (selection samples + ``first``). (An early-selection stop is not modelled: an upper
+    estimate.)"""
+    cost, none_yet = 0.0, 1.0
+    for a, b in itertools.pairwise(rounds):
+        clean = (1.0 - q) ** (b - a)
+        cost += none_yet * (1.0 - clean) * b
+        none_yet *= clean
+    return float(cost + none_yet * (rounds[-1] + first))
 
 
 def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:

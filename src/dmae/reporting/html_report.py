@@ -285,11 +285,16 @@ def _thumb(x: Any) -> bytes:
 
 def pick_examples(lg: CertLog, k: int) -> dict[str, list[int]]:
     """Rows (positions in the log) to show: the ``k`` certified images with the largest radii, the first ``k``
-    abstentions and the first ``k`` misclassified images."""
+    abstentions and the first ``k`` misclassified images (for a ``--candidate label`` log: certified correct and
+    not certified correct, the only two kinds of row it has)."""
     order = np.argsort(-lg.radius, kind="stable")
+    certified = [int(i) for i in order if lg.correct[i] == 1][:k]
+    abstained = [i for i in range(len(lg)) if lg.predict[i] == -1][:k]
+    if lg.candidate == "label":  # rows certify the label: -1 is "not certified correct", nothing is misclassified
+        return {"certified correct": certified, "not certified correct (misclassified or not certifiable)": abstained}
     return {
-        "certified": [int(i) for i in order if lg.correct[i] == 1][:k],
-        "abstained": [i for i in range(len(lg)) if lg.predict[i] == -1][:k],
+        "certified": certified,
+        "abstained": abstained,
         "misclassified": [i for i in range(len(lg)) if lg.predict[i] not in (-1, lg.label[i])][:k],
     }
 
@@ -324,7 +329,8 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
                     continue
                 x = ds[int(lg.idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
-                pred = "abstain" if lg.predict[i] == -1 else name(int(lg.predict[i]))
+                none = "not certified" if lg.candidate == "label" else "abstain"
+                pred = none if lg.predict[i] == -1 else name(int(lg.predict[i]))
                 cells.append(
                     f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
                     f"#{lg.idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
