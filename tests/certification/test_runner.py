@@ -47,7 +47,7 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
         [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
     rows = [ln.split("\t") for p in (res.path, abstained.path) for ln in p.read_text().splitlines()[1:]]
     kinds = set()
-    for i, label, pred, radius, correct, t in rows:
+    for _idx, label, pred, radius, correct, _seconds in rows:
         assert int(correct) == int(int(pred) == int(label))
         # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
         assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), (pred, radius)

@@ -459,8 +459,8 @@ def binomial_excess(wrong: int, trials: int, alpha: float) -> float:
 def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode, candidate, schedule):
     """End to end on the engine (selection or the label, rounds, budget test, futility, stop): Bernoulli oracles
     with p_A just below and just above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 400 images
-    each, n_max = 500. A certificate is wrong when its class is not g(x) (class 1, or any class at p_A = 1/2) or its radius
-    exceeds the true one, sigma * Phi^-1(p). Per p_A, a one-sided binomial test at level 0.001 must not find the
+    each, n_max = 500. A certificate is wrong when its class is not g(x) (class 1, or any class at p_A = 1/2) or its
+    radius exceeds the true one, sigma * Phi^-1(p). Per p_A, a one-sided binomial test at level 0.001 must not find the
     wrong certificates more frequent than alpha; the same test flags a certifier that trusts the point estimate
     k / t at the same stopping times (so the test has power: it cannot pass vacuously)."""
     from dmae.smoothing.sequential import oracle_certificates

@@ -270,7 +270,7 @@ def test_sample_counts_match_a_plain_reference_loop():
     assert certs[1].prediction == 2 and certs[1].radius > 0 and certs[1].non_finite == 0
     # the reported count is every non-finite sample of both phases (selection and estimation)
     sel = _reference_counts(model, x, indices, 100, sigma, seed, 0, 4)[1]
-    assert [c.non_finite for c in certs] == [a + b for a, b in zip(sel, ref_bad)]
+    assert [c.non_finite for c in certs] == [a + b for a, b in zip(sel, ref_bad, strict=True)]
     preds = smooth.predict_batch(x, indices, n=1000, alpha=0.001, batch_size=333)
     assert [p.prediction for p in preds] == [Smooth.ABSTAIN, 2, Smooth.ABSTAIN]
 

@@ -15,6 +15,7 @@ folder holding training runs and logs); a run folder is searched recursively.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -153,11 +154,11 @@ def training_section(runs: list[Path]) -> str:
         evals = [r for r in recs if r.get("type") == "eval"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3))
         if pts := _points(train, "loss"):
-            axes[0].plot(*zip(*pts))
+            axes[0].plot(*zip(*pts, strict=True))
         axes[0].set(xlabel="step", ylabel="training loss", title=run.name)
         for key in sorted({k for r in evals for k in r if k not in ("type", "step", "epoch")}):
             if pts := _points(evals, key):
-                axes[1].plot(*zip(*pts), marker="o", label=key)
+                axes[1].plot(*zip(*pts, strict=True), marker="o", label=key)
         axes[1].set(xlabel="step", ylabel="evaluation", title="held-out evaluations")
         if evals:
             axes[1].legend(fontsize=7)
@@ -165,8 +166,9 @@ def training_section(runs: list[Path]) -> str:
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
         torn = (
             (
-                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} not read (not a '
-                "JSON record: torn by a run killed while writing?)</p>"
+                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) '
+                f"{', '.join(map(str, skipped[:10]))} not read (not a JSON record: torn by a run killed while "
+                "writing?)</p>"
             )
             if skipped
             else ""
@@ -255,7 +257,7 @@ def certification_section(logs: list[CertLog], paths: list[Path], radii: tuple[f
         ]
     passes = [forward_passes(lg) for lg in logs]
     total = sum(x for x in passes if x is not None)
-    fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes)]
+    fixed = [fixed_n_passes(lg) if x is not None else x for lg, x in zip(logs, passes, strict=True)]
     saved = sum(x for x in fixed if x is not None)
     if all(x is None for x in passes):
         return "".join(lines) + "<p>Forward passes: unknown (the logs do not say their n0 / n)</p>"
@@ -309,7 +311,7 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
     if not logs:
         return '<p class="note">No certification logs in the inputs.</p>'
     parts, datasets = [], {}  # logs of one data set and split share the images: read them once
-    for lg, path in zip(logs, paths):
+    for lg, path in zip(logs, paths, strict=True):
         try:
             ds = _log_images(lg, path, datasets)
         except Exception as e:  # the page still renders; it says why the images are missing
@@ -317,7 +319,7 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
             parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(why)}</p>")
             continue
         names = getattr(ds, "classes", None)
-        name = lambda c: names[c] if names and 0 <= c < len(names) else c  # noqa: E731 (a label outside: its number)
+        name = functools.partial(_class_name, names)
         gen = torch.Generator().manual_seed(seed)
         sigma = "unknown" if lg.sigma is None else f"{lg.sigma:g}"
         parts.append(f"<h3>{html.escape(lg.name)} (sigma = {sigma})</h3>")
@@ -338,6 +340,11 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
                 )
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))
     return "".join(parts)
+
+
+def _class_name(names: list[str] | None, c: int) -> str | int:
+    """The data set's name of class ``c``, or its number (no names, or a label outside them)."""
+    return names[c] if names and 0 <= c < len(names) else c
 
 
 class _NoImages(Exception):
@@ -403,7 +410,9 @@ def build_html(
             given logs are not of the same images.
     """
     logs = [read_log(p) for p in contents.logs]
-    for lg, name in zip(logs, distinct_names(contents.logs)):  # two runs' certify/sequential_sigma0.25 told apart
+    for lg, name in zip(
+        logs, distinct_names(contents.logs), strict=True
+    ):  # two runs' certify/sequential_sigma0.25 told apart
         lg.name = name
     figs = "".join(_img(p.read_bytes(), p.name, "wide") + f"<p>{html.escape(str(p))}</p>" for p in contents.figures)
     paired_html = comparison_section(logs[: contents.given], radii) if paired and contents.given > 1 else ""

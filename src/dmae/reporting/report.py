@@ -197,7 +197,7 @@ def read_log(path: str | Path) -> CertLog:
     radius = "radius_continuous" if "radius_continuous" in log.header else "radius"  # sequential logs: ``radius``
     col = {c: log.header.index(c) for c in ("label", "predict", radius, "correct")}  # is the largest target reached
     rows = []
-    for n, f in zip(log.lines, log.rows):
+    for n, f in zip(log.lines, log.rows, strict=True):
         try:
             rows.append((int(f[col["label"]]), int(f[col["predict"]]), float(f[col[radius]]), int(f[col["correct"]])))
         except ValueError as e:
@@ -259,7 +259,7 @@ def _int_column(log: Any, name: str, path: Path) -> np.ndarray | None:
         return None
     j = log.header.index(name)
     out = []
-    for n, f in zip(log.lines, log.rows):
+    for n, f in zip(log.lines, log.rows, strict=True):
         try:
             out.append(int(f[j]))
         except ValueError as e:
@@ -352,8 +352,13 @@ class Table:
     def text(self) -> str:
         """The table as aligned plain text (accuracies and abstention in %)."""
         head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body] + self.notes)
 
     def markdown(self) -> str:
@@ -552,12 +557,12 @@ class Comparison:
         difference, paired_se ("" when the two ACRs average different radii), mcnemar_p ("" for ACR)."""
         head = [self.a, self.b, self.sigma_a, self.sigma_b, self.images]
         rows = [
-            head + [r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
-            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+            [*head, r, f"{x:.6f}", f"{y:.6f}", f"{d:.6f}", f"{e:.6f}", f"{q:.6g}"]
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p, strict=True)
         ]
         name = {"ACR": "acr", "ACR (continuous)": "acr_continuous", None: "acr (different radii)"}[self.acr_label]
         diff = ["", ""] if self.acr_label is None else [f"{self.acr_diff:.6f}", f"{self.acr_se:.6f}"]
-        return rows + [head + [name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
+        return [*rows, [*head, name, f"{self.acr_a:.6f}", f"{self.acr_b:.6f}", *diff, ""]]
 
     def header(self) -> str:
         """The line above the table: the pair, their sigmas where known, and the number of images."""
@@ -573,7 +578,7 @@ class Comparison:
         head = ["radius", self.a, self.b, "difference", "paired SE", "McNemar p"]
         body = [
             [f"r={r:g}", f"{100 * x:.1f}", f"{100 * y:.1f}", f"{100 * d:+.1f}", f"{100 * e:.1f}", f"{q:.2g}"]
-            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p)
+            for r, x, y, d, e, q in zip(self.radii, self.acc_a, self.acc_b, self.diff, self.se, self.p, strict=True)
         ]
         if self.acr_label is None:  # different radii: the two values are shown, their difference is not
             body.append(["ACR (not comparable)", f"{self.acr_a:.3f}", f"{self.acr_b:.3f}", "-", "-", "-"])
@@ -596,8 +601,13 @@ class Comparison:
     def text(self) -> str:
         """Aligned plain text, with the number of images."""
         head, body = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
         return "\n".join(
             [self.header(), fmt(head), fmt(["-" * w for w in widths])]
             + [fmt(b) for b in body]
@@ -928,7 +938,7 @@ def report(
     if paired and len(paths) < 2:
         raise ReportError(f"--compare compares logs with the first one: give at least two (got {len(paths)})")
     logs = [read_log(f) for f in paths]
-    for lg, name in zip(logs, distinct_names(paths)):
+    for lg, name in zip(logs, distinct_names(paths), strict=True):
         lg.name = name
     table = summarize(logs, radii, best=not paired)
     print(table.text())

@@ -27,6 +27,7 @@ Then the decisions the sampling engine stops on: per target radius (:func:`decid
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from abc import ABC, abstractmethod
@@ -106,7 +107,7 @@ def _check_probability(p: object, name: str) -> float:
 
 def _check_looks(looks: Sequence[int], n_max: int) -> tuple[int, ...]:
     out = tuple(_check_int(t, "each look", 1) for t in looks)
-    if not out or out[-1] != n_max or any(b <= a for a, b in zip(out, out[1:])):
+    if not out or out[-1] != n_max or any(b <= a for a, b in itertools.pairwise(out)):
         raise ValueError(f"looks must be strictly increasing integers >= 1 ending at n_max={n_max}, got {looks!r}")
     return out
 
@@ -187,7 +188,7 @@ class _Looks(ABC):
         """
         j = self._index.get(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else None
         if j is None:
-            shown = self.looks if len(self.looks) <= 12 else self.looks[:5] + ("...",) + self.looks[-3:]
+            shown = self.looks if len(self.looks) <= 12 else (*self.looks[:5], "...", *self.looks[-3:])
             raise ValueError(f"t must be one of the looks {shown}, got {t!r}")
         return j
 

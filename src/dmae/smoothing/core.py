@@ -195,7 +195,7 @@ class Smooth:
         bad = select.non_finite + estimate.non_finite
         c_hat, n_a, bad = torch.stack([c_hat, n_a, bad]).tolist()  # the one host read for this group
         out = []
-        for c, k, b in zip(c_hat, n_a, bad):
+        for c, k, b in zip(c_hat, n_a, bad, strict=True):
             p_lower = lower_confidence_bound(int(k), n, alpha)
             if b or p_lower < 0.5:
                 out.append(Certificate(self.ABSTAIN, 0.0, int(k), p_lower, int(b)))
@@ -257,7 +257,7 @@ class Smooth:
         top = torch.sort(votes.counts, dim=1, descending=True, stable=True)  # ties keep the lower class first
         vals, cls, bad = top.values[:, :2].tolist(), top.indices[:, :2].tolist(), votes.non_finite.tolist()
         out = []
-        for (c1, c2), (k1, _), b in zip(vals, cls, bad):
+        for (c1, c2), (k1, _), b in zip(vals, cls, bad, strict=True):
             p = predict_pvalue(int(c1), int(c2))
             out.append(Prediction(self.ABSTAIN if (b or p > alpha) else int(k1), p, int(b)))
         return out
@@ -400,10 +400,10 @@ def check_images(
         lo, hi = input_range
         inside = ((flat >= lo - RANGE_TOLERANCE) & (flat <= hi + RANGE_TOLERANCE)).all(dim=1) | ~finite
     flags = torch.stack([finite, inside]).tolist()
-    bad = [int(i) for i, ok in zip(indices, flags[0]) if not ok]
+    bad = [int(i) for i, ok in zip(indices, flags[0], strict=True) if not ok]
     if bad:
         raise ValueError(f"image(s) {bad[:10]} have NaN or infinite pixels; nothing can be certified for them")
-    outside = [int(i) for i, ok in zip(indices, flags[1]) if not ok]
+    outside = [int(i) for i, ok in zip(indices, flags[1], strict=True) if not ok]
     if outside:
         lo_seen, hi_seen = float(images.min()), float(images.max())
         raise ValueError(

@@ -35,9 +35,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
-
 from scipy.stats import binom
+from torch import nn
 
 from dmae.smoothing.bounds import check_certify_budget
 from dmae.smoothing.confseq import (
@@ -311,8 +310,8 @@ class SequentialCertifier:
     ) -> list[SequentialCertificate]:
         """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices`` (``labels``: their classes, for
         the label shortcut and ``candidate="label"``); answers in input order."""
-        by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels)}
-        done = dict(self.certify_stream(zip((int(i) for i in indices), images), batch_size, by_idx))
+        by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels, strict=True)}
+        done = dict(self.certify_stream(zip((int(i) for i in indices), images, strict=True), batch_size, by_idx))
         return [done[int(i)] for i in indices]
 
     # ------------------------------------------------------------------ the engine
@@ -504,5 +503,7 @@ def oracle_certificates(
         device=torch.device("cpu"),
         input_range=None,
     )
-    done = dict(SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x), 100_000, by_idx))
+    done = dict(
+        SequentialCertifier(smooth, settings).certify_stream(zip(range(len(pr)), x, strict=True), 100_000, by_idx)
+    )
     return [done[i] for i in range(len(pr))]
