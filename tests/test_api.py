@@ -190,3 +190,16 @@ def test_predict_load_classifier_compare_and_table(classifier_run, tmp_path):
     save_export(dmae.create_model("dmae_vit_pico_patch4_dec32d1b"), encoder_only)
     with pytest.raises(DmaeError, match="not a trained classifier"):
         dmae.load_classifier(encoder_only)
+
+
+def test_the_label_as_the_candidate_through_the_api():
+    """``dmae.certify(candidate="label")``: the CLI's code path; rows are the label or -1, no selection samples
+    are spent (sequential: n_samples are estimation samples only), and the table says what the rows mean."""
+    model, data = MyCNN().eval(), _data()
+    fixed = dmae.certify(model, data, sigma=0.25, n=200, candidate="label")
+    seq = dmae.certify(model, data, sigma=0.25, n_max=200, sequential="targets", candidate="label")
+    for lg in (fixed.logs[0], seq.logs[0]):
+        assert lg.candidate == "label" and all(p in (y, -1) for p, y in zip(lg.predict, lg.label, strict=True))
+    assert seq.logs[0].n_samples.max() <= 200 and "--candidate label" in str(seq.table())
+    with pytest.raises(ValueError, match="candidate"):
+        dmae.certify(model, data, sigma=0.25, n=200, candidate="labels")
