@@ -259,7 +259,7 @@ def bench(
             "fixed": per["fixed"],
             "fixed_label": per["fixed_label"],
             "limit": lim,
-            **{name: r["rows"] for name, r in seq.items()},
+            **{f"sequential_{name}": r["rows"] for name, r in seq.items()},
         },
     }
 
