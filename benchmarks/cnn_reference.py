@@ -1,5 +1,4 @@
-"""The reference a user would pick instead of DMAE: a small plain CNN trained with Gaussian noise, certified the
-same way.
+"""The reference a user would pick instead of DMAE: a small plain CNN trained with Gaussian noise, certified alike.
 
 A ~1.1M-parameter CNN (six 3x3 conv + BatchNorm + ReLU layers, two max-pools, global average pool, linear head;
 the input layer normalizes with Fashion-MNIST's statistics inside the model, so noise is added in [0, 1] pixels
@@ -117,11 +116,11 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
     x = torch.stack([test[i][0] for i in idx])
     labels = [int(test[i][1]) for i in idx]
     smooth = Smooth(model.eval(), info.num_classes or 10, sigma, seed=0, precision="fp32")
-    protocol = {"mode": "certify", "split": "test", "n0": 100, "n": n, "alpha": 0.001}  # what dmae report checks
-    if n_max:
+    protocol = {"mode": "certify", "split": "test", "n0": 100, "n": n, "alpha": 0.001, "candidate": "select"}
+    if n_max:  # what dmae report checks, recorded as dmae certify records it, so the two logs' protocols compare
         header, path = SEQUENTIAL_HEADER, out / f"sequential_sigma{sigma:g}.tsv"
         settings = SequentialSettings(100, n_max, 0.001, "targets", info.radii)
-        cs = sequence_for(settings)  # recorded as dmae certify records it, so the two logs' protocols compare
+        cs = sequence_for(settings, sigma)
         protocol |= {
             "mode": "sequential",
             "n": None,
@@ -129,6 +128,7 @@ def certify(model: nn.Module, sigma: float, skip: int, n: int, n_max: int | None
             "sequential": "targets",
             "radii": list(info.radii),
             "sequence": f"{cs!r} looks={list(cs.looks)}",
+            "schedule": settings.schedule,
         }
         certs = SequentialCertifier(smooth, settings).certify_batch(x, idx, 2000)
         rows = [

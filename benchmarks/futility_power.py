@@ -7,8 +7,11 @@ same streams, through the engine's own decisions (its looks, alpha = 0.001, n_ma
 
 * ``before``: the betting sequence with 98% of alpha on the last look, no futility rule (the earlier default);
 * ``futility``: the same sequence with the futility rule at beta = 0.01;
-* ``default``: the shipped default (``SequentialSettings`` / ``make_sequence("default")``: the last look's share
-  0.5, futility at 0.01).
+* ``default``: the default of the chunk schedule (``schedule="chunks"``: the last look's share 0.5, futility at
+  0.01), the shipped default when this was measured; the early schedule that replaced it is measured by
+  ``information_limit.py``.
+
+All three use the chunk schedule's looks and the betting sequence's prior b = 0.5 of that time.
 
 Part 1 ("band"): p_A just around a threshold Phi(r / sigma), where fixed-n certifies only part of the time and a
 stopping rule can lose most. Part 2 (``--results JSON`` from ``sequential_certify.py --json``): streams at the
@@ -35,10 +38,10 @@ ALPHA, N_MAX, N0 = 0.001, 10_000, 100
 
 def _settings() -> dict[str, tuple[object, float | None]]:
     looks = chunk_looks(N_MAX)
-    default = SequentialSettings(N0, N_MAX, ALPHA)
+    default = SequentialSettings(N0, N_MAX, ALPHA, schedule="chunks")
     return {
-        "before": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), None),
-        "futility": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98), 0.01),
+        "before": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98, prior=0.5), None),
+        "futility": (make_sequence("betting", ALPHA, N_MAX, looks=looks, final_share=0.98, prior=0.5), 0.01),
         "default": (sequence_for(default), default.futility),
     }
 

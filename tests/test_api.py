@@ -218,3 +218,16 @@ def test_a_training_result_prints_without_its_model():
     text = repr(TrainResult(output_dir=__import__("pathlib").Path("runs/x"), step=3, total_steps=3, model=MyCNN()))
     assert "step=3" in text
     assert "Conv2d" not in text
+
+
+def test_the_label_as_the_candidate_through_the_api():
+    """``dmae.certify(candidate="label")``: the CLI's code path; rows are the label or -1, no selection samples
+    are spent (sequential: n_samples are estimation samples only), and the table says what the rows mean."""
+    model, data = MyCNN().eval(), _data()
+    fixed = dmae.certify(model, data, sigma=0.25, n=200, candidate="label")
+    seq = dmae.certify(model, data, sigma=0.25, n_max=200, sequential="targets", candidate="label")
+    for lg in (fixed.logs[0], seq.logs[0]):
+        assert lg.candidate == "label" and all(p in (y, -1) for p, y in zip(lg.predict, lg.label, strict=True))
+    assert seq.logs[0].n_samples.max() <= 200 and "--candidate label" in str(seq.table())
+    with pytest.raises(ValueError, match="candidate"):
+        dmae.certify(model, data, sigma=0.25, n=200, candidate="labels")

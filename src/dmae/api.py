@@ -80,6 +80,7 @@ def certify(
     sequential: Literal["targets", "continuous"] | None = None,
     n_max: int | None = None,
     radii: Sequence[float] | None = None,
+    candidate: Literal["select", "label"] = "select",
     batch_size: int = 1000,
     seed: int = 0,
     skip: int = 1,
@@ -101,10 +102,11 @@ def certify(
     CERTIFY as in Cohen et al. (ICML 2019): ``n0`` samples select the class, ``n`` samples bound p_A (one-sided
     Clopper-Pearson at ``alpha``), radius ``sigma * Phi^-1(p_A_lower)``. ``sequential="targets"`` or
     ``"continuous"`` stops sampling once the answer is settled (docs/sequential.md; at most ``n_max`` samples,
-    default ``n``); ``sound=True`` certifies soundly in floating point (docs/sound.md; 8-bit images). The model
-    runs on its own device and is never modified (a model in training mode is certified in eval mode and
-    restored). The noise of image ``idx`` depends only on (``seed``, idx), so rows do not depend on
-    ``batch_size`` (noise samples per forward pass).
+    default ``n``); ``candidate="label"`` certifies each image's label instead of a class chosen by ``n0``
+    selection samples (a row is the label when certified, -1 when not: what certified accuracy counts);
+    ``sound=True`` certifies soundly in floating point (docs/sound.md; 8-bit images). The model runs on its own
+    device and is never modified (a model in training mode is certified in eval mode and restored). The noise of
+    image ``idx`` depends only on (``seed``, idx), so rows do not depend on ``batch_size``.
 
     With ``log_dir``, rows go to ``log_dir/{mode}_sigma{S}.tsv`` (+ ``.json``) as they are done, and calling again
     with the same arguments continues them (an interrupted call loses at most the images in flight); a log
@@ -113,16 +115,15 @@ def certify(
     image from the K-th into a log of its own, and ``merge=True`` (``allow_partial``: with images missing) merges
     the shard logs into the main one (docs/cluster.md). Without ``log_dir``, the logs live in a temporary folder.
 
-    Returns:
-        a :class:`CertifyResult` (``.logs``, ``.table()``, ``.html(path)``).
+    Returns a :class:`CertifyResult` (``.logs``, ``.table()``, ``.html(path)``).
+
     Raises:
-        ValueError: a bad setting (named), a log written with other settings, images outside [0, 1] or not
-            floating point, labels outside the model's classes, a model whose logits are not ``[B, K]``, shard
-            logs that are not one complete split (``merge``: a ``ShardError``, docs/cluster.md).
+        InputError: a bad setting, a log written with other settings, images outside [0, 1] or not floating point,
+            labels outside the model's classes, logits not ``[B, K]``.  ShardError: (``merge``) not one split.
     """
-    options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, sound=sound)
-    options.update(_shard_options(shard, merge, allow_partial, log_dir))
-    options["radii"] = tuple(radii) if radii is not None and sequential == "targets" else None
+    targets = tuple(radii) if radii is not None and sequential == "targets" else None
+    options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, radii=targets)
+    options |= dict(sound=sound, candidate=candidate, **_shard_options(shard, merge, allow_partial, log_dir))
     with _certify_config(
         model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
     ) as cfg:

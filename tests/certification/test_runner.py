@@ -251,3 +251,35 @@ def test_radii_beyond_the_sample_budget_are_named_before_sampling(classifier_run
     need = math.ceil(math.log(0.001) / math.log(norm.cdf(1 / 0.25)))  # alpha ** (1 / n) > Phi(r / sigma)
     assert f"certified accuracy at r = 0.5, 0.75, 1 will be 0 (--n {need:,} reaches r = 1)" in out
     assert 218_000 < need < 219_000
+
+
+def test_candidate_label_certifies_the_label_with_n_samples_only(classifier_run, tmp_path, capsys):
+    """``dmae certify --candidate label``: no selection samples; where CERTIFY's class is the label the row is the
+    same (the same estimation samples), elsewhere the label or -1; the JSON records it (n0 unused) and a resume with
+    the other candidate is refused; the forward passes are n per image."""
+    import json
+
+    from dmae.reporting.report import forward_passes, read_log, summarize
+
+    def rows(path):
+        return {i: line.split("\t")[:5] for i, line in read_rows(path, CERTIFY_HEADER).items()}  # without time
+
+    select = rows(run_certification(_cfg(classifier_run, tmp_path / "s"))[0].path)
+    res = run_certification(_cfg(classifier_run, tmp_path / "l", candidate="label"))[0]
+    label = rows(res.path)
+    assert label.keys() == select.keys() and any(r[2] == r[1] for r in select.values())
+    for i, row in label.items():
+        assert row[2] in (row[1], "-1")
+        if select[i][2] == row[1]:
+            assert row == select[i]
+    meta = json.loads(res.path.with_suffix(".json").read_text())
+    assert meta["candidate"] == "label" and meta["n0"] is None
+    log = read_log(res.path)
+    assert forward_passes(log) == 20 * 300 and "--candidate label" in summarize([log]).text()
+    with pytest.raises(ValueError, match=r"other settings \(n0: None -> 20, candidate: 'label' -> 'select'\)"):
+        run_certification(_cfg(classifier_run, tmp_path / "l"))
+    legacy = tmp_path / "s" / "certify_sigma0.25.json"  # a fixed-n log written before the option resumes unchanged
+    old = json.loads(legacy.read_text())
+    del old["candidate"]
+    legacy.write_text(json.dumps(old))
+    assert run_certification(_cfg(classifier_run, tmp_path / "s"))[0].rows_added == 0

@@ -195,3 +195,38 @@ def test_examples_and_training_curves_say_what_they_leave_out(tmp_path):
     )
     html = training_section([run])
     assert f"{run / 'log.jsonl'}: line(s) 3, 5 not read (not a JSON record" in html
+
+
+def test_label_candidate_logs_say_what_their_rows_mean(tmp_path):
+    """A ``--candidate label`` log: the table names each row's candidate and a note says that its rows mean
+    "certified correct" (-1: not certified correct), in text, CSV and HTML; the examples are split into certified
+    correct and not certified correct (there is no misclassified row)."""
+    from dmae.reporting.report import summarize
+
+    rows = [(0, 9, 9, 0.61), (1, 2, -1, 0.0), (2, 1, 1, 0.33), (3, 4, -1, 0.0)]
+    logs = []
+    for name, candidate in (("label", "label"), ("select", "select")):
+        log = tmp_path / name / "certify_sigma0.25.tsv"
+        log.parent.mkdir()
+        log.write_text(
+            "\t".join(CERTIFY_HEADER)
+            + "\n"
+            + "".join(format_row(CERTIFY_HEADER, i, y, p, r, 0.1) for i, y, p, r in rows)
+        )
+        meta = {"mode": "certify", "data": "fashion-mnist", "split": "test", "sigma": 0.25, "n0": None, "n": 1000}
+        log.with_suffix(".json").write_text(json.dumps({**meta, "candidate": candidate}))
+        logs.append(log)
+    label, select = read_log(logs[0]), read_log(logs[1])
+    table = summarize([label])
+    assert table.cells()[0][:4] == ["log", "sigma", "candidate", "images"] and table.cells()[1][0][2] == "label"
+    assert any("certified each image's label (--candidate label)" in n for n in table.notes)
+    assert "candidate" in table.csv().splitlines()[0] and ",label," in table.csv()
+    plain = summarize([select])
+    assert "candidate" not in plain.cells()[0] and not any("--candidate" in n for n in plain.notes)
+    assert set(pick_examples(label, 4)) == {
+        "certified correct",
+        "not certified correct (misclassified or not certifiable)",
+    }
+    page = build_html(discover(logs[:1], []))
+    assert "not certified correct: misclassified, or correct but not certifiable" in page
+    assert "<th>candidate</th>" in page

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.stats import binom, norm
 from torch import nn
 
 from conftest import AlwaysNaN, Constant, Linear2, kill_after_rows, run_torchrun
@@ -57,23 +57,103 @@ def test_stops_early_when_settled_and_never_beyond_fixed_n():
 
 def test_non_finite_logits_abstain_and_pixels_are_errors():
     [c] = _certifier(AlwaysNaN(), 3, 0.25).certify_batch(torch.rand(1, 1, 4, 4), [5], 64)
-    assert c.prediction == Smooth.ABSTAIN and c.non_finite == 20  # stopped after the selection round
+    # stopped after the first selection round (10 of the n0 = 20 selection samples)
+    assert c.prediction == Smooth.ABSTAIN and c.non_finite == 10 and c.n_samples == 10
+    [c] = _certifier(AlwaysNaN(), 3, 0.25, candidate="label").certify_batch(torch.rand(1, 1, 4, 4), [5], 64, [1])
+    assert c.prediction == Smooth.ABSTAIN and c.non_finite == c.n_samples == 12  # the first look, no selection
     x = torch.rand(2, 1, 4, 4)
     x[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"image\(s\) \[9\] have NaN or infinite pixels"):
         _certifier(Constant(3, 0), 3, 0.25).certify_batch(x, [8, 9], 64)
 
 
-def test_answers_do_not_depend_on_batch_size_or_company():
+@pytest.mark.parametrize("candidate", ["select", "label"])
+def test_answers_do_not_depend_on_batch_size_or_company(candidate):
+    """Under the early schedule the rounds end at counts that are not whole chunks (12, 14, 16, ...): each sample
+    is still element j % 100 of its chunk, so answers are the same for any batch size and company."""
     model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.4)
     x = torch.rand(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    idx = [3, 14, 15, 92, 65, 35]
-    ref = _certifier(model, 2, 0.4, seed=9).certify_batch(x, idx, 10_000)
+    idx, labels = [3, 14, 15, 92, 65, 35], [1, 0, 1, 1, 0, 1]
+    certifier = _certifier(model, 2, 0.4, seed=9, candidate=candidate)
+    assert any(t % 100 for t in certifier.cs.looks)
+    ref = certifier.certify_batch(x, idx, 10_000, labels)
     assert len({c.n_samples for c in ref}) > 1  # images stop at different times
     for batch in (1, 37, 100, 333):
-        assert _certifier(model, 2, 0.4, seed=9).certify_batch(x, idx, batch) == ref
-    alone = _certifier(model, 2, 0.4, seed=9).certify_batch(x[2:3], [15], 50)
+        assert _certifier(model, 2, 0.4, seed=9, candidate=candidate).certify_batch(x, idx, batch, labels) == ref
+    alone = _certifier(model, 2, 0.4, seed=9, candidate=candidate).certify_batch(x[2:3], [15], 50, labels[2:3])
     assert alone == [ref[2]]
+
+
+def test_early_schedule_looks_where_a_certificate_first_becomes_possible():
+    """The early schedule's looks: the chunk schedule's, then from the first count at which an all-success stream
+    clears 1/2, about 10% apart, and each count at which it first clears a target's threshold. An image with
+    p_A = 1 (label candidate: no selection) stops exactly there, within 1.3x of the information limit
+    ln(1/alpha) / ln(1/tau), the fewest samples after which any level-alpha bound can exceed tau."""
+    import math
+
+    from dmae.smoothing.confseq import threshold
+    from dmae.smoothing.sequential import chunk_looks, oracle_certificates, sequence_for
+
+    sigma, alpha, n_max = 0.5, 0.001, 10_000
+    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
+        settings = SequentialSettings(n0=100, n_max=n_max, alpha=alpha, radii=(r,), candidate="label")
+        cs = sequence_for(settings, sigma)
+        tau = threshold(r, sigma)
+        first = next(t for t in range(1, n_max) if cs.running_lower(t, t) > tau)
+        assert first in cs.looks and set(chunk_looks(n_max)) <= set(cs.looks)
+        assert cs.looks[0] == next(t for t in range(1, n_max) if cs.running_lower(t, t) > 0.5)
+        [c] = oracle_certificates(settings, sigma, [1.0])
+        assert c.radius == r and c.n_samples == first and c.n_select == 0
+        assert c.n_samples <= 1.3 * math.log(1 / alpha) / math.log(1 / tau), (r, c.n_samples)
+    [c] = oracle_certificates(SequentialSettings(n0=100, n_max=n_max, alpha=alpha, radii=(1.0,)), sigma, [1.0])
+    assert c.n_select == 10 and c.n_samples == 10 + first  # select: 10 unanimous votes end the selection
+    with pytest.raises(ValueError, match="give sigma"):
+        sequence_for(SequentialSettings(n0=100, n_max=n_max, alpha=alpha))
+
+
+def test_chunk_schedule_answers_as_the_earlier_engine():
+    """``schedule="chunks"`` is the engine that wrote earlier logs: the same answers, sample for sample (the values
+    below were produced by the engine before the early schedule existed, on the same oracles and seed)."""
+    from dmae.smoothing.sequential import oracle_certificates
+
+    probs = [0.9, 0.99, 1.0, 0.8, 0.55]
+    want = {
+        "targets": [
+            (0, 0.5, 820, 719),
+            (0, 0.5, 120, 98),
+            (0, 0.5, 120, 100),
+            (0, 0.25, 620, 486),
+            (0, 0.0, 2520, 1357),
+        ],
+        "continuous": [
+            (0, 0.575531, 2320, 2068),
+            (0, 1.033369, 2720, 2671),
+            (0, 1.4137, 2720, 2700),
+            (0, 0.368528, 2320, 1843),
+            (-1, 0.0, 1720, 911),
+        ],
+    }
+    for mode, rows in want.items():
+        kw = dict(mode=mode, radii=(0.0, 0.25, 0.5), epsilon=0.05, schedule="chunks")
+        certs = oracle_certificates(SequentialSettings(n0=20, n_max=3000, alpha=0.01, **kw), 0.5, probs, seed=3)
+        assert [(c.prediction, round(c.radius, 6), c.n_samples, c.n_a) for c in certs] == rows
+
+
+def test_label_candidate_certifies_the_label_without_selection_samples():
+    """``candidate="label"``: no selection samples; the label is certified when p_label is high, and an image whose
+    label the classifier never gives abstains (not certified correct) at the first look, where the upper bound
+    falls below 1/2; labels are required and must be classes; the label shortcut has no meaning there."""
+    model = Constant(3, 2)
+    x = torch.rand(2, 1, 2, 2)
+    right, wrong = _certifier(model, 3, 0.5, candidate="label").certify_batch(x, [0, 1], 500, labels=[2, 0])
+    assert right.prediction == 2 and right.radius == 1.0 and right.n_select == 0 and right.n_samples == right.n_a
+    assert wrong.prediction == Smooth.ABSTAIN and wrong.n_a == 0 and wrong.n_samples == 12 and wrong.radius == 0.0
+    with pytest.raises(ValueError, match="candidate='label' needs the label of image 0"):
+        _certifier(model, 3, 0.5, candidate="label").certify_batch(x, [0, 1], 500)
+    with pytest.raises(ValueError, match="image 1 has label 3, outside the classifier's 3 classes"):
+        _certifier(model, 3, 0.5, candidate="label").certify_batch(x, [0, 1], 500, labels=[2, 3])
+    with pytest.raises(ValueError, match="with candidate='label' there is no guess"):
+        SequentialSettings(n0=20, n_max=100, alpha=0.01, candidate="label", stop_on_wrong_guess=True)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -142,7 +222,9 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
     ref = run_certification(_cfg(classifier_run, tmp_path / "a", batch=1000))[0].path
     other = run_certification(_cfg(classifier_run, tmp_path / "b", batch=77))[0].path
     assert (_rows_without_time(other)) == (_rows_without_time(ref))
-    # killed mid-run, then the same command: the rows of one uninterrupted run
+    # killed mid-run, then the same command: the rows of one uninterrupted run. (A small batch, so that few images
+    # are in flight at once: the early schedule's first rounds are a few samples each, and at batch 256 every
+    # image of this run would share the batches and finish together.)
     out = tmp_path / "killed"
     target = out / "sequential_sigma0.25.tsv"
     kill_after_rows(
@@ -159,7 +241,7 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
             "--skip",
             "1000",
             "--batch",
-            "256",
+            "16",
             "--output-dir",
             str(out),
             "--device",
@@ -206,14 +288,18 @@ def test_two_rank_torchrun_equals_one_process(classifier_run, tmp_path):
     assert (_rows_without_time(out / "sequential_sigma0.25.tsv")) == (_rows_without_time(single))
 
 
-def test_replay_counts_only_estimation_samples_and_bounds_at_looks():
-    """Recompute an image's votes by hand from the chunk seeds: c_hat from the n0 selection samples only, n_a from
-    the estimation samples only, t a look, p_a_lower the running maximum of the lower bound over the looks."""
+@pytest.mark.parametrize("schedule", ["early", "chunks"])
+def test_replay_counts_only_estimation_samples_and_bounds_at_looks(schedule):
+    """Recompute an image's votes by hand from the chunk seeds: c_hat from the selection samples only (under the
+    early schedule: the first selection look where the top class holds a clear majority, else all n0), n_a from the
+    estimation samples only, t a look (not a whole number of chunks under the early schedule: sample j is element
+    j % 100 of chunk j // 100 wherever the rounds end), p_a_lower the running maximum of the lower bound."""
     from dmae.smoothing import CHUNK, chunk_seed
+    from dmae.smoothing.sequential import majority_needed, select_looks
 
     model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.3)
     x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
-    certifier = _certifier(model, 2, 0.4, seed=5, n0=150, n_max=3000)
+    certifier = _certifier(model, 2, 0.4, seed=5, n0=150, n_max=3000, schedule=schedule)
     certs = certifier.certify_batch(x, [10, 11, 12], 256)
     cs = certifier.cs
 
@@ -225,15 +311,25 @@ def test_replay_counts_only_estimation_samples_and_bounds_at_looks():
             out.append(model(x[i] + 0.4 * eta).argmax(1))
         return torch.cat(out)[:n]
 
+    if schedule == "chunks":
+        assert all(t % CHUNK == 0 for t in cs.looks) and select_looks(certifier.settings) == (150,)
+    else:
+        assert any(t % CHUNK for t in cs.looks) and select_looks(certifier.settings)[0] == 10
     for i, (idx, c) in enumerate(zip([10, 11, 12], certs, strict=True)):
-        c_hat = int(torch.bincount(votes(i, idx, 0, 150), minlength=2).argmax())
-        t = c.n_samples - 150
+        for m in select_looks(certifier.settings):
+            sel = torch.bincount(votes(i, idx, 0, m), minlength=2)
+            if m == 150 or sel.max() >= majority_needed(m):
+                break
+        c_hat = int(sel.argmax())
+        t = c.n_samples - m
         assert t in cs.looks
         k = int((votes(i, idx, 1, t) == c_hat).sum())
         assert c.n_a == k
         running = max(cs.lower(int((votes(i, idx, 1, s) == c_hat).sum()), s) for s in cs.looks if s <= t)
         assert c.p_a_lower == running
         assert c.prediction in (c_hat, Smooth.ABSTAIN)
+    if schedule == "early":
+        assert any(c.n_samples - 150 not in cs.looks for c in certs), "no image stopped its selection early"
 
 
 def test_nan_during_estimation_abstains_and_duplicates_are_refused():
@@ -294,12 +390,17 @@ def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_p
 
 def test_label_shortcut_skips_estimation_of_wrong_guesses_only():
     """``stop_on_wrong_guess``: an image whose n0 guess is not its label abstains after n0 samples; an image whose
-    guess is right gets exactly the certificate of the run without the shortcut; labels are required."""
+    guess is right gets the certificate of the run without the shortcut (after all n0 selection samples); labels
+    are required."""
     model = Constant(3, 2)  # always class 2: the guess is 2 for every image
     x = torch.rand(2, 1, 2, 2)
     plain = _certifier(model, 3, 0.5).certify_batch(x, [0, 1], 500)
     short = _certifier(model, 3, 0.5, stop_on_wrong_guess=True).certify_batch(x, [0, 1], 500, labels=[2, 0])
-    assert short[0] == plain[0] and plain[1].n_samples > 20
+    # with the shortcut the selection draws all n0 = 20 samples (so a log tells the stopped images: n_samples ==
+    # n0); without it, 10 unanimous votes end the selection. The estimation and the answer are the same.
+    assert (short[0].n_select, plain[0].n_select) == (20, 10)
+    assert short[0]._replace(n_samples=0, n_select=0) == plain[0]._replace(n_samples=0, n_select=0)
+    assert short[0].n_samples - 20 == plain[0].n_samples - 10 and plain[1].n_samples > 20
     assert short[1].prediction == Smooth.ABSTAIN and short[1].n_samples == 20 and short[1].wrong_guess
     assert short[1].radius == 0.0 and not plain[1].wrong_guess
     with pytest.raises(ValueError, match="stop_on_wrong_guess needs the label of image 0"):
@@ -344,39 +445,53 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
     assert main(argv) == 2 and "--stop-on-wrong-guess True is only used with --sequential" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["targets", "continuous"])
+def binomial_excess(wrong: int, trials: int, alpha: float) -> float:
+    """One-sided binomial test of "wrong certificates happen at rate <= alpha": P(Binomial(trials, alpha) >= wrong).
+    A sound certifier falls below 0.001 with probability below 0.001; one wrong twice as often as alpha does so
+    nearly always at the trial counts used here."""
+    return float(binom.sf(wrong - 1, trials, alpha))
+
+
+@pytest.mark.parametrize(
+    ("mode", "candidate", "schedule"),
+    [
+        ("targets", "select", "early"),
+        ("continuous", "select", "early"),
+        ("targets", "label", "early"),
+        ("continuous", "label", "early"),
+    ],
+)
 @pytest.mark.slow
-def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode):
-    """End to end on the engine (selection, rounds, budget test, stop): Bernoulli oracles with p_A just below and
-    just above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 300 images each. A certificate is
-    wrong when its class is not g(x) or its radius exceeds the true one, sigma * Phi^-1(p). The rate stays within
-    alpha (binomial slack); a certifier that trusts the point estimate k / t is wrong far more often."""
+def test_wrong_certificates_stay_within_alpha_on_bernoulli_oracles(mode, candidate, schedule):
+    """End to end on the engine (selection or the label, rounds, budget test, futility, stop): Bernoulli oracles
+    with p_A just below and just above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 400 images
+    each, n_max = 500. A certificate is wrong when its class is not g(x) (class 1, or any class at p_A = 1/2) or its
+    radius exceeds the true one, sigma * Phi^-1(p). Per p_A, a one-sided binomial test at level 0.001 must not find the
+    wrong certificates more frequent than alpha; the same test flags a certifier that trusts the point estimate
+    k / t at the same stopping times (so the test has power: it cannot pass vacuously)."""
     from dmae.smoothing.sequential import oracle_certificates
 
-    sigma, alpha, trials = 0.5, 0.05, 300
-    radii = (0.0, 0.25, 0.5, 1.0)  # r = 1 at n_max = 1,000 is out of reach: the budget test refutes it early
+    sigma, alpha, trials = 0.5, 0.05, 400
+    radii = (0.0, 0.25, 0.5, 1.0)  # r = 1 at n_max = 500 is out of reach: the budget test refutes it early
     taus = [norm.cdf(r / sigma) for r in radii[1:]]
     ps = [0.5, 1.0] + [t + d for t in taus for d in (-0.01, 0.01)]
-    settings = SequentialSettings(n0=20, n_max=1000, alpha=alpha, mode=mode, radii=radii, epsilon=0.02)
-    slack = 3 * (trials * alpha * (1 - alpha)) ** 0.5  # per p_A: at most 26 of 300 (binomial, 3 sd)
-    naive = 0
+    settings = SequentialSettings(
+        n0=20, n_max=500, alpha=alpha, mode=mode, radii=radii, epsilon=0.02, candidate=candidate, schedule=schedule
+    )
+    flagged, certified = 0, 0
     for j, p in enumerate(ps):
         true_radius = sigma * norm.ppf(p) if p < 1 else float("inf")
-        wrong = 0
-        for c in oracle_certificates(settings, sigma, [p] * trials, seed=j):
+        wrong = naive = 0
+        for c in oracle_certificates(settings, sigma, [p] * trials, seed=j):  # label: class 0
             if c.prediction != Smooth.ABSTAIN:
+                certified += 1
                 wrong += c.prediction != 0 or p == 0.5 or c.radius_continuous > true_radius or c.radius > true_radius
-            t = c.n_samples - 20
-            naive += t > 0 and (
-                c.n_a / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / t, 1 - 1e-12)) > true_radius)
-            )
-        assert wrong <= alpha * trials + slack, (
-            f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong at alpha={alpha}"
-        )
-    total = trials * len(ps)
-    assert naive > alpha * total + 3 * (total * alpha) ** 0.5, (
-        f"the point-estimate certifier was wrong only {naive} times: no power"
-    )
+            t, k = c.n_samples - c.n_select, c.n_a
+            naive += t > 0 and k / t > 0.5 and (p == 0.5 or sigma * norm.ppf(min(k / t, 1 - 1e-12)) > true_radius)
+        assert binomial_excess(wrong, trials, alpha) > 1e-3, f"p_A = {p:.4f}: {wrong} of {trials} certificates wrong"
+        flagged += binomial_excess(naive, trials, alpha) <= 1e-3
+    assert flagged >= len(ps) // 2, f"the test flags the point-estimate certifier at only {flagged} p_A: no power"
+    assert certified > trials * len(ps) / 2  # and the certifier under test does certify
 
 
 @pytest.mark.slow
@@ -422,3 +537,49 @@ def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classif
     with pytest.raises(ValueError, match=r"other settings \(futility: None -> 0.01\)"):
         run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000))
     assert run_certification(_cfg(classifier_run, tmp_path / "b", skip=2000, futility=0.0))[0].rows_added == 0
+
+
+def test_label_candidate_through_the_cli_is_recorded_and_reported(classifier_run, tmp_path, capsys):
+    """``--candidate label`` with ``--sequential``: rows are the label or -1, no selection samples are spent, the
+    JSON records it (n0 unused), the report says what its rows mean, and resuming with the other candidate, the
+    label shortcut beside it, or PREDICT with it are refused."""
+    import json
+
+    res = run_certification(_cfg(classifier_run, tmp_path / "label", skip=500, candidate="label"))[0]
+    log = read_log(res.path)
+    select = read_log(run_certification(_cfg(classifier_run, tmp_path / "select", skip=500))[0].path)
+    assert all(p in (y, -1) for p, y in zip(log.predict, log.label, strict=True))
+    assert log.candidate == "label" and select.candidate == "select"
+    assert log.n_samples.sum() < select.n_samples.sum()
+    meta = json.loads(res.path.with_suffix(".json").read_text())
+    assert meta["candidate"] == "label" and meta["n0"] is None and meta["schedule"] == "early"
+    text = summarize([log]).text()
+    assert "candidate" in text.splitlines()[0] and "certified each image's label (--candidate label)" in text
+    with pytest.raises(ValueError, match=r"other settings \(n0: None -> 20, .*candidate: 'label' -> 'select'"):
+        run_certification(_cfg(classifier_run, tmp_path / "label", skip=500))
+    base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main(["predict", "--candidate", "label", *base]) == 2
+    assert "--candidate label is a mode of certify, not of predict" in capsys.readouterr().err
+    assert main(["certify", "--sequential", "targets", "--candidate", "label", "--stop-on-wrong-guess", *base]) == 2
+    assert "with --candidate label there is no guess" in capsys.readouterr().err
+
+
+def test_a_log_of_the_chunk_schedule_resumes_only_with_it(classifier_run, tmp_path, capsys):
+    """A sequential log written before the early schedule (its JSON has no schedule or candidate) was certified
+    with the chunk schedule: under the new default it is refused, naming the option that resumes it; with
+    ``--schedule chunks`` it resumes. ``--schedule`` needs ``--sequential``."""
+    import json
+
+    out = tmp_path / "old"
+    run_certification(_cfg(classifier_run, out, skip=2000, schedule="chunks"))
+    meta_file = out / "sequential_sigma0.25.json"
+    old = json.loads(meta_file.read_text())
+    assert old["schedule"] == "chunks" and "looks=[100, 200," in old["sequence"]
+    del old["schedule"], old["candidate"]  # as the earlier version wrote it
+    meta_file.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"schedule: 'chunks' -> 'early'.*resume it with --schedule chunks"):
+        run_certification(_cfg(classifier_run, out, skip=2000))
+    assert run_certification(_cfg(classifier_run, out, skip=2000, schedule="chunks"))[0].rows_added == 0
+    base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    assert main(["certify", "--schedule", "chunks", *base]) == 2
+    assert "--schedule chunks is only used with --sequential" in capsys.readouterr().err

@@ -94,6 +94,54 @@ def test_certified_radius_exceeds_the_exact_radius_at_most_alpha_of_the_time():
     assert naive > 3 * alpha * trials
 
 
+def test_label_candidate_is_sound_on_bernoulli_oracles():
+    """Fixed-n CERTIFY with the label as the candidate (``certify_label_batch``): oracles whose label (class 0) has
+    probability p just below and above each threshold Phi(r / sigma), at 1/2 and at 1, alpha = 0.05, 400 images
+    of n = 500 samples each. A certificate is wrong when it claims the label at p <= 1/2 or a radius above the true
+    sigma * Phi^-1(p). Per p, a one-sided binomial test at level 0.001 must not find wrong certificates more
+    frequent than alpha; the same test flags the point estimate k / n (the test has power)."""
+    from dmae.smoothing.sequential import ID_SPACING, _CategoricalOracle
+
+    sigma, alpha, n, trials = 0.5, 0.05, 500, 400
+    ps = [0.5, 1.0] + [norm.cdf(r / sigma) + d for r in (0.25, 0.5, 1.0) for d in (-0.01, 0.01)]
+    x = torch.zeros(trials, 1, 1, 2, dtype=torch.float64)
+    x[:, 0, 0, 1] = torch.arange(trials, dtype=torch.float64) * ID_SPACING
+    flagged = 0
+    for j, p in enumerate(ps):
+        oracle = _CategoricalOracle(torch.tensor([[p, 1 - p]] * trials).numpy(), sigma).eval()
+        smooth = Smooth(oracle, 2, sigma, seed=j, precision="fp32", device="cpu", input_range=None)
+        certs = smooth.certify_label_batch(x, list(range(trials)), [0] * trials, n, alpha, batch_size=50_000)
+        true_radius = sigma * norm.ppf(p) if p < 1 else math.inf
+        wrong = sum(c.prediction == 0 and (p == 0.5 or c.radius > true_radius) for c in certs)
+        assert all(c.prediction in (0, Smooth.ABSTAIN) for c in certs)
+        assert binom.sf(wrong - 1, trials, alpha) > 1e-3, f"p = {p:.4f}: {wrong} of {trials} wrong"
+        naive = sum(
+            c.n_a / n > 0.5 and (p == 0.5 or sigma * norm.ppf(min(c.n_a / n, 1 - 1e-12)) > true_radius) for c in certs
+        )
+        flagged += binom.sf(naive - 1, trials, alpha) <= 1e-3
+    assert flagged >= len(ps) // 2
+
+
+def test_label_candidate_equals_certify_where_the_selection_picks_the_label():
+    """The label as the candidate draws CERTIFY's estimation samples (same seeds, no selection samples): where
+    CERTIFY's selected class is the label, the two certificates are the same; elsewhere the label abstains or is
+    certified, never another class. Labels must be one class per image."""
+    model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.4)
+    x = torch.rand(8, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    idx, labels = list(range(8)), [0, 1, 1, 0, 1, 0, 1, 1]
+    smooth = Smooth(model, 2, 0.3, seed=4)
+    full = smooth.certify_batch(x, idx, 50, 400, 0.001, batch_size=1000)
+    label = smooth.certify_label_batch(x, idx, labels, 400, 0.001, batch_size=1000)
+    assert any(c.prediction == y for c, y in zip(full, labels, strict=True))
+    for f, c, y in zip(full, label, labels, strict=True):
+        assert c.prediction in (y, Smooth.ABSTAIN)
+        if f.prediction == y:
+            assert c == f
+    assert smooth.certify_label(x[0], labels[0], 400, 0.001, 1000, idx=0) == (label[0].prediction, label[0].radius)
+    with pytest.raises(ValueError, match=r"labels must be one class in \[0, 2\) per image"):
+        smooth.certify_label_batch(x[:2], [0, 1], [0, 2], 400, 0.001, batch_size=1000)
+
+
 def test_noise_depends_only_on_seed_and_index():
     model = Linear2(torch.tensor([1.0, 1.0, -1.0, 0.5]), b=-0.4)
     x = torch.rand(5, 1, 2, 2, generator=torch.Generator().manual_seed(0))

@@ -5,7 +5,9 @@ number of forward passes, and the wall time it implies on this machine, from a s
 classifier at the run's batch size and precision.
 
 - fixed-n CERTIFY spends exactly ``n0 + n`` passes per image (PREDICT ``n``);
-- sequential CERTIFY spends between ``n0`` (label shortcut) or ``n0 + first look`` and ``n0 + n_max`` per image.
+- fixed-n CERTIFY with ``--candidate label`` spends ``n`` (no selection samples);
+- sequential CERTIFY spends between the first selection round (``n0`` with the label shortcut) plus the first look
+  and ``n0 + n_max`` per image (no selection samples with ``--candidate label``).
   Its expected cost comes from a pilot: ``PILOT_IMAGES`` images spread over the run draw ``PILOT_SAMPLES``
   noisy samples each, their class frequencies stand in for the class probabilities, and the sequential engine is
   run on categorical oracles with those probabilities and the images' labels
@@ -19,7 +21,7 @@ Nothing is written: no log, no settings file.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ import torch
 from dmae.errors import InputError
 from dmae.smoothing import Smooth
 from dmae.smoothing.core import PHASE_SELECT
-from dmae.smoothing.sequential import SequentialSettings, chunk_looks, oracle_certificates
+from dmae.smoothing.sequential import SequentialSettings, oracle_certificates, select_looks, sequence_for
 
 PILOT_IMAGES = 8  # images the probe samples (spread evenly over the images still to certify)
 PILOT_SAMPLES = 1000  # noisy samples per pilot image (fewer when n_max is smaller)
@@ -130,72 +132,78 @@ def estimate_cost(
     Raises:
         ValueError: ``mode`` is sequential without settings, or what :meth:`Smooth.sample_counts` raises.
     """
+    device = str(smooth.device)
     if mode != "sequential":
         per_image = n if mode == "predict" else n0 + n
-        return _fixed_cost(smooth, mode, images, indices, todo, done, per_image, batch)
+        if not len(indices):
+            return _cost(mode, smooth.sigma, todo, done, device, 0, 0)
+        _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
+        passes = todo * per_image
+        probe = (PROBE_SAMPLES * len(indices), seconds)
+        return _cost(mode, smooth.sigma, todo, done, device, passes, passes, float(passes), probe)
     if sequential is None:
         raise InputError("a sequential estimate needs the sequential settings")
-    return _sequential_cost(smooth, mode, images, indices, labels, todo, done, batch, sequential)
+    return _sequential_estimate(smooth, sequential, images, indices, labels, todo, done, batch)
 
 
-def _fixed_cost(
+def _sequential_estimate(
     smooth: Smooth,
-    mode: str,
-    images: torch.Tensor,
-    indices: list[int],
-    todo: int,
-    done: int,
-    per_image: int,
-    batch: int,
-) -> CostEstimate:
-    """CERTIFY / PREDICT: every image costs ``per_image`` forward passes; the pilot measures only the speed."""
-    exact = _no_pilot(mode, smooth.sigma, todo, done, todo * per_image, todo * per_image, str(smooth.device))
-    if not len(indices):
-        return dataclasses.replace(exact, passes_min=0, passes_max=0)
-    _, _, seconds = _pilot(smooth, images, indices, PROBE_SAMPLES, batch)
-    probe = PROBE_SAMPLES * len(indices)
-    return dataclasses.replace(
-        exact, passes_expected=float(todo * per_image), probe_passes=probe, probe_seconds=seconds
-    )
-
-
-def _sequential_cost(
-    smooth: Smooth,
-    mode: str,
+    s: SequentialSettings,
     images: torch.Tensor,
     indices: list[int],
     labels: list[int],
     todo: int,
     done: int,
     batch: int,
-    s: SequentialSettings,
 ) -> CostEstimate:
-    """Sequential CERTIFY: the passes per image range from the first look (or n0 alone) to n0 + n_max; the
-    expected number comes from the pilot's class counts (:func:`_expected_passes`)."""
+    """The sequential part of :func:`estimate_cost`: bounds from the schedule, the expectation from the pilot."""
     device = str(smooth.device)
-    first = chunk_looks(s.n_max)[0]
-    floor = s.n0 if s.stop_on_wrong_guess else s.n0 + first
-    lo, hi = todo * floor, todo * (s.n0 + s.n_max)
+    first = sequence_for(s, smooth.sigma).looks[0]
+    label = s.candidate == "label"
+    selection = 0 if label else s.n0  # the most selection samples
+    least_selection = 0 if label else select_looks(s)[0]
+    floor = s.n0 if s.stop_on_wrong_guess else least_selection + first
+    lo, hi = todo * floor, todo * (selection + s.n_max)
     if not len(indices):
-        return _no_pilot(mode, smooth.sigma, todo, done, lo, hi, device)
+        return _cost("sequential", smooth.sigma, todo, done, device, lo, hi)
     num = min(PILOT_SAMPLES, s.n_max)
     counts, bad, seconds = _pilot(smooth, images, indices, num, batch)
-    costs = _expected_passes(s, smooth.sigma, counts, bad, num, labels)
+    # an image with non-finite samples abstains at the round of the first one (at the pilot's rate q per sample):
+    # a selection round, or (about) the first look; the rest run through oracles
+    ok = bad == 0
+    rounds = (0, *(() if label else select_looks(s)))
+    costs = [_non_finite_cost(q, rounds, first) for q in bad[~ok] / num]
+    if ok.any():
+        freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
+        certs = [
+            c
+            for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
+            for c in oracle_certificates(
+                s, smooth.sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok, strict=True) if good]
+            )
+        ]
+        costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
     expected = todo * float(np.mean(costs))
-    if (bad != 0).any():  # this classifier can give non-finite logits: an image may abstain right after selection
-        lo = todo * s.n0
-    return dataclasses.replace(
-        _no_pilot(mode, smooth.sigma, todo, done, lo, hi, device),
-        passes_expected=expected,
-        probe_passes=num * len(indices),
-        probe_seconds=seconds,
-        pilot_images=len(indices),
-        pilot_samples=num,
-    )
+    if not ok.all():  # this classifier can give non-finite logits: an image may abstain in its first round
+        lo = todo * (least_selection or first)
+    probe, pilot = (num * len(indices), seconds), (len(indices), num)
+    return _cost("sequential", smooth.sigma, todo, done, device, lo, hi, expected, probe, pilot)
 
 
-def _no_pilot(mode: str, sigma: float, todo: int, done: int, lo: int, hi: int, device: str) -> CostEstimate:
-    """The estimate of a run with nothing left to certify (no pilot was run)."""
+def _cost(
+    mode: str,
+    sigma: float,
+    todo: int,
+    done: int,
+    device: str,
+    lo: int,
+    hi: int,
+    expected: float = 0.0,
+    probe: tuple[int, float] = (0, 0.0),
+    pilot: tuple[int, int] = (0, 0),
+) -> CostEstimate:
+    """A :class:`CostEstimate` from the numbers in the order the estimates compute them: passes ``lo`` .. ``hi``
+    (``expected``), the timing ``probe`` (passes, seconds), the ``pilot`` (images, samples per image)."""
     return CostEstimate(
         mode=mode,
         sigma=sigma,
@@ -203,37 +211,26 @@ def _no_pilot(mode: str, sigma: float, todo: int, done: int, lo: int, hi: int, d
         done=done,
         passes_min=lo,
         passes_max=hi,
-        passes_expected=0.0,
-        probe_passes=0,
-        probe_seconds=0.0,
+        passes_expected=expected,
+        probe_passes=probe[0],
+        probe_seconds=probe[1],
         device=device,
+        pilot_images=pilot[0],
+        pilot_samples=pilot[1],
     )
 
 
-def _expected_passes(
-    s: SequentialSettings, sigma: float, counts: np.ndarray, bad: np.ndarray, num: int, labels: list[int]
-) -> list[float]:
-    """The expected forward passes of each pilot image (the ones with non-finite samples first) from its ``counts``
-    of classes and ``bad`` non-finite samples among ``num``."""
-    first = chunk_looks(s.n_max)[0]
-    # an image with non-finite samples abstains at the round of the first one: after n0 if the selection holds
-    # one (probability 1 - (1 - q)^n0 at the pilot's rate q), else (about) after the first look; the rest run
-    # through oracles
-    ok = bad == 0
-    q = bad[~ok] / num
-    in_selection = 1.0 - (1.0 - q) ** s.n0
-    costs = list(s.n0 + (1.0 - in_selection) * first)
-    if ok.any():
-        freq = counts[ok] / counts[ok].sum(1, keepdims=True)  # class frequencies stand in for the class probabilities
-        certs = [
-            c
-            for rep in range(4)  # four oracle runs per pilot image smooth out the oracle's own luck
-            for c in oracle_certificates(
-                s, sigma, freq, seed=rep, labels=[y for y, good in zip(labels, ok, strict=True) if good]
-            )
-        ]
-        costs += [float(np.mean([c.n_samples for c in certs]))] * int(ok.sum())
-    return costs
+def _non_finite_cost(q: float, rounds: tuple[int, ...], first: int) -> float:
+    """The expected samples of an image whose samples are non-finite at rate ``q``: it stops at the end of the
+    selection round (``rounds``: 0, then the selection looks) holding the first one, else (about) after the first
+    look of the estimation (selection samples + ``first``). (An early-selection stop is not modelled: an upper
+    estimate.)"""
+    cost, none_yet = 0.0, 1.0
+    for a, b in itertools.pairwise(rounds):
+        clean = (1.0 - q) ** (b - a)
+        cost += none_yet * (1.0 - clean) * b
+        none_yet *= clean
+    return float(cost + none_yet * (rounds[-1] + first))
 
 
 def pilot_positions(todo: int, count: int = PILOT_IMAGES) -> list[int]:

@@ -76,7 +76,13 @@ from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, SoundSmooth, check_alpha, radius_ceiling
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
 from dmae.smoothing.core import check_images, eval_mode
-from dmae.smoothing.sequential import DEFAULT_FUTILITY, SequentialCertifier, SequentialSettings, sequence_for
+from dmae.smoothing.sequential import (
+    DEFAULT_FUTILITY,
+    DEFAULT_SCHEDULE,
+    SequentialCertifier,
+    SequentialSettings,
+    sequence_for,
+)
 
 if TYPE_CHECKING:
     from dmae.models.classifier import ViTClassifier
@@ -108,7 +114,15 @@ ROW_SETTINGS = (
     "input_layer",
     "sound",
     "shard",  # a shard log's (K, N); absent (None) from a main log's JSON
+    "candidate",
+    "schedule",
 )
+# what a log written before a setting existed was certified with (by the mode its JSON records): such a log resumes
+# under exactly that setting, and is refused under any other
+LEGACY_SETTINGS = {
+    "candidate": {"certify": "select", "sequential": "select"},
+    "schedule": {"sequential": "chunks"},
+}
 # what the shard logs of one sigma must share to be one log: the row settings, and the planned image count (their
 # shares of the images are cut from the same list)
 MERGE_KEYS = (*(k for k in ROW_SETTINGS if k != "shard"), "images")
@@ -168,7 +182,11 @@ class CertifyConfig(Options):
     sigma: tuple[float, ...] | None = option(
         None, "noise level(s), one output file each (default: the run's training sigma)", check=_check_sigmas
     )
-    n0: int = option(100, "CERTIFY: noise samples that select the class", low=1)
+    n0: int = option(
+        100,
+        "CERTIFY: noise samples that select the class (sequential: the most; unused with --candidate label)",
+        low=1,
+    )
     # torchrun's parser takes a bare --n / --max for abbreviations of its own options: the aliases pass through
     n: int = option(
         100_000,
@@ -254,6 +272,19 @@ class CertifyConfig(Options):
         "report marks the log incomplete); the shards can be finished and merged again later",
     )
 
+    candidate: Literal["select", "label"] = option(
+        "select",
+        "certify: the class to certify: select (CERTIFY's n0 samples choose it: the smoothed classifier's "
+        "answer) or label (the image's label, fixed before any sample: rows say 'certified correct at this "
+        "radius' or -1, for certified accuracy with no selection samples; docs/sequential.md)",
+    )
+    schedule: Literal["early", "chunks"] | None = option(
+        None,
+        f"--sequential: when to look: early (looks where a certificate first becomes possible, early "
+        f"selection; the default: {DEFAULT_SCHEDULE}) or chunks (rounds of whole chunks of 100, n0 at once: how "
+        "logs written before it were certified; resume those with it)",
+    )
+
     def check_combination(self) -> None:
         if not self.checkpoint:
             raise InputError("--checkpoint is required")
@@ -267,6 +298,7 @@ class CertifyConfig(Options):
             "sequence": None,
             "stop_on_wrong_guess": None,
             "futility": None,
+            "schedule": None,
         }
         for name, mode in only.items():  # an option that would do nothing is an error, not a silent default
             if (
@@ -282,6 +314,11 @@ class CertifyConfig(Options):
             raise InputError("--estimate prices a certification and --merge certifies nothing: give one of the two")
         if self.allow_partial and not self.merge:
             raise InputError("--allow-partial is only used with --merge")
+        if self.stop_on_wrong_guess and self.candidate == "label":
+            raise InputError(
+                "--stop-on-wrong-guess skips the estimation of a wrong n0 guess; with --candidate label there is "
+                "no guess (the label is certified directly, with no selection samples at all)"
+            )
 
 
 @dataclass
@@ -591,6 +628,7 @@ def _external_model(name: str, cfg: CertifyConfig, info: Any, num_classes: int) 
 def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
     """The JSON beside a log: what produced its rows (:data:`ROW_SETTINGS` and context)."""
     cfg = task.cfg
+    label = cfg.candidate == "label" and task.mode != "predict"  # no selection step: n0 is not used
     return {
         "mode": task.mode,
         "checkpoint": str(task.checkpoint),
@@ -599,7 +637,7 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
         "split": task.split,
         "data_fingerprint": task.data_fingerprint,
         "sigma": sigma,
-        "n0": cfg.n0,
+        "n0": None if label else cfg.n0,
         "n": cfg.n,
         "alpha": cfg.alpha,
         "seed": cfg.seed,
@@ -607,12 +645,14 @@ def settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
         "max": cfg.max,
         "images": len(task.planned),
         "config": to_dict(cfg),
-        **_sequential_settings(task),
+        **_sequential_settings(task, sigma),
         "model": cfg.model,
         "input_layer": _input_layer(task),
         "trained_sigma": task.trained_sigma,
         "sound": True if cfg.sound else None,  # None when off: logs written before --sound existed match
         **({"shard": list(parse_shard(cfg.shard))} if cfg.shard else {}),  # a main log's JSON has no shard key
+        # what a row means: select: CERTIFY's class; label: whether the label is certified (predict: neither)
+        "candidate": None if task.mode == "predict" else cfg.candidate,
     }
 
 
@@ -622,10 +662,10 @@ def _input_layer(task: CertifyTask) -> str | None:
     return cast("ExternalClassifier", task.model).preprocess.extra_repr() if task.cfg.model else None
 
 
-def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
+def _sequential_settings(task: CertifyTask, sigma: float) -> dict[str, Any]:
     """What changes the rows of a sequential log (None where it changes nothing): n_max replaces n, the
     resolved confidence sequence (its kind, looks and alpha shares), the radii (targets) or epsilon (continuous),
-    the label shortcut and the futility beta."""
+    the label shortcut, the futility beta and the look schedule."""
     if task.mode != "sequential":
         return {
             "sequential": None,
@@ -635,9 +675,10 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
             "sequence": None,
             "stop_on_wrong_guess": None,
             "futility": None,
+            "schedule": None,
         }
     s = sequential_settings(task)
-    cs = sequence_for(s)
+    cs = sequence_for(s, sigma)
     return {
         "sequential": s.mode,
         "n": None,
@@ -648,6 +689,7 @@ def _sequential_settings(task: CertifyTask) -> dict[str, Any]:
         # None when off: logs written before these options match
         "stop_on_wrong_guess": s.stop_on_wrong_guess or None,
         "futility": s.futility,
+        "schedule": s.schedule,
     }
 
 
@@ -665,6 +707,8 @@ def sequential_settings(task: CertifyTask) -> SequentialSettings:
         cfg.sequence or "default",
         cfg.stop_on_wrong_guess,
         DEFAULT_FUTILITY if cfg.futility is None else (cfg.futility or None),
+        cfg.candidate,
+        cfg.schedule or DEFAULT_SCHEDULE,
     )
 
 
@@ -677,10 +721,24 @@ def check_settings(main_file: Path, meta: dict[str, Any]) -> None:
     meta_file = main_file.with_suffix(".json")
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
-        diff = {k: (old.get(k), meta.get(k)) for k in ROW_SETTINGS if old.get(k) != meta.get(k)}
+        diff = {k: (recorded(old, k), meta.get(k)) for k in ROW_SETTINGS if recorded(old, k) != meta.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise InputError(f"{main_file} was written with other settings ({detail}); use another --output-dir")
+            hint = ""
+            if "schedule" in diff:
+                hint = (
+                    f"; it was certified with the {diff['schedule'][0]} schedule: resume it with --schedule "
+                    f"{diff['schedule'][0]} (another schedule looks at other sample counts: its rows would not mix)"
+                )
+            raise InputError(f"{main_file} was written with other settings ({detail}){hint}; use another --output-dir")
+
+
+def recorded(meta: dict[str, Any], key: str) -> Any:
+    """The value a log's JSON records for ``key``; for a log written before the setting existed, the value it was
+    certified with (:data:`LEGACY_SETTINGS`, by the log's mode), else None."""
+    if key in meta:
+        return meta[key]
+    return LEGACY_SETTINGS.get(key, {}).get(meta.get("mode", "certify"))
 
 
 def claim_log(main_file: Path, meta: dict[str, Any], dist: DistInfo) -> None:
@@ -702,7 +760,8 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
     cfg = task.cfg
     if task.mode == "sequential":
         return _certify_sequential(task, smooth, todo, log_file, bar)
-    per_image = (cfg.n0 if task.mode == "certify" else 0) + cfg.n
+    select = task.mode == "certify" and cfg.candidate == "select"  # CERTIFY's selection step draws n0 samples
+    per_image = (cfg.n0 if select else 0) + cfg.n
     group = max(1, cfg.batch // per_image)  # pack several images into a forward batch when n is small
     certified = abstained = added = 0
     with open(log_file, "a") as f:
@@ -711,10 +770,16 @@ def certify_images(task: CertifyTask, smooth: Smooth, todo: list[int], log_file:
             items = [task.dataset[i] for i in idxs]
             x = torch.stack([it[0] for it in items])
             t0 = time.perf_counter()
-            if task.mode == "certify":
+            if select:
                 answers = [
                     (c.prediction, c.radius, c.non_finite)
                     for c in smooth.certify_batch(x, idxs, cfg.n0, cfg.n, cfg.alpha, cfg.batch)
+                ]
+            elif task.mode == "certify":  # --candidate label: the label is the class certified
+                labels = [int(it[1]) for it in items]
+                answers = [
+                    (c.prediction, c.radius, c.non_finite)
+                    for c in smooth.certify_label_batch(x, idxs, labels, cfg.n, cfg.alpha, cfg.batch)
                 ]
             else:
                 answers = [
@@ -888,6 +953,12 @@ def _validate(cfg: CertifyConfig, mode: str) -> None:
     cfg.validate()
     if mode == "predict" and cfg.sequential:
         raise InputError(f"--sequential {cfg.sequential} is a mode of certify, not of predict")
+    if mode == "predict" and cfg.candidate == "label":
+        raise InputError(
+            "--candidate label is a mode of certify, not of predict: PREDICT returns the smoothed class of an "
+            "input without reading its label; to certify that the label is the smoothed class, run "
+            "dmae certify --candidate label"
+        )
 
 
 def main_log_path(task: CertifyTask, sigma: float) -> Path:
@@ -940,7 +1011,7 @@ def estimate_certification(cfg: CertifyConfig, mode: Literal["certify", "predict
             [int(it[1]) for it in items],
             len(todo),
             len(my_images(task)) - len(todo),
-            cfg.n0,
+            0 if cfg.candidate == "label" else cfg.n0,  # --candidate label: no selection samples
             cfg.n,
             cfg.batch,
             seq,

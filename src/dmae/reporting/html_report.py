@@ -15,6 +15,7 @@ folder holding training runs and logs); a run folder is searched recursively.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -167,8 +168,9 @@ def training_section(runs: list[Path]) -> str:
         text = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float) and k != "epoch")
         torn = (
             (
-                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) {", ".join(map(str, skipped[:10]))} '
-                "not read (not a JSON record: torn by a run killed while writing?)</p>"
+                f'<p class="note">{html.escape(str(run / "log.jsonl"))}: line(s) '
+                f"{', '.join(map(str, skipped[:10]))} not read (not a JSON record: torn by a run killed while "
+                "writing?)</p>"
             )
             if skipped
             else ""
@@ -287,11 +289,16 @@ def _thumb(x: Any) -> bytes:
 
 def pick_examples(lg: CertLog, k: int) -> dict[str, list[int]]:
     """Rows (positions in the log) to show: the ``k`` certified images with the largest radii, the first ``k``
-    abstentions and the first ``k`` misclassified images."""
+    abstentions and the first ``k`` misclassified images (for a ``--candidate label`` log: certified correct and
+    not certified correct, the only two kinds of row it has)."""
     order = np.argsort(-lg.radius, kind="stable")
+    certified = [int(i) for i in order if lg.correct[i] == 1][:k]
+    abstained = [i for i in range(len(lg)) if lg.predict[i] == -1][:k]
+    if lg.candidate == "label":  # rows certify the label: -1 is "not certified correct", nothing is misclassified
+        return {"certified correct": certified, "not certified correct (misclassified or not certifiable)": abstained}
     return {
-        "certified": [int(i) for i in order if lg.correct[i] == 1][:k],
-        "abstained": [i for i in range(len(lg)) if lg.predict[i] == -1][:k],
+        "certified": certified,
+        "abstained": abstained,
         "misclassified": [i for i in range(len(lg)) if lg.predict[i] not in (-1, lg.label[i])][:k],
     }
 
@@ -315,6 +322,7 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
             parts.append(f"<h3>{html.escape(lg.name)}</h3><p class='note'>images unavailable: {html.escape(why)}</p>")
             continue
         names = getattr(ds, "classes", None)
+        name = functools.partial(_class_name, names)
         gen = torch.Generator().manual_seed(seed)
         sigma = "unknown" if lg.sigma is None else f"{lg.sigma:g}"
         parts.append(f"<h3>{html.escape(lg.name)} (sigma = {sigma})</h3>")
@@ -326,11 +334,11 @@ def examples_section(logs: list[CertLog], paths: list[Path], k: int = 4, seed: i
                     continue
                 x = ds[int(idx[i])][0]
                 noisy = x + torch.randn(x.shape, generator=gen) * (lg.sigma or 0.0)
-                pred = "abstain" if lg.predict[i] == -1 else _class_name(names, int(lg.predict[i]))
-                label = _class_name(names, int(lg.label[i]))
+                none = "not certified" if lg.candidate == "label" else "abstain"
+                pred = none if lg.predict[i] == -1 else name(int(lg.predict[i]))
                 cells.append(
                     f"<div class='ex'>{_img(_thumb(x), 'clean', 'ex')}{_img(_thumb(noisy), 'noisy', 'ex')}<br>"
-                    f"#{idx[i]} {html.escape(str(label))} -> {html.escape(str(pred))}, "
+                    f"#{idx[i]} {html.escape(str(name(int(lg.label[i]))))} -> {html.escape(str(pred))}, "
                     f"r = {lg.radius[i]:.3f}</div>"
                 )
             parts.append(f"<h4>{kind} ({len(rows)})</h4>" + ("".join(cells) or "<p class='note'>none</p>"))

@@ -149,8 +149,18 @@ class CertLog:
 
     @property
     def abstain_rate(self) -> float:
-        """Fraction of images with ``predict == -1`` (abstained); NaN for an empty log."""
+        """Fraction of images with ``predict == -1`` (abstained; for a ``--candidate label`` log: not certified
+        correct); NaN for an empty log."""
         return float(np.mean(self.predict == -1)) if len(self) else float("nan")
+
+    @property
+    def candidate(self) -> str | None:
+        """What the log's rows certify, from its JSON: ``"select"`` (CERTIFY's class, the smoothed classifier's
+        answer), ``"label"`` (``--candidate label``: whether the label is certified; -1 = not certified correct),
+        or None (PREDICT logs, and logs without a JSON). Logs written before the option are ``"select"``."""
+        if not self.meta or self.meta.get("mode") == "predict":
+            return None
+        return self.meta.get("candidate") or "select"
 
 
 ACR_LABELS = {"radius": "ACR", "radius_continuous": "ACR (continuous)"}  # by the column the radius is read from
@@ -459,6 +469,11 @@ class Table:
         """Whether any log says how many noise samples it spent (sequential CERTIFY)."""
         return any(r.get("samples") is not None for r in self.rows)
 
+    @property
+    def has_label_rows(self) -> bool:
+        """Whether any log certifies labels (``--candidate label``): the table then names each row's candidate."""
+        return any(r.get("candidate") == "label" for r in self.rows)
+
     def acr_label(self) -> str | None:
         """The ACR column's header when every row averages the same radius ("ACR" or "ACR (continuous)", see
         :attr:`CertLog.acr_label`); None when the rows mix them (each continuous cell then says so)."""
@@ -468,12 +483,14 @@ class Table:
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """The header and the rows as display strings (accuracies and abstention in %)."""
         acr_label = self.acr_label()
-        head = ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + [acr_label or "ACR", "abstain"]
-        head += ["samples/img", "samples"] if self.has_samples else []
+        labels = self.has_label_rows
+        head = ["log", "sigma", *(["candidate"] if labels else []), "images"] + [f"r={r:g}" for r in self.radii]
+        head += [acr_label or "ACR", "abstain"] + (["samples/img", "samples"] if self.has_samples else [])
         body = []
         for r in self.rows:
             sig = "best" if r["name"] == "best" else ("-" if r["sigma"] is None else f"{r['sigma']:g}")
-            cells = [r["name"], sig, str(r["images"])] + [f"{100 * a:.1f}" for a in r["acc"]]
+            cells = [r["name"], sig, *([r.get("candidate") or "-"] if labels else []), str(r["images"])]
+            cells += [f"{100 * a:.1f}" for a in r["acc"]]
             acr = "-" if r["acr"] is None else f"{r['acr']:.3f}"
             if acr_label is None and r.get("acr_radius") == "radius_continuous":
                 acr += " (continuous)"
@@ -503,8 +520,11 @@ class Table:
         log column each ACR averages (``radius`` or ``radius_continuous``)."""
         buf = io.StringIO()
         w = csv.writer(buf)
+        labels = ["candidate"] if self.has_label_rows else []  # select / label, when a log certifies labels
         w.writerow(
-            ["log", "sigma", "images"] + [f"r={r:g}" for r in self.radii] + ["acr", "abstain", "samples", "acr_radius"]
+            ["log", "sigma", "images"]
+            + [f"r={r:g}" for r in self.radii]
+            + ["acr", "abstain", "samples", *labels, "acr_radius"]
         )  # acr_radius: the column the ACR averages
         for r in self.rows:
             w.writerow(
@@ -514,6 +534,7 @@ class Table:
                     "" if r["acr"] is None else f"{r['acr']:.6f}",
                     "" if r["abstain"] is None else f"{r['abstain']:.6f}",
                     "" if r.get("samples") is None else r["samples"],
+                    *([r.get("candidate") or ""] if labels else []),
                     r.get("acr_radius") or "",
                 ]
             )
@@ -551,9 +572,46 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
             )
         )
     if best and len(logs) > 1:
-        best_row, best_notes = _best_row(logs, rows, len(radii), kinds)
-        rows += [best_row] if best_row is not None else []
-        notes += best_notes
+        notes += _add_best_row(logs, rows, len(radii), kinds)
+    return Table(tuple(radii), rows, notes + mode_notes(logs))
+
+
+def _add_best_row(logs: list[CertLog], rows: list[dict], n_radii: int, kinds: set[str]) -> list[str]:
+    """Append the best-sigma-per-radius row to ``rows`` when it means something (:func:`best_row_refusal`);
+    returns the notes it needs (different protocols behind it, or why there is none)."""
+    if (why_not := best_row_refusal(logs)) is not None:
+        return [f"note: no best-sigma row: {why_not}"]
+    rows.append(
+        {
+            "name": "best",
+            "sigma": None,
+            "images": len(logs[0]),
+            "acc": [max(r["acc"][i] for r in rows) for i in range(n_radii)],
+            "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
+            "abstain": None,
+            "acr_radius": next(iter(kinds)) if len(kinds) == 1 else None,
+        }
+    )
+    if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
+        return [
+            f"note: the best row takes, per radius, the best of logs certified with different "
+            f"protocols ({'; '.join(dict.fromkeys(differ))})"
+        ]
+    return []
+
+
+def mode_notes(logs: list[CertLog]) -> list[str]:
+    """What a table's rows mean beyond the columns: logs that certify labels (``--candidate label``) and logs that
+    used the label shortcut (``--stop-on-wrong-guess``)."""
+    notes = []
+    if label := [lg.name for lg in logs if lg.candidate == "label"]:
+        notes.append(
+            f"note: {', '.join(label)} certified each image's label (--candidate label): a row says whether the "
+            "label is certified correct at its radius (g(x) = label and g robust there, at level alpha), not "
+            "which class the smoothed classifier returns; predict -1 (abstain) means not certified correct: "
+            "misclassified, or correct but not certifiable with these samples. Certified accuracy means what "
+            "it means for CERTIFY"
+        )
     notes += [
         f"note: {lg.name} used --stop-on-wrong-guess: {lg.wrong_guess_skipped} image(s) stopped after the n0 "
         "selection samples and abstain (a wrong n0 guess, or non-finite logits); certified accuracy is "
@@ -561,7 +619,7 @@ def summarize(logs: list[CertLog], radii: tuple[float, ...] | None = None, best:
         for lg in logs
         if lg.wrong_guess_skipped is not None
     ]
-    return Table(tuple(radii), rows, notes)
+    return notes
 
 
 def _log_row(lg: CertLog, radii: Sequence[float]) -> dict[str, Any]:
@@ -575,32 +633,8 @@ def _log_row(lg: CertLog, radii: Sequence[float]) -> dict[str, Any]:
         "abstain": lg.abstain_rate,
         "acr_radius": lg.radius_column,
         "samples": None if lg.n_samples is None else int(lg.n_samples.sum()),
+        "candidate": lg.candidate,
     }
-
-
-def _best_row(
-    logs: list[CertLog], rows: list[dict[str, Any]], n_radii: int, kinds: set[str]
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """The best-sigma row over the logs' ``rows`` (None, with a note saying why, when it would mean nothing:
-    :func:`best_row_refusal`) and its notes. ``kinds``: the radius columns the logs' ACRs average."""
-    if (why_not := best_row_refusal(logs)) is not None:
-        return None, [f"note: no best-sigma row: {why_not}"]
-    row = {
-        "name": "best",
-        "sigma": None,
-        "images": len(logs[0]),
-        "acc": [max(r["acc"][i] for r in rows) for i in range(n_radii)],
-        "acr": max(r["acr"] for r in rows) if len(kinds) == 1 else None,
-        "abstain": None,
-        "acr_radius": next(iter(kinds)) if len(kinds) == 1 else None,
-    }
-    notes = []
-    if differ := [d for lg in logs[1:] for d in setting_differences(logs[0], lg, protocol_keys())]:
-        notes.append(
-            f"note: the best row takes, per radius, the best of logs certified with different "
-            f"protocols ({'; '.join(dict.fromkeys(differ))})"
-        )
-    return row, notes
 
 
 def acr_mix_note(continuous: list[CertLog], fixed: list[CertLog]) -> str:
@@ -751,6 +785,8 @@ PROTOCOL_KEYS = (
     "stop_on_wrong_guess",
     "futility",
     "sound",
+    "candidate",
+    "schedule",
 )
 
 

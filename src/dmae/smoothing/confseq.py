@@ -342,9 +342,10 @@ class BettingMixture(_Looks):
     ``final_share > 0``, the mixture runs at ``(1 - final_share) * alpha`` and the last look also takes the
     Clopper-Pearson bound at ``final_share * alpha`` (the larger of the two; a union bound of two events).
     ``prior`` is b: b < 1 puts more weight on large bets, which pays when nearly every draw succeeds. The
-    default split (``final_share`` = 0.5, with the engine's futility rule) saved the most samples among those
-    measured, with certified accuracy equal to fixed-n CERTIFY's on the benchmark's real images (on simulated
-    streams just above a threshold it misses a few percent of fixed-n's targets: docs/sequential.md).
+    defaults (b = 0.35, ``final_share`` = 0.45) were chosen by measurement against the information limit
+    (docs/sequential.md, "Measurements"): an all-success stream clears every threshold within 1.27x of the
+    fewest samples any valid procedure needs, ln(1/alpha) / ln(1/tau), while no stream near a threshold costs
+    more samples than under the earlier defaults (b = 0.5, half of alpha on the last look: ``LEGACY_BETTING``).
 
     Sources: Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting", JRSS-B 2023
     (capital processes, mixtures of bets, Ville's inequality); Robbins, "Statistical methods related to the
@@ -364,8 +365,8 @@ class BettingMixture(_Looks):
         n_max: int,
         first: int = 64,
         ratio: float = 1.05,
-        prior: float = 0.5,
-        final_share: float = 0.5,
+        prior: float = 0.35,
+        final_share: float = 0.45,
         upper_alpha: float | None = None,
         looks: Sequence[int] | None = None,
     ) -> None:
@@ -408,11 +409,42 @@ class BettingMixture(_Looks):
         k, t = self._check(k, t)
         return self.lower(k + self.n_max - t, self.n_max)
 
+    def running_lower(self, k: int, t: int) -> float:
+        """The mixture's lower bound after ``k`` successes in ``t`` draws for ANY t (not only a look): the part of
+        :meth:`lower` that holds at every t by Ville's inequality, without the last look's Clopper-Pearson bound.
+        It is what an all-success stream can certify at t, which places the looks (``dmae.smoothing.sequential``).
+
+        Raises:
+            ValueError: not 0 <= ``k`` <= ``t`` with ``t`` >= 1.
+        """
+        t = _check_int(t, "t", 1)
+        k = _check_int(k, "k", 0)
+        if k > t:
+            raise InputError(f"need 0 <= k <= t, got k={k}, t={t}")
+        return _mixture_lower(k, t, self.prior, self._log_lower)
+
 
 # --------------------------------------------------------------------------------------------- factory
 SEQUENCES = {"union": UnionBoundCP, "betting": BettingMixture}
 ALIASES = {"mixture": "betting", "cp": "union"}
 DEFAULT_KIND = "betting"  # the most samples saved in docs/sequential.md's measurements
+# the betting sequence's options before the information-limit measurements (docs/sequential.md): logs written with
+# the chunk schedule were certified with these, and resume with them
+LEGACY_BETTING = {"prior": 0.5, "final_share": 0.5}
+
+
+def sequence_kind(kind: str) -> str:
+    """The class name behind ``kind``: ``"union"`` or ``"betting"`` (``"default"`` is ``DEFAULT_KIND``).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    name = DEFAULT_KIND if kind == "default" else ALIASES.get(kind, kind)
+    if name not in SEQUENCES:
+        raise InputError(
+            f"unknown confidence sequence {kind!r}; available: default, {', '.join(sorted([*SEQUENCES, *ALIASES]))}"
+        )
+    return name
 
 
 def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> ConfidenceSequence:
@@ -422,12 +454,7 @@ def make_sequence(kind: str, alpha: float, n_max: int, **options: object) -> Con
     Raises:
         ValueError: an unknown kind, or what the constructor raises. TypeError: an option it does not take.
     """
-    name = DEFAULT_KIND if kind == "default" else ALIASES.get(kind, kind)
-    if name not in SEQUENCES:
-        raise InputError(
-            f"unknown confidence sequence {kind!r}; available: default, {', '.join(sorted([*SEQUENCES, *ALIASES]))}"
-        )
-    return SEQUENCES[name](alpha, n_max, **options)
+    return SEQUENCES[sequence_kind(kind)](alpha, n_max, **options)
 
 
 # ---------------------------------------------------------------------------------------------- radii
@@ -668,6 +695,7 @@ class DecisionTable:
 __all__ = [
     "ALIASES",
     "DEFAULT_KIND",
+    "LEGACY_BETTING",
     "SEQUENCES",
     "BettingMixture",
     "ConfidenceSequence",
@@ -682,5 +710,6 @@ __all__ = [
     "projected_lower",
     "radius_from_lower",
     "refute_ceiling",
+    "sequence_kind",
     "threshold",
 ]

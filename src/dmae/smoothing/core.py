@@ -156,6 +156,16 @@ class Smooth:
         cert = self.certify_batch(x.unsqueeze(0), [self._index(idx)], n0, n, alpha, batch_size)[0]
         return cert.prediction, cert.radius
 
+    def certify_label(
+        self, x: torch.Tensor, label: int, n: int, alpha: float, batch_size: int, idx: int | None = None
+    ) -> tuple[int, float]:
+        """CERTIFY with the candidate class fixed in advance to ``label``: ``(label, radius)`` when the lower bound
+        on P(f(x + eta) = label) from ``n`` samples exceeds 1/2, else ``(Smooth.ABSTAIN, 0.0)``. With probability
+        at least ``1 - alpha``, a returned label is g(x) and g is constant on the l2 ball of the returned radius
+        (see :meth:`certify_label_batch`). ``x``: one [0, 1] image ``[C, H, W]``."""
+        cert = self.certify_label_batch(x.unsqueeze(0), [self._index(idx)], [label], n, alpha, batch_size)[0]
+        return cert.prediction, cert.radius
+
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, idx: int | None = None) -> int:
         """PREDICT(x, n, alpha): the top class, or ``Smooth.ABSTAIN`` when the two-sided binomial test of the
         top two counts has p-value above ``alpha`` (then g(x) is wrongly returned with prob. <= alpha)."""
@@ -192,6 +202,49 @@ class Smooth:
                 out.append(Certificate(self.ABSTAIN, 0.0, int(k), p_lower, int(b)))
             else:
                 out.append(Certificate(int(c), certified_radius(p_lower, self.sigma), int(k), p_lower))
+        return out
+
+    def certify_label_batch(
+        self,
+        images: torch.Tensor,
+        indices: Sequence[int],
+        labels: Sequence[int],
+        n: int,
+        alpha: float,
+        batch_size: int,
+    ) -> list[Certificate]:
+        """CERTIFY without a selection step, for images ``[I, C, H, W]`` with known ``labels``: the candidate class
+        of each image is its label, fixed before any sample is drawn, so the ``n`` estimation samples (the noise
+        streams of CERTIFY's estimation phase) bound p_y = P(f(x + eta) = label) directly: one-sided
+        Clopper-Pearson at ``alpha``. The label is returned with radius sigma * Phi^-1(p_y_lower) when
+        p_y_lower > 1/2 (then p_y > 1/2 makes the label the smoothed class, and Theorem 1 of Cohen et al., ICML
+        2019, with p_B <= 1 - p_y gives the radius), else the image abstains (not certified correct: it may be
+        misclassified, or correct but not certifiable with these samples). Certified accuracy, without the n0
+        samples and the wrong guesses of the selection step (docs/sequential.md, "The label as the candidate").
+
+        Raises:
+            ValueError: bad counts or alpha, labels not one per image or outside the classes, an image with a
+                non-finite pixel, or logits of the wrong shape.
+        """
+        _check_counts(None, n, batch_size)
+        check_alpha(alpha)
+        if len(labels) != images.shape[0] or any(not 0 <= int(y) < self.num_classes for y in labels):
+            raise InputError(
+                f"labels must be one class in [0, {self.num_classes}) per image, got {list(labels)[:10]!r} "
+                f"for {images.shape[0]} image(s)"
+            )
+        self._check_budget(check_certify_budget, n, alpha)
+        estimate = self.sample_counts(images, indices, n, batch_size, PHASE_ESTIMATE)
+        y = torch.tensor([int(v) for v in labels], dtype=torch.long, device=self.device)
+        n_y = estimate.counts.gather(1, y.unsqueeze(1)).squeeze(1)
+        n_y, bad = torch.stack([n_y, estimate.non_finite]).tolist()  # the one host read for this group
+        out = []
+        for label, k, b in zip(y.tolist(), n_y, bad, strict=True):
+            p_lower = lower_confidence_bound(int(k), n, alpha)
+            if b or not p_lower > 0.5:  # strict: p_y = 1/2 would not make the label the smoothed class
+                out.append(Certificate(self.ABSTAIN, 0.0, int(k), p_lower, int(b)))
+            else:
+                out.append(Certificate(label, certified_radius(p_lower, self.sigma), int(k), p_lower))
         return out
 
     def predict_batch(

@@ -2,7 +2,9 @@
 
 Per image (docs/sequential.md gives the validity argument step by step):
 
-1. selection: ``n0`` samples choose c_hat (the first of the top counts), as in fixed-n CERTIFY;
+1. the candidate class: with ``candidate="select"``, selection samples choose c_hat (the first of the top
+   counts), as in fixed-n CERTIFY; with ``candidate="label"``, c_hat is the image's label, fixed before any sample
+   is drawn (the certificate then says "g(x) is the label, robust at this radius": certified accuracy directly);
 2. estimation, in rounds: fresh samples are drawn up to the next *look* t of an anytime-valid confidence
    sequence (:mod:`dmae.smoothing.confseq`); with k of them for c_hat, the bounds ``lower(k, t)`` and
    ``upper(k, t)`` decide each target radius (certified / refuted / open) or, in continuous mode, how much the
@@ -11,43 +13,64 @@ Per image (docs/sequential.md gives the validity argument step by step):
    the largest certified target and the continuous radius sigma * Phi^-1(max over looks of lower), or abstain
    when that bound is not above 1/2. Any sample with NaN / infinite logits makes the image abstain.
 
+The look schedule (``schedule="early"``, the default) looks where a certificate first becomes possible: at the
+sample count where an all-success stream first clears 1/2, then about 10% apart, plus the count where it first
+clears each target's threshold; the selection step stops as soon as one class holds a clear majority. The
+earlier schedule (``"chunks"``: rounds at whole chunks of 100 samples from 100, n0 selection samples at once)
+is kept so that logs written with it resume unchanged.
+
 The engine keeps every forward batch full while images stop at different times (continuous batching): the
 images still sampling share each batch, and a finished image is replaced by the next one. The noise of sample
 j of image idx in a phase is element ``j % CHUNK`` of the chunk seeded by (seed, idx, phase, j // CHUNK)
-(:func:`dmae.smoothing.core.chunk_seed`), a pure function of (seed, idx, sample number): rows do not depend on
-the batch size, on sharding or on where a run was resumed.
+(:func:`dmae.smoothing.core.chunk_seed`), drawn whole and sliced: a pure function of (seed, idx, sample number),
+so rows do not depend on where the rounds end, on the batch size, on sharding or on where a run was resumed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import binom
 from torch import nn
 
 from dmae.errors import InputError
 from dmae.smoothing.bounds import check_certify_budget
 from dmae.smoothing.confseq import (
+    LEGACY_BETTING,
+    BettingMixture,
     ConfidenceSequence,
     check_futility,
     geometric_looks,
     make_sequence,
     radius_or_zero,
     refute_ceiling,
+    sequence_kind,
     threshold,
 )
 from dmae.smoothing.core import CHUNK, PHASE_ESTIMATE, PHASE_SELECT, Smooth
 
-FIRST_LOOK, LOOK_RATIO = 100, 1.1  # rounds end at chunk boundaries: one chunk, then about 10% more each round
+FIRST_LOOK, LOOK_RATIO = 100, 1.1  # the chunk schedule: one chunk, then about 10% more each round, at chunk ends
+# the early schedule: looks about 10% apart from the first count that can certify anything (docs/sequential.md:
+# 5% apart saved under 1% more samples, 20% apart cost under 1%)
+EARLY_RATIO = 1.1
+# early selection: after 10, 15, 23, ... of the n0 selection samples, stop when the top class holds a majority that
+# a fair coin gives with probability <= SELECT_LEVEL (then it is the only class that could be certified, unless
+# that 1% event happened); measured in docs/sequential.md
+SELECT_FIRST, SELECT_RATIO, SELECT_LEVEL = 10, 1.5, 0.01
 # beta of the futility rule (confseq.projected_lower): the most samples saved for at most ~1 target lost in 300
-# against fixed-n CERTIFY on the benchmark's per-image p_A (docs/sequential.md, "Futility")
+# against fixed-n CERTIFY on the benchmark's per-image p_A (docs/sequential.md, "Futility"); evaluated at the
+# chunk schedule's looks only, where it was measured (at every look of a denser schedule it fires more often)
 DEFAULT_FUTILITY = 0.01
 
 Mode = Literal["targets", "continuous"]
+Candidate = Literal["select", "label"]
+Schedule = Literal["early", "chunks"]
+DEFAULT_SCHEDULE: Schedule = "early"
 
 
 class SequentialCertificate(NamedTuple):
@@ -55,10 +78,12 @@ class SequentialCertificate(NamedTuple):
 
     ``prediction`` is the class or ``Smooth.ABSTAIN``; ``radius`` the largest certified target (targets mode)
     or the continuous radius (continuous mode); ``radius_continuous`` = sigma * Phi^-1(p_a_lower) (0 on
-    abstain); ``n_samples`` = n0 + the estimation samples drawn; ``n_a`` of those voted for c_hat;
-    ``p_a_lower`` / ``p_a_upper`` the bounds at the stop (running max / min over the looks); ``non_finite`` > 0
-    when the image abstained because that many samples gave non-finite logits; ``wrong_guess`` when the label
-    shortcut skipped estimation (the n0 guess was not the label: the image abstains, ``n_samples`` = n0).
+    abstain); ``n_samples`` = the selection samples drawn (none with ``candidate="label"``) + the estimation
+    samples drawn; ``n_a`` of those voted for c_hat; ``p_a_lower`` / ``p_a_upper`` the bounds at the stop
+    (running max / min over the looks); ``non_finite`` > 0 when the image abstained because that many samples
+    gave non-finite logits; ``wrong_guess`` when the label shortcut skipped estimation (the guess was not the
+    label: the image abstains, ``n_samples`` = the selection samples); ``n_select`` of the ``n_samples`` were
+    selection samples.
     """
 
     prediction: int
@@ -70,6 +95,7 @@ class SequentialCertificate(NamedTuple):
     p_a_upper: float
     non_finite: int = 0
     wrong_guess: bool = False
+    n_select: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,18 +103,24 @@ class SequentialSettings:
     """What sequential CERTIFY does per image.
 
     Args:
-        n0: selection samples.  n_max: the most estimation samples per image.  alpha: failure probability.
+        n0: selection samples (the most, under the early schedule; unused with ``candidate="label"``).
+        n_max: the most estimation samples per image.  alpha: failure probability.
         mode: ``"targets"`` (stop when every target radius is certified or refuted) or ``"continuous"`` (stop
             when the radius the bounds allow is known within ``epsilon``).
         radii: the target radii (l2, [0, 1] pixel units) of targets mode.
         epsilon: the radius tolerance of continuous mode.
         sequence: the confidence sequence (``"default"``, ``"betting"``, ``"union"``).
-        stop_on_wrong_guess: the label shortcut: an image whose n0 guess is not its label cannot count as
+        stop_on_wrong_guess: the label shortcut: an image whose selection guess is not its label cannot count as
             certified at any radius, so it abstains without estimation samples (certified accuracy is unchanged;
             the class and radius of wrong images are). Needs labels (:meth:`SequentialCertifier.certify_stream`).
+            Its selection always draws all n0 samples, so a log tells the images it stopped (n_samples == n0).
         futility: beta of the futility rule (:func:`dmae.smoothing.confseq.projected_lower`): a target the last
             look would most likely not certify, even at p_A's (1 - beta) upper bound, is refuted; ``None`` turns
             the rule off. A stopping rule only: it never changes what a certificate claims.
+        candidate: ``"select"`` (CERTIFY's selection step chooses the class) or ``"label"`` (the class is the
+            image's label, fixed before any sample: no selection samples; needs labels).
+        schedule: ``"early"`` (looks where a certificate first becomes possible, early selection, the betting
+            sequence's measured defaults) or ``"chunks"`` (the earlier schedule, for logs written with it).
     """
 
     n0: int
@@ -100,6 +132,8 @@ class SequentialSettings:
     sequence: str = "default"
     stop_on_wrong_guess: bool = False
     futility: float | None = DEFAULT_FUTILITY
+    candidate: Candidate = "select"
+    schedule: Schedule = DEFAULT_SCHEDULE
 
     def __post_init__(self) -> None:
         if not isinstance(self.n0, int) or self.n0 < 1:
@@ -114,19 +148,91 @@ class SequentialSettings:
             raise InputError(f"epsilon must be a finite number > 0, got {self.epsilon!r}")
         if self.futility is not None:
             check_futility(self.futility)
+        if self.candidate not in ("select", "label"):
+            raise InputError(f"candidate must be 'select' or 'label', got {self.candidate!r}")
+        if self.schedule not in ("early", "chunks"):
+            raise InputError(f"schedule must be 'early' or 'chunks', got {self.schedule!r}")
+        if self.stop_on_wrong_guess and self.candidate == "label":
+            raise InputError(
+                "stop_on_wrong_guess skips the estimation of a wrong selection guess; with "
+                "candidate='label' there is no guess (the label is the candidate)"
+            )
 
 
 def chunk_looks(n_max: int, first: int = FIRST_LOOK, ratio: float = LOOK_RATIO) -> tuple[int, ...]:
-    """Geometric looks rounded up to whole chunks of noise (``CHUNK`` samples), the last one ``n_max``: every
-    round then draws whole chunks, so no chunk is generated twice. (Any schedule fixed in advance keeps the
-    sequences valid; the union bound splits alpha over exactly these looks.)"""
+    """Geometric looks rounded up to whole chunks of noise (``CHUNK`` samples), the last one ``n_max``: the chunk
+    schedule. (Any schedule fixed in advance keeps the sequences valid; the union bound splits alpha over exactly
+    these looks.)"""
     looks = {min(n_max, math.ceil(t / CHUNK) * CHUNK) for t in geometric_looks(n_max, first, ratio)}
     return tuple(sorted(looks))
 
 
-def sequence_for(settings: SequentialSettings) -> ConfidenceSequence:
-    """The confidence sequence of ``settings``, its rounds ending at whole chunks (:func:`chunk_looks`)."""
-    return make_sequence(settings.sequence, settings.alpha, settings.n_max, looks=chunk_looks(settings.n_max))
+def first_clearing(bound: Callable[[int], float], tau: float, n_max: int) -> int | None:
+    """The least t <= ``n_max`` with ``bound(t) > tau`` for a ``bound`` nondecreasing in t (bisection), or None."""
+    if not bound(n_max) > tau:
+        return None
+    lo, hi = 1, n_max
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bound(mid) > tau:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def early_looks(cs: BettingMixture, thresholds: Sequence[float], ratio: float = EARLY_RATIO) -> tuple[int, ...]:
+    """The early schedule of a betting sequence: looks ``ratio`` apart from the first count at which an all-success
+    stream clears 1/2 (nothing can be certified sooner), each count at which it first clears one of
+    ``thresholds`` (an image with p_A = 1 then stops exactly there), and the chunk schedule's looks (where the
+    futility rule is evaluated). The mixture holds at every t, so any schedule fixed in advance is valid."""
+    n_max = cs.n_max
+
+    def all_success(t: int) -> float:
+        return cs.running_lower(t, t)
+
+    looks = set(chunk_looks(n_max))
+    first = first_clearing(all_success, 0.5, n_max)
+    if first is not None:
+        looks |= set(geometric_looks(n_max, first, ratio))
+    looks |= {t for tau in thresholds if (t := first_clearing(all_success, tau, n_max)) is not None}
+    return tuple(sorted(looks))
+
+
+def sequence_for(settings: SequentialSettings, sigma: float | None = None) -> ConfidenceSequence:
+    """The confidence sequence of ``settings`` and its looks. The chunk schedule: rounds at whole chunks
+    (:func:`chunk_looks`), the betting sequence with ``LEGACY_BETTING``. The early schedule: the betting sequence
+    with its defaults at :func:`early_looks` (targets mode: the thresholds Phi(r / sigma) of the radii at
+    ``sigma``); the union bound splits alpha over its looks, so it keeps the chunk looks under both schedules.
+
+    Raises:
+        ValueError: the early schedule in targets mode without ``sigma``, or what ``make_sequence`` raises.
+    """
+    s = settings
+    kind = sequence_kind(s.sequence)
+    legacy = LEGACY_BETTING if kind == "betting" and s.schedule == "chunks" else {}
+    base = make_sequence(s.sequence, s.alpha, s.n_max, looks=chunk_looks(s.n_max), **legacy)
+    if s.schedule == "chunks" or not isinstance(base, BettingMixture):
+        return base
+    if s.mode == "targets" and sigma is None:
+        raise InputError("the early schedule places looks at the targets' thresholds: give sigma")
+    taus = [threshold(r, sigma) for r in s.radii] if s.mode == "targets" else []  # type: ignore[arg-type]
+    return make_sequence(s.sequence, s.alpha, s.n_max, looks=early_looks(base, taus))
+
+
+def select_looks(settings: SequentialSettings) -> tuple[int, ...]:
+    """The selection rounds: all n0 samples at once under the chunk schedule or with the label shortcut (whose
+    stopped images a log tells apart by n_samples == n0), else 10, 15, 23, ... then n0 (early selection)."""
+    s = settings
+    if s.schedule == "chunks" or s.stop_on_wrong_guess or s.n0 <= SELECT_FIRST:
+        return (s.n0,)
+    return geometric_looks(s.n0, SELECT_FIRST, SELECT_RATIO)
+
+
+def majority_needed(m: int, level: float = SELECT_LEVEL) -> int:
+    """The least count k of m votes with P(Binomial(m, 1/2) >= k) <= ``level`` (m + 1 if none): a class with
+    p <= 1/2, the only kind that cannot be certified, reaches it with probability at most ``level``."""
+    return int(binom.isf(level, m, 0.5)) + 1
 
 
 @dataclass(eq=False)  # slots are compared by identity (their tensors have no truth value)
@@ -140,8 +246,9 @@ class _Slot:
     drawn: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [K + 1]: bin K non-finite
     c_hat: int = -1
-    label: int | None = None  # known only for the label shortcut
-    look: int = -1  # index of the current round's look
+    label: int | None = None  # known only for the label shortcut and candidate="label"
+    look: int = 0  # index of the current round's look (selection looks, then the sequence's)
+    n_select: int = 0  # selection samples drawn, once the selection is over
     lower: float = 0.0  # running max / min over looks (both stay valid: the sequence holds at every look)
     upper: float = 1.0
 
@@ -158,9 +265,12 @@ class SequentialCertifier:
 
     def __init__(self, smooth: Smooth, settings: SequentialSettings) -> None:
         self.smooth, self.settings = smooth, settings
-        self.cs = sequence_for(settings)
+        self.cs = sequence_for(settings, smooth.sigma)
         self.thresholds = [threshold(r, smooth.sigma) for r in settings.radii]
         self.k = smooth.num_classes
+        self.futility_looks = frozenset(chunk_looks(settings.n_max))
+        self.select_looks = select_looks(settings)
+        self.select_need = {m: majority_needed(m) for m in self.select_looks}
         check_certify_budget(settings.n_max, settings.alpha)
 
     def certify_stream(
@@ -168,11 +278,11 @@ class SequentialCertifier:
     ) -> Iterator[tuple[int, SequentialCertificate]]:
         """Certify ``(idx, image [C, H, W] in [0, 1])`` pairs; yields ``(idx, certificate)`` as images finish
         (not in input order). Forward batches hold ``batch_size`` samples until the stream runs dry. ``labels``
-        (idx -> class, read when an image is admitted) is needed by the label shortcut only.
+        (idx -> class, read when an image is admitted) are needed by the label shortcut and ``candidate="label"``.
 
         Raises:
             ValueError: an image with NaN / infinite pixels (named by its index), bad logits, bad batch size,
-                a missing label under ``stop_on_wrong_guess``.
+                a missing label under ``stop_on_wrong_guess`` or ``candidate="label"``, a label outside the classes.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -200,7 +310,7 @@ class SequentialCertifier:
         self, images: torch.Tensor, indices: Sequence[int], batch_size: int, labels: Sequence[int] | None = None
     ) -> list[SequentialCertificate]:
         """Sequential CERTIFY of images ``[I, C, H, W]`` named by ``indices`` (``labels``: their classes, for
-        the label shortcut); answers in input order."""
+        the label shortcut and ``candidate="label"``); answers in input order."""
         by_idx = None if labels is None else {int(i): int(y) for i, y in zip(indices, labels, strict=True)}
         done = dict(self.certify_stream(zip((int(i) for i in indices), images, strict=True), batch_size, by_idx))
         return [done[int(i)] for i in indices]
@@ -208,14 +318,27 @@ class SequentialCertifier:
     # ------------------------------------------------------------------ the engine
     def _admit(self, idx: int, image: torch.Tensor, labels: Mapping[int, int] | None) -> _Slot:
         self.smooth._check_inputs(image.unsqueeze(0), [idx])
+        s = self.settings
         label = None
-        if self.settings.stop_on_wrong_guess:
+        if s.stop_on_wrong_guess or s.candidate == "label":
             if labels is None or int(idx) not in labels:
-                raise InputError(f"stop_on_wrong_guess needs the label of image {idx}")
+                need = "candidate='label'" if s.candidate == "label" else "stop_on_wrong_guess"
+                raise InputError(f"{need} needs the label of image {idx}")
             label = int(labels[int(idx)])
-        slot = _Slot(idx, image.to(self.smooth.device), target=self.settings.n0, label=label)
+            if not 0 <= label < self.k:
+                raise InputError(f"image {idx} has label {label}, outside the classifier's {self.k} classes")
+        slot = _Slot(idx, image.to(self.smooth.device), target=self.select_looks[0], label=label)
         slot.counts = np.zeros(self.k + 1, dtype=np.int64)
+        if s.candidate == "label":  # the class is fixed before any sample: no selection step
+            self._start_estimation(slot, label)  # type: ignore[arg-type]
         return slot
+
+    def _start_estimation(self, slot: _Slot, c_hat: int) -> None:
+        """Phase 1 for candidate ``c_hat``: fresh samples from their own streams, counted from zero."""
+        slot.n_select, slot.c_hat = slot.drawn, c_hat  # drawn: the selection samples (0 for candidate="label")
+        slot.phase, slot.drawn, slot.look = PHASE_ESTIMATE, 0, 0
+        slot.counts = np.zeros(self.k + 1, dtype=np.int64)
+        slot.target = self.cs.looks[0]
 
     def _step(self, active: list[_Slot], batch_size: int) -> list[tuple[_Slot, SequentialCertificate]]:
         """One forward batch over the slots with samples due; then the decisions of the rounds it completed."""
@@ -254,22 +377,15 @@ class SequentialCertifier:
 
     def _decide(self, slot: _Slot) -> SequentialCertificate | None:
         """After a completed round: the next round, or the certificate (None while sampling goes on)."""
-        cs = self.cs
-        s = self.settings
-        bad = int(slot.counts[self.k])
         if slot.phase == PHASE_SELECT:
-            if bad:
-                return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0, 0, 0.0, 1.0, bad)
-            slot.c_hat = int(np.argmax(slot.counts[: self.k]))  # first of the top counts, as CERTIFY
-            if slot.label is not None and slot.c_hat != slot.label:  # certified correct is impossible now
-                return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0, 0, 0.0, 1.0, wrong_guess=True)
-            slot.phase, slot.drawn, slot.look = PHASE_ESTIMATE, 0, 0
-            slot.counts = np.zeros(self.k + 1, dtype=np.int64)
-            slot.target = cs.looks[0]
-            return None
+            return self._select(slot)
+        cs = self.cs
+        bad = int(slot.counts[self.k])
         t, k = slot.drawn, int(slot.counts[slot.c_hat])
         if bad:
-            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, s.n0 + t, k, 0.0, 1.0, bad)
+            return SequentialCertificate(
+                Smooth.ABSTAIN, 0.0, 0.0, slot.n_select + t, k, 0.0, 1.0, bad, n_select=slot.n_select
+            )
         slot.lower, slot.upper = max(slot.lower, cs.lower(k, t)), min(slot.upper, cs.upper(k, t))
         if not self._settled(slot, k, t) and t < cs.n_max:
             slot.look += 1
@@ -277,12 +393,33 @@ class SequentialCertifier:
             return None
         return self._certificate(slot, t, k)
 
+    def _select(self, slot: _Slot) -> SequentialCertificate | None:
+        """After a selection round: c_hat (the first of the top counts, as CERTIFY) once all n0 samples are in or
+        one class holds a clear majority (:func:`majority_needed`; a function of the selection samples only, so
+        the estimation samples stay independent of c_hat), else the next selection round."""
+        bad = int(slot.counts[self.k])
+        if bad:
+            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, slot.drawn, 0, 0.0, 1.0, bad, n_select=slot.drawn)
+        votes = slot.counts[: self.k]
+        c_hat = int(np.argmax(votes))
+        if slot.drawn < self.settings.n0 and votes[c_hat] < self.select_need[slot.drawn]:
+            slot.look += 1
+            slot.target = self.select_looks[slot.look]
+            return None
+        if slot.label is not None and c_hat != slot.label:  # the label shortcut: certified correct is impossible
+            return SequentialCertificate(
+                Smooth.ABSTAIN, 0.0, 0.0, slot.drawn, 0, 0.0, 1.0, wrong_guess=True, n_select=slot.drawn
+            )
+        self._start_estimation(slot, c_hat)
+        return None
+
     def _settled(self, slot: _Slot, k: int, t: int) -> bool:
         """Whether more samples could change the answer, judged on the running bounds (docs/sequential.md):
         a target is decided when ``lower > tau`` (certified), or ``upper < tau`` or ``refute_ceiling(k, t) <= tau``
         (the budget test and the futility rule: refuted); continuous mode stops when the radius the remaining
         budget and the upper bound still allow exceeds the certified one by less than epsilon."""
-        best = refute_ceiling(self.cs, k, t, self.settings.futility)
+        futility = self.settings.futility if t in self.futility_looks else None
+        best = refute_ceiling(self.cs, k, t, futility)
         if self.settings.mode == "targets":
             return all(slot.lower > tau or slot.upper < tau or best <= tau for tau in self.thresholds)
         sigma = self.smooth.sigma
@@ -290,13 +427,13 @@ class SequentialCertifier:
 
     def _certificate(self, slot: _Slot, t: int, k: int) -> SequentialCertificate:
         s, sigma = self.settings, self.smooth.sigma
-        n = s.n0 + t
+        n = slot.n_select + t
         if not slot.lower > 0.5:  # p_A > 1/2 is what makes c_hat the smoothed class
-            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, n, k, slot.lower, slot.upper)
+            return SequentialCertificate(Smooth.ABSTAIN, 0.0, 0.0, n, k, slot.lower, slot.upper, n_select=slot.n_select)
         r_cont = radius_or_zero(slot.lower, sigma)
         certified = [r for r, tau in zip(s.radii, self.thresholds, strict=True) if slot.lower > tau]
         radius = r_cont if s.mode == "continuous" else max(certified, default=0.0)
-        return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper)
+        return SequentialCertificate(slot.c_hat, radius, r_cont, n, k, slot.lower, slot.upper, n_select=slot.n_select)
 
 
 ID_SPACING = 1e4  # the oracle's image-number pixel: far apart enough that no noise (sigma <= 100) blurs two numbers
@@ -338,8 +475,8 @@ def oracle_certificates(
         settings: the sequential settings.  sigma: the noise level (the radii's scale).
         probs: ``[P, K]`` class probabilities per image (rows summing to 1), or ``[P]`` values p for two classes
             ``[p, 1 - p]`` (so class 0 is the top class when p > 1/2; p = 1 never draws class 1).
-        seed: seed of the oracle's noise.  labels: the label of each image (the label shortcut needs them;
-            default: each row's most probable class).
+        seed: seed of the oracle's noise.  labels: the label of each image (the label shortcut and
+            ``candidate="label"`` need them; default: each row's most probable class).
     Returns:
         one :class:`SequentialCertificate` per image, in order. The decisions see only vote counts, so an oracle
         with an image's class probabilities costs what the model would on it (used by ``dmae certify
