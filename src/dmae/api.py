@@ -108,9 +108,8 @@ def certify(
     device and is never modified (a model in training mode is certified in eval mode and restored). The noise of
     image ``idx`` depends only on (``seed``, idx), so rows do not depend on ``batch_size``.
 
-    With ``log_dir``, rows go to ``log_dir/{mode}_sigma{S}.tsv`` (+ ``.json``) as they are done, and calling again
-    with the same arguments continues them (an interrupted call loses at most the images in flight); a log
-    written with other settings, another model's weights or another data set is refused. Under ``torchrun``
+    With ``log_dir``, rows go to ``log_dir/{mode}_sigma{S}.tsv`` (+ ``.json``) as they are done; calling again
+    continues them, and a log of other settings, weights or images is refused. Under ``torchrun``
     each rank certifies its share (put the model on ``cuda:LOCAL_RANK``); ``shard=(K, N)`` certifies every N-th
     image from the K-th into a log of its own, and ``merge=True`` (``allow_partial``: with images missing) merges
     the shard logs into the main one (docs/cluster.md). Without ``log_dir``, the logs live in a temporary folder.
