@@ -176,6 +176,27 @@ class _Looks(ABC):
         """
         return self._upper_cached(k, t)
 
+    def _init_levels(
+        self,
+        alpha: float,
+        upper_alpha: float | None,
+        final_share: float,
+        n_max: int,
+        looks: Sequence[int] | None,
+        geometric: tuple[int, float],
+    ) -> None:
+        """``alpha``, ``upper_alpha`` (default: alpha) and ``final_share`` checked and kept; the looks: ``looks``
+        as given (checked to end at ``n_max``), else ``geometric`` = (first, ratio): from first, by ratio.
+
+        Raises:
+            ValueError: as the sequences' constructors say.
+        """
+        self.alpha = check_alpha(alpha)
+        self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
+        n_max = _check_int(n_max, "n_max", 1)
+        self.final_share = _check_share(final_share, "final_share")
+        self._init_looks(geometric_looks(n_max, *geometric) if looks is None else _check_looks(looks, n_max))
+
     def _init_looks(self, looks: tuple[int, ...]) -> None:
         self.looks = looks
         self.n_max = looks[-1]
@@ -238,11 +259,7 @@ class UnionBoundCP(_Looks):
         upper_alpha: float | None = None,
         looks: Sequence[int] | None = None,
     ) -> None:
-        self.alpha = check_alpha(alpha)
-        self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
-        n_max = _check_int(n_max, "n_max", 1)
-        self.final_share = _check_share(final_share, "final_share")
-        self._init_looks(geometric_looks(n_max, first, ratio) if looks is None else _check_looks(looks, n_max))
+        self._init_levels(alpha, upper_alpha, final_share, n_max, looks, (first, ratio))
         self.lower_shares = self._shares(self.alpha)
         self.upper_shares = self._shares(self.upper_alpha)
         self._last_share_is_largest = self.lower_shares[-1] >= max(self.lower_shares)
@@ -370,14 +387,10 @@ class BettingMixture(_Looks):
         upper_alpha: float | None = None,
         looks: Sequence[int] | None = None,
     ) -> None:
-        self.alpha = check_alpha(alpha)
-        self.upper_alpha = self.alpha if upper_alpha is None else check_alpha(upper_alpha)
-        n_max = _check_int(n_max, "n_max", 1)
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not (0.0 < prior < math.inf):
             raise InputError(f"prior must be a finite number > 0, got {prior!r}")
         self.prior = float(prior)
-        self.final_share = _check_share(final_share, "final_share")
-        self._init_looks(geometric_looks(n_max, first, ratio) if looks is None else _check_looks(looks, n_max))
+        self._init_levels(alpha, upper_alpha, final_share, n_max, looks, (first, ratio))
         self._log_lower = math.log(1.0 / (self.alpha * (1.0 - self.final_share)))
         self._log_upper = math.log(1.0 / (self.upper_alpha * (1.0 - self.final_share)))
         self._init_caches()
