@@ -135,8 +135,10 @@ def test_pretrain_and_finetune_take_a_data_set_of_ones_own(tmp_path):
     pre = dmae.pretrain(train, eval_data=test, output_dir=tmp_path / "pre", epochs=2, stop_after=3, **kw)
     assert pre.step == 3 and not pre.finished
     assert "data: custom" in (tmp_path / "pre" / "config.yaml").read_text()
-    with pytest.raises(ValueError, match="the data or the --init weights differ"):  # other images never mix in
+    with pytest.raises(ValueError, match="the data or the init weights differ"):  # other images never mix in
         dmae.pretrain(Shapes(32, 5), output_dir=tmp_path / "pre", epochs=2, resume=True, **kw)
+    with pytest.raises(FileExistsError, match="pass resume=True to continue it, or choose another output_dir"):
+        dmae.pretrain(train, output_dir=tmp_path / "pre", epochs=2, **kw)  # worded as the call, not the CLI
     pre = dmae.pretrain(train, eval_data=test, output_dir=tmp_path / "pre", epochs=2, resume=True, **kw)
     assert pre.finished and pre.eval_end is not None and (tmp_path / "pre" / "model.safetensors").exists()
 
@@ -231,3 +233,26 @@ def test_the_label_as_the_candidate_through_the_api():
     assert seq.logs[0].n_samples.max() <= 200 and "--candidate label" in str(seq.table())
     with pytest.raises(ValueError, match="candidate"):
         dmae.certify(model, data, sigma=0.25, n=200, candidate="labels")
+
+
+def test_an_api_call_is_told_about_its_own_keywords_not_the_command_lines_flags(tmp_path, capsys):
+    model, data = MyCNN().eval(), _data()
+    dmae.certify(model, data, sigma=0.25, n0=10, n=50, max_images=2, log_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(n: 50 -> 60\); use another log_dir$"):
+        dmae.certify(model, data, sigma=0.25, n0=10, n=60, max_images=2, log_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^shard=5/3: K must be in 0\.\.2"):
+        dmae.certify(model, data, sigma=0.25, n=50, shard=(5, 3), log_dir=tmp_path)
+    capsys.readouterr()
+    dmae.certify(model, data, sigma=0.25, n0=10, n=50, max_images=2)  # no log_dir: the logs are not kept
+    out = capsys.readouterr().out
+    assert "rows in <a temporary folder: give log_dir to keep the logs>/certify_sigma0.25.tsv" in out
+    assert "dmae-certify-" not in out  # the folder is gone when the call returns: never named as if it stayed
+    assert "(n=218,105 reaches r = 1)" in out  # the budget note names the keyword, not --n
+    # the command line's path keeps its flags
+    cfg = CertifyConfig(
+        checkpoint="x", output_dir=str(tmp_path), sigma=(0.25,), n0=10, n=60, max=2, progress=False, data="custom"
+    )
+    from dmae.certification.runner import certify_module
+
+    with pytest.raises(ValueError, match=r"use another --output-dir$"):
+        certify_module(model, data, cfg, "certify", None)

@@ -105,3 +105,27 @@ def test_a_users_ordinary_mistakes_are_dmae_errors(tmp_path):
         dmae.certify(model, data, sigma=0.25, n0=10, n=60, log_dir=tmp_path)
     with pytest.raises(DmaeError, match="unknown option"):
         dmae.finetune(data, epoch=3)
+
+
+def test_messages_inside_an_api_call_are_worded_in_its_terms():
+    from dmae.errors import InputError, in_python_terms, python_terms
+    from dmae.runtime import DmaeWarning
+
+    names = {"output_dir": "log_dir"}
+    assert in_python_terms("pass --resume, or choose another --output-dir", names) == (
+        "pass resume=True, or choose another log_dir"
+    )
+    assert in_python_terms("--warmup-epochs 5 exceeds --epochs 3", names) == "warmup_epochs=5 exceeds epochs=3"
+    assert in_python_terms("run `dmae certify --shard K/N` with --merge", names) == (
+        "run `dmae certify --shard K/N` with merge=True"
+    )  # a quoted command stays as typed
+    assert str(InputError("--sigma 0.5 is not trained")) == "--sigma 0.5 is not trained"  # outside a call
+    with python_terms(**names):
+        assert str(InputError("--sigma 0.5 is not trained")) == "sigma=0.5 is not trained"
+        assert str(DmaeWarning("use another --output-dir")) == "use another log_dir"
+        from dmae.errors import MissingFileError
+
+        e = MissingFileError("--init x.pt does not exist")
+        assert str(e) == "init x.pt does not exist"
+        assert isinstance(e, FileNotFoundError)
+    assert str(InputError("--sigma 0.5")) == "--sigma 0.5"  # the context ends with the call

@@ -28,7 +28,7 @@ from dmae.certification.log import LogError, read_log_rows
 from dmae.certification.runner import CertifyConfig, certify_module
 from dmae.config import Options
 from dmae.datasets import user_data
-from dmae.errors import InputError
+from dmae.errors import InputError, python_terms, temporary_folder
 from dmae.models.classifier import ViTClassifier
 from dmae.reporting.report import CertLog, Comparison, Table, distinct_names, expand_folders, summarize
 from dmae.reporting.report import compare as compare_logs
@@ -67,6 +67,10 @@ class CertifyResult:
             raise InputError("the HTML report reads the log files: certify with log_dir=FOLDER to keep them")
         write_html_report(path, list(self.paths), [], title)
         return Path(path)
+
+
+# the keywords of certify / predict where the command line names the option otherwise
+_CERTIFY_NAMES = {"output_dir": "log_dir", "batch": "batch_size", "max": "max_images", "checkpoint": "model"}
 
 
 def certify(
@@ -122,12 +126,13 @@ def certify(
     """
     targets = tuple(radii) if radii is not None and sequential == "targets" else None
     options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, radii=targets)
-    options |= dict(sound=sound, candidate=candidate, **_shard_options(shard, merge, allow_partial, log_dir))
-    with _certify_config(
-        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
-    ) as cfg:
-        runs = certify_module(model, dataset, cfg, "certify", num_classes)
-        logs = [read_certlog(r.path) for r in runs]
+    with python_terms(**_CERTIFY_NAMES):
+        options |= dict(sound=sound, candidate=candidate, **_shard_options(shard, merge, allow_partial, log_dir))
+        with _certify_config(
+            model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+        ) as cfg:
+            runs = certify_module(model, dataset, cfg, "certify", num_classes)
+            logs = [read_certlog(r.path) for r in runs]
     return CertifyResult(logs, [r.path for r in runs] if log_dir is not None else None)
 
 
@@ -165,7 +170,10 @@ def _certify_config(
 ) -> Iterator[CertifyConfig]:
     """The :class:`CertifyConfig` of an API call, writing to ``log_dir`` or (None) to a folder removed afterwards."""
     sigmas = (float(sigma),) if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
-    with tempfile.TemporaryDirectory(prefix="dmae-certify-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="dmae-certify-") as scratch,
+        temporary_folder(scratch) if log_dir is None else contextlib.nullcontext(),
+    ):
         yield CertifyConfig(
             checkpoint=f"<{type(model).__name__}>",
             data=data_name,
@@ -267,12 +275,13 @@ def predict(
         ValueError: as :func:`certify`.
     """
     options: dict[str, Any] = dict(n=n, alpha=alpha)
-    options.update(_shard_options(shard, merge, allow_partial, log_dir))
-    with _certify_config(
-        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
-    ) as cfg:
-        runs = certify_module(model, dataset, cfg, "predict", num_classes)
-        logs = [read_predict_log(r.path, r.sigma) for r in runs]
+    with python_terms(**_CERTIFY_NAMES):
+        options.update(_shard_options(shard, merge, allow_partial, log_dir))
+        with _certify_config(
+            model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+        ) as cfg:
+            runs = certify_module(model, dataset, cfg, "predict", num_classes)
+            logs = [read_predict_log(r.path, r.sigma) for r in runs]
     if log_dir is None:  # the files are gone with the temporary folder: say so rather than name them
         for lg in logs:
             lg.path = Path("(not kept: give log_dir)")
@@ -321,9 +330,11 @@ def pretrain(
         ValueError: an unknown or bad option.  DataError: unreadable data, images not [0, 1] floats.
         FileExistsError: ``output_dir`` holds a run and ``resume`` is off.  FloatingPointError: training diverged.
     """
-    if isinstance(data, str):
-        return run_pretrain(_options(PretrainConfig, config, data, options))
-    return run_pretrain(_options(PretrainConfig, config, None, options), user_data(data, eval_data, need_classes=False))
+    with python_terms():
+        if isinstance(data, str):
+            return run_pretrain(_options(PretrainConfig, config, data, options))
+        cfg = _options(PretrainConfig, config, None, options)
+        return run_pretrain(cfg, user_data(data, eval_data, need_classes=False))
 
 
 def finetune(
@@ -354,9 +365,11 @@ def finetune(
             [0, 1] floats, no class count.  CheckpointError: ``init`` unreadable or not fitting.
     """
     cls: type[FinetuneConfig] = LinprobeConfig if linprobe else FinetuneConfig
-    if isinstance(data, str):
-        return run_finetune(_options(cls, config, data, options))
-    return run_finetune(_options(cls, config, None, options), user_data(data, test_data, num_classes=num_classes))
+    with python_terms():
+        if isinstance(data, str):
+            return run_finetune(_options(cls, config, data, options))
+        cfg = _options(cls, config, None, options)
+        return run_finetune(cfg, user_data(data, test_data, num_classes=num_classes))
 
 
 # ----------------------------------------------------------------------------- loading and reading

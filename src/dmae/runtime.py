@@ -16,7 +16,7 @@ from types import FrameType
 import torch
 from torch import nn
 
-from dmae.errors import InputError, PlatformError
+from dmae.errors import InputError, PlatformError, worded
 
 _MASK64 = (1 << 64) - 1
 
@@ -100,7 +100,11 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 
 class DmaeWarning(UserWarning):
-    """A mistake dmae caught before it would give a wrong answer (the CLI prints these like its errors)."""
+    """A mistake dmae caught before it would give a wrong answer (the CLI prints these like its errors); worded in
+    the terms of the Python call when made inside one (:func:`dmae.errors.python_terms`)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*worded(args))
 
 
 def warn_user(message: str) -> None:

@@ -71,7 +71,7 @@ from dmae.data import (
     num_classes_of,
 )
 from dmae.distributed import DistInfo, barrier, launch
-from dmae.errors import InputError
+from dmae.errors import InputError, in_call_terms
 from dmae.runtime import warn_user
 from dmae.smoothing import Smooth, SoundSmooth, check_alpha, radius_ceiling
 from dmae.smoothing.confseq import ALIASES, SEQUENCES
@@ -569,8 +569,10 @@ def merge_shards(task: CertifyTask, sigmas: tuple[float, ...]) -> list[CertifyRu
             probe = {"probe": ss.meta["probe"]} if "probe" in ss.meta else {}  # as a single run's JSON has it
             write_merged(ss, {**settings(task, sigma), **probe, "merge": {"shards": ss.n, "missing": missing}})
             print(
-                f"{task.mode} sigma={sigma:g}: merged {len(ss.files)} shard logs (of {ss.n}) into {ss.main_file}: "
-                f"{len(ss.rows)} of {len(ss.planned)} images",
+                in_call_terms(
+                    f"{task.mode} sigma={sigma:g}: merged {len(ss.files)} shard logs (of {ss.n}) into "
+                    f"{ss.main_file}: {len(ss.rows)} of {len(ss.planned)} images"
+                ),
                 flush=True,
             )
             if missing:
@@ -910,7 +912,7 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     if task.planned:
         meta["probe"] = run_probe(task, smooth).to_dict()
     if dist.is_main and (note := unreachable_note(task, sigma)):  # after the probe, which is always the first line
-        print(note, flush=True)
+        print(in_call_terms(note), flush=True)
     claim_log(main_file, meta, dist)
     done = merge_rank_files(main_file, task.header, remove=False)
     todo = [i for i in my_images(task) if i not in done]
@@ -937,12 +939,15 @@ def _run_sigma(task: CertifyTask, sigma: float) -> CertifyRun:
     barrier(dist)
     total = len(read_rows(main_file, task.header)) if dist.is_main else 0
     if dist.is_main:
-        print(f"{task.mode} sigma={sigma:g}: {total} rows in {main_file} ({added * dist.world_size} new)", flush=True)
+        done_line = f"{task.mode} sigma={sigma:g}: {total} rows in {main_file} ({added * dist.world_size} new)"
+        print(in_call_terms(done_line), flush=True)
     if dist.is_main and cfg.shard:
         k, n = parse_shard(cfg.shard)
         print(
-            f"shard {k}/{n} holds {total} of its {len(my_images(task))} images; once all {n} shards are done, "
-            "merge them: the same command with --merge instead of --shard (docs/cluster.md)",
+            in_call_terms(
+                f"shard {k}/{n} holds {total} of its {len(my_images(task))} images; once all {n} shards are done, "
+                "merge them: the same command with --merge instead of --shard (docs/cluster.md)"
+            ),
             flush=True,
         )
     return CertifyRun(sigma, main_file, added, total)

@@ -41,7 +41,7 @@ from dmae.config import Options, default, flag, option, save_config, to_dict
 from dmae.data import DATASET_NAMES, SeededDataset, ShardedEpochSampler, dataset_info, dataset_size, fingerprint
 from dmae.datasets import UserData
 from dmae.distributed import DistInfo, all_reduce_mean, barrier, launch
-from dmae.errors import DivergedError, InputError, MissingFileError, RunExistsError
+from dmae.errors import DivergedError, InputError, MissingFileError, RunExistsError, in_call_terms
 from dmae.runtime import autocast, derive_seed
 
 # Options that may change when a run is resumed; any other difference would change the trajectory.
@@ -700,7 +700,7 @@ class _Trainer:
             return
         with open(self.log.path, "a") as f:  # the training log is closed by now: append to its file
             for m in messages:
-                print(f"dmae {self.job.name}: WARNING: {m}", file=sys.stderr, flush=True)
+                print(f"dmae {self.job.name}: WARNING: {in_call_terms(m)}", file=sys.stderr, flush=True)
                 f.write(json.dumps({"type": "warning", "step": self.step, "message": m}) + "\n")
         self.result.warnings = list(messages)
 
@@ -708,7 +708,8 @@ class _Trainer:
         cfg, total = self.cfg, self.plan.total_steps
         if cfg.stop_after is not None and self.step >= cfg.stop_after:
             if self.dist.is_main:
-                print(f"already at step {self.step} >= --stop-after {cfg.stop_after}; nothing to do", flush=True)
+                said = f"already at step {self.step} >= --stop-after {cfg.stop_after}; nothing to do"
+                print(in_call_terms(said), flush=True)
             self.result.stopped = self.step < total
             return
         self.bar = None
