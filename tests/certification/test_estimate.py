@@ -50,7 +50,10 @@ def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut()
         np.array([[0.9, 0.1], [0.9, 0.1]]),
         labels=[0, 1],
     )
-    assert short[0].n_samples > 20 and not short[0].wrong_guess and short[1].wrong_guess and short[1].n_samples == 20
+    assert short[0].n_samples > 20
+    assert not short[0].wrong_guess
+    assert short[1].wrong_guess
+    assert short[1].n_samples == 20
     with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(rows summing to 1\), got \[1.5\]"):
         oracle_certificates(s, 0.25, [1.5])
     with pytest.raises(ValueError, match="rows summing to 1"):
@@ -58,9 +61,12 @@ def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut()
 
 
 def test_pilot_positions_spread_over_the_images():
-    assert pilot_positions(0) == [] and pilot_positions(3) == [0, 1, 2]
+    assert pilot_positions(0) == []
+    assert pilot_positions(3) == [0, 1, 2]
     pos = pilot_positions(1000)
-    assert len(pos) == 8 and pos[0] == 0 and pos[-1] == 999
+    assert len(pos) == 8
+    assert pos[0] == 0
+    assert pos[-1] == 999
 
 
 def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly():
@@ -72,14 +78,15 @@ def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly
         c.n_samples
         for c in SequentialCertifier(smooth, s).certify_batch(torch.rand(50, 1, 4, 4), list(range(50)), 1000)
     )
-    assert est.passes_min <= actual <= est.passes_max and est.passes_max == 50 * 3020
+    assert est.passes_min <= actual <= est.passes_max
+    assert est.passes_max == 50 * 3020
     assert est.passes_expected == actual  # p_A = 1 everywhere: the pilot's oracles are exact
-    assert est.probe_passes == 4 * 1000 and est.probe_seconds > 0 and "expected about" in est.text()
+    assert est.probe_passes == 4 * 1000
+    assert est.probe_seconds > 0
+    assert "expected about" in est.text()
     fixed = estimate_cost(smooth, "certify", x, [0, 1, 2, 3], [3] * 4, 50, 7, 20, 3000, 500)
-    assert (
-        fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020
-        and "already in the log" in fixed.text()
-    )
+    assert fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020
+    assert "already in the log" in fixed.text()
 
 
 def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
@@ -116,7 +123,9 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "10 image(s) to certify" in text and "5,200 forward passes" in text and not out.exists()
+    assert "10 image(s) to certify" in text
+    assert "5,200 forward passes" in text
+    assert not out.exists()
     cfg = dict(
         checkpoint=str(classifier_run),
         n0=20,
@@ -135,4 +144,5 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     with pytest.raises(ValueError, match=r"other settings \(n: 500 -> 600\)"):  # as the run itself would refuse
         estimate_certification(CertifyConfig(**{**cfg, "n": 600, "estimate": True}))
     seq = estimate_certification(CertifyConfig(**{**cfg, "max": None, "sequential": "targets", "n_max": 2000}))[0]
-    assert seq.images == 10 and seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020
+    assert seq.images == 10
+    assert seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020

@@ -40,10 +40,12 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     [res] = run_certification(_cfg(classifier_run, tmp_path))
     lines = res.path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-    assert res.rows_total == 20 and len(lines) == 21  # 10,000 test images, every 500th
+    assert res.rows_total == 20
+    assert len(lines) == 21  # 10,000 test images, every 500th
     idx = [int(ln.split("\t")[0]) for ln in lines[1:]]
     assert idx == list(range(0, 10_000, 500))
-    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+    assert res.path.with_suffix(".json").is_file()
+    assert res.sigma == 0.25  # sigma from the run's config
     # n = 9 cannot clear 1/2 at alpha = 0.001: every image abstains, so both kinds of row are checked below
     with pytest.warns(UserWarning, match="cannot certify any radius"):
         [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
@@ -69,7 +71,8 @@ def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
 def test_predict_rows(classifier_run, tmp_path):
     [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
     lines = res.path.read_text().splitlines()
-    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 6
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    assert len(lines) == 6
 
 
 @pytest.mark.slow
@@ -104,7 +107,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
     with open(target, "a") as f:
         f.write("9999\t3\t3\t0.12")  # a torn last line, as a crash mid-write leaves
     res = run_certification(_cfg(classifier_run, out, n=1000, skip=625))[0]
-    assert res.rows_added == 16 - len(partial) and res.rows_total == 16
+    assert res.rows_added == 16 - len(partial)
+    assert res.rows_total == 16
     assert _rows_without_time(res.path) == _rows_without_time(full)
 
 
@@ -112,7 +116,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
 def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
     run_certification(_cfg(classifier_run, tmp_path, max=3))
     res = run_certification(_cfg(classifier_run, tmp_path, max=8))[0]
-    assert res.rows_added == 5 and res.rows_total == 8
+    assert res.rows_added == 5
+    assert res.rows_total == 8
     with pytest.raises(ValueError, match=r"written with other settings \(n: 300 -> 400\)"):
         run_certification(_cfg(classifier_run, tmp_path, n=400))
 
@@ -208,7 +213,8 @@ def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, 
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "NaN or infinite" in err and "head.weight" in err
+    assert "NaN or infinite" in err
+    assert "head.weight" in err
     assert not (tmp_path / "out" / "certify_sigma0.25.tsv").exists()
 
 
@@ -267,15 +273,18 @@ def test_candidate_label_certifies_the_label_with_n_samples_only(classifier_run,
     select = rows(run_certification(_cfg(classifier_run, tmp_path / "s"))[0].path)
     res = run_certification(_cfg(classifier_run, tmp_path / "l", candidate="label"))[0]
     label = rows(res.path)
-    assert label.keys() == select.keys() and any(r[2] == r[1] for r in select.values())
+    assert label.keys() == select.keys()
+    assert any(r[2] == r[1] for r in select.values())
     for i, row in label.items():
         assert row[2] in (row[1], "-1")
         if select[i][2] == row[1]:
             assert row == select[i]
     meta = json.loads(res.path.with_suffix(".json").read_text())
-    assert meta["candidate"] == "label" and meta["n0"] is None
+    assert meta["candidate"] == "label"
+    assert meta["n0"] is None
     log = read_log(res.path)
-    assert forward_passes(log) == 20 * 300 and "--candidate label" in summarize([log]).text()
+    assert forward_passes(log) == 20 * 300
+    assert "--candidate label" in summarize([log]).text()
     with pytest.raises(ValueError, match=r"other settings \(n0: None -> 20, candidate: 'label' -> 'select'\)"):
         run_certification(_cfg(classifier_run, tmp_path / "l"))
     legacy = tmp_path / "s" / "certify_sigma0.25.json"  # a fixed-n log written before the option resumes unchanged

@@ -39,5 +39,7 @@ def test_encoder_only_checkpoint_is_refused_naming_the_decoder_keys(tmp_path, ca
     torch.save({"model": encoder_only}, path)
     assert main(["visualize", "--checkpoint", str(path), "--device", "cpu", "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
-    assert "holds no decoder" in err and "decoder_embed.weight" in err and "mask_token" in err
+    assert "holds no decoder" in err
+    assert "decoder_embed.weight" in err
+    assert "mask_token" in err
     assert not (tmp_path / "f.png").exists()
