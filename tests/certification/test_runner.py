@@ -3,12 +3,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import beta, norm
 
 from conftest import kill_after_rows, run_torchrun
 from dmae.certification.log import CERTIFY_HEADER, read_rows
 from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
 from dmae.cli import main
+from dmae.data import build_dataset
+from dmae.smoothing import Smooth
 
 HERE = Path(__file__).parent
 
@@ -46,12 +49,22 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     assert idx == list(range(0, 10_000, 500))
     assert res.path.with_suffix(".json").is_file()
     assert res.sigma == 0.25  # sigma from the run's config
+    test = build_dataset("fashion-mnist", "test")
+    assert [int(ln.split("\t")[1]) for ln in lines[1:]] == [int(test.targets[i]) for i in idx]
+    # a class's radius is sigma * Phi^-1(p_A_lower), p_A_lower the one-sided Clopper-Pearson bound at alpha (the alpha
+    # quantile of Beta(k, n - k + 1)) of the count k of n = 300 samples (Cohen et al., Theorem 1), rounded down
+    possible = [0.25 * norm.ppf(beta.ppf(0.001, k, 300 - k + 1)) for k in range(1, 301)]
+    radii = [float(ln.split("\t")[3]) for ln in lines[1:] if int(ln.split("\t")[2]) != -1]
+    assert radii, "the classifier should certify some of the 20 images"
+    for r in radii:
+        assert any(0.0 <= exact - r < 1.01e-6 for exact in possible), r
     # n = 9 cannot clear 1/2 at alpha = 0.001: every image abstains, so both kinds of row are checked below
     with pytest.warns(UserWarning, match="cannot certify any radius"):
         [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
     rows = [ln.split("\t") for p in (res.path, abstained.path) for ln in p.read_text().splitlines()[1:]]
     kinds = set()
     for _idx, label, pred, radius, correct, _seconds in rows:
+        assert -1 <= int(pred) < 10, pred  # a class of Fashion-MNIST, or -1 (abstain)
         assert int(correct) == int(int(pred) == int(label))
         # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
         assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), (pred, radius)
@@ -69,10 +82,25 @@ def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
 
 @pytest.mark.slow
 def test_predict_rows(classifier_run, tmp_path):
+    """PREDICT's log: the planned images in order with their labels, and in each row PREDICT's answer for that
+    image (Smooth.predict with the run's seed), whether it is the label, and the seconds it took."""
     [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
     lines = res.path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
-    assert len(lines) == 6
+    rows = [ln.split("\t") for ln in lines[1:]]
+    idx = [int(r[0]) for r in rows]
+    assert idx == [0, 500, 1000, 1500, 2000]  # every 500th test image, the first 5 (--max 5)
+    test = build_dataset("fashion-mnist", "test")
+    labels = [int(test.targets[i]) for i in idx]
+    assert [int(r[1]) for r in rows] == labels
+    model, _ = load_classifier(classifier_run, 10)
+    x = torch.stack([test[i][0] for i in idx])
+    expected = [p.prediction for p in Smooth(model.eval(), 10, 0.25, seed=0).predict_batch(x, idx, 200, 0.001, 128)]
+    assert [int(r[2]) for r in rows] == expected
+    assert any(p != Smooth.ABSTAIN for p in expected), "PREDICT should return a class for some of the 5 images"
+    assert all(-1 <= p < 10 for p in expected)
+    assert [int(r[3]) for r in rows] == [int(p == y) for p, y in zip(expected, labels, strict=True)]
+    assert all(float(r[4]) > 0 for r in rows)  # seconds per image
 
 
 @pytest.mark.slow

@@ -1,13 +1,15 @@
 import argparse
+import json
 
 import pytest
 import timm
 import torch
+import yaml
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from conftest import PICO
-from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, safe_load
+from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, read_weights, safe_load
 from dmae.cli import main
 from dmae.training.engine import build_scheduler
 from dmae.training.finetune import FinetuneConfig, LinprobeConfig, build_finetune_optimizer, finetune
@@ -165,21 +167,47 @@ def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
     init = str(pretrained / "model.safetensors")
     full = _ft(tmp_path, "full", init=init)
     assert full.finished
-    assert full.total_steps == 16
+    assert full.total_steps == 16  # 256 images in batches of 32, 2 epochs
     a = _ft(tmp_path, "split", init=init, stop_after=5)
+    assert a.step == 5
+    stopped = safe_load(tmp_path / "split" / "checkpoint.pt")
+    assert stopped["step"] == 5
+    assert stopped["epoch"] == 0  # 5 of the first epoch's 8 steps
     b = _ft(tmp_path, "split", init=init, resume=True)
+    assert b.losses[0][0] == 6  # the resumed call starts at the step after the saved one
     assert a.losses + b.losses == full.losses
+    assert _same_weights(b.model.state_dict(), full.model.state_dict())
+    # the selected epoch is the one with the best held-out accuracy (the first of equals), whatever the test split says
+    selected = max(full.evals, key=lambda row: row["val_acc@0.25"])
+    assert full.best == {k: v for k, v in selected.items() if k != "step"}
     assert b.best == full.best
-    assert "val_acc@0.25" in full.best
-    assert "test_acc@0.25" in full.best
-    for name in ("model_best.safetensors", "model_last.safetensors", "checkpoint.pt", "config.yaml", "log.jsonl"):
-        assert (tmp_path / "full" / name).is_file()
+    # the run folder says what the run did
+    run = tmp_path / "full"
+    saved = safe_load(run / "checkpoint.pt")
+    assert saved["step"] == 16
+    assert saved["epoch"] == 2
+    assert saved["config"]["sigma"] == 0.25
+    assert saved["best"] == full.best  # what a resume selects against
+    assert _same_weights(saved["model"], full.model.state_dict())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["sigma"] == 0.25
+    assert config["epochs"] == 2
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [row for row in log if row["type"] == "eval"]
+    assert [row["step"] for row in evals] == [8, 16]  # one evaluation per epoch
+    assert [row["val_acc@0.25"] for row in evals] == [row["val_acc@0.25"] for row in full.evals]
+    assert _same_weights(read_weights(run / "model_last.safetensors")[0], full.model.state_dict())
+    assert read_metadata(run / "model_best.safetensors")["epoch"] == str(round(full.best["epoch"]))
     for name in ("model_best.safetensors", "model_last.safetensors"):  # the training noise travels with the weights
-        assert read_metadata(tmp_path / "full" / name)["trained_sigma"] == "0.25"
+        assert read_metadata(run / name)["trained_sigma"] == "0.25"
     # without a held-out split nothing is selected (the test set never chooses a checkpoint)
     none = _ft(tmp_path, "noval", init=init, val_size=0, epochs=1)
     assert none.best is None
     assert not (tmp_path / "noval" / "model_best.safetensors").exists()
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -394,7 +422,6 @@ def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path,
         "--lr 0.000105 -> 0.002 (blr 0.0005 x 54 / 256 scales the recipe's batch-1024 lr down",
     ):
         assert line in printed
-    import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["val_size"], saved["warmup_epochs"], saved["batch_size"]) == (12, 0.3, 54)
