@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import beta, norm
 
-from conftest import kill_after_rows, run_torchrun
+from conftest import PICO, kill_after_rows, run_torchrun
 from dmae.certification.log import CERTIFY_HEADER, read_rows
 from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
@@ -80,26 +80,46 @@ def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
         assert _rows_without_time(other) == _rows_without_time(ref)
 
 
+@pytest.fixture(scope="module")
+def varied_run(tmp_path_factory):
+    """A run folder whose classifier answers differently from image to image, and whose votes split under noise on
+    some (``classifier_run`` calls every image class 6)."""
+    import yaml
+
+    run = tmp_path_factory.mktemp("varied")
+    torch.manual_seed(0)
+    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+        model.patch_embed.proj.weight.normal_(0, 1.0)
+    save_export(model, run / "model_best.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "fashion-mnist"}))
+    return run
+
+
 @pytest.mark.slow
-def test_predict_rows(classifier_run, tmp_path):
+def test_predict_rows(varied_run, tmp_path):
     """PREDICT's log: the planned images in order with their labels, and in each row PREDICT's answer for that
-    image (Smooth.predict with the run's seed), whether it is the label, and the seconds it took."""
-    [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
+    image (Smooth.predict with the run's seed and n), whether it is the label, and the seconds it took."""
+    [res] = run_certification(_cfg(varied_run, tmp_path, n=200, max=10), mode="predict")
     lines = res.path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
     rows = [ln.split("\t") for ln in lines[1:]]
     idx = [int(r[0]) for r in rows]
-    assert idx == [0, 500, 1000, 1500, 2000]  # every 500th test image, the first 5 (--max 5)
+    assert idx == list(range(0, 5000, 500))  # every 500th test image, the first 10 (--max 10)
     test = build_dataset("fashion-mnist", "test")
     labels = [int(test.targets[i]) for i in idx]
     assert [int(r[1]) for r in rows] == labels
-    model, _ = load_classifier(classifier_run, 10)
+    model, _ = load_classifier(varied_run, 10)
     x = torch.stack([test[i][0] for i in idx])
     expected = [p.prediction for p in Smooth(model.eval(), 10, 0.25, seed=0).predict_batch(x, idx, 200, 0.001, 128)]
     assert [int(r[2]) for r in rows] == expected
-    assert any(p != Smooth.ABSTAIN for p in expected), "PREDICT should return a class for some of the 5 images"
+    assert Smooth.ABSTAIN in expected, "some image should abstain, or the rows would not tell n from fewer samples"
+    assert len(set(expected) - {Smooth.ABSTAIN}) >= 2, "the classes should vary from image to image"
     assert all(-1 <= p < 10 for p in expected)
-    assert [int(r[3]) for r in rows] == [int(p == y) for p, y in zip(expected, labels, strict=True)]
+    correct = [int(p == y) for p, y in zip(expected, labels, strict=True)]
+    assert [int(r[3]) for r in rows] == correct
+    assert 0 < sum(correct) < len(correct)  # both kinds of row
     assert all(float(r[4]) > 0 for r in rows)  # seconds per image
 
 
