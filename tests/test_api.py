@@ -245,3 +245,82 @@ def test_the_label_as_the_candidate_through_the_api():
     assert "--candidate label" in str(seq.table())
     with pytest.raises(ValueError, match="candidate"):
         dmae.certify(model, data, sigma=0.25, n=200, candidate="labels")
+
+
+class Scalar(nn.Module):
+    """One number per image, not logits [B, K]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1) * self.w
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "message"),
+    [
+        (MyCNN, [], "the data set is empty"),
+        (MyCNN, [(torch.zeros(8, 8, 1), 0)], r"the images are \[8, 8, 1\]: channels last; give \[C, H, W\]"),
+        (
+            MyCNN,
+            [(torch.zeros(1, 8, 8, dtype=torch.float64), 0)],
+            r"the images are torch.float64 and the model's parameters torch.float32: convert one of them",
+        ),
+        (Scalar, _data(), r"the model returned \(1,\) for one image, expected logits \[1, K\] with K >= 2"),
+    ],
+    ids=["empty", "channels-last", "float64", "not-logits"],
+)
+def test_what_cannot_be_certified_is_refused_before_a_sample(model, dataset, message, tmp_path):
+    with pytest.raises(DmaeError, match=message):
+        dmae.certify(model().eval(), dataset, sigma=0.25, n=100, log_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before a log was claimed
+
+
+def test_results_without_a_log_dir_say_their_files_are_gone(tmp_path):
+    model, data = MyCNN().eval(), _data()
+    result = dmae.certify(model, data, sigma=0.25, n0=20, n=100)
+    assert result.paths is None
+    with pytest.raises(DmaeError, match="the HTML report reads the log files: certify with log_dir=FOLDER"):
+        result.html(tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+    [log] = dmae.predict(model, data, sigma=0.25, n=100).logs
+    assert str(log.path) == "(not kept: give log_dir)"
+    assert log.label.tolist() == [int(y) for _, y in data]
+    assert log.accuracy == pytest.approx(float((log.predict == log.label).mean()))
+    assert log.abstention == pytest.approx(float((log.predict == -1).mean()))
+
+
+def test_a_predict_log_with_a_row_that_is_not_integers_is_named(tmp_path):
+    from dmae.api import read_predict_log
+    from dmae.certification.log import LogError
+
+    path = tmp_path / "predict_sigma0.25.tsv"
+    path.write_text("idx\tlabel\tpredict\tcorrect\ttime\n0\t3\t3\t1\t0.1\n1\t2\tcat\t0\t0.1\n")
+    with pytest.raises(LogError, match=r"predict_sigma0.25.tsv: a row that is not integers"):
+        read_predict_log(path, 0.25)
+    path.write_text("idx\tlabel\tpredict\tcorrect\ttime\n0\t3\t3\t1\t0.1\n5\t2\t-1\t0\t0.1\n")
+    log = read_predict_log(path, 0.25)
+    assert log.idx.tolist() == [0, 5]
+    assert log.predict.tolist() == [3, -1]
+    assert log.accuracy == 0.5
+    assert log.abstention == 0.5
+
+
+def test_compare_takes_one_log_a_side(tmp_path):
+    model, data = MyCNN().eval(), _data()
+    both = dmae.certify(model, data, sigma=(0.25, 0.5), n0=20, n=100, max_images=4, log_dir=tmp_path / "two")
+    with pytest.raises(DmaeError, match=r"compare takes one log on each side, got 3 logs"):
+        dmae.compare(tmp_path / "two", both.paths[0])
+
+
+def test_a_built_in_data_set_by_name_takes_the_cli_options():
+    """``dmae.pretrain("fashion-mnist", ...)`` / ``dmae.finetune(...)``: options are the CLI's, checked before any
+    data is read."""
+    with pytest.raises(DmaeError, match=r"unknown option\(s\) nonsense; PretrainConfig has: accum_iter"):
+        dmae.pretrain("fashion-mnist", nonsense=1)
+    with pytest.raises(DmaeError, match=r"give --init \(pretrained weights\) or --model"):
+        dmae.finetune("fashion-mnist")
+    with pytest.raises(DmaeError, match=r"unknown option\(s\) nonsense; LinprobeConfig has"):
+        dmae.finetune("fashion-mnist", linprobe=True, nonsense=1)

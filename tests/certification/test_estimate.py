@@ -146,3 +146,47 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     seq = estimate_certification(CertifyConfig(**{**cfg, "max": None, "sequential": "targets", "n_max": 2000}))[0]
     assert seq.images == 10
     assert seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020
+
+
+def test_nothing_left_to_certify_costs_nothing_and_bounds_are_images_times_samples():
+    """With no pilot images (every planned image already in the log) there is nothing to time: fixed-n costs 0
+    passes; sequential CERTIFY is bounded by its least and most samples per image times the images left."""
+    from dmae.smoothing.sequential import select_looks, sequence_for
+
+    smooth, none = Smooth(Constant(10, 3), 10, 0.5, seed=0), torch.zeros(0)
+    done = estimate_cost(smooth, "certify", none, [], [], 0, 12, 20, 3000, 500)
+    assert (done.passes_min, done.passes_max, done.images, done.done) == (0, 0, 0, 12)
+    assert "0 forward passes: about 0 s" in done.text()
+    s = SequentialSettings(**SETTINGS)
+    seq = estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500, s)
+    first = sequence_for(s, 0.5).looks[0]
+    assert seq.passes_min == 5 * (select_looks(s)[0] + first)  # the first selection round, then the first look
+    assert seq.passes_max == 5 * (20 + 3000)  # n0 selection samples, then n_max
+    label = SequentialSettings(**SETTINGS, candidate="label")
+    seq = estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500, label)
+    assert seq.passes_min == 5 * sequence_for(label, 0.5).looks[0]  # no selection samples
+    assert seq.passes_max == 5 * 3000
+    with pytest.raises(ValueError, match="a sequential estimate needs the sequential settings"):
+        estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500)
+
+
+@pytest.mark.parametrize(
+    ("passes", "said"),
+    [(119_000, "about 119 s"), (120_000, "about 2.0 min"), (7_199_000, "about 120.0 min"), (7_200_000, "about 2.0 h")],
+)
+def test_the_estimated_time_is_said_in_seconds_minutes_or_hours(passes, said):
+    from dmae.certification.estimate import CostEstimate
+
+    est = CostEstimate(
+        mode="certify",
+        sigma=0.25,
+        images=10,
+        done=0,
+        passes_min=passes,
+        passes_max=passes,
+        passes_expected=float(passes),
+        probe_passes=1000,
+        probe_seconds=1.0,  # 1,000 passes a second
+        device="cpu",
+    )
+    assert f"{passes:,} forward passes: {said}" in est.text()

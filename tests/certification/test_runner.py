@@ -233,6 +233,56 @@ def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
         run_certification(_cfg(classifier_run, tmp_path / "o", data="folder", data_root=str(tmp_path / "folder")))
 
 
+def test_what_a_checkpoint_or_the_options_leave_unsaid_is_refused_naming_the_fix(tmp_path, capsys):
+    """An autoencoder has no head; a classifier of a run that recorded no sigma needs --sigma; --merge certifies
+    nothing, so it has no --estimate."""
+    from dmae.models import create_model
+
+    encoder = tmp_path / "encoder.safetensors"
+    save_export(create_model(PICO), encoder)
+    with pytest.raises(CheckpointError, match=r"is not a trained classifier \(it has no head\); fine-tune it first"):
+        run_certification(_cfg(encoder, tmp_path / "o"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
+    save_export(model, bare / "model_best.safetensors")  # no config.yaml, no trained_sigma in the file
+    with pytest.raises(ValueError, match=r"give --sigma \(the checkpoint's run does not say which single sigma"):
+        run_certification(_cfg(bare, tmp_path / "o"))
+    assert main(["certify", "--checkpoint", str(bare), "--sigma", "0.25", "--merge", "--estimate"]) == 2
+    assert "--estimate prices a certification and --merge certifies nothing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+class NaNOnBright(torch.nn.Module):
+    """Class 1 on dark images; NaN logits on images whose mean is above 1/2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 3)
+        out[:, 1] = 1.0
+        out[x.flatten(1).mean(1) > 0.5] = float("nan")
+        return out
+
+
+def test_images_with_non_finite_logits_abstain_and_are_recorded_beside_the_log(tmp_path):
+    """Fixed-n CERTIFY: an image whose noisy samples give NaN logits abstains, and ``<log>.nonfinite.tsv`` says
+    which image and how many of its samples (n0 + n) were not finite; the other images are unaffected."""
+    import dmae
+
+    x = torch.full((4, 1, 8, 8), 0.2)
+    x[2] = 0.8  # mean noise on 64 pixels at sigma 0.25 is about 0.03: image 2 stays bright, the others dark
+    data = torch.utils.data.TensorDataset(x, torch.tensor([1, 1, 2, 0]))
+    result = dmae.certify(NaNOnBright().eval(), data, sigma=0.25, n0=10, n=50, log_dir=tmp_path)
+    [log] = result.logs
+    assert log.predict.tolist() == [1, 1, -1, 1]
+    assert log.radius[2] == 0.0
+    assert (log.radius[[0, 1, 3]] > 0).all()
+    assert (tmp_path / "certify_sigma0.25.nonfinite.tsv").read_text() == "2\t60\t60\n"  # idx, non-finite, samples
+
+
 # ----------------------------------------------------------------------------- never certify what was not computed
 def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, capsys):
     bad = tmp_path / "nan_run"

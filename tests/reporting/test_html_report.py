@@ -242,3 +242,16 @@ def test_label_candidate_logs_say_what_their_rows_mean(tmp_path):
     page = build_html(discover(logs[:1], []))
     assert "not certified correct: misclassified, or correct but not certifiable" in page
     assert "<th>candidate</th>" in page
+
+
+def test_the_page_names_a_missing_input_and_says_when_there_are_no_logs(tmp_path):
+    from dmae.reporting.html_report import write_html_report
+
+    with pytest.raises(FileNotFoundError, match=r"no such log: .*nope\.tsv"):
+        discover([tmp_path / "nope.tsv"], [])
+    with pytest.raises(ValueError, match="give certification logs and/or --run-dir folders to report on"):
+        write_html_report(tmp_path / "r.html", [], [])
+    assert not (tmp_path / "r.html").exists()
+    (tmp_path / "run").mkdir()  # a run folder with no logs in it: the tables and the examples say so
+    page = build_html(discover([], [tmp_path / "run"]))
+    assert page.count("No certification logs in the inputs.") == 2

@@ -561,3 +561,37 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
         f"ok_sigma0.25.tsv.rank1 beside {ok} hold rows of a distributed run not merged into it yet"
         in capsys.readouterr().out
     )
+
+
+def test_nothing_to_report_or_compare_is_named(tmp_path, capsys):
+    from dmae.reporting.report import best_row_refusal, expand_folders, report
+
+    one = read_log(_write(tmp_path / "a_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0.1)]))
+    with pytest.raises(ReportError, match="no logs to report"):
+        summarize([])
+    with pytest.raises(ValueError, match="a best-sigma row needs two logs or more, got 1"):
+        best_row_refusal([one])
+    empty = read_log(_write(tmp_path / "e_sigma0.25.tsv", []))
+    with pytest.raises(ReportError, match=r"cannot compare an empty log \(e_sigma0.25: 0 rows, a_sigma0.25: 1 rows\)"):
+        compare(empty, one)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ReportError, match=r"none is a folder with no certification log \(\*_sigma\*.tsv\) in it"):
+        expand_folders([tmp_path / "none"])
+    with pytest.raises(ReportError, match=r"--compare compares logs with the first one: give at least two \(got 1\)"):
+        report([tmp_path / "a_sigma0.25.tsv"], paired=True)
+    assert main(["report", "--run-dir", str(tmp_path), "--markdown", str(tmp_path / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--markdown writes the table of the log files given; with only --run-dir use --html" in err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_the_settings_of_a_log_still_in_shards_are_its_first_shards(tmp_path):
+    """Before --merge the main log does not exist: its settings are those of shard 0/N, less the shard number."""
+    import json
+
+    from dmae.reporting.report import read_meta
+
+    for k in (1, 0):
+        shard = _write(tmp_path / f"certify_sigma0.25.shard-{k}-of-2.tsv", [(k, 1, 1, 0.5, 1, 0.1)])
+        shard.with_suffix(".json").write_text(json.dumps({"sigma": 0.25, "n": 100 + k, "shard": [k, 2]}))
+    assert read_meta(tmp_path / "certify_sigma0.25.tsv") == {"sigma": 0.25, "n": 100}

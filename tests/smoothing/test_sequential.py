@@ -623,3 +623,24 @@ def test_a_log_of_the_chunk_schedule_resumes_only_with_it(classifier_run, tmp_pa
     base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
     assert main(["certify", "--schedule", "chunks", *base]) == 2
     assert "--schedule chunks is only used with --sequential" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n0": 0}, "n0 must be an integer >= 1, got 0"),
+        ({"n_max": 2.5}, "n_max must be an integer >= 1, got 2.5"),
+        ({"mode": "target"}, "mode must be 'targets' or 'continuous', got 'target'"),
+        ({"radii": ()}, r"radii must be finite numbers >= 0, got \(\)"),
+        ({"radii": (0.25, -0.5)}, r"radii must be finite numbers >= 0, got \(0.25, -0.5\)"),
+        ({"epsilon": 0.0}, "epsilon must be a finite number > 0, got 0.0"),
+        ({"candidate": "labels"}, "candidate must be 'select' or 'label', got 'labels'"),
+        ({"schedule": "late"}, "schedule must be 'early' or 'chunks', got 'late'"),
+        ({"candidate": "label", "stop_on_wrong_guess": True}, "with candidate='label' there is no guess"),
+    ],
+)
+def test_sequential_settings_name_the_value_that_cannot_be(change, message):
+    valid = {"n0": 20, "n_max": 1000, "alpha": 0.001}
+    SequentialSettings(**valid)
+    with pytest.raises(ValueError, match=message):
+        SequentialSettings(**{**valid, **change})

@@ -181,6 +181,34 @@ def test_arguments_and_range_warning():
     assert math.isfinite(smooth.certify(x, 10, 20, 0.001, 10)[1])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+        ({"num_classes": 2.0}, "num_classes must be an integer >= 2, got 2.0"),
+        ({"input_range": (1.0, 0.0)}, r"input_range must be \(low, high\) with low < high, or None; got \(1.0, 0.0\)"),
+        ({"input_range": (0.0,)}, r"input_range must be \(low, high\) with low < high, or None; got \(0.0,\)"),
+    ],
+)
+def test_smooth_refuses_a_class_count_or_range_that_cannot_be(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Smooth(Constant(3, 0), **{"num_classes": 3, "sigma": 0.25, **kwargs})
+
+
+def test_sample_counts_names_images_indices_and_logits_that_do_not_fit():
+    smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"expected images \[I, C, H, W\], got shape \(1, 4, 4\)"):
+        smooth.sample_counts(x[0], [0], 10, 10)
+    with pytest.raises(ValueError, match="2 images but 3 indices"):
+        smooth.sample_counts(x, [0, 1, 2], 10, 10)
+    four = Smooth(Constant(4, 0).eval(), 3, 0.25, seed=0)  # a 4-class model smoothed as 3 classes
+    with pytest.raises(ValueError, match=r"base classifier returned \(10, 4\), expected \[B, 3\] logits"):
+        four.sample_counts(x[:1], [0], 10, 10)
+    counts = smooth.sample_counts(x, [0, 1], 10, 10).counts  # and inputs that fit are counted
+    assert counts.tolist() == [[10, 0, 0], [10, 0, 0]]
+
+
 class TinyMLP(nn.Module):
     """A random 4-class two-layer net on [1, 6, 6] images, in float64 so that no batch size changes an argmax."""
 

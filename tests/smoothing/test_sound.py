@@ -347,3 +347,29 @@ def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(class
     assert strip(again.path) == strip(res.path)
     with pytest.raises(ValueError, match=r"sound: True -> None"):
         run_certification(cfg(sound=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigma": float("inf")}, "sigma must be a finite number > 0, got inf"),
+        ({"sigma": True}, "sigma must be a finite number > 0, got True"),
+        ({"levels": 255.0}, r"levels must be an integer >= 1 \(255 for 8-bit images\), got 255.0"),
+        ({"tail": 0.0}, "tail must be a finite number > 0, got 0.0"),
+        ({"bits": 63}, r"bits must be an integer in 1 \.\. 62, got 63"),
+    ],
+)
+def test_the_discrete_gaussian_names_a_parameter_it_cannot_take(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiscreteGaussian(**{"sigma": 0.25, **kwargs})
+
+
+def test_sound_certification_refuses_pixels_off_the_unit_range_and_other_devices():
+    from dmae.smoothing.sound import check_grid
+
+    grid = torch.tensor([[0.0, 1.0], [2.0, -1 / 255]]).view(2, 1, 1, 2)  # on the grid, image 9 outside [0, 1]
+    with pytest.raises(ValueError, match=r"image\(s\) \[9\] have grid pixels outside 0 .. 255"):
+        check_grid(grid, [4, 9])
+    check_grid(grid[:1], [4])  # an image on the grid and in range passes
+    with pytest.raises(ValueError, match="sound certification runs on cpu or cuda, got device meta"):
+        SoundSmooth(Linear2(torch.ones(4), 0.0), 2, 0.25, device="meta")
