@@ -79,7 +79,8 @@ def test_resolve_checkpoint_errors_say_what_was_looked_for(tmp_path):
 
 def test_run_config(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
-    assert run_config(tmp_path / "checkpoint.pt") == {} and run_config(tmp_path) == {}
+    assert run_config(tmp_path / "checkpoint.pt") == {}
+    assert run_config(tmp_path) == {}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.5, "epochs": 3}))
     assert run_config(tmp_path / "checkpoint.pt") == {"sigma": 0.5, "epochs": 3}
     assert run_config(tmp_path) == {"sigma": 0.5, "epochs": 3}
@@ -94,7 +95,8 @@ def test_weights_digest_follows_the_weights_not_the_file(tmp_path):
     d = weights_digest(tmp_path / "a.safetensors")
     assert len(d) == 64  # a SHA-256 hex digest
     assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "b.safetensors").read_bytes()
-    assert weights_digest(tmp_path / "b.safetensors") == d and weights_digest(tmp_path / "c.pt") == d
+    assert weights_digest(tmp_path / "b.safetensors") == d
+    assert weights_digest(tmp_path / "c.pt") == d
     with torch.no_grad():
         model.blocks[1].mlp.fc2.weight[-1, -1] += 1e-6  # the last value of one tensor
     save_export(model, tmp_path / "a.safetensors", {"note": "first"})
@@ -118,9 +120,11 @@ def test_atomic_save_replaces_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "sub" / "checkpoint.pt"
     atomic_save({"step": 1, "w": torch.ones(3)}, path)
     atomic_save({"step": 2, "w": torch.zeros(3)}, path)
-    assert _tmp_files(path.parent) == [] and [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]
+    assert _tmp_files(path.parent) == []
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]
     state = safe_load(path)
-    assert state["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
+    assert state["step"] == 2
+    assert torch.equal(state["w"], torch.zeros(3))
     # cannot be pickled: fails mid-write (AttributeError or PicklingError, depending on the Python version)
     with pytest.raises((AttributeError, pickle.PicklingError)):
         atomic_save({"step": 3, "f": lambda: 0}, path)
@@ -144,7 +148,8 @@ def test_text_file_is_not_a_checkpoint(tmp_path, text):
     with pytest.raises(CheckpointError) as e:
         safe_load(f)
     msg = str(e.value)
-    assert f"cannot read checkpoint {f}" in msg and "not a PyTorch checkpoint" in msg
+    assert f"cannot read checkpoint {f}" in msg
+    assert "not a PyTorch checkpoint" in msg
     assert not any(s in msg for s in UNSAFE_ADVICE)
 
 
@@ -156,7 +161,8 @@ def test_refused_globals_run_no_code_and_get_no_unsafe_advice(tmp_path, zip_form
     with pytest.raises(CheckpointError) as e:
         safe_load(f)
     msg = str(e.value)
-    assert "_make_marker" in msg and "never runs code from a file" in msg
+    assert "_make_marker" in msg
+    assert "never runs code from a file" in msg
     assert not any(s in msg for s in UNSAFE_ADVICE)
     assert not marker.exists()
     with pytest.raises(CheckpointError):
@@ -172,7 +178,8 @@ def test_dict_subclass_is_refused_and_namespace_allowed(tmp_path):
     torch.save({"model": MyDict(w=torch.ones(2))}, f)
     with pytest.raises(CheckpointError) as e:
         safe_load(f)
-    assert "MyDict" in str(e.value) and not any(s in str(e.value) for s in UNSAFE_ADVICE)
+    assert "MyDict" in str(e.value)
+    assert not any(s in str(e.value) for s in UNSAFE_ADVICE)
     g = tmp_path / "official.pth"  # official training checkpoints carry their argparse args
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, g)
     assert safe_load(g)["args"].lr == 0.1
@@ -209,7 +216,8 @@ def test_load_state_dict_checks_values_shapes_and_keys():
     report = load_state_dict(
         model, {**partial, "extra.w": torch.zeros(1)}, "c.pt", allow_missing=("1.",), allow_unexpected=("extra.",)
     )
-    assert report.missing == ["1.bias"] and report.unexpected == ["extra.w"]
+    assert report.missing == ["1.bias"]
+    assert report.unexpected == ["extra.w"]
     assert torch.equal(model.state_dict()["0.weight"], sd["0.weight"])
     assert torch.equal(model.state_dict()["1.bias"], before["1.bias"])
 
@@ -222,7 +230,8 @@ def test_save_export_round_trip(tmp_path):
     assert _tmp_files(tmp_path) == []
     sd, cfg = read_weights(path)
     assert cfg == {"model_config": model.config.to_dict()}
-    assert sd.keys() == model.state_dict().keys() and all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -230,7 +239,8 @@ def test_save_export_round_trip(tmp_path):
     clf, _ = load_classifier(None, 10, model=PICO)
     save_export(clf, tmp_path / "clf.safetensors")
     _, ccfg = read_weights(tmp_path / "clf.safetensors")
-    assert ccfg == {"classifier_config": clf.config.to_dict()} and ccfg["classifier_config"]["num_classes"] == 10
+    assert ccfg == {"classifier_config": clf.config.to_dict()}
+    assert ccfg["classifier_config"]["num_classes"] == 10
 
 
 def test_load_dmae_from_a_run_folder(tmp_path):
@@ -241,7 +251,9 @@ def test_load_dmae_from_a_run_folder(tmp_path):
     # a training checkpoint alone (a stopped run), then the export beside it
     atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 3}, run / "checkpoint.pt")
     net, report = load_dmae(run)
-    assert net.config == model.config and report.missing == [] and report.unexpected == []
+    assert net.config == model.config
+    assert report.missing == []
+    assert report.unexpected == []
     assert all(torch.equal(net.state_dict()[k], v) for k, v in model.state_dict().items())
     torch.manual_seed(1)
     exported = create_model(PICO)
@@ -257,12 +269,15 @@ def test_load_dmae_from_a_run_folder(tmp_path):
 def test_load_classifier_from_a_run_folder(tmp_path):
     torch.manual_seed(0)
     clf, report = load_classifier(None, 10, model=PICO)
-    assert report.missing == [] and clf.config.num_classes == 10
+    assert report.missing == []
+    assert clf.config.num_classes == 10
     run = tmp_path / "finetune"
     run.mkdir()
     save_export(clf, run / "model_best.safetensors")
     loaded, report = load_classifier(run, 10, pool=None)
-    assert loaded.config == clf.config and report.missing == [] and report.ignored == []
+    assert loaded.config == clf.config
+    assert report.missing == []
+    assert report.ignored == []
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in clf.state_dict().items())
     with pytest.raises(CheckpointError, match="classifies 10 classes, the data set has 3"):
         load_classifier(run, 3, pool=None)
@@ -272,5 +287,6 @@ def test_load_classifier_from_a_run_folder(tmp_path):
     pre.mkdir()
     save_export(ae, pre / "model.safetensors")
     enc, report = load_classifier(pre, 10)
-    assert any(k.startswith("decoder_") for k in report.ignored) and "head.weight" in report.missing
+    assert any(k.startswith("decoder_") for k in report.ignored)
+    assert "head.weight" in report.missing
     assert torch.equal(enc.state_dict()["blocks.1.mlp.fc1.weight"], ae.state_dict()["blocks.1.mlp.fc1.weight"])

@@ -119,11 +119,13 @@ def test_linprobe_redefines_defaults_but_keeps_help_and_bounds():
     assert field_meta(LinprobeConfig, "blr") == field_meta(TrainOptions, "blr")
     # FinetuneConfig gives train_subset a help line of its own; its bound comes from TrainOptions
     sub = field_meta(FinetuneConfig, "train_subset")
-    assert sub["help"] != field_meta(TrainOptions, "train_subset")["help"] and sub["low"] == 1
+    assert sub["help"] != field_meta(TrainOptions, "train_subset")["help"]
+    assert sub["low"] == 1
     with pytest.raises(ValueError, match=r"--blr must be > 0, got 0.0"):
         LinprobeConfig(model=PICO, blr=0.0).validate()
     acts = _actions(LinprobeConfig)
-    assert acts["blr"].help.endswith("(default: 0.1)") and acts["epochs"].help.endswith("(default: 90)")
+    assert acts["blr"].help.endswith("(default: 0.1)")
+    assert acts["epochs"].help.endswith("(default: 90)")
     assert acts["blr"].help.split(" (default")[0] == _actions(FinetuneConfig)["blr"].help.split(" (default")[0]
 
 
@@ -246,7 +248,8 @@ def test_flags_from_the_declaration():
     assert isinstance(acts["switch"], argparse.BooleanOptionalAction)
     assert acts["epochs"].help == "training epochs (default: 10)"
     assert acts["betas"].help == "a pair (default: (0.9, 0.95))"
-    assert acts["mode"].choices == ("a", "b") and acts["name"].choices == ("x", "y")
+    assert acts["mode"].choices == ("a", "b")
+    assert acts["name"].choices == ("x", "y")
     for bad in (["--mode", "c"], ["--name", "z"], ["--betas", "0.1"], ["--epochs", "2.5"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
@@ -254,7 +257,8 @@ def test_flags_from_the_declaration():
 
 def test_real_config_flags():
     cert = _actions(CertifyConfig)
-    assert "--num-samples" in cert["n"].option_strings and "--n" in cert["n"].option_strings
+    assert "--num-samples" in cert["n"].option_strings
+    assert "--n" in cert["n"].option_strings
     assert cert["n"].help.endswith("(default: 100000)")
     rep = _parser(ReportConfig)
     assert rep.parse_args(["a.tsv", "b.tsv"]).files == ["a.tsv", "b.tsv"]  # positional
@@ -278,23 +282,29 @@ def test_unsupported_option_type_is_refused():
 def test_build_config_layers_and_tuples():
     cfg = build_config(Toy, {"epochs": 3, "ratio": 0.25, "betas": [0.1, 0.2]}, {"epochs": 4, "sigmas": [0.5]})
     assert (cfg.epochs, cfg.ratio, cfg.n) == (4, 0.25, 5)  # override, preset, default
-    assert cfg.betas == (0.1, 0.2) and cfg.sigmas == (0.5,)  # lists from YAML / argparse become tuples
+    assert cfg.betas == (0.1, 0.2)
+    assert cfg.sigmas == (0.5,)  # lists from YAML / argparse become tuples
     cfg.validate()
     assert build_config(ToyChild).epochs == 90
 
 
 def test_shipped_preset_then_overrides(tmp_path):
     path = preset_path("linprobe", "fashion_mnist")
-    assert path.is_file() and path.name == "fashion_mnist.yaml"
+    assert path.is_file()
+    assert path.name == "fashion_mnist.yaml"
     values = load_values(path, LinprobeConfig)
     cfg = build_config(LinprobeConfig, values, {"epochs": 2, "warmup_epochs": 1.0, "model": PICO})
-    assert cfg.lr == values["lr"] and cfg.epochs == 2 and cfg.linprobe is True and cfg.method == "rs"
+    assert cfg.lr == values["lr"]
+    assert cfg.epochs == 2
+    assert cfg.linprobe is True
+    assert cfg.method == "rs"
     cfg.validate()
     # a saved config reads back into the same config (tuples included)
     pcfg = PretrainConfig(betas=(0.8, 0.9), epochs=3)
     save_config(pcfg, tmp_path / "c.yaml")
     again = build_config(PretrainConfig, load_values(tmp_path / "c.yaml", PretrainConfig))
-    assert again == pcfg and again.betas == (0.8, 0.9)
+    assert again == pcfg
+    assert again.betas == (0.8, 0.9)
     assert to_dict(again)["betas"] == [0.8, 0.9]
 
 
@@ -334,14 +344,21 @@ def test_preset_path_errors(tmp_path):
 # ----------------------------------------------------------------------------- given or default
 def test_given_tells_set_options_from_defaults(tmp_path):
     cfg = FinetuneConfig(epochs=3, model=PICO)
-    assert cfg.given("epochs") and cfg.given("model") and not cfg.given("warmup_epochs") and not cfg.given("val_size")
+    assert cfg.given("epochs")
+    assert cfg.given("model")
+    assert not cfg.given("warmup_epochs")
+    assert not cfg.given("val_size")
     # a preset file's values count as given, like the flags; the rest stay defaults
     built = build_config(FinetuneConfig, {"warmup_epochs": 0.3}, {"epochs": 3})
-    assert built.given("warmup_epochs") and built.given("epochs") and not built.given("lr")
-    assert Toy(20).given("epochs") and not Toy(20).given("ratio")  # positional arguments too
+    assert built.given("warmup_epochs")
+    assert built.given("epochs")
+    assert not built.given("lr")
+    assert Toy(20).given("epochs")
+    assert not Toy(20).given("ratio")  # positional arguments too
     import copy
 
-    assert copy.deepcopy(cfg).given("epochs") and not copy.deepcopy(cfg).given("warmup_epochs")
+    assert copy.deepcopy(cfg).given("epochs")
+    assert not copy.deepcopy(cfg).given("warmup_epochs")
     with pytest.raises(KeyError, match="no option 'epoch'"):
         cfg.given("epoch")
 
@@ -369,7 +386,10 @@ def test_updated_keeps_defaults_adaptable_unlike_replace():
 
     cfg = FinetuneConfig(model="dmae_vit_pico_patch4_dec32d1b")
     short = cfg.updated(epochs=2, output_dir="runs/x")
-    assert short.epochs == 2 and short.given("epochs") and short.given("model") and not short.given("warmup_epochs")
+    assert short.epochs == 2
+    assert short.given("epochs")
+    assert short.given("model")
+    assert not short.given("warmup_epochs")
     short.validate()  # the default 5-epoch warmup is cut to fit a 2-epoch run later, not refused
     with pytest.raises(ValueError, match=r"--warmup-epochs 5\.0 exceeds --epochs 2"):
         dataclasses.replace(cfg, epochs=2).validate()  # replace counts every option as given
@@ -377,4 +397,5 @@ def test_updated_keeps_defaults_adaptable_unlike_replace():
         ValueError, match=r"unknown option\(s\) epoch \(epoch: did you mean epochs\?\); FinetuneConfig has: .*epochs"
     ):
         cfg.updated(epoch=2)
-    assert cfg.epochs == 100 and not cfg.given("epochs")  # the original is untouched
+    assert cfg.epochs == 100
+    assert not cfg.given("epochs")  # the original is untouched

@@ -48,7 +48,8 @@ def test_masking_is_per_sample_and_deterministic():
     a = random_masking(16, 49, 0.75, torch.Generator().manual_seed(7))
     b = random_masking(16, 49, 0.75, torch.Generator().manual_seed(7))
     c = random_masking(16, 49, 0.75, torch.Generator().manual_seed(8))
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_keep, b.ids_keep)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.ids_keep, b.ids_keep)
     assert not torch.equal(a.mask, c.mask)
     assert len({tuple(r.tolist()) for r in a.mask}) > 1  # samples get different masks
 
@@ -89,7 +90,8 @@ def test_per_sample_sigma():
     eta = add_gaussian_noise(x, sig, torch.Generator().manual_seed(0))
     stds = eta.flatten(1).std(1)
     assert stds[0] == 0
-    assert abs(stds[1] - 0.25) < 0.02 and abs(stds[2] - 1.0) < 0.08
+    assert abs(stds[1] - 0.25) < 0.02
+    assert abs(stds[2] - 1.0) < 0.08
 
 
 def test_patchify_layout_and_roundtrip():
@@ -112,7 +114,8 @@ def test_noise_is_added_after_mixing():
     y = torch.randint(0, 10, (64,))
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     b = corrupt_batch(x.clone(), y, 0.5, 2, g, mix, seed=3)
-    assert b.target.shape == (64, 10) and torch.allclose(b.target.sum(1), torch.ones(64))
+    assert b.target.shape == (64, 10)
+    assert torch.allclose(b.target.sum(1), torch.ones(64))
     np.random.seed(3)  # the same mixing, redone: corrupt_batch seeds numpy, which timm's Mixup draws from
     mixed, _ = mix(x.clone(), y)
     assert not torch.equal(mixed, x)  # the batch was mixed
@@ -131,7 +134,10 @@ def test_noise_is_added_after_mixing():
 def test_sigma_range_sampling():
     g = torch.Generator().manual_seed(0)
     s = sample_sigma(20000, (0.1, 0.6), g)
-    assert s.min() >= 0.1 and s.max() <= 0.6 and s.min() < 0.101 and s.max() > 0.599
+    assert s.min() >= 0.1
+    assert s.max() <= 0.6
+    assert s.min() < 0.101
+    assert s.max() > 0.599
     assert abs(s.mean().item() - 0.35) < 0.005
     x = torch.zeros(8, 1, 64, 64)
     noisy = noisy_copies(x, (0.0, 0.75), 2, g).view(2, 8, -1)

@@ -22,11 +22,16 @@ def test_fashion_mnist_is_found_and_in_unit_range():
     # CI installs the Debian package dataset-fashion-mnist; this test fails (does not skip) without it
     train = build_dataset("fashion-mnist", "train")
     test = build_dataset("fashion-mnist", "test")
-    assert len(train) == 60_000 and len(test) == 10_000
+    assert len(train) == 60_000
+    assert len(test) == 10_000
     x, y = train[0]
-    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
-    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
-    assert isinstance(y, int) and 0 <= y < 10
+    assert x.shape == (1, 28, 28)
+    assert x.dtype == torch.float32
+    assert x.min() >= 0.0
+    assert x.max() <= 1.0
+    assert x.max() > 0.5
+    assert isinstance(y, int)
+    assert 0 <= y < 10
     assert sorted(torch.unique(test.targets).tolist()) == list(range(10))
 
 
@@ -43,7 +48,9 @@ def test_fashion_mnist_from_a_given_root_in_torchvision_layout(tmp_path):
         _write_idx(raw / f"{split}-images-idx3-ubyte", np.full((n, 28, 28), 255), gz=False)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, gz=False)
     ds = FashionMNIST(tmp_path, "test")
-    assert len(ds) == 4 and ds[0][0].max() == 1.0 and ds[3][1] == 3
+    assert len(ds) == 4
+    assert ds[0][0].max() == 1.0
+    assert ds[3][1] == 3
 
 
 def test_missing_and_malformed_data_say_where(tmp_path):
@@ -81,7 +88,10 @@ def test_image_folder_crops_to_unit_range_tensors(tmp_path):
     info = dataset_info("folder")
     ds = build_dataset("folder", "val", tmp_path, build_transform(info, False, 32))
     x, y = ds[1]
-    assert x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1 and y == 1
+    assert x.shape == (3, 32, 32)
+    assert x.min() >= 0
+    assert x.max() <= 1
+    assert y == 1
     tr = build_dataset("folder", "train", tmp_path, build_transform(info, True, 32))
     assert tr[0][0].shape == (3, 32, 32)
 
@@ -96,7 +106,8 @@ def test_sampler_shards_are_disjoint_and_resume_skips_exactly():
     s.set_epoch(2)
     full = list(s)
     s.set_epoch(2, start_batch=3)
-    assert list(s) == full[3 * b :] and len(s) == len(full) - 3 * b
+    assert list(s) == full[3 * b :]
+    assert len(s) == len(full) - 3 * b
     s.set_epoch(3)
     assert list(s) != full  # a new order every epoch
     with pytest.raises(ValueError, match="too few"):
@@ -166,7 +177,8 @@ def test_a_colour_image_the_probe_missed_is_refused_not_made_grey(tmp_path):
     root = _folder(tmp_path, per_class=70, classes=("a",), splits=("train",))  # more files than the probe reads
     Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(root / "train" / "a" / "z.png")  # sorted last
     ds = build_dataset("folder", "train", root, None)
-    assert ds[0][0].mode == "L" and ds.samples[-1][0].endswith("z.png")
+    assert ds[0][0].mode == "L"
+    assert ds.samples[-1][0].endswith("z.png")
     with pytest.raises(DataError, match=r"z\.png is a RGB image, but its folder was read as grey"):
         ds[len(ds) - 1]
 

@@ -14,8 +14,12 @@ from dmae.errors import DmaeError
 def test_the_built_in_loaders_give_unit_range_tensors(tmp_path):
     test = datasets.fashion_mnist()
     x, y = test[0]
-    assert len(test) == 10_000 and x.shape == (1, 28, 28) and x.dtype == torch.float32
-    assert float(x.min()) >= 0 and float(x.max()) <= 1 and isinstance(y, int)
+    assert len(test) == 10_000
+    assert x.shape == (1, 28, 28)
+    assert x.dtype == torch.float32
+    assert float(x.min()) >= 0
+    assert float(x.max()) <= 1
+    assert isinstance(y, int)
     assert len(datasets.fashion_mnist("train")) == 60_000
     for split, count in (("train", 2), ("val", 1)):
         for cls in ("cat", "dog"):
@@ -23,7 +27,9 @@ def test_the_built_in_loaders_give_unit_range_tensors(tmp_path):
             for i in range(count):
                 Image.new("RGB", (300, 200), (40 * i, 90, 200)).save(tmp_path / split / cls / f"{i}.png")
     folder = datasets.image_folder(tmp_path, "val", size=64)
-    assert len(folder) == 2 and folder.classes == ["cat", "dog"] and folder[0][0].shape == (3, 64, 64)
+    assert len(folder) == 2
+    assert folder.classes == ["cat", "dog"]
+    assert folder[0][0].shape == (3, 64, 64)
     with pytest.raises(DataError, match=r"cifar10: no .*cifar-10-batches-py"):
         datasets.cifar10(root=tmp_path)
 
@@ -34,7 +40,8 @@ def test_describe_measures_channels_size_statistics_and_classes():
     x[:, 2, :, :3] = 1.0  # half the pixels at 1: mean 0.5, sd over pixels ~0.5
     info = datasets.describe(TensorDataset(x, torch.arange(10)), num_classes=10)
     assert (info.channels, info.size, info.num_classes, info.name) == (3, 6, 10, "custom")
-    assert info.mean == pytest.approx((0.0, 0.5, 0.5)) and info.std[2] == pytest.approx(0.5, abs=0.01)
+    assert info.mean == pytest.approx((0.0, 0.5, 0.5))
+    assert info.std[2] == pytest.approx(0.5, abs=0.01)
     assert info.std[0] == info.std[1] == 1e-3  # constant channels never divide by zero
     assert datasets.describe(TensorDataset(torch.rand(4, 1, 5, 7), torch.zeros(4))).size is None  # not square
     assert datasets.describe(datasets.fashion_mnist(), images=8).num_classes == 10  # its `classes`

@@ -35,5 +35,6 @@ def test_two_process_torchrun_gloo(tmp_path):
     assert info[0]["total_steps"] == info[1]["total_steps"] == 8
     assert info[0]["losses"] != info[1]["losses"]  # different data and noise on each rank
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(ckpt["model"][k], sd0[k]) for k in sd0) and ckpt["step"] == 8
+    assert all(torch.equal(ckpt["model"][k], sd0[k]) for k in sd0)
+    assert ckpt["step"] == 8
     assert "2 process(es)" in proc.stdout

@@ -30,7 +30,8 @@ from dmae.workflows.experiments import ExperimentError
     ],
 )
 def test_each_error_is_a_dmae_error_and_keeps_its_base(error, base):
-    assert issubclass(error, DmaeError) and issubclass(error, base)
+    assert issubclass(error, DmaeError)
+    assert issubclass(error, base)
     with pytest.raises(DmaeError, match="the offending value"):
         raise error("the offending value")
 

@@ -23,7 +23,8 @@ def test_certify_your_model(tmp_path):
     )
     assert result.logs[0].idx.tolist() == [0, 2000, 4000, 6000, 8000]
     assert str(result.table()).splitlines()[0].split()[:3] == ["log", "sigma", "images"]  # print() shows the table
-    assert (tmp_path / "certs" / "sequential_sigma0.25.tsv").is_file() and (tmp_path / "report.html").is_file()
+    assert (tmp_path / "certs" / "sequential_sigma0.25.tsv").is_file()
+    assert (tmp_path / "report.html").is_file()
 
 
 def test_finetune_on_imagefolder(tmp_path, capsys):
@@ -31,9 +32,11 @@ def test_finetune_on_imagefolder(tmp_path, capsys):
 
     finetune_on_imagefolder.main(["--out", str(tmp_path), "--epochs", "1", "--train-images", "60", "--n", "100"])
     out = capsys.readouterr().out
-    assert "adapted to" in out and "held-out accuracy under noise:" in out
+    assert "adapted to" in out
+    assert "held-out accuracy under noise:" in out
     rows = (tmp_path / "certs" / "certify_sigma0.25.tsv").read_text().splitlines()
-    assert rows[0].startswith("idx\tlabel\tpredict\tradius") and len(rows) == 1 + 20  # every val image
+    assert rows[0].startswith("idx\tlabel\tpredict\tradius")
+    assert len(rows) == 1 + 20  # every val image
 
 
 def test_compare_two_classifiers(tmp_path):
@@ -42,5 +45,6 @@ def test_compare_two_classifiers(tmp_path):
     text = compare_two_classifiers.main(
         ["--out", str(tmp_path), "--train-images", "256", "--steps", "5", "20", "--skip", "2000", "--n-max", "200"]
     )
-    assert "5 images" in text and "ACR" in text, text
+    assert "5 images" in text, text
+    assert "ACR" in text, text
     assert sys.modules["certify_your_model"].SmallCNN  # the second example reuses the first's model

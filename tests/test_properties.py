@@ -69,14 +69,17 @@ def test_a_row_survives_the_writer_and_the_reader(
     path = tmp_path_factory.mktemp("log") / "certify.tsv"
     path.write_text("\t".join(header) + "\n" + format_row(header, idx, label, pred, radius, seconds, n_samples, radius))
     rows = read_log_rows(path, strict_tail=True)
-    assert rows.header == header and len(rows.rows) == 1
+    assert rows.header == header
+    assert len(rows.rows) == 1
     f = dict(zip(header, rows.rows[0], strict=True))
     assert (int(f["idx"]), int(f["label"]), int(f["predict"])) == (idx, label, pred)
     assert int(f["correct"]) == int(pred == label)
     written = float(f["radius"])
-    assert written <= radius and radius - written < 1.01e-6  # rounded down: never more than certified
+    assert written <= radius
+    assert radius - written < 1.01e-6  # rounded down: never more than certified
     if sequential:
-        assert int(f["n_samples"]) == n_samples and float(f["radius_continuous"]) <= radius
+        assert int(f["n_samples"]) == n_samples
+        assert float(f["radius_continuous"]) <= radius
 
 
 def _oracle_stream(probs: list[float], batch_size: int) -> list:

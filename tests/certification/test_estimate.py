@@ -50,7 +50,10 @@ def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut()
         np.array([[0.9, 0.1], [0.9, 0.1]]),
         labels=[0, 1],
     )
-    assert short[0].n_samples > 20 and not short[0].wrong_guess and short[1].wrong_guess and short[1].n_samples == 20
+    assert short[0].n_samples > 20
+    assert not short[0].wrong_guess
+    assert short[1].wrong_guess
+    assert short[1].n_samples == 20
     with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\] \(rows summing to 1\), got \[1.5\]"):
         oracle_certificates(s, 0.25, [1.5])
     with pytest.raises(ValueError, match="rows summing to 1"):
@@ -58,9 +61,12 @@ def test_oracle_has_the_requested_probabilities_and_follows_the_label_shortcut()
 
 
 def test_pilot_positions_spread_over_the_images():
-    assert pilot_positions(0) == [] and pilot_positions(3) == [0, 1, 2]
+    assert pilot_positions(0) == []
+    assert pilot_positions(3) == [0, 1, 2]
     pos = pilot_positions(1000)
-    assert len(pos) == 8 and pos[0] == 0 and pos[-1] == 999
+    assert len(pos) == 8
+    assert pos[0] == 0
+    assert pos[-1] == 999
 
 
 def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly():
@@ -72,14 +78,15 @@ def test_sequential_estimate_brackets_and_predicts_a_constant_classifier_exactly
         c.n_samples
         for c in SequentialCertifier(smooth, s).certify_batch(torch.rand(50, 1, 4, 4), list(range(50)), 1000)
     )
-    assert est.passes_min <= actual <= est.passes_max and est.passes_max == 50 * 3020
+    assert est.passes_min <= actual <= est.passes_max
+    assert est.passes_max == 50 * 3020
     assert est.passes_expected == actual  # p_A = 1 everywhere: the pilot's oracles are exact
-    assert est.probe_passes == 4 * 1000 and est.probe_seconds > 0 and "expected about" in est.text()
+    assert est.probe_passes == 4 * 1000
+    assert est.probe_seconds > 0
+    assert "expected about" in est.text()
     fixed = estimate_cost(smooth, "certify", x, [0, 1, 2, 3], [3] * 4, 50, 7, 20, 3000, 500)
-    assert (
-        fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020
-        and "already in the log" in fixed.text()
-    )
+    assert fixed.passes_min == fixed.passes_max == fixed.passes_expected == 50 * 3020
+    assert "already in the log" in fixed.text()
 
 
 def test_estimate_of_a_classifier_with_non_finite_logits_is_finite():
@@ -116,7 +123,9 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "10 image(s) to certify" in text and "5,200 forward passes" in text and not out.exists()
+    assert "10 image(s) to certify" in text
+    assert "5,200 forward passes" in text
+    assert not out.exists()
     cfg = dict(
         checkpoint=str(classifier_run),
         n0=20,
@@ -135,4 +144,49 @@ def test_estimate_through_the_cli_counts_what_is_left_and_writes_nothing(classif
     with pytest.raises(ValueError, match=r"other settings \(n: 500 -> 600\)"):  # as the run itself would refuse
         estimate_certification(CertifyConfig(**{**cfg, "n": 600, "estimate": True}))
     seq = estimate_certification(CertifyConfig(**{**cfg, "max": None, "sequential": "targets", "n_max": 2000}))[0]
-    assert seq.images == 10 and seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020
+    assert seq.images == 10
+    assert seq.passes_min < seq.passes_expected <= seq.passes_max == 10 * 2020
+
+
+def test_nothing_left_to_certify_costs_nothing_and_bounds_are_images_times_samples():
+    """With no pilot images (every planned image already in the log) there is nothing to time: fixed-n costs 0
+    passes; sequential CERTIFY is bounded by its least and most samples per image times the images left."""
+    from dmae.smoothing.sequential import select_looks, sequence_for
+
+    smooth, none = Smooth(Constant(10, 3), 10, 0.5, seed=0), torch.zeros(0)
+    done = estimate_cost(smooth, "certify", none, [], [], 0, 12, 20, 3000, 500)
+    assert (done.passes_min, done.passes_max, done.images, done.done) == (0, 0, 0, 12)
+    assert "0 forward passes: about 0 s" in done.text()
+    s = SequentialSettings(**SETTINGS)
+    seq = estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500, s)
+    first = sequence_for(s, 0.5).looks[0]
+    assert seq.passes_min == 5 * (select_looks(s)[0] + first)  # the first selection round, then the first look
+    assert seq.passes_max == 5 * (20 + 3000)  # n0 selection samples, then n_max
+    label = SequentialSettings(**SETTINGS, candidate="label")
+    seq = estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500, label)
+    assert seq.passes_min == 5 * sequence_for(label, 0.5).looks[0]  # no selection samples
+    assert seq.passes_max == 5 * 3000
+    with pytest.raises(ValueError, match="a sequential estimate needs the sequential settings"):
+        estimate_cost(smooth, "sequential", none, [], [], 5, 0, 20, 3000, 500)
+
+
+@pytest.mark.parametrize(
+    ("passes", "said"),
+    [(119_000, "about 119 s"), (120_000, "about 2.0 min"), (7_199_000, "about 120.0 min"), (7_200_000, "about 2.0 h")],
+)
+def test_the_estimated_time_is_said_in_seconds_minutes_or_hours(passes, said):
+    from dmae.certification.estimate import CostEstimate
+
+    est = CostEstimate(
+        mode="certify",
+        sigma=0.25,
+        images=10,
+        done=0,
+        passes_min=passes,
+        passes_max=passes,
+        passes_expected=float(passes),
+        probe_passes=1000,
+        probe_seconds=1.0,  # 1,000 passes a second
+        device="cpu",
+    )
+    assert f"{passes:,} forward passes: {said}" in est.text()

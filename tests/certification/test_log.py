@@ -50,7 +50,8 @@ def test_torn_last_line(tmp_path):
     assert [r[0] for r in read_log_rows(whole, strict_tail=False).rows] == ["0", "1", "2"]  # another tool's file
     assert [r[0] for r in read_log_rows(whole, strict_tail=True).rows] == ["0", "1"]  # ours always ends rows
     log = read_log_rows(_log(tmp_path, HEAD + rows, "ok.tsv"), strict_tail=True)
-    assert log.header == CERTIFY_HEADER and log.rows[1] == ["1", "2", "2", "0.250000", "1", "1.0000"]
+    assert log.header == CERTIFY_HEADER
+    assert log.rows[1] == ["1", "2", "2", "0.250000", "1", "1.0000"]
 
 
 def test_short_middle_line_is_an_error(tmp_path):
@@ -104,7 +105,8 @@ def test_a_dropped_or_kept_last_line_is_reported(tmp_path):
     rows = format_row(CERTIFY_HEADER, 0, 1, 1, 0.5, 1.0) + format_row(CERTIFY_HEADER, 1, 2, 2, 0.25, 1.0)
     torn = _log(tmp_path, HEAD + rows + "2\t3\t3\t0.1", "torn.tsv")
     log = read_log_rows(torn)
-    assert len(log.rows) == 2 and log.lines == (2, 3)
+    assert len(log.rows) == 2
+    assert log.lines == (2, 3)
     assert log.notices == (
         f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): not counted",
     )
@@ -128,7 +130,9 @@ def test_unique_images_counts_a_repeated_row_once_and_refuses_two_results(tmp_pa
         "dup.tsv",
     )
     log, counts = unique_images(f, read_log_rows(f))
-    assert [r[0] for r in log.rows] == ["0", "1", "2"] and counts == [3, 2, 1] and log.lines == (2, 3, 5)
+    assert [r[0] for r in log.rows] == ["0", "1", "2"]
+    assert counts == [3, 2, 1]
+    assert log.lines == (2, 3, 5)
     assert log.notices == (
         f"{f}: 3 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping "
         "shards concatenated): each image counted once",
@@ -142,4 +146,6 @@ def test_unique_images_counts_a_repeated_row_once_and_refuses_two_results(tmp_pa
         unique_images(g, read_log_rows(g))
     no_idx = _log(tmp_path, "label predict radius correct\n1 1 0.5 1\n1 1 0.5 1\n", "noidx.tsv")
     log, counts = unique_images(no_idx, read_log_rows(no_idx))  # nothing names the images: rows kept as they are
-    assert len(log.rows) == 2 and counts == [1, 1] and log.notices == ()
+    assert len(log.rows) == 2
+    assert counts == [1, 1]
+    assert log.notices == ()

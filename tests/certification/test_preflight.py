@@ -36,7 +36,9 @@ def test_probe_measures_clean_and_noisy_accuracy_and_is_reproducible():
     images, labels = t.repeat(5, 1, 1, 1), list(range(10)) * 5
     smooth = Smooth(Templates(t).eval(), 10, 0.25, seed=0)
     probe = accuracy_probe(smooth, images, list(range(50)), labels)
-    assert probe.clean_accuracy == 1.0 and probe.noisy_accuracy >= 0.9 and probe.images == 50
+    assert probe.clean_accuracy == 1.0
+    assert probe.noisy_accuracy >= 0.9
+    assert probe.images == 50
     assert probe.concerns() == []
     # wrong input layer: the model normalizes by the data set's statistics it was not trained with
     wrong = accuracy_probe(
@@ -44,21 +46,23 @@ def test_probe_measures_clean_and_noisy_accuracy_and_is_reproducible():
     )
     assert wrong.clean_accuracy == 0.2  # everything darker than 0.5 is class 0, the rest class 9
     [concern] = wrong.concerns()
-    assert "clean accuracy on 50 images" in concern and "--input-mean / --input-std" in concern
+    assert "clean accuracy on 50 images" in concern
+    assert "--input-mean / --input-std" in concern
     # a sigma far above what the templates can carry: near chance under noise only
     loud = accuracy_probe(Smooth(Templates(t).eval(), 10, 8.0, seed=0), images, list(range(50)), labels)
-    assert loud.clean_accuracy == 1.0 and loud.noisy_accuracy <= 0.2
+    assert loud.clean_accuracy == 1.0
+    assert loud.noisy_accuracy <= 0.2
     [concern] = loud.concerns()
-    assert "under noise sigma=8 is" in concern and "trained at this sigma" in concern
+    assert "under noise sigma=8 is" in concern
+    assert "trained at this sigma" in concern
     again = accuracy_probe(Smooth(Templates(t).eval(), 10, 8.0, seed=0), images, list(range(50)), labels)
     assert again == loud
 
 
 def test_probe_concerns_thresholds():
     ok = Probe(100, 10, 0.25, 0.9, 0.85)
-    assert ok.concerns() == [] and ok.text() == (
-        "probe (100 images, sigma 0.25): clean accuracy 90.0%, under noise 85.0% (chance 10.0%)"
-    )
+    assert ok.concerns() == []
+    assert ok.text() == ("probe (100 images, sigma 0.25): clean accuracy 90.0%, under noise 85.0% (chance 10.0%)")
     assert len(Probe(100, 10, 0.25, 0.20, 0.20).concerns()) == 1  # twice chance: near chance
     assert Probe(100, 10, 0.25, 0.21, 0.21).concerns() == []
     assert len(Probe(100, 2, 0.25, 0.64, 0.64).concerns()) == 1  # two classes: within 15 points of chance
@@ -102,7 +106,9 @@ def test_certification_json_records_the_probe_and_the_training_sigma(classifier_
     [res] = run_certification(_cfg(classifier_run, tmp_path))
     meta = json.loads(res.path.with_suffix(".json").read_text())
     assert meta["trained_sigma"] == 0.25
-    assert meta["probe"]["images"] == 20 and meta["probe"]["sigma"] == 0.25 and meta["probe"]["chance"] == 0.1
+    assert meta["probe"]["images"] == 20
+    assert meta["probe"]["sigma"] == 0.25
+    assert meta["probe"]["chance"] == 0.1
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("probe (20 images, sigma 0.25): clean accuracy ")
     assert f"{meta['probe']['clean_accuracy']:.1%}" in out.splitlines()[0]

@@ -3,12 +3,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import beta, norm
 
-from conftest import kill_after_rows, run_torchrun
+from conftest import PICO, kill_after_rows, run_torchrun
 from dmae.certification.log import CERTIFY_HEADER, read_rows
 from dmae.certification.runner import CertifyConfig, run_certification
 from dmae.checkpoint import CheckpointError, load_classifier, save_export
 from dmae.cli import main
+from dmae.data import build_dataset
+from dmae.smoothing import Smooth
 
 HERE = Path(__file__).parent
 
@@ -40,19 +43,34 @@ def test_certify_writes_the_common_format(classifier_run, tmp_path):
     [res] = run_certification(_cfg(classifier_run, tmp_path))
     lines = res.path.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-    assert res.rows_total == 20 and len(lines) == 21  # 10,000 test images, every 500th
+    assert res.rows_total == 20
+    assert len(lines) == 21  # 10,000 test images, every 500th
     idx = [int(ln.split("\t")[0]) for ln in lines[1:]]
     assert idx == list(range(0, 10_000, 500))
-    assert res.path.with_suffix(".json").is_file() and res.sigma == 0.25  # sigma from the run's config
+    assert res.path.with_suffix(".json").is_file()
+    assert res.sigma == 0.25  # sigma from the run's config
+    test = build_dataset("fashion-mnist", "test")
+    assert [int(ln.split("\t")[1]) for ln in lines[1:]] == [int(test.targets[i]) for i in idx]
+    # a class's radius is sigma * Phi^-1(p_A_lower), p_A_lower the one-sided Clopper-Pearson bound at alpha (the alpha
+    # quantile of Beta(k, n - k + 1)) of the count k of n = 300 samples (Cohen et al., Theorem 1), rounded down
+    possible = [0.25 * norm.ppf(beta.ppf(0.001, k, 300 - k + 1)) for k in range(1, 301)]
+    radii = [float(ln.split("\t")[3]) for ln in lines[1:] if int(ln.split("\t")[2]) != -1]
+    assert radii, "the classifier should certify some of the 20 images"
+    for r in radii:
+        assert any(0.0 <= exact - r < 1.01e-6 for exact in possible), r
     # n = 9 cannot clear 1/2 at alpha = 0.001: every image abstains, so both kinds of row are checked below
     with pytest.warns(UserWarning, match="cannot certify any radius"):
         [abstained] = run_certification(_cfg(classifier_run, tmp_path / "few", n=9))
     rows = [ln.split("\t") for p in (res.path, abstained.path) for ln in p.read_text().splitlines()[1:]]
     kinds = set()
     for _idx, label, pred, radius, correct, _seconds in rows:
+        assert -1 <= int(pred) < 10, pred  # a class of Fashion-MNIST, or -1 (abstain)
         assert int(correct) == int(int(pred) == int(label))
         # an abstention carries radius 0; a class carries a radius >= 0 (0 exactly when p_A_lower = 1/2)
-        assert (int(pred) == -1 and float(radius) == 0.0) or (int(pred) >= 0 and float(radius) >= 0.0), (pred, radius)
+        if int(pred) == -1:
+            assert float(radius) == 0.0, (pred, radius)
+        else:
+            assert float(radius) >= 0.0, (pred, radius)
         kinds.add(int(pred) == -1)
     assert kinds == {True, False}
 
@@ -65,11 +83,47 @@ def test_rows_do_not_depend_on_batch_size(classifier_run, tmp_path):
         assert _rows_without_time(other) == _rows_without_time(ref)
 
 
+@pytest.fixture(scope="module")
+def varied_run(tmp_path_factory):
+    """A run folder whose classifier answers differently from image to image, and whose votes split under noise on
+    some (``classifier_run`` calls every image class 6)."""
+    import yaml
+
+    run = tmp_path_factory.mktemp("varied")
+    torch.manual_seed(0)
+    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+        model.patch_embed.proj.weight.normal_(0, 1.0)
+    save_export(model, run / "model_best.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"sigma": 0.25, "data": "fashion-mnist"}))
+    return run
+
+
 @pytest.mark.slow
-def test_predict_rows(classifier_run, tmp_path):
-    [res] = run_certification(_cfg(classifier_run, tmp_path, n=200, max=5), mode="predict")
+def test_predict_rows(varied_run, tmp_path):
+    """PREDICT's log: the planned images in order with their labels, and in each row PREDICT's answer for that
+    image (Smooth.predict with the run's seed and n), whether it is the label, and the seconds it took."""
+    [res] = run_certification(_cfg(varied_run, tmp_path, n=200, max=10), mode="predict")
     lines = res.path.read_text().splitlines()
-    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime" and len(lines) == 6
+    assert lines[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    rows = [ln.split("\t") for ln in lines[1:]]
+    idx = [int(r[0]) for r in rows]
+    assert idx == list(range(0, 5000, 500))  # every 500th test image, the first 10 (--max 10)
+    test = build_dataset("fashion-mnist", "test")
+    labels = [int(test.targets[i]) for i in idx]
+    assert [int(r[1]) for r in rows] == labels
+    model, _ = load_classifier(varied_run, 10)
+    x = torch.stack([test[i][0] for i in idx])
+    expected = [p.prediction for p in Smooth(model.eval(), 10, 0.25, seed=0).predict_batch(x, idx, 200, 0.001, 128)]
+    assert [int(r[2]) for r in rows] == expected
+    assert Smooth.ABSTAIN in expected, "some image should abstain, or the rows would not tell n from fewer samples"
+    assert len(set(expected) - {Smooth.ABSTAIN}) >= 2, "the classes should vary from image to image"
+    assert all(-1 <= p < 10 for p in expected)
+    correct = [int(p == y) for p, y in zip(expected, labels, strict=True)]
+    assert [int(r[3]) for r in rows] == correct
+    assert 0 < sum(correct) < len(correct)  # both kinds of row
+    assert all(float(r[4]) > 0 for r in rows)  # seconds per image
 
 
 @pytest.mark.slow
@@ -104,7 +158,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
     with open(target, "a") as f:
         f.write("9999\t3\t3\t0.12")  # a torn last line, as a crash mid-write leaves
     res = run_certification(_cfg(classifier_run, out, n=1000, skip=625))[0]
-    assert res.rows_added == 16 - len(partial) and res.rows_total == 16
+    assert res.rows_added == 16 - len(partial)
+    assert res.rows_total == 16
     assert _rows_without_time(res.path) == _rows_without_time(full)
 
 
@@ -112,7 +167,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_rows(classifier_run, t
 def test_extending_max_and_refusing_other_settings(classifier_run, tmp_path):
     run_certification(_cfg(classifier_run, tmp_path, max=3))
     res = run_certification(_cfg(classifier_run, tmp_path, max=8))[0]
-    assert res.rows_added == 5 and res.rows_total == 8
+    assert res.rows_added == 5
+    assert res.rows_total == 8
     with pytest.raises(ValueError, match=r"written with other settings \(n: 300 -> 400\)"):
         run_certification(_cfg(classifier_run, tmp_path, n=400))
 
@@ -180,6 +236,56 @@ def test_bad_inputs_fail_clearly(classifier_run, tmp_path, capsys):
         run_certification(_cfg(classifier_run, tmp_path / "o", data="folder", data_root=str(tmp_path / "folder")))
 
 
+def test_what_a_checkpoint_or_the_options_leave_unsaid_is_refused_naming_the_fix(tmp_path, capsys):
+    """An autoencoder has no head; a classifier of a run that recorded no sigma needs --sigma; --merge certifies
+    nothing, so it has no --estimate."""
+    from dmae.models import create_model
+
+    encoder = tmp_path / "encoder.safetensors"
+    save_export(create_model(PICO), encoder)
+    with pytest.raises(CheckpointError, match=r"is not a trained classifier \(it has no head\); fine-tune it first"):
+        run_certification(_cfg(encoder, tmp_path / "o"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model, _ = load_classifier(None, 10, model=PICO, stats=((0.286,), (0.353,)))
+    save_export(model, bare / "model_best.safetensors")  # no config.yaml, no trained_sigma in the file
+    with pytest.raises(ValueError, match=r"give --sigma \(the checkpoint's run does not say which single sigma"):
+        run_certification(_cfg(bare, tmp_path / "o"))
+    assert main(["certify", "--checkpoint", str(bare), "--sigma", "0.25", "--merge", "--estimate"]) == 2
+    assert "--estimate prices a certification and --merge certifies nothing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+class NaNOnBright(torch.nn.Module):
+    """Class 1 on dark images; NaN logits on images whose mean is above 1/2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 3)
+        out[:, 1] = 1.0
+        out[x.flatten(1).mean(1) > 0.5] = float("nan")
+        return out
+
+
+def test_images_with_non_finite_logits_abstain_and_are_recorded_beside_the_log(tmp_path):
+    """Fixed-n CERTIFY: an image whose noisy samples give NaN logits abstains, and ``<log>.nonfinite.tsv`` says
+    which image and how many of its samples (n0 + n) were not finite; the other images are unaffected."""
+    import dmae
+
+    x = torch.full((4, 1, 8, 8), 0.2)
+    x[2] = 0.8  # mean noise on 64 pixels at sigma 0.25 is about 0.03: image 2 stays bright, the others dark
+    data = torch.utils.data.TensorDataset(x, torch.tensor([1, 1, 2, 0]))
+    result = dmae.certify(NaNOnBright().eval(), data, sigma=0.25, n0=10, n=50, log_dir=tmp_path)
+    [log] = result.logs
+    assert log.predict.tolist() == [1, 1, -1, 1]
+    assert log.radius[2] == 0.0
+    assert (log.radius[[0, 1, 3]] > 0).all()
+    assert (tmp_path / "certify_sigma0.25.nonfinite.tsv").read_text() == "2\t60\t60\n"  # idx, non-finite, samples
+
+
 # ----------------------------------------------------------------------------- never certify what was not computed
 def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, capsys):
     bad = tmp_path / "nan_run"
@@ -208,7 +314,8 @@ def test_nan_head_weights_are_refused_through_the_cli(classifier_run, tmp_path, 
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "NaN or infinite" in err and "head.weight" in err
+    assert "NaN or infinite" in err
+    assert "head.weight" in err
     assert not (tmp_path / "out" / "certify_sigma0.25.tsv").exists()
 
 
@@ -267,15 +374,18 @@ def test_candidate_label_certifies_the_label_with_n_samples_only(classifier_run,
     select = rows(run_certification(_cfg(classifier_run, tmp_path / "s"))[0].path)
     res = run_certification(_cfg(classifier_run, tmp_path / "l", candidate="label"))[0]
     label = rows(res.path)
-    assert label.keys() == select.keys() and any(r[2] == r[1] for r in select.values())
+    assert label.keys() == select.keys()
+    assert any(r[2] == r[1] for r in select.values())
     for i, row in label.items():
         assert row[2] in (row[1], "-1")
         if select[i][2] == row[1]:
             assert row == select[i]
     meta = json.loads(res.path.with_suffix(".json").read_text())
-    assert meta["candidate"] == "label" and meta["n0"] is None
+    assert meta["candidate"] == "label"
+    assert meta["n0"] is None
     log = read_log(res.path)
-    assert forward_passes(log) == 20 * 300 and "--candidate label" in summarize([log]).text()
+    assert forward_passes(log) == 20 * 300
+    assert "--candidate label" in summarize([log]).text()
     with pytest.raises(ValueError, match=r"other settings \(n0: None -> 20, candidate: 'label' -> 'select'\)"):
         run_certification(_cfg(classifier_run, tmp_path / "l"))
     legacy = tmp_path / "s" / "certify_sigma0.25.json"  # a fixed-n log written before the option resumes unchanged

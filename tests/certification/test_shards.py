@@ -55,7 +55,8 @@ def certified(classifier_run, tmp_path_factory):
             [single] = run_certification(_cfg(classifier_run, root / "single", kind))
             for k in range(3):
                 [res] = run_certification(_cfg(classifier_run, root / "shards", kind, shard=f"{k}/3"))
-                assert res.rows_total == 4 and res.path.name == _shard(root, k, mode=_mode(kind)).name
+                assert res.rows_total == 4
+                assert res.path.name == _shard(root, k, mode=_mode(kind)).name
             made[kind] = single.path, root / "shards"
         return made[kind]
 
@@ -91,7 +92,8 @@ def test_killed_shard_resumes_and_the_merge_equals_one_run(classifier_run, certi
     lines = _shard(out, 1, mode=mode).read_text().splitlines()
     _shard(out, 1, mode=mode).write_text("\n".join(lines[:2]) + "\n" + lines[2][:7])
     [res] = run_certification(_cfg(classifier_run, out, kind, shard="1/3"))  # the same command: it continues
-    assert res.rows_added == 3 and res.rows_total == 4
+    assert res.rows_added == 3
+    assert res.rows_total == 4
     header = SEQUENTIAL_HEADER if kind == "sequential" else CERTIFY_HEADER
     assert _rows(_shard(out, 1, mode=mode)) == _rows(_shard(shards, 1, mode=mode))
     assert len(read_rows(_shard(out, 1, mode=mode), header)) == 4
@@ -100,12 +102,17 @@ def test_killed_shard_resumes_and_the_merge_equals_one_run(classifier_run, certi
     assert "merged 3 shard logs (of 3)" in capsys.readouterr().out
     merged = out / f"{mode}_sigma0.25.tsv"
     assert merged.read_text().splitlines()[0] == single.read_text().splitlines()[0]
-    assert list(_rows(merged)) == sorted(_rows(merged)) and _rows(merged) == _rows(single)
+    assert list(_rows(merged)) == sorted(_rows(merged))
+    assert _rows(merged) == _rows(single)
     meta, one = (json.loads(p.with_suffix(".json").read_text()) for p in (merged, single))
     assert {k: meta.get(k) for k in MERGE_KEYS} == {k: one.get(k) for k in MERGE_KEYS}
-    assert "shard" not in meta and meta["merge"] == {"shards": 3, "missing": 0} and meta["probe"] == one["probe"]
+    assert "shard" not in meta
+    assert meta["merge"] == {"shards": 3, "missing": 0}
+    assert meta["probe"] == one["probe"]
     lg = dmae.read_log(merged)
-    assert len(lg) == 12 and not lg.incomplete and lg.notes == []
+    assert len(lg) == 12
+    assert not lg.incomplete
+    assert lg.notes == []
 
 
 @pytest.mark.slow
@@ -113,11 +120,14 @@ def test_report_reads_unmerged_shards_as_one_log(shard_logs, tmp_path, capsys):
     single, _ = shard_logs
     out = _copy(shard_logs, tmp_path)
     lg = read_log(out / "certify_sigma0.25.tsv")  # not merged: read from the shard logs
-    assert lg.idx.tolist() == sorted(_rows(single)) and not lg.incomplete and lg.meta.get("shard") is None
+    assert lg.idx.tolist() == sorted(_rows(single))
+    assert not lg.incomplete
+    assert lg.meta.get("shard") is None
     assert lg.acr == pytest.approx(read_log(single).acr)
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "read from its 3 shard logs" in text and "12 of the 12 planned images, complete" in text
+    assert "read from its 3 shard logs" in text
+    assert "12 of the 12 planned images, complete" in text
     # the shard files given directly read as one log too, once
     assert main(["report", str(_shard(out, 0)), str(_shard(out, 2)), str(_shard(out, 1))]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -131,9 +141,11 @@ def test_overlapping_shards_are_refused(classifier_run, shard_logs, tmp_path, ca
         f.write(first_row + "\n")
     assert main([*_argv(classifier_run, out), "--merge"]) == 2
     err = capsys.readouterr().err
-    assert "idx 0 is in two shards" in err and "shard-0-of-3.tsv and certify_sigma0.25.shard-2-of-3.tsv" in err
+    assert "idx 0 is in two shards" in err
+    assert "shard-0-of-3.tsv and certify_sigma0.25.shard-2-of-3.tsv" in err
     assert not (out / "certify_sigma0.25.tsv").exists()
-    assert main(["report", str(out)]) == 2 and "idx 0 is in two shards" in capsys.readouterr().err
+    assert main(["report", str(out)]) == 2
+    assert "idx 0 is in two shards" in capsys.readouterr().err
 
 
 def test_shards_of_other_settings_are_refused_naming_the_key(classifier_run, shard_logs, tmp_path, capsys):
@@ -166,17 +178,22 @@ def test_incomplete_shards_are_refused_then_merged_partially_on_request(classifi
     assert main([*_argv(classifier_run, out), "--merge"]) == 2
     err = capsys.readouterr().err
     assert "the shards hold 6 of the 12 planned images; 6 missing" in err
-    assert "shard 1/3 has 2 of 4 images, shard 2/3 has no log" in err and "--allow-partial" in err
+    assert "shard 1/3 has 2 of 4 images, shard 2/3 has no log" in err
+    assert "--allow-partial" in err
     assert not (out / "certify_sigma0.25.tsv").exists()
     lg = read_log(out / "certify_sigma0.25.tsv")  # the report says so too, in the table itself
-    assert lg.incomplete and len(lg) == 6 and lg.planned == 12
-    assert main(["report", str(out)]) == 0 and "certify_sigma0.25 (incomplete)" in capsys.readouterr().out
+    assert lg.incomplete
+    assert len(lg) == 6
+    assert lg.planned == 12
+    assert main(["report", str(out)]) == 0
+    assert "certify_sigma0.25 (incomplete)" in capsys.readouterr().out
     with pytest.warns(UserWarning, match="6 missing"):
         assert main([*_argv(classifier_run, out), "--merge", "--allow-partial"]) == 0
     meta = json.loads((out / "certify_sigma0.25.json").read_text())
     assert meta["merge"] == {"shards": 3, "missing": 6}
     lg = read_log(out / "certify_sigma0.25.tsv")
-    assert lg.incomplete and any("merged from shard logs with --allow-partial" in n for n in lg.notes)
+    assert lg.incomplete
+    assert any("merged from shard logs with --allow-partial" in n for n in lg.notes)
 
 
 @pytest.mark.parametrize("value", ["3/3", "a/b", "-1/2", "1/0", "2"])
@@ -210,14 +227,17 @@ def test_the_api_shard_writes_the_cli_shard_rows_and_merges(classifier_run, shar
     test = build_dataset("fashion-mnist", "test", None, build_transform(info, False, model.config.encoder.img_size))
     kw = dict(sigma=0.25, n0=20, n=150, skip=500, max_images=12, batch_size=77, log_dir=tmp_path / "api")
     res = dmae.certify(model.eval(), test, shard=(1, 3), **kw)
-    assert res.paths == [_shard(tmp_path / "api", 1)] and _rows(res.paths[0]) == _rows(_shard(cli, 1))
-    assert res.logs[0].idx.tolist() == [500, 2000, 3500, 5000] and not res.logs[0].incomplete  # its share, whole
+    assert res.paths == [_shard(tmp_path / "api", 1)]
+    assert _rows(res.paths[0]) == _rows(_shard(cli, 1))
+    assert res.logs[0].idx.tolist() == [500, 2000, 3500, 5000]
+    assert not res.logs[0].incomplete  # its share, whole
     with pytest.raises(ShardError, match="8 missing"):
         dmae.certify(model.eval(), test, merge=True, **kw)
     for k in (0, 2):
         dmae.certify(model.eval(), test, shard=f"{k}/3", **kw)
     merged = dmae.certify(model.eval(), test, merge=True, **kw)
-    assert merged.paths == [tmp_path / "api" / "certify_sigma0.25.tsv"] and _rows(merged.paths[0]) == _rows(single)
+    assert merged.paths == [tmp_path / "api" / "certify_sigma0.25.tsv"]
+    assert _rows(merged.paths[0]) == _rows(single)
     # PREDICT shards the same way
     pred = dmae.predict(model.eval(), test, sigma=0.25, n=100, skip=500, max_images=12, log_dir=tmp_path / "p")
     part = dmae.predict(
@@ -231,4 +251,5 @@ def test_the_api_shard_writes_the_cli_shard_rows_and_merges(classifier_run, shar
 def test_a_shard_under_torchrun_splits_its_share_over_the_ranks(classifier_run, shard_logs, tmp_path):
     out = tmp_path / "ddp"
     run_torchrun(_argv(classifier_run, out, "fixed", "--shard", "1/3"))  # two ranks, two images each
-    assert _rows(_shard(out, 1)) == _rows(_shard(shard_logs[1], 1)) and not list(out.glob("*.rank*"))
+    assert _rows(_shard(out, 1)) == _rows(_shard(shard_logs[1], 1))
+    assert not list(out.glob("*.rank*"))

@@ -87,7 +87,9 @@ def test_timm_weights_load_and_match_reference(tmp_path, suffix, wrap, prefix):
     save({prefix + k: v for k, v in net.state_dict().items()}, path, wrap)
     torch.manual_seed(99)  # the built network's own random init differs from the file's
     model, digest = build_external_classifier(f"timm:{TIMM}", path, 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
-    assert isinstance(model, ExternalClassifier) and not model.training and not model.net.training
+    assert isinstance(model, ExternalClassifier)
+    assert not model.training
+    assert not model.net.training
     assert (model.source, model.name, model.num_classes, model.img_size, model.in_chans) == ("timm", TIMM, 10, 32, 3)
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     x = torch.rand(5, 3, 28, 28)  # native 28 px, resized to 32 after (would-be) noise
@@ -119,7 +121,9 @@ def test_torchvision_grey_input_expanded_and_resized(tmp_path):
     model, digest = build_external_classifier(
         "torchvision:squeezenet1_1", path, 10, img_size=32, in_chans=1, mean=[0.3], std=[0.35]
     )
-    assert model.in_chans == 3 and model.preprocess.in_chans == 3 and model.source == "torchvision"
+    assert model.in_chans == 3
+    assert model.preprocess.in_chans == 3
+    assert model.source == "torchvision"
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
@@ -131,12 +135,14 @@ def test_torchvision_grey_input_expanded_and_resized(tmp_path):
 def test_unknown_architecture_lists_close_names(tmp_path):
     with pytest.raises(ValueError) as e:
         build_external_classifier("timm:resnet18x", tmp_path / "w.pt", 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
-    assert "'resnet18x'" in str(e.value) and "resnet18" in str(e.value).replace("'resnet18x'", "")
+    assert "'resnet18x'" in str(e.value)
+    assert "resnet18" in str(e.value).replace("'resnet18x'", "")
     with pytest.raises(ValueError) as e:
         build_external_classifier(
             "torchvision:squeezenet1_2", tmp_path / "w.pt", 10, img_size=32, in_chans=3, mean=MEAN, std=STD
         )
-    assert "'squeezenet1_2'" in str(e.value) and "squeezenet1_1" in str(e.value)
+    assert "'squeezenet1_2'" in str(e.value)
+    assert "squeezenet1_1" in str(e.value)
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -158,7 +164,9 @@ def test_missing_and_unexpected_keys_named(tmp_path):
     save(sd, path)
     with pytest.raises(CheckpointError) as e:
         build_external_classifier(TIMM, path, 10, img_size=32, in_chans=3, mean=MEAN, std=STD)
-    assert dropped in str(e.value) and "extra.weight" in str(e.value) and "w.safetensors" in str(e.value)
+    assert dropped in str(e.value)
+    assert "extra.weight" in str(e.value)
+    assert "w.safetensors" in str(e.value)
 
 
 def test_head_for_another_class_count(tmp_path):
@@ -274,7 +282,9 @@ def test_certify_a_timm_model_by_name_matches_smoothing_it_directly(tmp_path, ca
         expected = format_row(CERTIFY_HEADER, i, int(ds[i][1]), c.prediction, c.radius, 0.0)
         assert row.split("\t")[:5] == expected.split("\t")[:5]
     meta = json.loads((tmp_path / "out" / "certify_sigma0.25.json").read_text())
-    assert meta["model"] == f"timm:{TIMM}" and "img_size=32" in meta["input_layer"] and "0.3" in meta["input_layer"]
+    assert meta["model"] == f"timm:{TIMM}"
+    assert "img_size=32" in meta["input_layer"]
+    assert "0.3" in meta["input_layer"]
     assert meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     cfg = CertifyConfig(
         model=f"timm:{TIMM}",
@@ -346,7 +356,8 @@ def test_certify_an_architecture_of_ones_own_code_from_the_cli(tmp_path, capsys)
         for i, spec in enumerate((f"{tmp_path / 'mynets.py'}:TinyNet", "mynets:TinyNet")):
             assert main([*base, "--model", spec, "--output-dir", str(tmp_path / f"o{i}")]) == 0
             meta = json.loads((tmp_path / f"o{i}" / "certify_sigma0.25.json").read_text())
-            assert meta["model"] == spec and meta["images"] == 2
+            assert meta["model"] == spec
+            assert meta["images"] == 2
         assert parse_model_name("mynets:TinyNet") == ("python", "mynets:TinyNet")
         # without --input-mean / --input-std, code of one's own takes [0, 1] images as in the Python API: the
         # input layer does not normalize it a second time, and the rows are those of dmae.certify on the module

@@ -84,26 +84,33 @@ def test_every_parameter_gets_a_gradient(name):
     m(x, mk).pow(2).mean().backward()
     for n, p in m.named_parameters():
         if n in ("pos_embed", "decoder_pos_embed"):
-            assert not p.requires_grad and p.grad is None  # fixed sin-cos
+            assert not p.requires_grad  # fixed sin-cos
+            assert p.grad is None
         else:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            assert p.grad is not None, n
+            assert p.grad.abs().sum() > 0, n
 
 
 def test_init_follows_recipe():
     m = create_model("dmae_vit_micro_patch4_dec64d2b")
-    assert torch.allclose(m.blocks[0].norm1.weight, torch.ones(128)) and m.blocks[0].norm1.bias.abs().sum() == 0
+    assert torch.allclose(m.blocks[0].norm1.weight, torch.ones(128))
+    assert m.blocks[0].norm1.bias.abs().sum() == 0
     assert m.blocks[0].attn.qkv.bias.abs().sum() == 0
-    assert 0.01 < m.cls_token.std().item() < 0.03 and 0.01 < m.mask_token.std().item() < 0.03
+    assert 0.01 < m.cls_token.std().item() < 0.03
+    assert 0.01 < m.mask_token.std().item() < 0.03
     w = m.blocks[0].mlp.fc1.weight  # xavier-uniform bound sqrt(6 / (fan_in + fan_out))
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
-    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
-    assert m.norm.eps == 1e-6 and m.blocks[0].norm1.eps == 1e-6
+    assert w.abs().max() <= bound
+    assert w.abs().max() > 0.9 * bound
+    assert m.norm.eps == 1e-6
+    assert m.blocks[0].norm1.eps == 1e-6
 
 
 def test_sincos_positions_formula():
     D, gh, gw = 8, 2, 3
     pe = sincos_2d(D, (gh, gw))
-    assert pe.shape == (1, 1 + gh * gw, D) and pe[0, 0].abs().sum() == 0
+    assert pe.shape == (1, 1 + gh * gw, D)
+    assert pe[0, 0].abs().sum() == 0
     omega = 1.0 / 10000 ** (torch.arange(2, dtype=torch.float64) / 2)
     for r in range(gh):
         for c in range(gw):
@@ -120,7 +127,8 @@ def test_input_adapter_resizes_after_noise_and_normalizes():
     y = a(x)
     assert y.shape == (2, 3, 224, 224)
     assert torch.allclose(y, torch.ones_like(y), atol=1e-5)  # (0.75 - 0.5) / 0.25
-    assert "mean" not in a.state_dict() and len(a.state_dict()) == 0  # not checkpoint keys
+    assert "mean" not in a.state_dict()
+    assert len(a.state_dict()) == 0  # not checkpoint keys
     assert a.to(torch.float64).mean.dtype == torch.float64  # buffers follow .to()
     with pytest.raises(ValueError, match="takes 1-channel images, got 3"):
         InputAdapter(28, 1, (0.5,), (0.5,))(torch.rand(1, 3, 28, 28))
@@ -158,8 +166,11 @@ def test_official_dmae_checkpoint_loads_exactly(tmp_path, base_model):
     sd = {k: v.clone() + 0.01 for k, v in base_model.state_dict().items()}
     assert sorted(sd) == sorted(official_keys(12, 8))
     net, report = load_dmae(_official_file(tmp_path, sd))
-    assert report.missing == [] and report.unexpected == [] and report.positions == []
-    assert net.config.embed_dim == 768 and net.config.depth == 12  # preset inferred from shapes
+    assert report.missing == []
+    assert report.unexpected == []
+    assert report.positions == []
+    assert net.config.embed_dim == 768
+    assert net.config.depth == 12  # preset inferred from shapes
     assert torch.equal(net.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
 
 
@@ -168,7 +179,8 @@ def test_mae_encoder_only_checkpoint(tmp_path, base_model):
     enc = {k: v for k, v in base_model.state_dict().items() if not (k.startswith("decoder") or k == "mask_token")}
     _, report = load_dmae(_official_file(tmp_path, enc))
     expected_missing = {k for k in official_keys(12, 8) if k.startswith("decoder") or k == "mask_token"}
-    assert set(report.missing) == expected_missing and report.unexpected == []
+    assert set(report.missing) == expected_missing
+    assert report.unexpected == []
 
 
 def test_wrong_architecture_and_corrupt_files(tmp_path):

@@ -60,31 +60,34 @@ def _run_folder(classifier_run, tmp_path):
 def test_page_has_every_section_and_embeds_every_image(classifier_run, tmp_path):
     out = _run_folder(classifier_run, tmp_path)
     found = discover([], [out])
-    assert (
-        [p.name for p in found.training] == ["pretrain", "finetune"]
-        and len(found.logs) == 2
-        and len(found.figures) == 1
-    )
+    assert [p.name for p in found.training] == ["pretrain", "finetune"]
+    assert len(found.logs) == 2
+    assert len(found.figures) == 1
     page = build_html(found, "test run")
     for section in SECTIONS:
         assert f'<h2 id="{section}">' in page, section
     srcs = re.findall(r'src="([^"]*)"', page)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing fetched from anywhere
-    assert "http://" not in page and "https://" not in page
+    assert srcs
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing fetched from anywhere
+    assert "http://" not in page
+    assert "https://" not in page
     logs = [read_log(p) for p in found.logs]
     n_examples = sum(len(rows) for lg in logs for rows in pick_examples(lg, 4).values())
     # curves per table (fixed-n and sequential are not mixed), 2 training runs, the reconstruction, clean + noisy
     assert len(srcs) == 2 + 2 + 1 + 2 * n_examples
-    assert page.count("<h3>") >= 2 and "(certify)</h3>" in page and "(sequential)</h3>" in page
-    assert "certify_sigma0.25" in page and "sequential_sigma0.25" in page and "samples/img" in page
+    assert page.count("<h3>") >= 2
+    assert "(certify)</h3>" in page
+    assert "(sequential)</h3>" in page
+    assert "certify_sigma0.25" in page
+    assert "sequential_sigma0.25" in page
+    assert "samples/img" in page
     seq = read_log(out / "certify" / "sequential_sigma0.25.tsv")
-    assert (
-        f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page
-        and "torch" in page
-        and "stage: finetune" in page
-    )
+    assert f"Forward passes in all: {6 * 1100 + int(seq.n_samples.sum()):,}" in page
+    assert "torch" in page
+    assert "stage: finetune" in page
     spent, fixed = 6 * 1100 + int(seq.n_samples.sum()), 6 * 1100 + len(seq) * (20 + 500)  # the samples saved
-    assert fixed > spent and f"would have drawn {fixed:,} ({fixed / spent:.1f}x more)" in page
+    assert fixed > spent
+    assert f"would have drawn {fixed:,} ({fixed / spent:.1f}x more)" in page
     for kind in ("certified", "abstained", "misclassified"):
         assert f"<h4>{kind} (" in page
 
@@ -96,7 +99,8 @@ def test_examples_pick_the_right_rows(classifier_run, tmp_path):
     picked = pick_examples(lg, 3)
     assert picked == {"certified": [0, 3, 1], "abstained": [2, 5], "misclassified": [4]}
     assert all(lg.correct[i] == 1 for i in picked["certified"])
-    assert all(lg.predict[i] == -1 for i in picked["abstained"]) and picked["abstained"]
+    assert all(lg.predict[i] == -1 for i in picked["abstained"])
+    assert picked["abstained"]
     assert all(lg.predict[i] not in (-1, lg.label[i]) for i in picked["misclassified"])
     radii = [lg.radius[i] for i in picked["certified"]]
     assert radii == sorted(radii, reverse=True)
@@ -108,11 +112,13 @@ def test_cli_writes_the_page_and_names_bad_inputs(classifier_run, tmp_path, caps
     page = tmp_path / "report.html"
     assert main(["report", "--run-dir", str(out), "--html", str(page), "--title", "my run"]) == 0
     text = capsys.readouterr().out
-    assert "wrote html:" in text and "r=0.25" in text  # the table is printed too
+    assert "wrote html:" in text
+    assert "r=0.25" in text  # the table is printed too
     assert "<title>my run</title>" in page.read_text()
     assert main(["report", "--run-dir", str(tmp_path / "nowhere"), "--html", str(page)]) == 2
     assert "no such run folder" in capsys.readouterr().err
-    assert main(["report"]) == 2 and "give certification logs" in capsys.readouterr().err
+    assert main(["report"]) == 2
+    assert "give certification logs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -134,7 +140,8 @@ def test_compare_puts_the_paired_tables_in_the_page(classifier_run, tmp_path, ca
         == 0
     )
     text = page.read_text()
-    assert '<h2 id="paired">Paired comparisons</h2>' in text and "<th>McNemar p</th>" in text
+    assert '<h2 id="paired">Paired comparisons</h2>' in text
+    assert "<th>McNemar p</th>" in text
     assert "A = run/certify/sequential_sigma0.25 (sigma 0.25) vs B = run_b/certify/sequential_sigma0.25" in text
     assert "Note: both logs certify the same weights" in text
     assert main(["report", str(out / "certify" / "sequential_sigma0.25.tsv"), "--html", str(page)]) == 0
@@ -158,7 +165,8 @@ def test_a_bare_tsv_renders_every_section_without_a_raw_error(tmp_path, capsys):
     for args in ([*logs, "--compare"], [logs[1], "--run-dir", str(tmp_path / "run")]):
         assert main(["report", *args, "--html", str(page)]) == 0
         text = page.read_text()
-        assert "Error" not in text and "KeyError" not in text
+        assert "Error" not in text
+        assert "KeyError" not in text
         for section in SECTIONS:
             assert f'<h2 id="{section}">' in text, section
         assert (
@@ -186,7 +194,8 @@ def test_examples_and_training_curves_say_what_they_leave_out(tmp_path):
         json.dumps({"mode": "certify", "data": "fashion-mnist", "split": "test", "sigma": 0.25})
     )
     page = build_html(discover([log], []))
-    assert "#99999: no such image in a data set of 10000" in page and "#3 42 -> 42, r = 0.400" in page
+    assert "#99999: no such image in a data set of 10000" in page
+    assert "#3 42 -> 42, r = 0.400" in page
     run = tmp_path / "ft"
     run.mkdir()
     (run / "log.jsonl").write_text(
@@ -218,11 +227,14 @@ def test_label_candidate_logs_say_what_their_rows_mean(tmp_path):
         logs.append(log)
     label, select = read_log(logs[0]), read_log(logs[1])
     table = summarize([label])
-    assert table.cells()[0][:4] == ["log", "sigma", "candidate", "images"] and table.cells()[1][0][2] == "label"
+    assert table.cells()[0][:4] == ["log", "sigma", "candidate", "images"]
+    assert table.cells()[1][0][2] == "label"
     assert any("certified each image's label (--candidate label)" in n for n in table.notes)
-    assert "candidate" in table.csv().splitlines()[0] and ",label," in table.csv()
+    assert "candidate" in table.csv().splitlines()[0]
+    assert ",label," in table.csv()
     plain = summarize([select])
-    assert "candidate" not in plain.cells()[0] and not any("--candidate" in n for n in plain.notes)
+    assert "candidate" not in plain.cells()[0]
+    assert not any("--candidate" in n for n in plain.notes)
     assert set(pick_examples(label, 4)) == {
         "certified correct",
         "not certified correct (misclassified or not certifiable)",
@@ -230,3 +242,16 @@ def test_label_candidate_logs_say_what_their_rows_mean(tmp_path):
     page = build_html(discover(logs[:1], []))
     assert "not certified correct: misclassified, or correct but not certifiable" in page
     assert "<th>candidate</th>" in page
+
+
+def test_the_page_names_a_missing_input_and_says_when_there_are_no_logs(tmp_path):
+    from dmae.reporting.html_report import write_html_report
+
+    with pytest.raises(FileNotFoundError, match=r"no such log: .*nope\.tsv"):
+        discover([tmp_path / "nope.tsv"], [])
+    with pytest.raises(ValueError, match="give certification logs and/or --run-dir folders to report on"):
+        write_html_report(tmp_path / "r.html", [], [])
+    assert not (tmp_path / "r.html").exists()
+    (tmp_path / "run").mkdir()  # a run folder with no logs in it: the tables and the examples say so
+    page = build_html(discover([], [tmp_path / "run"]))
+    assert page.count("No certification logs in the inputs.") == 2

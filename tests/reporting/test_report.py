@@ -26,9 +26,11 @@ def test_certified_accuracy_acr_and_abstention(tmp_path):
         ],
     )
     log = read_log(p)
-    assert log.sigma == 0.25 and len(log) == 5
+    assert log.sigma == 0.25
+    assert len(log) == 5
     assert [log.certified_accuracy(r) for r in (0.0, 0.25, 0.5, 1.0)] == [0.6, 0.4, 0.2, 0.0]
-    assert log.acr == pytest.approx((0.9 + 0.3) / 5) and log.abstain_rate == pytest.approx(0.2)
+    assert log.acr == pytest.approx((0.9 + 0.3) / 5)
+    assert log.abstain_rate == pytest.approx(0.2)
 
 
 def test_best_sigma_per_radius_row(tmp_path):
@@ -38,8 +40,10 @@ def test_best_sigma_per_radius_row(tmp_path):
     rows = {r["name"]: r for r in t.rows}
     assert rows["certify_sigma0.25"]["acc"] == [1.0, 0.5, 0.0]
     assert rows["certify_sigma0.5"]["acc"] == [0.5, 0.5, 0.5]
-    assert rows["best"]["acc"] == [1.0, 0.5, 0.5] and rows["best"]["acr"] == pytest.approx(0.45)
-    assert "| best | best |" in t.markdown() and "r=0.75" in t.csv().splitlines()[0]
+    assert rows["best"]["acc"] == [1.0, 0.5, 0.5]
+    assert rows["best"]["acr"] == pytest.approx(0.45)
+    assert "| best | best |" in t.markdown()
+    assert "r=0.75" in t.csv().splitlines()[0]
 
 
 def test_reads_logs_of_other_tools_and_cli_outputs(tmp_path, capsys):
@@ -52,8 +56,10 @@ def test_reads_logs_of_other_tools_and_cli_outputs(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "r=0.5" in out and "50.0" in out
-    assert md.read_text().startswith("| log |") and csv.read_text().startswith("log,sigma")
+    assert "r=0.5" in out
+    assert "50.0" in out
+    assert md.read_text().startswith("| log |")
+    assert csv.read_text().startswith("log,sigma")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -79,9 +85,14 @@ def test_paired_comparison_on_a_hand_computed_case(tmp_path):
         read_log(_write(tmp_path / "b_sigma0.25.tsv", b_rows)),
         radii=(0.0, 0.5),
     )
-    assert c.images == 10 and c.acc_a == [1.0, 0.8] and c.acc_b == [1.0, 0.2]
-    assert c.diff[0] == 0.0 and c.se[0] == 0.0 and c.p[0] == 1.0
-    assert c.diff[1] == pytest.approx(0.6) and c.se[1] == pytest.approx(((8 * 0.16 + 2 * 2.56) / 9) ** 0.5 / 10**0.5)
+    assert c.images == 10
+    assert c.acc_a == [1.0, 0.8]
+    assert c.acc_b == [1.0, 0.2]
+    assert c.diff[0] == 0.0
+    assert c.se[0] == 0.0
+    assert c.p[0] == 1.0
+    assert c.diff[1] == pytest.approx(0.6)
+    assert c.se[1] == pytest.approx(((8 * 0.16 + 2 * 2.56) / 9) ** 0.5 / 10**0.5)
     assert c.p[1] == pytest.approx(2 * 56 / 1024)
     assert c.acr_diff == pytest.approx((8 * 0.6 + 2 * 0.1 - 8 * 0.2 - 2 * 0.7) / 10)
     assert "| r=0.5 | 80.0 | 20.0 | +60.0 |" in c.markdown()
@@ -141,7 +152,9 @@ def test_comparison_refuses_logs_of_different_images(tmp_path, capsys):
     md = tmp_path / "t.md"
     assert main(["report", str(a), str(same), "--compare", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out  # equal file names are told apart by their folders
-    assert "x/a_sigma0.25" in out and "+0.0" in out and "McNemar p" in md.read_text()
+    assert "x/a_sigma0.25" in out
+    assert "+0.0" in out
+    assert "McNemar p" in md.read_text()
 
 
 def test_comparison_names_tell_the_two_sides_apart(tmp_path, capsys):
@@ -219,18 +232,24 @@ def test_what_else_differs_between_two_logs_is_said(tmp_path, capsys):
     out_csv = tmp_path / "t.csv"
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--compare", "--csv", str(out_csv)]) == 0
     printed = capsys.readouterr().out
-    assert "note: the certification protocols differ" in printed and "best" not in printed
+    assert "note: the certification protocols differ" in printed
+    assert "best" not in printed
     paired = (tmp_path / "t_paired.csv").read_text().splitlines()
-    assert paired[0].startswith("a,b,sigma_a") and len(paired) == 1 + 6 and paired[-1].split(",")[5] == "acr"
+    assert paired[0].startswith("a,b,sigma_a")
+    assert len(paired) == 1 + 6
+    assert paired[-1].split(",")[5] == "acr"
     # the same sigma twice: two classifiers, so no best row and curves named by log
     same = summarize([read_log(logs["a"]), read_log(logs["b"])])
-    assert [r["name"] for r in same.rows] == ["certify_sigma0.25"] * 2 and "two logs share a sigma" in same.notes[0]
+    assert [r["name"] for r in same.rows] == ["certify_sigma0.25"] * 2
+    assert "two logs share a sigma" in same.notes[0]
     other_sigma = _write(tmp_path / "x_sigma0.5.tsv", rows[:3])
     t = summarize([read_log(logs["a"]), read_log(other_sigma)])
-    assert "best" not in [r["name"] for r in t.rows] and "different numbers of images (4, 3)" in t.notes[0]
+    assert "best" not in [r["name"] for r in t.rows]
+    assert "different numbers of images (4, 3)" in t.notes[0]
     shifted = _write(tmp_path / "y_sigma0.5.tsv", [(i + 1, *r[1:]) for i, r in enumerate(rows)])
     t = summarize([read_log(logs["a"]), read_log(shifted)])
-    assert "best" not in [r["name"] for r in t.rows] and "hold different images (idx columns)" in t.notes[0]
+    assert "best" not in [r["name"] for r in t.rows]
+    assert "hold different images (idx columns)" in t.notes[0]
     lg_a, lg_b = read_log(logs["a"]), read_log(logs["b"])
     lg_a.name, lg_b.name = "A", "B"
     labels = curves_figure([lg_a, lg_b]).axes[0].get_legend_handles_labels()[1]
@@ -260,7 +279,9 @@ def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
     (tmp_path / "clean").mkdir()
     clean = _write(tmp_path / "clean" / "certify_sigma0.25.tsv", rows)
     lg = read_log(dup)
-    assert len(lg) == 4 and lg.certified_accuracy(0.0) == 0.5 and lg.acr == pytest.approx(0.2)
+    assert len(lg) == 4
+    assert lg.certified_accuracy(0.0) == 0.5
+    assert lg.acr == pytest.approx(0.2)
     assert list(lg.rows_in_file) == [2, 2, 1, 1]
     md, csv, png, page = (tmp_path / n for n in ("t.md", "t.csv", "t.png", "t.html"))
     assert (
@@ -286,13 +307,17 @@ def test_a_repeated_image_counts_once_in_every_output(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert re.search(r"dup_sigma0.25 +0.25 +4 +50.0 +50.0", out) and "66.7" not in out
+    assert re.search(r"dup_sigma0.25 +0.25 +4 +50.0 +50.0", out)
+    assert "66.7" not in out
     note = "2 row(s) repeat an earlier row of the same image (idx 0, 1; e.g. overlapping shards concatenated)"
     assert out.count(note) == 2  # under the table and under the comparison
-    assert "| dup_sigma0.25 | 0.25 | 4 | 50.0 | 50.0 |" in md.read_text() and note in md.read_text()
+    assert "| dup_sigma0.25 | 0.25 | 4 | 50.0 | 50.0 |" in md.read_text()
+    assert note in md.read_text()
     assert "dup_sigma0.25,0.25,4,0.500000,0.500000," in csv.read_text()
-    assert "the same 4 images" in out and re.search(r"r=0 +50.0 +50.0 +\+0.0", out)
-    assert "<td>dup_sigma0.25</td><td>0.25</td><td>4</td><td>50.0</td>" in page.read_text() and note in page.read_text()
+    assert "the same 4 images" in out
+    assert re.search(r"r=0 +50.0 +50.0 +\+0.0", out)
+    assert "<td>dup_sigma0.25</td><td>0.25</td><td>4</td><td>50.0</td>" in page.read_text()
+    assert note in page.read_text()
     assert curves_figure([lg]).axes[0].lines[0].get_ydata()[0] == 50.0
     lg.meta = {"mode": "certify", "n0": 100, "n": 1000}
     assert forward_passes(lg) == 6 * 1100  # the repeated rows did cost samples
@@ -330,7 +355,9 @@ def test_radii_reach_every_output(tmp_path, capsys):
     assert main(["report", "--run-dir", str(tmp_path / "run"), "--radii", *radii, "--html", str(outs["run.html"])]) == 0
     assert main(["report", str(log), str(other), "--compare", "--radii", *radii, "--html", str(outs["cmp.html"])]) == 0
     out = capsys.readouterr().out
-    assert "r=3" in out and "| r=3 |" in outs["t.md"].read_text() and ",r=3,acr," in outs["t.csv"].read_text()
+    assert "r=3" in out
+    assert "| r=3 |" in outs["t.md"].read_text()
+    assert ",r=3,acr," in outs["t.csv"].read_text()
     for page in ("t.html", "run.html", "cmp.html"):
         assert heads in outs[page].read_text(), page
     assert "<td>r=3</td>" in outs["cmp.html"].read_text()  # the paired table's rows
@@ -339,7 +366,8 @@ def test_radii_reach_every_output(tmp_path, capsys):
     ax = curves_figure([read_log(log)], radii=(0.0, 3.0, 4.0)).axes[0]
     assert ax.get_xlim()[1] >= 4.0  # the axis reaches the largest radius asked for, past the largest certified
     markers = [ln for ln in ax.lines if ln.get_marker() == "o"]
-    assert len(markers) == 1 and list(markers[0].get_xdata()) == [0.0, 3.0, 4.0]
+    assert len(markers) == 1
+    assert list(markers[0].get_xdata()) == [0.0, 3.0, 4.0]
     assert list(markers[0].get_ydata()) == [75.0, 0.0, 0.0]
 
 
@@ -352,7 +380,9 @@ def test_a_torn_last_line_is_reported(tmp_path, capsys):
     md, page = tmp_path / "t.md", tmp_path / "t.html"
     assert main(["report", str(torn), "--markdown", str(md), "--html", str(page)]) == 0
     note = f"{torn}:4: the last line has no newline and 4 of 6 fields (torn by a crash mid-write?): not counted"
-    assert note in capsys.readouterr().out and note in md.read_text() and note in page.read_text()
+    assert note in capsys.readouterr().out
+    assert note in md.read_text()
+    assert note in page.read_text()
     assert len(read_log(torn)) == 2
 
 
@@ -399,7 +429,8 @@ def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_pat
         {**meta, "mode": "sequential", "n": None, "n_max": 10000, "sequential": "targets"},
     )
     t = summarize([read_log(seq)], radii=(0.0, 0.5))
-    assert "ACR (continuous)" in t.cells()[0] and t.csv().splitlines()[1].endswith(",radius_continuous")
+    assert "ACR (continuous)" in t.cells()[0]
+    assert t.csv().splitlines()[1].endswith(",radius_continuous")
     assert summarize([read_log(fix)]).cells()[0][-2:] == ["ACR", "abstain"]
     mixed = summarize([read_log(seq), read_log(fix)], radii=(0.0, 0.5))
     head, body = mixed.cells()
@@ -407,7 +438,10 @@ def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_pat
     assert [b[acr] for b in body] == [f"{read_log(seq).acr:.3f} (continuous)", f"{read_log(fix).acr:.3f}"]
     assert any("not comparable, and their gap measures the protocols, not the classifiers" in n for n in mixed.notes)
     c = compare(read_log(seq), read_log(fix), radii=(0.0, 0.5))
-    assert c.diff == [0.0, 0.0] and c.acr_label is None and math.isnan(c.acr_diff) and math.isnan(c.acr_se)
+    assert c.diff == [0.0, 0.0]
+    assert c.acr_label is None
+    assert math.isnan(c.acr_diff)
+    assert math.isnan(c.acr_se)
     assert ["ACR (not comparable)", f"{c.acr_a:.3f}", f"{c.acr_b:.3f}", "-", "-", "-"] == c.cells()[1][-1]
     assert any(
         n.startswith("ACR not compared: the ACR of sequential_sigma0.25 averages the continuous radius")
@@ -417,7 +451,8 @@ def test_acr_is_labelled_by_its_radius_and_not_compared_across_protocols(tmp_pat
     assert main(["report", str(seq), str(fix), "--compare"]) == 0
     assert "+0.084" not in capsys.readouterr().out  # the gap that was called a difference between classifiers
     both = compare(read_log(seq), read_log(seq))
-    assert both.acr_label == "ACR (continuous)" and both.cells()[1][-1][0] == "ACR (continuous)"
+    assert both.acr_label == "ACR (continuous)"
+    assert both.cells()[1][-1][0] == "ACR (continuous)"
 
 
 def test_a_comparison_names_every_setting_that_differs(tmp_path, monkeypatch):
@@ -526,3 +561,37 @@ def test_what_a_log_holds_is_checked_as_it_is_read(tmp_path, capsys):
         f"ok_sigma0.25.tsv.rank1 beside {ok} hold rows of a distributed run not merged into it yet"
         in capsys.readouterr().out
     )
+
+
+def test_nothing_to_report_or_compare_is_named(tmp_path, capsys):
+    from dmae.reporting.report import best_row_refusal, expand_folders, report
+
+    one = read_log(_write(tmp_path / "a_sigma0.25.tsv", [(0, 1, 1, 0.5, 1, 0.1)]))
+    with pytest.raises(ReportError, match="no logs to report"):
+        summarize([])
+    with pytest.raises(ValueError, match="a best-sigma row needs two logs or more, got 1"):
+        best_row_refusal([one])
+    empty = read_log(_write(tmp_path / "e_sigma0.25.tsv", []))
+    with pytest.raises(ReportError, match=r"cannot compare an empty log \(e_sigma0.25: 0 rows, a_sigma0.25: 1 rows\)"):
+        compare(empty, one)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ReportError, match=r"none is a folder with no certification log \(\*_sigma\*.tsv\) in it"):
+        expand_folders([tmp_path / "none"])
+    with pytest.raises(ReportError, match=r"--compare compares logs with the first one: give at least two \(got 1\)"):
+        report([tmp_path / "a_sigma0.25.tsv"], paired=True)
+    assert main(["report", "--run-dir", str(tmp_path), "--markdown", str(tmp_path / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--markdown writes the table of the log files given; with only --run-dir use --html" in err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_the_settings_of_a_log_still_in_shards_are_its_first_shards(tmp_path):
+    """Before --merge the main log does not exist: its settings are those of shard 0/N, less the shard number."""
+    import json
+
+    from dmae.reporting.report import read_meta
+
+    for k in (1, 0):
+        shard = _write(tmp_path / f"certify_sigma0.25.shard-{k}-of-2.tsv", [(k, 1, 1, 0.5, 1, 0.1)])
+        shard.with_suffix(".json").write_text(json.dumps({"sigma": 0.25, "n": 100 + k, "shard": [k, 2]}))
+    assert read_meta(tmp_path / "certify_sigma0.25.tsv") == {"sigma": 0.25, "n": 100}

@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from conftest import PICO
 from dmae.models import create_model
@@ -24,9 +25,23 @@ def test_reconstruct_views_and_figure(tmp_path):
 
 
 def test_three_channel_model_on_grey_images():
+    """A grey image meets a 3-channel, 32-px model as its three copies resized; with ``norm_pix_loss`` each predicted
+    patch takes the mean and variance of the clean image's patch, so a model that predicts the normalized target
+    exactly gives the clean image back."""
     model = create_model("dmae_vit_pico_patch4_dec32d1b", in_chans=3, img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    rec = reconstruct(model, torch.rand(2, 1, 28, 28), sigma=0.25, mask_ratio=0.5, norm_pix_loss=True)
-    assert rec.reconstruction.shape == (2, 3, 32, 32)
+    x = torch.rand(2, 1, 28, 28)
+    resized = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
+    target = model.target(x)  # the clean image's normalized patches [N, L, p*p*C]
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    model.forward = lambda noisy, masking: (target - mean) / (var + 1e-6) ** 0.5  # a perfect norm-pix predictor
+    rec = reconstruct(model, x, sigma=0.25, mask_ratio=0.5, norm_pix_loss=True)
+    assert rec.original.shape == (2, 3, 32, 32)
+    for c in range(3):
+        assert torch.allclose(rec.original[:, c : c + 1], resized, atol=1e-6), c
+    assert torch.allclose(rec.reconstruction, rec.original, atol=1e-3)
+    # without the patch statistics the same prediction is not the image: the statistics are what restores it
+    plain = reconstruct(model, x, sigma=0.25, mask_ratio=0.5, norm_pix_loss=False)
+    assert not torch.allclose(plain.reconstruction, rec.original, atol=0.1)
 
 
 def test_encoder_only_checkpoint_is_refused_naming_the_decoder_keys(tmp_path, capsys):
@@ -39,5 +54,7 @@ def test_encoder_only_checkpoint_is_refused_naming_the_decoder_keys(tmp_path, ca
     torch.save({"model": encoder_only}, path)
     assert main(["visualize", "--checkpoint", str(path), "--device", "cpu", "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
-    assert "holds no decoder" in err and "decoder_embed.weight" in err and "mask_token" in err
+    assert "holds no decoder" in err
+    assert "decoder_embed.weight" in err
+    assert "mask_token" in err
     assert not (tmp_path / "f.png").exists()

@@ -94,7 +94,8 @@ def test_two_sided_split_holds_jointly_at_alpha():
 def test_union_bound_all_successes_give_the_share_root():
     cs = UnionBoundCP(0.001, 1000, first=10, ratio=2.0, final_share=0.5)
     assert cs.looks == (10, 20, 40, 80, 160, 320, 640, 1000)
-    assert sum(cs.lower_shares) == pytest.approx(0.001, rel=1e-12) and cs.lower_shares[-1] == 0.0005
+    assert sum(cs.lower_shares) == pytest.approx(0.001, rel=1e-12)
+    assert cs.lower_shares[-1] == 0.0005
     for t, share in zip(cs.looks, cs.lower_shares, strict=True):
         assert cs.lower(t, t) == share ** (1.0 / t)
         assert cs.lower(t, t) == pytest.approx(beta.ppf(share, t, 1), rel=1e-12)
@@ -102,8 +103,10 @@ def test_union_bound_all_successes_give_the_share_root():
             assert cs.lower(k, t) == pytest.approx(beta.ppf(share, k, t - k + 1), rel=1e-10)
             assert cs.upper(k, t) == pytest.approx(beta.ppf(1 - share, k + 1, t - k), rel=1e-10)
     equal = UnionBoundCP(0.01, 100, first=25, ratio=2.0, final_share=0.0)
-    assert equal.looks == (25, 50, 100) and equal.lower_shares == pytest.approx((0.01 / 3,) * 3, rel=1e-15)
-    assert UnionBoundCP(0.01, 50, first=64).looks == (50,) and UnionBoundCP(0.01, 50, first=64).lower_shares == (0.01,)
+    assert equal.looks == (25, 50, 100)
+    assert equal.lower_shares == pytest.approx((0.01 / 3,) * 3, rel=1e-15)
+    assert UnionBoundCP(0.01, 50, first=64).looks == (50,)
+    assert UnionBoundCP(0.01, 50, first=64).lower_shares == (0.01,)
 
 
 def test_betting_capital_matches_its_defining_expectation():
@@ -135,10 +138,13 @@ def test_bounds_are_monotone_and_bracket_the_mean(kind):
     for t in (cs.looks[0], cs.looks[len(cs.looks) // 2], cs.n_max):
         lows = [cs.lower(k, t) for k in range(t + 1)]
         ups = [cs.upper(k, t) for k in range(t + 1)]
-        assert lows[0] == 0.0 and ups[-1] == 1.0
-        assert all(a < b for a, b in itertools.pairwise(lows)) and all(a < b for a, b in itertools.pairwise(ups))
+        assert lows[0] == 0.0
+        assert ups[-1] == 1.0
+        assert all(a < b for a, b in itertools.pairwise(lows))
+        assert all(a < b for a, b in itertools.pairwise(ups))
         assert all(lo <= k / t <= up for k, (lo, up) in enumerate(zip(lows, ups, strict=True)))
-        assert all(0.0 <= lo < 1.0 and 0.0 < up <= 1.0 for lo, up in zip(lows, ups, strict=True))
+        assert all(0.0 <= lo < 1.0 for lo in lows)
+        assert all(0.0 < up <= 1.0 for up in ups)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +208,8 @@ def test_fifty_fifty_refutes_every_positive_target_early(kind):
     rng = np.random.default_rng(0)
     for stream in _paths(rng, 0.5, cs.looks, 20):
         t_stop, d = _run(cs, stream, taus)
-        assert t_stop <= n_max / 20 and d == [Decision.REFUTED] * 4
+        assert t_stop <= n_max / 20
+        assert d == [Decision.REFUTED] * 4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -270,7 +277,8 @@ def test_futility_refutes_hopeless_targets_early_and_keeps_the_reachable_ones(ki
     assert all(d[0] == Decision.REFUTED for _, d in without + with_rule)
     without, with_rule = results[0.86]
     cert = [sum(d[0] == Decision.CERTIFIED for _, d in runs) for runs in (without, with_rule)]
-    assert cert[0] >= 36 and cert[1] == cert[0]  # the reachable target: certified as often, on the same streams
+    assert cert[0] >= 36
+    assert cert[1] == cert[0]  # the reachable target: certified as often, on the same streams
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -293,10 +301,12 @@ def test_continuous_gap(kind):
 
 def test_threshold_and_radius():
     for s in (0.12, 0.25, 0.5, 1.0):
-        assert threshold(0, s) == 0.5 and threshold(0.0, s) == 0.5
+        assert threshold(0, s) == 0.5
+        assert threshold(0.0, s) == 0.5
         assert threshold(0.3, s) == pytest.approx(norm.cdf(0.3 / s), rel=1e-14)
         assert radius_from_lower(threshold(0.3, s), s) == pytest.approx(0.3, rel=1e-12)
-    assert radius_from_lower(0.5, 0.25) is None and radius_from_lower(0.2, 0.25) is None
+    assert radius_from_lower(0.5, 0.25) is None
+    assert radius_from_lower(0.2, 0.25) is None
     assert radius_from_lower(1.0, 0.25) == math.inf
 
 
@@ -305,7 +315,8 @@ def test_factory_and_defaults():
     assert isinstance(make_sequence("default", 0.001, 1000), BettingMixture)
     assert isinstance(make_sequence("mixture", 0.001, 1000), BettingMixture)
     cs = make_sequence("union", 0.001, 1000, ratio=2.0, first=100)
-    assert isinstance(cs, UnionBoundCP) and cs.looks == (100, 200, 400, 800, 1000)
+    assert isinstance(cs, UnionBoundCP)
+    assert cs.looks == (100, 200, 400, 800, 1000)
     assert cs.alpha == cs.upper_alpha == 0.001
     assert geometric_looks(10, 3, 1.1) == (3, 4, 5, 6, 7, 8, 9, 10)
     b = BettingMixture(0.01, 100, looks=[10, 50, 100])
@@ -313,7 +324,8 @@ def test_factory_and_defaults():
     for seq in (cs, b):
         assert isinstance(seq, ConfidenceSequence)
         again = pickle.loads(pickle.dumps(seq))  # the engine may ship a sequence to worker processes
-        assert again.lower(60, 100) == seq.lower(60, 100) and again.looks == seq.looks
+        assert again.lower(60, 100) == seq.lower(60, 100)
+        assert again.looks == seq.looks
 
 
 def test_bad_inputs_raise():

@@ -47,20 +47,26 @@ def test_stops_early_when_settled_and_never_beyond_fixed_n():
     smooth_model = Constant(10, 3)
     certs = _certifier(smooth_model, 10, 0.5, n_max=10_000).certify_batch(torch.rand(3, 1, 4, 4), [0, 1, 2], 1000)
     for c in certs:  # p_A = 1: every target up to the largest 10,000 samples can reach, long before 10,000
-        assert c.prediction == 3 and c.radius == 1.0 and c.n_samples < 2000
+        assert c.prediction == 3
+        assert c.radius == 1.0
+        assert c.n_samples < 2000
         fixed_ceiling = 0.5 * norm.ppf(0.001 ** (1 / 10_000))
         assert c.radius_continuous <= fixed_ceiling
     coin = _certifier(Linear2(torch.tensor([1.0, 0.0, 0.0, 0.0]), b=-0.5), 2, 0.25, n_max=10_000)
     [c] = coin.certify_batch(torch.full((1, 1, 2, 2), 0.5), [0], 1000)  # p_A = 1/2 exactly
-    assert c.prediction == Smooth.ABSTAIN and c.radius == 0.0
+    assert c.prediction == Smooth.ABSTAIN
+    assert c.radius == 0.0
 
 
 def test_non_finite_logits_abstain_and_pixels_are_errors():
     [c] = _certifier(AlwaysNaN(), 3, 0.25).certify_batch(torch.rand(1, 1, 4, 4), [5], 64)
     # stopped after the first selection round (10 of the n0 = 20 selection samples)
-    assert c.prediction == Smooth.ABSTAIN and c.non_finite == 10 and c.n_samples == 10
+    assert c.prediction == Smooth.ABSTAIN
+    assert c.non_finite == 10
+    assert c.n_samples == 10
     [c] = _certifier(AlwaysNaN(), 3, 0.25, candidate="label").certify_batch(torch.rand(1, 1, 4, 4), [5], 64, [1])
-    assert c.prediction == Smooth.ABSTAIN and c.non_finite == c.n_samples == 12  # the first look, no selection
+    assert c.prediction == Smooth.ABSTAIN
+    assert c.non_finite == c.n_samples == 12  # the first look, no selection
     x = torch.rand(2, 1, 4, 4)
     x[1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"image\(s\) \[9\] have NaN or infinite pixels"):
@@ -100,13 +106,17 @@ def test_early_schedule_looks_where_a_certificate_first_becomes_possible():
         cs = sequence_for(settings, sigma)
         tau = threshold(r, sigma)
         first = next(t for t in range(1, n_max) if cs.running_lower(t, t) > tau)
-        assert first in cs.looks and set(chunk_looks(n_max)) <= set(cs.looks)
+        assert first in cs.looks
+        assert set(chunk_looks(n_max)) <= set(cs.looks)
         assert cs.looks[0] == next(t for t in range(1, n_max) if cs.running_lower(t, t) > 0.5)
         [c] = oracle_certificates(settings, sigma, [1.0])
-        assert c.radius == r and c.n_samples == first and c.n_select == 0
+        assert c.radius == r
+        assert c.n_samples == first
+        assert c.n_select == 0
         assert c.n_samples <= 1.3 * math.log(1 / alpha) / math.log(1 / tau), (r, c.n_samples)
     [c] = oracle_certificates(SequentialSettings(n0=100, n_max=n_max, alpha=alpha, radii=(1.0,)), sigma, [1.0])
-    assert c.n_select == 10 and c.n_samples == 10 + first  # select: 10 unanimous votes end the selection
+    assert c.n_select == 10
+    assert c.n_samples == 10 + first  # select: 10 unanimous votes end the selection
     with pytest.raises(ValueError, match="give sigma"):
         sequence_for(SequentialSettings(n0=100, n_max=n_max, alpha=alpha))
 
@@ -146,8 +156,14 @@ def test_label_candidate_certifies_the_label_without_selection_samples():
     model = Constant(3, 2)
     x = torch.rand(2, 1, 2, 2)
     right, wrong = _certifier(model, 3, 0.5, candidate="label").certify_batch(x, [0, 1], 500, labels=[2, 0])
-    assert right.prediction == 2 and right.radius == 1.0 and right.n_select == 0 and right.n_samples == right.n_a
-    assert wrong.prediction == Smooth.ABSTAIN and wrong.n_a == 0 and wrong.n_samples == 12 and wrong.radius == 0.0
+    assert right.prediction == 2
+    assert right.radius == 1.0
+    assert right.n_select == 0
+    assert right.n_samples == right.n_a
+    assert wrong.prediction == Smooth.ABSTAIN
+    assert wrong.n_a == 0
+    assert wrong.n_samples == 12
+    assert wrong.radius == 0.0
     with pytest.raises(ValueError, match="candidate='label' needs the label of image 0"):
         _certifier(model, 3, 0.5, candidate="label").certify_batch(x, [0, 1], 500)
     with pytest.raises(ValueError, match="image 1 has label 3, outside the classifier's 3 classes"):
@@ -207,14 +223,20 @@ def test_cli_rows_keep_the_standard_columns_first_and_report_samples(classifier_
     out = capsys.readouterr().out
     path = tmp_path / "sequential_sigma0.25.tsv"
     lines = path.read_text().splitlines()
-    assert tuple(lines[0].split("\t")) == SEQUENTIAL_HEADER and len(lines) == 11
+    assert tuple(lines[0].split("\t")) == SEQUENTIAL_HEADER
+    assert len(lines) == 11
     log = read_log(path)  # other tools read the first six columns as they are
-    assert len(log) == 10 and log.n_samples is not None and (log.n_samples <= 2020).all()
-    assert "samples/img" in out and "samples/img" in summarize([log]).text()
+    assert len(log) == 10
+    assert log.n_samples is not None
+    assert (log.n_samples <= 2020).all()
+    assert "samples/img" in out
+    assert "samples/img" in summarize([log]).text()
     import json
 
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["sequential"] == "targets" and meta["n_max"] == 2000 and meta["radii"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert meta["sequential"] == "targets"
+    assert meta["n_max"] == 2000
+    assert meta["radii"] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 @pytest.mark.slow
@@ -254,7 +276,8 @@ def test_rows_do_not_depend_on_batch_size_and_resume_exactly(classifier_run, tmp
     partial = read_rows(target, SEQUENTIAL_HEADER)
     assert 2 <= len(partial) < 10, "the run was not interrupted part-way"
     res = run_certification(_cfg(classifier_run, out))[0]
-    assert res.rows_total == 10 and (_rows_without_time(res.path)) == (_rows_without_time(ref))
+    assert res.rows_total == 10
+    assert (_rows_without_time(res.path)) == (_rows_without_time(ref))
     with pytest.raises(ValueError, match=r"other settings \(n_max: 2000 -> 3000, sequence: "):
         run_certification(_cfg(classifier_run, out, n_max=3000))
 
@@ -312,9 +335,11 @@ def test_replay_counts_only_estimation_samples_and_bounds_at_looks(schedule):
         return torch.cat(out)[:n]
 
     if schedule == "chunks":
-        assert all(t % CHUNK == 0 for t in cs.looks) and select_looks(certifier.settings) == (150,)
+        assert all(t % CHUNK == 0 for t in cs.looks)
+        assert select_looks(certifier.settings) == (150,)
     else:
-        assert any(t % CHUNK for t in cs.looks) and select_looks(certifier.settings)[0] == 10
+        assert any(t % CHUNK for t in cs.looks)
+        assert select_looks(certifier.settings)[0] == 10
     for i, (idx, c) in enumerate(zip([10, 11, 12], certs, strict=True)):
         for m in select_looks(certifier.settings):
             sel = torch.bincount(votes(i, idx, 0, m), minlength=2)
@@ -348,7 +373,9 @@ def test_nan_during_estimation_abstains_and_duplicates_are_refused():
 
     x = torch.full((1, 1, 2, 2), 0.5)
     [c] = _certifier(LateNaN(), 3, 0.35, n0=10, n_max=5000).certify_batch(x, [0], 512)
-    assert c.prediction == Smooth.ABSTAIN and c.non_finite > 0 and c.n_samples > 10
+    assert c.prediction == Smooth.ABSTAIN
+    assert c.non_finite > 0
+    assert c.n_samples > 10
     with pytest.raises(ValueError, match="image index 4 given twice"):
         _certifier(Constant(3, 0), 3, 0.25).certify_batch(torch.rand(2, 1, 2, 2), [4, 4], 64)
 
@@ -376,7 +403,8 @@ def test_options_that_would_do_nothing_are_errors(classifier_run, tmp_path, caps
 def test_continuous_mode_through_the_cli_and_resume_checks(classifier_run, tmp_path, capsys):
     res = run_certification(_cfg(classifier_run, tmp_path, sequential="continuous", epsilon=0.05))[0]
     log = read_log(res.path)
-    assert len(log) == 10 and (log.radius >= 0).all()
+    assert len(log) == 10
+    assert (log.radius >= 0).all()
     rows = [ln.split("\t") for ln in res.path.read_text().splitlines()[1:]]
     assert all(r[3] == r[7] for r in rows)  # continuous mode: radius is the continuous radius
     for over, what in (
@@ -400,9 +428,13 @@ def test_label_shortcut_skips_estimation_of_wrong_guesses_only():
     # n0); without it, 10 unanimous votes end the selection. The estimation and the answer are the same.
     assert (short[0].n_select, plain[0].n_select) == (20, 10)
     assert short[0]._replace(n_samples=0, n_select=0) == plain[0]._replace(n_samples=0, n_select=0)
-    assert short[0].n_samples - 20 == plain[0].n_samples - 10 and plain[1].n_samples > 20
-    assert short[1].prediction == Smooth.ABSTAIN and short[1].n_samples == 20 and short[1].wrong_guess
-    assert short[1].radius == 0.0 and not plain[1].wrong_guess
+    assert short[0].n_samples - 20 == plain[0].n_samples - 10
+    assert plain[1].n_samples > 20
+    assert short[1].prediction == Smooth.ABSTAIN
+    assert short[1].n_samples == 20
+    assert short[1].wrong_guess
+    assert short[1].radius == 0.0
+    assert not plain[1].wrong_guess
     with pytest.raises(ValueError, match="stop_on_wrong_guess needs the label of image 0"):
         _certifier(model, 3, 0.5, stop_on_wrong_guess=True).certify_batch(x, [0, 1], 500)
 
@@ -415,20 +447,21 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
     res = run_certification(_cfg(classifier_run, tmp_path / "short", skip=500, stop_on_wrong_guess=True))[0]
     short = read_log(res.path)
     wrong = full.predict != full.label
-    assert wrong.any() and (~wrong).any(), "the tiny classifier should get some of the 20 images wrong"
+    assert wrong.any(), "the tiny classifier should get some of the 20 images wrong"
+    assert (~wrong).any(), "the tiny classifier should get some of the 20 images wrong"
     for r in (0.0, 0.25, 0.5):
         assert short.certified_accuracy(r) == full.certified_accuracy(r)
     assert short.n_samples.sum() < full.n_samples.sum()
     meta = json.loads(res.path.with_suffix(".json").read_text())
-    assert meta["stop_on_wrong_guess"] is True and short.wrong_guess_skipped >= 1
+    assert meta["stop_on_wrong_guess"] is True
+    assert short.wrong_guess_skipped >= 1
     legacy = tmp_path / "full" / "sequential_sigma0.25.json"  # a log written before the option existed resumes
     old = json.loads(legacy.read_text())
     del old["stop_on_wrong_guess"]
     legacy.write_text(json.dumps(old))
     assert run_certification(_cfg(classifier_run, tmp_path / "full", skip=500))[0].rows_added == 0
-    assert (
-        "--stop-on-wrong-guess" in summarize([short]).text() and "--stop-on-wrong-guess" not in summarize([full]).text()
-    )
+    assert "--stop-on-wrong-guess" in summarize([short]).text()
+    assert "--stop-on-wrong-guess" not in summarize([full]).text()
     with pytest.raises(ValueError, match=r"other settings \(stop_on_wrong_guess: True -> None\)"):
         run_certification(_cfg(classifier_run, tmp_path / "short", skip=500))
     argv = [
@@ -442,7 +475,8 @@ def test_label_shortcut_through_the_cli_keeps_certified_accuracy_and_is_recorded
         "cpu",
         "--no-progress",
     ]
-    assert main(argv) == 2 and "--stop-on-wrong-guess True is only used with --sequential" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert "--stop-on-wrong-guess True is only used with --sequential" in capsys.readouterr().err
 
 
 def binomial_excess(wrong: int, trials: int, alpha: float) -> float:
@@ -527,7 +561,8 @@ def test_futility_rule_saves_samples_on_hopeless_targets_and_is_recorded(classif
         "cpu",
         "--no-progress",
     ]
-    assert main(argv) == 2 and "--futility 0.05 is only used with --sequential" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert "--futility 0.05 is only used with --sequential" in capsys.readouterr().err
     assert main([*argv[:3], "--sequential", "targets", "--futility", "1", *argv[5:]]) == 2
     assert "--futility must be in [0, 0.5] (0 turns the rule off), got 1.0" in capsys.readouterr().err
     legacy = tmp_path / "b" / "sequential_sigma0.25.json"  # a log written before the option: no key at all
@@ -549,12 +584,16 @@ def test_label_candidate_through_the_cli_is_recorded_and_reported(classifier_run
     log = read_log(res.path)
     select = read_log(run_certification(_cfg(classifier_run, tmp_path / "select", skip=500))[0].path)
     assert all(p in (y, -1) for p, y in zip(log.predict, log.label, strict=True))
-    assert log.candidate == "label" and select.candidate == "select"
+    assert log.candidate == "label"
+    assert select.candidate == "select"
     assert log.n_samples.sum() < select.n_samples.sum()
     meta = json.loads(res.path.with_suffix(".json").read_text())
-    assert meta["candidate"] == "label" and meta["n0"] is None and meta["schedule"] == "early"
+    assert meta["candidate"] == "label"
+    assert meta["n0"] is None
+    assert meta["schedule"] == "early"
     text = summarize([log]).text()
-    assert "candidate" in text.splitlines()[0] and "certified each image's label (--candidate label)" in text
+    assert "candidate" in text.splitlines()[0]
+    assert "certified each image's label (--candidate label)" in text
     with pytest.raises(ValueError, match=r"other settings \(n0: None -> 20, .*candidate: 'label' -> 'select'"):
         run_certification(_cfg(classifier_run, tmp_path / "label", skip=500))
     base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
@@ -574,7 +613,8 @@ def test_a_log_of_the_chunk_schedule_resumes_only_with_it(classifier_run, tmp_pa
     run_certification(_cfg(classifier_run, out, skip=2000, schedule="chunks"))
     meta_file = out / "sequential_sigma0.25.json"
     old = json.loads(meta_file.read_text())
-    assert old["schedule"] == "chunks" and "looks=[100, 200," in old["sequence"]
+    assert old["schedule"] == "chunks"
+    assert "looks=[100, 200," in old["sequence"]
     del old["schedule"], old["candidate"]  # as the earlier version wrote it
     meta_file.write_text(json.dumps(old))
     with pytest.raises(ValueError, match=r"schedule: 'chunks' -> 'early'.*resume it with --schedule chunks"):
@@ -583,3 +623,24 @@ def test_a_log_of_the_chunk_schedule_resumes_only_with_it(classifier_run, tmp_pa
     base = ["--checkpoint", str(classifier_run), "--output-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
     assert main(["certify", "--schedule", "chunks", *base]) == 2
     assert "--schedule chunks is only used with --sequential" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n0": 0}, "n0 must be an integer >= 1, got 0"),
+        ({"n_max": 2.5}, "n_max must be an integer >= 1, got 2.5"),
+        ({"mode": "target"}, "mode must be 'targets' or 'continuous', got 'target'"),
+        ({"radii": ()}, r"radii must be finite numbers >= 0, got \(\)"),
+        ({"radii": (0.25, -0.5)}, r"radii must be finite numbers >= 0, got \(0.25, -0.5\)"),
+        ({"epsilon": 0.0}, "epsilon must be a finite number > 0, got 0.0"),
+        ({"candidate": "labels"}, "candidate must be 'select' or 'label', got 'labels'"),
+        ({"schedule": "late"}, "schedule must be 'early' or 'chunks', got 'late'"),
+        ({"candidate": "label", "stop_on_wrong_guess": True}, "with candidate='label' there is no guess"),
+    ],
+)
+def test_sequential_settings_name_the_value_that_cannot_be(change, message):
+    valid = {"n0": 20, "n_max": 1000, "alpha": 0.001}
+    SequentialSettings(**valid)
+    with pytest.raises(ValueError, match=message):
+        SequentialSettings(**{**valid, **change})

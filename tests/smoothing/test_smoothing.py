@@ -57,7 +57,8 @@ def test_constant_classifier_gets_the_radius_ceiling():
     c, r = smooth.certify(torch.rand(3, 8, 8), n0=100, n=n, alpha=alpha, batch_size=256, idx=0)
     assert c == 3
     assert r == pytest.approx(sigma * norm.ppf(alpha ** (1 / n)), rel=1e-9)
-    assert r == pytest.approx(radius_ceiling(n, alpha, sigma)) and 1.2 < r < 1.25  # about 2.46 sigma at n = 1,000
+    assert r == pytest.approx(radius_ceiling(n, alpha, sigma))
+    assert 1.2 < r < 1.25  # about 2.46 sigma at n = 1,000
     assert radius_ceiling(10_000, 0.001, 1.0) == pytest.approx(3.2, abs=0.05)  # SPEC: ~3.2 sigma at 10^4
     assert radius_ceiling(100_000, 0.001, 1.0) == pytest.approx(3.8, abs=0.05)  # ~3.8 sigma at 10^5
     assert smooth.predict(torch.rand(3, 8, 8), n=100, alpha=alpha, batch_size=64, idx=0) == 3
@@ -67,7 +68,8 @@ def test_fifty_fifty_classifier_abstains():
     smooth = Smooth(CoinFlip(), 2, 0.25, seed=1)
     x = torch.full((20, 1, 2, 2), 0.5)
     certs = smooth.certify_batch(x, list(range(20)), n0=100, n=2000, alpha=0.001, batch_size=4000)
-    assert all(c.prediction == Smooth.ABSTAIN and c.radius == 0.0 for c in certs)
+    assert [c.prediction for c in certs] == [Smooth.ABSTAIN] * 20
+    assert [c.radius for c in certs] == [0.0] * 20
     preds = smooth.predict_batch(x, list(range(20)), n=2000, alpha=0.001, batch_size=4000)
     assert sum(p.prediction == Smooth.ABSTAIN for p in preds) >= 19  # each abstains with prob >= 1 - alpha
 
@@ -88,7 +90,8 @@ def test_certified_radius_exceeds_the_exact_radius_at_most_alpha_of_the_time():
     # binomial(1000, 0.1) exceeds 130 with probability < 0.002
     assert fail <= 130, f"{fail} of {trials} certificates were wrong at alpha={alpha}"
     radii = [c.radius for c in certs if c.prediction == 1]
-    assert len(radii) > 0.9 * trials and sum(radii) / len(radii) > 0.5 * d  # the test has power: not all abstain
+    assert len(radii) > 0.9 * trials
+    assert sum(radii) / len(radii) > 0.5 * d  # the test has power: not all abstain
     # the same counts with the point estimate p_hat instead of the lower bound overshoot about half the time
     naive = sum(sigma * norm.ppf(min(c.n_a / n, 1 - 1e-9)) > d for c in certs)
     assert naive > 3 * alpha * trials
@@ -178,6 +181,34 @@ def test_arguments_and_range_warning():
     assert math.isfinite(smooth.certify(x, 10, 20, 0.001, 10)[1])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+        ({"num_classes": 2.0}, "num_classes must be an integer >= 2, got 2.0"),
+        ({"input_range": (1.0, 0.0)}, r"input_range must be \(low, high\) with low < high, or None; got \(1.0, 0.0\)"),
+        ({"input_range": (0.0,)}, r"input_range must be \(low, high\) with low < high, or None; got \(0.0,\)"),
+    ],
+)
+def test_smooth_refuses_a_class_count_or_range_that_cannot_be(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Smooth(Constant(3, 0), **{"num_classes": 3, "sigma": 0.25, **kwargs})
+
+
+def test_sample_counts_names_images_indices_and_logits_that_do_not_fit():
+    smooth = Smooth(Constant(3, 0).eval(), 3, 0.25, seed=0)
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"expected images \[I, C, H, W\], got shape \(1, 4, 4\)"):
+        smooth.sample_counts(x[0], [0], 10, 10)
+    with pytest.raises(ValueError, match="2 images but 3 indices"):
+        smooth.sample_counts(x, [0, 1, 2], 10, 10)
+    four = Smooth(Constant(4, 0).eval(), 3, 0.25, seed=0)  # a 4-class model smoothed as 3 classes
+    with pytest.raises(ValueError, match=r"base classifier returned \(10, 4\), expected \[B, 3\] logits"):
+        four.sample_counts(x[:1], [0], 10, 10)
+    counts = smooth.sample_counts(x, [0, 1], 10, 10).counts  # and inputs that fit are counted
+    assert counts.tolist() == [[10, 0, 0], [10, 0, 0]]
+
+
 class TinyMLP(nn.Module):
     """A random 4-class two-layer net on [1, 6, 6] images, in float64 so that no batch size changes an argmax."""
 
@@ -260,14 +291,22 @@ def test_sample_counts_match_a_plain_reference_loop():
     for batch_size in (7, 1000):
         got = smooth.sample_counts(x, indices, 1000, batch_size, 1)
         ref, ref_bad = _reference_counts(model, x, indices, 1000, sigma, seed, 1, 4)
-        assert got.counts.tolist() == ref and got.non_finite.tolist() == ref_bad
-    assert ref_bad[0] > 500 and ref_bad[1] == 0 and 200 < ref_bad[2] < 600
+        assert got.counts.tolist() == ref
+        assert got.non_finite.tolist() == ref_bad
+    assert ref_bad[0] > 500
+    assert ref_bad[1] == 0
+    assert 200 < ref_bad[2] < 600
     assert (got.counts.sum(dim=1) + got.non_finite).tolist() == [1000, 1000, 1000]  # a NaN sample is in no count
     assert got.counts[0, 0] == 0  # ... in particular not in class 0's
     certs = smooth.certify_batch(x, indices, n0=100, n=1000, alpha=0.001, batch_size=333)
-    assert certs[0].prediction == Smooth.ABSTAIN and certs[0].radius == 0.0 and certs[0].non_finite > 500
-    assert certs[2].prediction == Smooth.ABSTAIN and certs[2].non_finite > 0
-    assert certs[1].prediction == 2 and certs[1].radius > 0 and certs[1].non_finite == 0
+    assert certs[0].prediction == Smooth.ABSTAIN
+    assert certs[0].radius == 0.0
+    assert certs[0].non_finite > 500
+    assert certs[2].prediction == Smooth.ABSTAIN
+    assert certs[2].non_finite > 0
+    assert certs[1].prediction == 2
+    assert certs[1].radius > 0
+    assert certs[1].non_finite == 0
     # the reported count is every non-finite sample of both phases (selection and estimation)
     sel = _reference_counts(model, x, indices, 100, sigma, seed, 0, 4)[1]
     assert [c.non_finite for c in certs] == [a + b for a, b in zip(sel, ref_bad, strict=True)]
@@ -282,9 +321,12 @@ def test_nan_logits_abstain_in_certify_and_predict():
     smooth = Smooth(AlwaysNaN(), 3, 0.25, seed=0)
     x = torch.rand(2, 1, 4, 4)
     for c in smooth.certify_batch(x, [0, 1], n0=20, n=200, alpha=0.001, batch_size=64):
-        assert c.prediction == Smooth.ABSTAIN and c.radius == 0.0 and c.non_finite == 220
+        assert c.prediction == Smooth.ABSTAIN
+        assert c.radius == 0.0
+        assert c.non_finite == 220
     for p in smooth.predict_batch(x, [0, 1], n=200, alpha=0.001, batch_size=64):
-        assert p.prediction == Smooth.ABSTAIN and p.non_finite == 200
+        assert p.prediction == Smooth.ABSTAIN
+        assert p.non_finite == 200
 
 
 def test_non_finite_pixels_are_an_error_naming_the_image():
@@ -345,13 +387,16 @@ def test_a_model_in_training_mode_is_certified_in_eval_mode_and_left_bit_identic
     ):
         in_train = Smooth(net, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # running stats, num_batches_tracked
-    assert net.training and net.body[1].training and not net.body[4].training
+    assert net.training
+    assert net.body[1].training
+    assert not net.body[4].training
     reference = SmallBNNet().eval()
     assert in_train == Smooth(reference, 10, 0.25, seed=0).certify(x, 100, 1000, 0.001, 300, idx=0)
     # sequential CERTIFY goes through the same guard
     settings = SequentialSettings(n0=100, n_max=1000, alpha=0.001, mode="targets", radii=(0.0, 0.25))
     [(_, cert)] = list(SequentialCertifier(Smooth(net, 10, 0.25, seed=0), settings).certify_stream([(0, x)], 300))
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.body[1].training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.body[1].training
     [(_, ref)] = list(SequentialCertifier(Smooth(reference, 10, 0.25, seed=0), settings).certify_stream([(0, x)], 300))
     assert cert == ref
 

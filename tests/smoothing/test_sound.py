@@ -97,7 +97,8 @@ def test_thresholds_are_the_exact_integer_parts():
             assert d.thresholds[i] <= exact < d.thresholds[i] + 1
     # symmetric law: t_i + t_{M-1-i} = 1, so the integer parts add up to 2^62 - 1 (none is an integer)
     inner = [i for i in range(d.size) if 0 < d.thresholds[i] < q - 1]
-    assert inner and all(d.thresholds[i] + d.thresholds[d.size - 1 - i] == q - 1 for i in inner)
+    assert inner
+    assert all(d.thresholds[i] + d.thresholds[d.size - 1 - i] == q - 1 for i in inner)
 
 
 @pytest.mark.slow
@@ -141,7 +142,9 @@ def test_sampler_draws_the_discretized_gaussian():
     d = DiscreteGaussian(0.25)
     gen = torch.Generator().manual_seed(0)
     draws = d.sample((200_000,), gen)
-    assert draws.dtype == torch.int64 and d.low <= int(draws.min()) and int(draws.max()) <= d.high
+    assert draws.dtype == torch.int64
+    assert d.low <= int(draws.min())
+    assert int(draws.max()) <= d.high
     probs = np.array(d.probabilities())
     assert probs.sum() == pytest.approx(1.0, abs=1e-12)
     assert probs[d.size // 2] == pytest.approx(norm.cdf(0.5 / 63.75) - norm.cdf(-0.5 / 63.75), rel=1e-9)
@@ -150,7 +153,8 @@ def test_sampler_draws_the_discretized_gaussian():
     # at 63.75 steps per sigma a half-step shift hides from a chi-square over ~200 cells; the mean shows it
     values = np.arange(d.low, d.high + 1)
     mean, sd = float(values @ probs), math.sqrt(float(values**2 @ probs))
-    assert abs(mean) < 1e-9 and sd == pytest.approx(63.75, rel=1e-3)  # sqrt(63.75^2 + 1/12), Sheppard
+    assert abs(mean) < 1e-9
+    assert sd == pytest.approx(63.75, rel=1e-3)  # sqrt(63.75^2 + 1/12), Sheppard
     assert abs(float(draws.double().mean()) - mean) < 3 * sd / math.sqrt(len(draws))
     floored = torch.floor(torch.randn(200_000, generator=gen, dtype=torch.float64) * 63.75)
     assert abs(float(floored.mean()) - mean) > 3 * sd / math.sqrt(len(floored))
@@ -178,7 +182,8 @@ def test_sampler_is_a_pure_function_of_the_generator_state():
     a = d.sample((50, 7), torch.Generator().manual_seed(5))
     b = d.sample((50, 7), torch.Generator().manual_seed(5))
     c = d.sample((50, 7), torch.Generator().manual_seed(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
     assert discrete_gaussian(0.25) is discrete_gaussian(0.25)  # one mpmath table per (sigma, levels)
 
 
@@ -204,7 +209,8 @@ def test_noise_is_on_the_grid_and_a_pure_function_of_seed_index_phase_chunk():
     smooth = SoundSmooth(model, 2, 0.5, seed=9)
     x = _grid_images(5, 0)
     chunk = smooth.noisy_chunk(x[0], 3, 1, 2)
-    assert chunk.shape == (CHUNK, 1, 2, 2) and chunk.dtype == torch.float32
+    assert chunk.shape == (CHUNK, 1, 2, 2)
+    assert chunk.dtype == torch.float32
     assert torch.equal(chunk, smooth.noisy_chunk(x[0], 3, 1, 2))
     assert torch.equal(chunk, SoundSmooth(model, 2, 0.5, seed=9).noisy_chunk(x[0], 3, 1, 2))
     for other in ((4, 1, 2), (3, 0, 2), (3, 1, 3)):
@@ -213,7 +219,9 @@ def test_noise_is_on_the_grid_and_a_pure_function_of_seed_index_phase_chunk():
     # every noisy pixel is float32(m / 255) for the integer m = a + j, clipped
     m = torch.round(chunk.double() * 255)
     nz = smooth.noise
-    assert torch.equal(chunk, (m / 255).float()) and nz.clip_low <= m.min() and m.max() <= nz.clip_high
+    assert torch.equal(chunk, (m / 255).float())
+    assert nz.clip_low <= m.min()
+    assert m.max() <= nz.clip_high
     assert abs(float((chunk - x[0]).std()) - 0.5) < 0.06  # noise of std sigma around the image
     ref = smooth.certify_batch(x, [3, 14, 15, 92, 65], 100, 1234, 0.001, batch_size=10_000)
     for batch in (1, 7, 333):
@@ -282,7 +290,8 @@ def test_wrong_certificates_stay_within_alpha(target):
     m_star = a + int(np.searchsorted(cdf, target)) + nz.low  # first step with P(j <= m_star - a) >= target
     p_a = float(cdf[m_star - a - nz.low])
     exact_radius = (m_star + 0.5 - a) / 255
-    assert abs(sigma * norm.ppf(p_a) - exact_radius) < 1e-9 and target <= p_a < target + 0.01
+    assert abs(sigma * norm.ppf(p_a) - exact_radius) < 1e-9
+    assert target <= p_a < target + 0.01
     x = torch.full((1, 1, 1), a / 255)
     smooth = SoundSmooth(GridThreshold(m_star).eval(), 2, sigma, seed=11, precision="fp32")
 
@@ -328,7 +337,8 @@ def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(class
         return CertifyConfig(**{**kw, **over})
 
     [res] = run_certification(cfg())
-    assert json.loads(res.path.with_suffix(".json").read_text())["sound"] is True and res.rows_total == 5
+    assert json.loads(res.path.with_suffix(".json").read_text())["sound"] is True
+    assert res.rows_total == 5
     [again] = run_certification(cfg(batch=7, output_dir=str(tmp_path / "b7")))  # rows do not depend on the batch
 
     def strip(p):
@@ -337,3 +347,29 @@ def test_cli_sound_mode_records_itself_and_never_mixes_with_a_standard_log(class
     assert strip(again.path) == strip(res.path)
     with pytest.raises(ValueError, match=r"sound: True -> None"):
         run_certification(cfg(sound=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigma": float("inf")}, "sigma must be a finite number > 0, got inf"),
+        ({"sigma": True}, "sigma must be a finite number > 0, got True"),
+        ({"levels": 255.0}, r"levels must be an integer >= 1 \(255 for 8-bit images\), got 255.0"),
+        ({"tail": 0.0}, "tail must be a finite number > 0, got 0.0"),
+        ({"bits": 63}, r"bits must be an integer in 1 \.\. 62, got 63"),
+    ],
+)
+def test_the_discrete_gaussian_names_a_parameter_it_cannot_take(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiscreteGaussian(**{"sigma": 0.25, **kwargs})
+
+
+def test_sound_certification_refuses_pixels_off_the_unit_range_and_other_devices():
+    from dmae.smoothing.sound import check_grid
+
+    grid = torch.tensor([[0.0, 1.0], [2.0, -1 / 255]]).view(2, 1, 1, 2)  # on the grid, image 9 outside [0, 1]
+    with pytest.raises(ValueError, match=r"image\(s\) \[9\] have grid pixels outside 0 .. 255"):
+        check_grid(grid, [4, 9])
+    check_grid(grid[:1], [4])  # an image on the grid and in range passes
+    with pytest.raises(ValueError, match="sound certification runs on cpu or cuda, got device meta"):
+        SoundSmooth(Linear2(torch.ones(4), 0.0), 2, 0.25, device="meta")

@@ -103,14 +103,19 @@ def _log_rows(out, kind="train"):
 def test_run_writes_its_folder_and_learns(tmp_path):
     out = tmp_path / "run"
     job, res = _run(out)
-    assert res.finished and res.step == res.total_steps == 16 and not res.stopped and job.finished
+    assert res.finished
+    assert res.step == res.total_steps == 16
+    assert not res.stopped
+    assert job.finished
     assert [s for s, _ in res.losses] == list(range(1, 17))
     assert sum(v for _, v in res.losses[-4:]) < 0.2 * sum(v for _, v in res.losses[:4])  # it trains
     assert {"config.yaml", "toy_config.json", "checkpoint.pt", "log.jsonl"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "toy_config.json").read_text()) == {"in_features": 4, "out_features": 1}
     assert build_config(TrainOptions, load_values(out / "config.yaml", TrainOptions)) == job.cfg
     state = safe_load(out / "checkpoint.pt")
-    assert state["step"] == 16 and state["epoch"] == 2 and state["toy_config"] == {"in_features": 4, "out_features": 1}
+    assert state["step"] == 16
+    assert state["epoch"] == 2
+    assert state["toy_config"] == {"in_features": 4, "out_features": 1}
     assert state["config"]["lr"] == 0.05
     assert all(torch.equal(v, res.model.state_dict()[k]) for k, v in state["model"].items())
     rows = _log_rows(out)
@@ -119,7 +124,8 @@ def test_run_writes_its_folder_and_learns(tmp_path):
     losses = dict(res.losses)
     assert rows[0]["loss"] == pytest.approx(sum(losses[s] for s in (1, 2, 3)) / 3)
     assert rows[2]["loss"] == pytest.approx((losses[7] + losses[8]) / 2)
-    assert rows[3]["loss"] == pytest.approx(losses[9]) and rows[-1]["epoch"] == 2.0
+    assert rows[3]["loss"] == pytest.approx(losses[9])
+    assert rows[-1]["epoch"] == 2.0
 
 
 def test_learning_rate_schedule_is_applied_before_each_step(tmp_path):
@@ -127,7 +133,9 @@ def test_learning_rate_schedule_is_applied_before_each_step(tmp_path):
     _run(out, log_every=1)
     lrs = {r["step"]: r["lr"] for r in _log_rows(out)}
     # step s (1-based) ran with the rate of step_update(s - 1): warmup from 0 over 4 steps, then cosine
-    assert lrs[1] == 0.0 and lrs[3] == pytest.approx(0.05 * 2 / 4) and lrs[5] == pytest.approx(0.05)
+    assert lrs[1] == 0.0
+    assert lrs[3] == pytest.approx(0.05 * 2 / 4)
+    assert lrs[5] == pytest.approx(0.05)
     assert lrs[16] == pytest.approx(0.001 + (0.05 - 0.001) * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
     assert all(a >= b for a, b in itertools.pairwise([lrs[s] for s in range(5, 17)]))
 
@@ -138,17 +146,24 @@ def test_stop_after_then_resume_is_bit_identical(tmp_path, accum_iter):
     _, full = _run(tmp_path / "full", batch_size=bs, accum_iter=accum_iter)
     split = tmp_path / "split"
     a_job, a = _run(split, batch_size=bs, accum_iter=accum_iter, stop_after=5)  # mid-epoch
-    assert a.stopped and not a.interrupted and a.step == 5 and not a.finished and not a_job.finished
+    assert a.stopped
+    assert not a.interrupted
+    assert a.step == 5
+    assert not a.finished
+    assert not a_job.finished
     assert safe_load(split / "checkpoint.pt")["step"] == 5
     # the second part crosses the epoch boundary, logging at other steps
     _, b = _run(split, batch_size=bs, accum_iter=accum_iter, stop_after=11, resume=True, log_every=2)
     c_job, c = _run(split, batch_size=bs, accum_iter=accum_iter, resume=True)
-    assert b.step == 11 and c.finished and c_job.finished
+    assert b.step == 11
+    assert c.finished
+    assert c_job.finished
     assert a.losses + b.losses + c.losses == full.losses  # step by step, exactly
     sd_full, sd_split = full.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sd_full[k], sd_split[k]) for k in sd_full)
     steps = [r["step"] for r in _log_rows(split)]
-    assert steps == sorted(set(steps)) and steps[-1] == 16  # nothing logged twice
+    assert steps == sorted(set(steps))
+    assert steps[-1] == 16  # nothing logged twice
     # the comparison has power: another seed gives other losses
     _, other = _run(tmp_path / "other", batch_size=bs, accum_iter=accum_iter, seed=1)
     assert other.losses != full.losses
@@ -170,7 +185,8 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
     res = train(job)
     torch.manual_seed(cfg.seed)  # the engine draws the initial weights right after seeding with cfg.seed
     initial = nn.Linear(4, 1)
-    assert res.step == 1 and job.plan.effective_batch == 8
+    assert res.step == 1
+    assert job.plan.effective_batch == 8
     assert res.model.bias.item() == pytest.approx(initial.bias.item() - 0.1)  # lr x mean gradient (1), not x 4
 
 
@@ -179,7 +195,10 @@ def test_sigint_checkpoints_at_the_step_boundary_and_resumes(tmp_path):
     out = tmp_path / "run"
     old = signal.getsignal(signal.SIGINT)
     job, a = _run(out, job_kw={"sigint_at": 6})
-    assert a.stopped and a.interrupted and a.step == 6 and not job.finished
+    assert a.stopped
+    assert a.interrupted
+    assert a.step == 6
+    assert not job.finished
     assert signal.getsignal(signal.SIGINT) is old  # the handler is put back
     assert safe_load(out / "checkpoint.pt")["step"] == 6
     _, b = _run(out, resume=True)
@@ -274,7 +293,8 @@ def test_check_resumable_names_every_difference():
             saved, {"lr": 0.2, "seed": 1, "log_every": 5, "output_dir": "a", "new": 1}, RESUMABLE_OPTIONS, Path("c.pt")
         )
     assert "cannot resume c.pt" in str(e.value)
-    assert "lr: 0.1 -> 0.2, seed: 0 -> 1, new: None -> 1" in str(e.value) and "log_every" not in str(e.value)
+    assert "lr: 0.1 -> 0.2, seed: 0 -> 1, new: None -> 1" in str(e.value)
+    assert "log_every" not in str(e.value)
 
 
 def test_run_log_drops_rows_after_the_resume_step(tmp_path):
@@ -300,7 +320,8 @@ def test_stop_flag_catches_sigint_and_sigterm():
         assert stop.set
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is old_int and signal.getsignal(signal.SIGTERM) is old_term
+    assert signal.getsignal(signal.SIGINT) is old_int
+    assert signal.getsignal(signal.SIGTERM) is old_term
     with StopFlag() as stop:
         signal.raise_signal(signal.SIGTERM)
         assert stop.set
@@ -322,7 +343,9 @@ def test_build_scheduler_warmup_then_cosine_with_lr_scale():
     for s in range(51):
         sched.step_update(s)
         lrs.append([g["lr"] for g in opt.param_groups])
-    assert lrs[0] == [0.0, 0.0] and lrs[4][0] == pytest.approx(0.2 * 4 / 10) and lrs[10][0] == pytest.approx(0.2)
+    assert lrs[0] == [0.0, 0.0]
+    assert lrs[4][0] == pytest.approx(0.2 * 4 / 10)
+    assert lrs[10][0] == pytest.approx(0.2)
     assert lrs[30][0] == pytest.approx(0.02 + 0.18 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
     assert lrs[50][0] == pytest.approx(0.02)
     assert all(lr[1] == pytest.approx(0.5 * lr[0]) for lr in lrs)  # layer decay's per-group scale
@@ -344,10 +367,12 @@ def test_epoch_loader_shards_and_counts_whole_accumulation_cycles():
     ds = TensorDataset(torch.arange(50).float().unsqueeze(1), torch.arange(50))
     cpu = torch.device("cpu")
     sampler, loader, spe = epoch_loader(ds, 4, 3, 0, 0, DistInfo(), cpu)
-    assert spe == 4 and sampler.batches_per_epoch == 12  # 12 batches of 4, whole cycles of 3
+    assert spe == 4
+    assert sampler.batches_per_epoch == 12  # 12 batches of 4, whole cycles of 3
     sampler.set_epoch(0)
     first = torch.cat([y for _, y in loader]).tolist()
-    assert len(first) == 48 and len(set(first)) == 48
+    assert len(first) == 48
+    assert len(set(first)) == 48
     sampler.set_epoch(1)
     assert torch.cat([y for _, y in loader]).tolist() != first  # reshuffled per epoch
     sampler.set_epoch(0, 6)  # a resume mid-epoch skips the batches already done
@@ -359,7 +384,8 @@ def test_epoch_loader_shards_and_counts_whole_accumulation_cycles():
         s.set_epoch(0)
         shares.append(set(torch.cat([y for _, y in ld]).tolist()))
         assert spe2 == 6
-    assert not (shares[0] & shares[1]) and len(shares[0]) == len(shares[1]) == 24
+    assert not (shares[0] & shares[1])
+    assert len(shares[0]) == len(shares[1]) == 24
     with pytest.raises(ValueError, match="too few for batch size 64"):
         epoch_loader(ds, 64, 1, 0, 0, DistInfo(), cpu)
 
@@ -373,7 +399,8 @@ def test_adapt_to_data_fits_batch_warmup_and_lr_only_where_not_given():
     cfg = FinetuneConfig(epochs=3)
     changes = {a.option: a for a in adapt_to_data(cfg, 1800, 1, reference_batch=1024)}
     assert set(changes) == {"warmup_epochs", "lr"}
-    assert cfg.warmup_epochs == pytest.approx(0.3) and changes["warmup_epochs"].old == 5.0
+    assert cfg.warmup_epochs == pytest.approx(0.3)
+    assert changes["warmup_epochs"].old == 5.0
     assert changes["lr"].old == pytest.approx(1.25e-4)  # 5e-4 x 64 / 256: the rate that trained nothing
     assert cfg.lr == pytest.approx(2e-3 * math.sqrt(64 / 1024)) == cfg.learning_rate(64)
     assert "--warmup-epochs 5 -> 0.3 (10% of 3 epochs" in str(changes["warmup_epochs"])
@@ -387,12 +414,14 @@ def test_adapt_to_data_fits_batch_warmup_and_lr_only_where_not_given():
     # a default batch larger than the data set (zero steps: the sampler drops the tail) or one that drops a
     # third of it is resized to spread the images over the steps
     cfg = TrainOptions()
-    assert [a.option for a in adapt_to_data(cfg, 50)] == ["batch_size"] and cfg.batch_size == 50
+    assert [a.option for a in adapt_to_data(cfg, 50)] == ["batch_size"]
+    assert cfg.batch_size == 50
     cfg = TrainOptions()
     adapt_to_data(cfg, 90)
     assert cfg.batch_size == 45
     cfg = TrainOptions()
-    assert adapt_to_data(cfg, 1800) == [] and cfg.batch_size == 64  # 8 images dropped: fine
+    assert adapt_to_data(cfg, 1800) == []
+    assert cfg.batch_size == 64  # 8 images dropped: fine
 
 
 def test_adapt_to_data_lowers_a_default_accumulation_first():
@@ -407,7 +436,8 @@ def test_adapt_to_data_lowers_a_default_accumulation_first():
 
     cfg = Accumulating()
     changes = adapt_to_data(cfg, 200, 1)
-    assert [a.option for a in changes] == ["accum_iter"] and cfg.accum_iter == 3  # 3 x 64 of the 200 images
+    assert [a.option for a in changes] == ["accum_iter"]
+    assert cfg.accum_iter == 3  # 3 x 64 of the 200 images
 
 
 class _FewPoints(Regression):
@@ -421,13 +451,18 @@ def test_a_run_on_fewer_images_than_the_default_batch_trains_and_records_what_it
     # before: ValueError "40 images are too few for batch size 64"
     cfg = TrainOptions(device="cpu", progress=False, output_dir=str(out), epochs=2, warmup_epochs=0.5, lr=0.05)
     res = train(_FewPoints(cfg))
-    assert res.finished and res.total_steps == 2 and [a.option for a in res.adapted] == ["batch_size"]
+    assert res.finished
+    assert res.total_steps == 2
+    assert [a.option for a in res.adapted] == ["batch_size"]
     assert cfg.batch_size == 64  # the caller's config is left as it was; the run's copy was adapted
     printed = capsys.readouterr().out
-    assert "adapted to 40 training images" in printed and "--batch-size 64 -> 40" in printed
+    assert "adapted to 40 training images" in printed
+    assert "--batch-size 64 -> 40" in printed
     saved = (out / "config.yaml").read_text()
-    assert "# adapted to 40 training images" in saved and "batch_size: 40" in saved
+    assert "# adapted to 40 training images" in saved
+    assert "batch_size: 40" in saved
     assert _log_rows(out, "adapted")[0]["changes"][0] == res.adapted[0].to_dict()
     # the resumed run reads the adapted values from its folder as given: nothing adapts twice
     resumed = build_config(TrainOptions, load_values(out / "config.yaml", TrainOptions), {"resume": True, "epochs": 2})
-    assert resumed.given("batch_size") and resumed.batch_size == 40
+    assert resumed.given("batch_size")
+    assert resumed.batch_size == 40

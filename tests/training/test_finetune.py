@@ -1,13 +1,15 @@
 import argparse
+import json
 
 import pytest
 import timm
 import torch
+import yaml
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from conftest import PICO
-from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, safe_load
+from dmae.checkpoint import CheckpointError, load_classifier, read_metadata, read_weights, safe_load
 from dmae.cli import main
 from dmae.training.engine import build_scheduler
 from dmae.training.finetune import FinetuneConfig, LinprobeConfig, build_finetune_optimizer, finetune
@@ -107,10 +109,13 @@ def _official(tmp_path, model: nn.Module, name: str):
 @pytest.mark.slow
 def test_official_finetuned_checkpoint_loads_whole(tmp_path):
     ref = timm.create_model("vit_base_patch16_224", global_pool="avg", num_classes=1000)  # the official layout
-    assert "fc_norm.weight" in ref.state_dict() and "norm.weight" not in ref.state_dict()
+    assert "fc_norm.weight" in ref.state_dict()
+    assert "norm.weight" not in ref.state_dict()
     path = _official(tmp_path, ref, "finetuned.pth")
     model, report = load_classifier(path, 1000, pool="avg")
-    assert report.missing == [] and report.unexpected == [] and report.ignored == []
+    assert report.missing == []
+    assert report.unexpected == []
+    assert report.ignored == []
     x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(model(x), ref(model.preprocess(x)), atol=1e-4)
@@ -126,14 +131,17 @@ def test_official_linear_probe_checkpoint_loads_whole(tmp_path):
     keys = set(ref.state_dict())
     assert {"head.0.running_mean", "head.1.weight", "norm.weight"} <= keys
     model, report = load_classifier(_official(tmp_path, ref, "linprobe.pth"), 10, pool="token")
-    assert report.missing == [] and report.unexpected == [] and set(model.state_dict()) == keys
+    assert report.missing == []
+    assert report.unexpected == []
+    assert set(model.state_dict()) == keys
 
 
 @pytest.mark.slow
 def test_pretrained_encoder_contributes_encoder_only(pretrained):
     model, report = load_classifier(pretrained / "checkpoint.pt", 10, pool="avg")
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-    assert report.unexpected == [] and any(k.startswith("decoder") for k in report.ignored)
+    assert report.unexpected == []
+    assert any(k.startswith("decoder") for k in report.ignored)
     enc = safe_load(pretrained / "checkpoint.pt")["model"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, enc["blocks.1.attn.qkv.weight"])
     assert model.head.weight.std() < 1e-4  # fresh head, init std 2e-5
@@ -158,18 +166,48 @@ def test_bad_init_fails_clearly(tmp_path, pretrained):
 def test_finetune_resumes_exactly_and_selects_on_held_out(tmp_path, pretrained):
     init = str(pretrained / "model.safetensors")
     full = _ft(tmp_path, "full", init=init)
-    assert full.finished and full.total_steps == 16
+    assert full.finished
+    assert full.total_steps == 16  # 256 images in batches of 32, 2 epochs
     a = _ft(tmp_path, "split", init=init, stop_after=5)
+    assert a.step == 5
+    stopped = safe_load(tmp_path / "split" / "checkpoint.pt")
+    assert stopped["step"] == 5
+    assert stopped["epoch"] == 0  # 5 of the first epoch's 8 steps
     b = _ft(tmp_path, "split", init=init, resume=True)
+    assert b.losses[0][0] == 6  # the resumed call starts at the step after the saved one
     assert a.losses + b.losses == full.losses
-    assert b.best == full.best and "val_acc@0.25" in full.best and "test_acc@0.25" in full.best
-    for name in ("model_best.safetensors", "model_last.safetensors", "checkpoint.pt", "config.yaml", "log.jsonl"):
-        assert (tmp_path / "full" / name).is_file()
+    assert _same_weights(b.model.state_dict(), full.model.state_dict())
+    # the selected epoch is the one with the best held-out accuracy (the first of equals), whatever the test split says
+    selected = max(full.evals, key=lambda row: row["val_acc@0.25"])
+    assert full.best == {k: v for k, v in selected.items() if k != "step"}
+    assert b.best == full.best
+    # the run folder says what the run did
+    run = tmp_path / "full"
+    saved = safe_load(run / "checkpoint.pt")
+    assert saved["step"] == 16
+    assert saved["epoch"] == 2
+    assert saved["config"]["sigma"] == 0.25
+    assert saved["best"] == full.best  # what a resume selects against
+    assert _same_weights(saved["model"], full.model.state_dict())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["sigma"] == 0.25
+    assert config["epochs"] == 2
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [row for row in log if row["type"] == "eval"]
+    assert [row["step"] for row in evals] == [8, 16]  # one evaluation per epoch
+    assert [row["val_acc@0.25"] for row in evals] == [row["val_acc@0.25"] for row in full.evals]
+    assert _same_weights(read_weights(run / "model_last.safetensors")[0], full.model.state_dict())
+    assert read_metadata(run / "model_best.safetensors")["epoch"] == str(round(full.best["epoch"]))
     for name in ("model_best.safetensors", "model_last.safetensors"):  # the training noise travels with the weights
-        assert read_metadata(tmp_path / "full" / name)["trained_sigma"] == "0.25"
+        assert read_metadata(run / name)["trained_sigma"] == "0.25"
     # without a held-out split nothing is selected (the test set never chooses a checkpoint)
     none = _ft(tmp_path, "noval", init=init, val_size=0, epochs=1)
-    assert none.best is None and not (tmp_path / "noval" / "model_best.safetensors").exists()
+    assert none.best is None
+    assert not (tmp_path / "noval" / "model_best.safetensors").exists()
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -185,8 +223,10 @@ def test_linprobe_trains_only_the_head(tmp_path, pretrained):
     enc = safe_load(pretrained / "checkpoint.pt")["model"]
     sd = res.model.state_dict()
     assert all(torch.equal(sd[k], enc[k]) for k in sd if k in enc)  # frozen encoder, norm included
-    assert sd["head.0.num_batches_tracked"] > 0 and sd["head.1.weight"].abs().sum() > 0
-    assert isinstance(res.model.head[0], nn.BatchNorm1d) and res.model.head[0].affine is False
+    assert sd["head.0.num_batches_tracked"] > 0
+    assert sd["head.1.weight"].abs().sum() > 0
+    assert isinstance(res.model.head[0], nn.BatchNorm1d)
+    assert res.model.head[0].affine is False
 
 
 @pytest.mark.slow
@@ -211,7 +251,9 @@ def test_cli_finetune_and_linprobe(tmp_path, pretrained, capsys):
     assert main(["finetune", "--config", "fashion_mnist_cr", *small, "--output-dir", str(tmp_path / "f")]) == 0
     assert main(["linprobe", "--config", "fashion_mnist", *small, "--output-dir", str(tmp_path / "l")]) == 0
     out = capsys.readouterr().out
-    assert "fine-tuning (cr, m=2)" in out and "linear probe of" in out and "test_acc@0.25" in out
+    assert "fine-tuning (cr, m=2)" in out
+    assert "linear probe of" in out
+    assert "test_acc@0.25" in out
     assert main(["finetune", *small, "--sigma", "-1", "--output-dir", str(tmp_path / "x")]) == 2
     assert "sigma must be a number >= 0" in capsys.readouterr().err
 
@@ -285,7 +327,8 @@ def test_small_presets_follow_an_rgb_folder(tmp_path):
         epochs=1,
         eval_images=4,
     )
-    assert res.finished and res.model.config.encoder.in_chans == 3
+    assert res.finished
+    assert res.model.config.encoder.in_chans == 3
 
 
 @pytest.mark.slow
@@ -379,7 +422,6 @@ def test_issue_example_small_grey_folder_with_defaults_adapts_and_runs(tmp_path,
         "--lr 0.000105 -> 0.002 (blr 0.0005 x 54 / 256 scales the recipe's batch-1024 lr down",
     ):
         assert line in printed
-    import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["val_size"], saved["warmup_epochs"], saved["batch_size"]) == (12, 0.3, 54)
@@ -416,12 +458,14 @@ def test_a_run_that_stays_near_chance_says_so_loudly_and_records_it(tmp_path, ca
             output_dir=str(tmp_path / "ft"),
         )
     )
-    assert len(res.warnings) == 1 and "near chance (50.0% for 2 classes" in res.warnings[0]
+    assert len(res.warnings) == 1
+    assert "near chance (50.0% for 2 classes" in res.warnings[0]
     err = capsys.readouterr().err
     assert (
         "dmae finetune: WARNING: held-out accuracy (best epoch, 40 training images) under noise (sigma=0.25) is" in err
     )
-    assert "raise --epochs or --lr / --blr" in err and "--sigma" in err
+    assert "raise --epochs or --lr / --blr" in err
+    assert "--sigma" in err
     rows = [json.loads(ln) for ln in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     assert [r["message"] for r in rows if r["type"] == "warning"] == res.warnings
     # the threshold: twice chance (chance + 10 points for few classes), never within 3 standard errors of chance

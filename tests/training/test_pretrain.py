@@ -21,11 +21,14 @@ def _run(kw, **over):
 def test_resume_reproduces_the_uninterrupted_run(tiny_pretrain_kwargs, tmp_path):
     kw = tiny_pretrain_kwargs  # 256 images / 32 = 8 steps per epoch, 2 epochs
     full = _run(kw, output_dir=str(tmp_path / "full"))
-    assert full.finished and full.step == 16 and [s for s, _ in full.losses] == list(range(1, 17))
+    assert full.finished
+    assert full.step == 16
+    assert [s for s, _ in full.losses] == list(range(1, 17))
 
     split = str(tmp_path / "split")
     a = _run(kw, output_dir=split, stop_after=5)  # mid-epoch
-    assert a.step == 5 and not a.finished
+    assert a.step == 5
+    assert not a.finished
     b = _run(kw, output_dir=split, stop_after=11, resume=True)  # crosses the epoch boundary
     c = _run(kw, output_dir=split, resume=True)
     assert c.finished
@@ -59,13 +62,15 @@ def test_run_folder_contents_and_learning(tiny_pretrain_kwargs, tmp_path):
     assert {"config.yaml", "model_config.json", "checkpoint.pt", "model.safetensors", "log.jsonl", "tb"} <= {
         p.name for p in out.iterdir()
     }
-    assert res.eval_start is not None and res.eval_end is not None
+    assert res.eval_start is not None
+    assert res.eval_end is not None
     assert res.eval_end["loss"] < res.eval_start["loss"]
     assert res.eval_end["mse"] < res.eval_start["mse"]
     exported, _ = load_dmae(out / "model.safetensors")
     for k, v in safe_load(out / "checkpoint.pt")["model"].items():
         assert torch.equal(exported.state_dict()[k], v)
-    assert exported.config.in_chans == 1 and exported.config.mean == (0.2860,)  # fitted to the data
+    assert exported.config.in_chans == 1
+    assert exported.config.mean == (0.2860,)  # fitted to the data
 
 
 @pytest.mark.slow
@@ -80,7 +85,8 @@ def test_existing_run_is_not_overwritten_and_resume_checks_options(tiny_pretrain
 @pytest.mark.slow
 def test_mae_switch_trains(tiny_pretrain_kwargs):
     res = _run(tiny_pretrain_kwargs, sigma=0.0, loss="masked", epochs=1)
-    assert res.finished and res.eval_start["noisy_mse"] == 0.0
+    assert res.finished
+    assert res.eval_start["noisy_mse"] == 0.0
     assert all(math.isfinite(v) for _, v in res.losses)
 
 
@@ -92,7 +98,9 @@ def test_lr_schedule_warmup_then_cosine():
     for s in range(101):
         sched.step_update(s)
         lrs.append(opt.param_groups[0]["lr"])
-    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(5e-4)
+    assert lrs[10] == pytest.approx(1e-3)
     assert lrs[55] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[100] == pytest.approx(1e-5)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
@@ -191,6 +199,7 @@ def test_small_grey_folder_with_defaults(tmp_path, capsys):
     assert res.finished
     assert json.loads((tmp_path / "run" / "model_config.json").read_text())["in_chans"] == 1
     changes = {a.option: (a.old, a.new) for a in res.adapted}
-    assert changes["warmup_epochs"] == (1.0, 0.2) and changes["batch_size"] == (64, 60)  # 60 images: no full batch
+    assert changes["warmup_epochs"] == (1.0, 0.2)
+    assert changes["batch_size"] == (64, 60)  # 60 images: no full batch
     assert changes["lr"] == (pytest.approx(1.5e-4 * 60 / 256), pytest.approx(1.5e-4 * 4096 / 256))  # a small model
     assert "adapted to 60 training images" in capsys.readouterr().out

@@ -38,7 +38,8 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     assert first["noisy_acc"] > 0.2  # above chance (0.1): the wiring carries a trained classifier
     assert (tmp_path / "reconstructions.png").is_file()
     assert (tmp_path / "finetune" / "model_best.safetensors").is_file()
-    assert first["certified_images"] == 4 and (tmp_path / "certified_accuracy.png").is_file()
+    assert first["certified_images"] == 4
+    assert (tmp_path / "certified_accuracy.png").is_file()
     log = read_log(tmp_path / "certify" / "sequential_sigma0.25.tsv")  # sequential CERTIFY, as the demo runs it
     assert (first["certified_acc_0"], first["acr"], first["samples"]) == (
         log.certified_accuracy(0.0),
@@ -49,8 +50,10 @@ def test_demo_wiring_on_a_small_slice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pixel MSE to the clean image" in out
     assert f"accuracy under noise sigma=0.25: {100 * first['noisy_acc']:.2f}%" in out
-    assert "r=0.25" in out and "ACR" in out
-    assert f"noise samples (forward passes): {first['samples']:,} in all" in out and "fixed-n CERTIFY at n=200" in out
+    assert "r=0.25" in out
+    assert "ACR" in out
+    assert f"noise samples (forward passes): {first['samples']:,} in all" in out
+    assert "fixed-n CERTIFY at n=200" in out
     page = (tmp_path / "report.html").read_text()  # the run's HTML report, every section present
     assert f"report: {tmp_path / 'report.html'}" in out
     assert all(
@@ -153,7 +156,8 @@ def test_demo_interrupted_at_each_stage_resumes_to_the_numbers_of_an_uninterrupt
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     if stage != "certification":
-        assert f"{stage} stopped at step" in err and "run the same `dmae demo` command again to resume" in err
+        assert f"{stage} stopped at step" in err
+        assert "run the same `dmae demo` command again to resume" in err
         assert not (out / "certify").exists()  # nothing was certified from a half-trained model
     else:
         rows = (out / "certify" / "sequential_sigma0.25.tsv").read_text().splitlines()
@@ -188,7 +192,8 @@ def test_shipped_checkpoint_is_the_run_of_the_shipped_command():
         for r in map(json.loads, (SHIPPED_DIR / "log.jsonl").read_text().splitlines())
         if r["type"] == "train"
     }
-    assert prov["epochs"] == made["epochs"] and max(logged) == made["epochs"] * 468  # 60,000 / 128 steps per epoch
+    assert prov["epochs"] == made["epochs"]
+    assert max(logged) == made["epochs"] * 468  # 60,000 / 128 steps per epoch
     threads = torch.get_num_threads()
     torch.set_num_threads(prov["threads"])
     try:
@@ -224,14 +229,16 @@ def test_demo_starts_from_the_shipped_checkpoint_and_never_mixes_it_with_a_run_f
     tiny_cert = {"n": 100, "n0": 10, "skip": 5000, "batch": 100}
     numbers = run_demo(tmp_path, progress=False, device="cpu", finetune_overrides=tiny_ft, certify_overrides=tiny_cert)
     out = capsys.readouterr().out
-    assert shipped_provenance()["command"] in out and "dmae demo --from-scratch" in out
+    assert shipped_provenance()["command"] in out
+    assert "dmae demo --from-scratch" in out
     shipped = load_file(SHIPPED_DIR / "model.safetensors")
     copied = load_file(tmp_path / "pretrain" / "model.safetensors")
     assert all(torch.equal(shipped[k], copied[k]) for k in shipped)
     # the printed reconstruction numbers are the shipped run's last evaluation
     last = [json.loads(ln) for ln in (SHIPPED_DIR / "log.jsonl").read_text().splitlines() if '"eval"' in ln][-1]
     assert numbers["mse_after"] == last["mse"] < numbers["noisy_mse"]
-    assert (tmp_path / "reconstructions.png").is_file() and numbers["certified_images"] == 2
+    assert (tmp_path / "reconstructions.png").is_file()
+    assert numbers["certified_images"] == 2
     with pytest.raises(ValueError, match="holds the shipped checkpoint"):
         run_demo(tmp_path, progress=False, device="cpu", from_scratch=True)
     for first_file in ("log.jsonl", "config.yaml"):  # a run from scratch, or one stopped before its first log line
