@@ -117,6 +117,7 @@ def test_messages_inside_an_api_call_are_worded_in_its_terms():
         "pass resume=True, or choose another log_dir"
     )
     assert in_python_terms("--warmup-epochs 5 exceeds --epochs 3", names) == "warmup_epochs=5 exceeds epochs=3"
+    assert in_python_terms("runs/a--b/x--y.tsv: --merge", names) == "runs/a--b/x--y.tsv: merge=True"  # paths stay
     assert in_python_terms("run `dmae certify --shard K/N` with --merge", names) == (
         "run `dmae certify --shard K/N` with merge=True"
     )  # a quoted command stays as typed

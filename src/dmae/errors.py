@@ -21,9 +21,10 @@ from contextvars import ContextVar
 # the Python names of the options a call of the API is under (None: the command line's spelling stands)
 _PYTHON_NAMES: ContextVar[Mapping[str, str] | None] = ContextVar("dmae_python_names", default=None)
 _TEMPORARY: ContextVar[str | None] = ContextVar("dmae_temporary_folder", default=None)
-# a `quoted command` is left as written; otherwise --a-flag is an option of the command line
+# a `quoted command` is left as written; otherwise --a-flag is an option of the command line (not inside a path
+# or a word: runs/a--b stays)
 # (a number after it is its value: --n 1000 -> n=1000)
-_FLAG = re.compile(r"(`[^`]*`)|--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (-?\d(?:[\w.,/+-]*\w)?))?")
+_FLAG = re.compile(r"(`[^`]*`)|(?<![\w/.-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (-?\d(?:[\w.,/+-]*\w)?))?")
 # options that are switches on the command line and booleans in Python
 _SWITCHES = frozenset(
     {"resume", "merge", "allow_partial", "sound", "stop_on_wrong_guess", "download", "from_scratch", "linprobe"}
