@@ -35,8 +35,10 @@ def _done(run: Path, name: str) -> bool:
 def _finished(result: TrainResult) -> None:
     """A stage stopped early (Ctrl-C, SIGTERM) stops the experiment: later stages would use a half-trained model."""
     if not result.finished:
-        raise SystemExit(f"stopped at step {result.step}/{result.total_steps} in {result.output_dir}; "
-                         "run the same command again to resume")
+        raise SystemExit(
+            f"stopped at step {result.step}/{result.total_steps} in {result.output_dir}; "
+            "run the same command again to resume"
+        )
 
 
 def main() -> None:
@@ -54,21 +56,55 @@ def main() -> None:
     for name, over in (("dmae", dict(sigma=args.sigma, loss="all")), ("mae", dict(sigma=0.0, loss="masked"))):
         run = out / f"pretrain_{name}"
         if not _done(run, "model.safetensors"):
-            _finished(pretrain(PretrainConfig(model=MODEL, epochs=2, warmup_epochs=0.2, batch_size=128, lr=1e-3,
-                                    norm_pix_loss=True, train_subset=int(60000 * s), eval_images=256,
-                                    log_every=50, output_dir=str(run), resume=(run / "checkpoint.pt").exists(),
-                                    **over, **common)))
+            _finished(
+                pretrain(
+                    PretrainConfig(
+                        model=MODEL,
+                        epochs=2,
+                        warmup_epochs=0.2,
+                        batch_size=128,
+                        lr=1e-3,
+                        norm_pix_loss=True,
+                        train_subset=int(60000 * s),
+                        eval_images=256,
+                        log_every=50,
+                        output_dir=str(run),
+                        resume=(run / "checkpoint.pt").exists(),
+                        **over,
+                        **common,
+                    )
+                )
+            )
         pre[name] = str(run / "model.safetensors")
 
-    ft_budget = dict(epochs=1, warmup_epochs=0.1, batch_size=64, train_subset=int(20000 * s), eval_images=2000,
-                     log_every=50, sigma=args.sigma, **common)
+    ft_budget = dict(
+        epochs=1,
+        warmup_epochs=0.1,
+        batch_size=64,
+        train_subset=int(20000 * s),
+        eval_images=2000,
+        log_every=50,
+        sigma=args.sigma,
+        **common,
+    )
     runs: dict[str, Path] = {}
     for name, init in (("cr_from_dmae", pre["dmae"]), ("cr_from_random", None)):
         run = out / name
         if not _done(run, "model_last.safetensors"):
-            _finished(finetune(FinetuneConfig(init=init, model=None if init else MODEL, method="cr", blr=1e-3,
-                                              layer_decay=0.75, output_dir=str(run),
-                                              resume=(run / "checkpoint.pt").exists(), **ft_budget)))
+            _finished(
+                finetune(
+                    FinetuneConfig(
+                        init=init,
+                        model=None if init else MODEL,
+                        method="cr",
+                        blr=1e-3,
+                        layer_decay=0.75,
+                        output_dir=str(run),
+                        resume=(run / "checkpoint.pt").exists(),
+                        **ft_budget,
+                    )
+                )
+            )
         runs[name] = run
     # LARS scales each step by ||w|| / ||grad||, so its lr does not follow the batch size: use the paper's absolute
     # lr (blr 0.1 x 16384 / 256 = 6.4); blr x 256 / 256 = 0.1 here would barely move the head in 2 epochs
@@ -76,8 +112,17 @@ def main() -> None:
     for name, init in (("linprobe_dmae", pre["dmae"]), ("linprobe_mae", pre["mae"]), ("linprobe_random", None)):
         run = out / name
         if not _done(run, "model_last.safetensors"):
-            _finished(finetune(LinprobeConfig(init=init, model=None if init else MODEL, output_dir=str(run),
-                                              resume=(run / "checkpoint.pt").exists(), **lp_budget)))
+            _finished(
+                finetune(
+                    LinprobeConfig(
+                        init=init,
+                        model=None if init else MODEL,
+                        output_dir=str(run),
+                        resume=(run / "checkpoint.pt").exists(),
+                        **lp_budget,
+                    )
+                )
+            )
         runs[name] = run
 
     info = dataset_info("fashion-mnist")

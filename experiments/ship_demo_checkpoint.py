@@ -5,7 +5,8 @@ the default seed); its CPU and wall time are given here (measured around the com
 ``/usr/bin/time -f '%U %S %e'``), and PROVENANCE.json records them with the command, threads, versions and the
 weights' sha256, which ``dmae demo`` checks before using the weights.
 
-    OMP_NUM_THREADS=1 /usr/bin/time -f '%U %S %e' dmae pretrain --config demo --output-dir runs/demo_pretrain --no-progress
+    OMP_NUM_THREADS=1 /usr/bin/time -f '%U %S %e' \\
+        dmae pretrain --config demo --output-dir runs/demo_pretrain --no-progress
     python experiments/ship_demo_checkpoint.py runs/demo_pretrain --cpu-seconds 1450 --wall-seconds 1460 --threads 1
 """
 
@@ -45,10 +46,17 @@ def main() -> None:
         shutil.copyfile(args.run / name, SHIPPED_DIR / name)
     prov = {
         "command": f"OMP_NUM_THREADS={args.threads} dmae pretrain --config demo --seed {made['seed']}",
-        "seed": made["seed"], "threads": args.threads, "epochs": made["epochs"], "model": made["model"],
-        "cpu_minutes": args.cpu_seconds / 60, "wall_minutes": args.wall_seconds / 60,
-        "final_eval": evals[-1], "sha256": file_sha256(SHIPPED_DIR / "model.safetensors"),
-        "dmae": dmae.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "seed": made["seed"],
+        "threads": args.threads,
+        "epochs": made["epochs"],
+        "model": made["model"],
+        "cpu_minutes": args.cpu_seconds / 60,
+        "wall_minutes": args.wall_seconds / 60,
+        "final_eval": evals[-1],
+        "sha256": file_sha256(SHIPPED_DIR / "model.safetensors"),
+        "dmae": dmae.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
     }
     (SHIPPED_DIR / "PROVENANCE.json").write_text(json.dumps(prov, indent=1) + "\n")
