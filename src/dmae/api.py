@@ -126,13 +126,12 @@ def certify(
     """
     targets = tuple(radii) if radii is not None and sequential == "targets" else None
     options: dict[str, Any] = dict(n0=n0, n=n, alpha=alpha, sequential=sequential, n_max=n_max, radii=targets)
-    with python_terms(**_CERTIFY_NAMES):
-        options |= dict(sound=sound, candidate=candidate, **_shard_options(shard, merge, allow_partial, log_dir))
-        with _certify_config(
-            model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
-        ) as cfg:
-            runs = certify_module(model, dataset, cfg, "certify", num_classes)
-            logs = [read_certlog(r.path) for r in runs]
+    options |= dict(sound=sound, candidate=candidate, **_shard_options(shard, merge, allow_partial, log_dir))
+    with _certify_config(
+        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+    ) as cfg:
+        runs = certify_module(model, dataset, cfg, "certify", num_classes)
+        logs = [read_certlog(r.path) for r in runs]
     return CertifyResult(logs, [r.path for r in runs] if log_dir is not None else None)
 
 
@@ -168,9 +167,12 @@ def _certify_config(
     progress: bool,
     options: dict[str, Any],
 ) -> Iterator[CertifyConfig]:
-    """The :class:`CertifyConfig` of an API call, writing to ``log_dir`` or (None) to a folder removed afterwards."""
+    """The :class:`CertifyConfig` of an API call, writing to ``log_dir`` or (None) to a folder removed afterwards;
+    what is raised, warned or printed while it is in use names the call's keywords (``log_dir``, not
+    ``--output-dir``)."""
     sigmas = (float(sigma),) if isinstance(sigma, (int, float)) else tuple(float(s) for s in sigma)
     with (
+        python_terms(**_CERTIFY_NAMES),
         tempfile.TemporaryDirectory(prefix="dmae-certify-") as scratch,
         temporary_folder(scratch) if log_dir is None else contextlib.nullcontext(),
     ):
@@ -275,13 +277,12 @@ def predict(
         ValueError: as :func:`certify`.
     """
     options: dict[str, Any] = dict(n=n, alpha=alpha)
-    with python_terms(**_CERTIFY_NAMES):
-        options.update(_shard_options(shard, merge, allow_partial, log_dir))
-        with _certify_config(
-            model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
-        ) as cfg:
-            runs = certify_module(model, dataset, cfg, "predict", num_classes)
-            logs = [read_predict_log(r.path, r.sigma) for r in runs]
+    options.update(_shard_options(shard, merge, allow_partial, log_dir))
+    with _certify_config(
+        model, sigma, log_dir, data_name, batch_size, seed, skip, max_images, precision, progress, options
+    ) as cfg:
+        runs = certify_module(model, dataset, cfg, "predict", num_classes)
+        logs = [read_predict_log(r.path, r.sigma) for r in runs]
     if log_dir is None:  # the files are gone with the temporary folder: say so rather than name them
         for lg in logs:
             lg.path = Path("(not kept: give log_dir)")
