@@ -314,13 +314,10 @@ def _certify(out: Path, ft_cfg: Any, common: dict[str, Any], certify_overrides: 
         **common,
         **{**DEMO_CERTIFY, **(certify_overrides or {})},
     )
-    how = (
-        f"sequential CERTIFY of each image's label, n_max={cert_cfg.n_max or cert_cfg.n}"
-        if cert_cfg.sequential and cert_cfg.candidate == "label"
-        else f"sequential CERTIFY, n0={cert_cfg.n0}, n_max={cert_cfg.n_max or cert_cfg.n}"
-        if cert_cfg.sequential
-        else f"n0={cert_cfg.n0}, n={cert_cfg.n}"
-    )
+    what = "sequential CERTIFY" if cert_cfg.sequential else "CERTIFY"
+    whose = " of each image's label" if cert_cfg.candidate == "label" else f", n0={cert_cfg.n0}"  # n0 unused then
+    budget = f"n_max={cert_cfg.n_max or cert_cfg.n}" if cert_cfg.sequential else f"n={cert_cfg.n}"
+    how = f"{what}{whose}, {budget}"
     print(
         f"[dmae demo] 4/4 certifying every {cert_cfg.skip}th test image with randomized smoothing "
         f"({how}, alpha={cert_cfg.alpha}) -> {cert_cfg.output_dir}",
