@@ -256,6 +256,8 @@ def test_an_api_call_is_told_about_its_own_keywords_not_the_command_lines_flags(
         dmae.certify(model, data, sigma=0.25, n0=10, n=60, max_images=2, log_dir=tmp_path)
     with pytest.raises(ValueError, match=r"^shard=5/3: K must be in 0\.\.2"):
         dmae.certify(model, data, sigma=0.25, n=50, shard=(5, 3), log_dir=tmp_path)
+    with pytest.raises(DmaeError, match=r"first \(shard=\(K, N\)\), with the same log_dir$"):
+        dmae.certify(model, data, sigma=0.25, n=50, merge=True, log_dir=tmp_path / "no_shards")
     capsys.readouterr()
     dmae.certify(model, data, sigma=0.25, n0=10, n=50, max_images=2)  # no log_dir: the logs are not kept
     out = capsys.readouterr().out

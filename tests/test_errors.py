@@ -118,6 +118,9 @@ def test_messages_inside_an_api_call_are_worded_in_its_terms():
     )
     assert in_python_terms("--warmup-epochs 5 exceeds --epochs 3", names) == "warmup_epochs=5 exceeds epochs=3"
     assert in_python_terms("runs/a--b/x--y.tsv: --merge", names) == "runs/a--b/x--y.tsv: merge=True"  # paths stay
+    assert in_python_terms("certify each shard K of N first (--shard K/N), with the same --output-dir", names) == (
+        "certify each shard K of N first (shard=(K, N)), with the same log_dir"
+    )
     assert in_python_terms("run `dmae certify --shard K/N` with --merge", names) == (
         "run `dmae certify --shard K/N` with merge=True"
     )  # a quoted command stays as typed

@@ -21,35 +21,38 @@ from contextvars import ContextVar
 # the Python names of the options a call of the API is under (None: the command line's spelling stands)
 _PYTHON_NAMES: ContextVar[Mapping[str, str] | None] = ContextVar("dmae_python_names", default=None)
 _TEMPORARY: ContextVar[str | None] = ContextVar("dmae_temporary_folder", default=None)
-# a `quoted command` is left as written; otherwise --a-flag is an option of the command line (not inside a path
-# or a word: runs/a--b stays)
-# (a number after it is its value: --n 1000 -> n=1000)
-_FLAG = re.compile(r"(`[^`]*`)|(?<![\w/.-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (-?\d(?:[\w.,/+-]*\w)?))?")
 # options that are switches on the command line and booleans in Python
 _SWITCHES = frozenset(
     {"resume", "merge", "allow_partial", "sound", "stop_on_wrong_guess", "download", "from_scratch", "linprobe"}
 )
-# phrases whose Python counterpart is not an option of the call
-_PHRASES = {"--input-mean / --input-std": "the normalization inside the model"}
+# phrases whose Python counterpart is not one option of the call
+_PHRASES = {"--input-mean / --input-std": "the normalization inside the model", "--shard K/N": "shard=(K, N)"}
+# one pass over a message: a `quoted command` (left as written), a phrase, or --a-flag, an option of the command
+# line (not inside a path or a word: runs/a--b stays), with the number after it as its value (--n 1000 -> n=1000)
+_TERMS = re.compile(
+    r"(`[^`]*`)|("
+    + "|".join(map(re.escape, _PHRASES))
+    + r")|(?<![\w/.-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (-?\d(?:[\w.,/+-]*\w)?))?"
+)
 
 
 def in_python_terms(message: str, renames: Mapping[str, str]) -> str:
     """``message`` with each command-line flag outside backquotes written as the Python keyword of the call:
     ``--output-dir`` -> ``output_dir`` (or ``renames[name]``, e.g. ``log_dir``), ``--n 1000`` -> ``n=1000``, a
     switch ``--resume`` -> ``resume=True``."""
-    for cli, python in _PHRASES.items():
-        message = message.replace(cli, python)
 
     def spell(m: re.Match[str]) -> str:
-        if m.group(1):
-            return m.group(1)
-        name = m.group(2).replace("-", "_")
-        name = renames.get(name, name)
-        if m.group(3):
-            return f"{name}={m.group(3)}"
+        quoted, phrase, flag, value = m.groups()
+        if quoted:
+            return quoted
+        if phrase:
+            return _PHRASES[phrase]
+        name = renames.get(flag.replace("-", "_"), flag.replace("-", "_"))
+        if value:
+            return f"{name}={value}"
         return f"{name}=True" if name in _SWITCHES else name
 
-    return _FLAG.sub(spell, message)
+    return _TERMS.sub(spell, message)
 
 
 @contextlib.contextmanager

@@ -155,7 +155,7 @@ def _read_shard_meta(path: Path, k: int, n: int) -> dict[str, Any]:
     meta_file = path.with_suffix(".json")
     if not meta_file.is_file():
         raise ShardError(
-            f"{path.name} has no settings file {meta_file.name} (dmae certify --shard writes it before the first row): "
+            f"{path.name} has no settings file {meta_file.name} (a shard's run writes it before its first row): "
             "not a shard log of dmae; move it away"
         )
     try:
@@ -177,7 +177,7 @@ def _one_split(main_file: Path, found: dict[tuple[int, int], Path]) -> int:
     if not found:
         raise ShardError(
             f"no shard logs of {main_file.name} in {main_file.parent} (named {main_file.stem}.shard-K-of-N.tsv): "
-            "run `dmae certify --shard K/N` first, with the same --output-dir"
+            "certify each shard K of N first (--shard K/N), with the same --output-dir"
         )
     ns = sorted({n for _, n in found})
     if len(ns) > 1:
